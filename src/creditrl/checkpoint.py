@@ -1,0 +1,67 @@
+"""Atomic, resumable checkpoints: a folder per step, made visible only once complete.
+
+A checkpoint is written into `step-NNNNNN.tmp/` and renamed to `step-NNNNNN/` as the last act,
+so a run killed mid-write leaves at most a `.tmp` folder that is never loaded.  Weights are
+safetensors (a normal transformers model folder, usable by `creditrl eval --model`); optimizer
+and scheduler states load with `weights_only=True`, so nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+_NAME = re.compile(r"^step-(\d{6})$")
+STATE_FILE = "trainer_state.json"
+
+
+def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:06d}"
+    tmp = folder / f"{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (unfinished `.tmp` folders are ignored)."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name)[1]))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def load_trainer_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def load_optimizer_state(path: Path, optimizer, scheduler) -> None:
+    states = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+
+
+def _fsync_tree(folder: Path) -> None:
+    for item in folder.iterdir():
+        with open(item, "rb") as fh:
+            os.fsync(fh.fileno())

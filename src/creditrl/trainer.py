@@ -1,0 +1,383 @@
+"""The training loop: sample → reward → advantage → clipped-surrogate updates, resumable.
+
+    for step in 1..steps:
+        rollouts   = collect(P prompts × G samples)            # + more rounds under dynamic sampling
+        old logp   = π_old(rollouts)                             # skipped when 1 epoch × 1 minibatch
+        A          = method.advantage(rollouts)                  # (B, T)
+        for epoch in ppo_epochs, minibatch in n_minibatches:
+            loss   = policy_loss(logp, old logp, A, hooks)      # the method's ratio transform / weight
+            AdamW step (clipped gradients), lr schedule
+        log metrics; checkpoint every N steps; evaluate every M steps
+
+All randomness is derived from (seed, step), and the data position is saved with each
+checkpoint, so `resume=True` after a kill reproduces an uninterrupted run's weights on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from creditrl.checkpoint import latest_checkpoint, load_optimizer_state, load_trainer_state, save_checkpoint
+from creditrl.collect import collect_rollouts
+from creditrl.config import RunConfig, save_config
+from creditrl.evaluate import evaluate
+from creditrl.methods import compute_advantages, get_method, loss_hooks
+from creditrl.methods.loss import masked_mean, policy_loss
+from creditrl.policy.loading import load_policy
+from creditrl.rollouts import Rollouts, concat
+from creditrl.tasks import build_task
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite updates in a row); the message says why."""
+
+
+@dataclass
+class StepOutcome:
+    metrics: dict[str, float]
+    bad: str | None = None  # why the update was skipped, if it was
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, console: Console | None = None, show_progress: bool = True):
+        self.cfg = cfg
+        self.console = console or Console()
+        self.show_progress = show_progress
+        self.run_dir = cfg.run_dir()
+        self.method = get_method(cfg.method)
+        self.task = build_task(cfg.task)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.policy = load_policy(cfg.model.name, cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast)
+        self.reference = None
+        if cfg.loss.kl_coef > 0:
+            self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
+        self.ratio_transform, self.token_weight = loss_hooks(self.method, cfg.method_params)
+        self.train_problems = self.task.train_problems()
+        self.eval_problems = self.task.eval_problems()
+        self.position = 0  # problems consumed so far from the seeded stream
+        self.step = 0
+        self.bad_in_a_row = 0
+        self.skipped_updates = 0
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _build_optimizer(self) -> None:
+        t = self.cfg.train
+        self.optimizer = torch.optim.AdamW(self.policy.model.parameters(), lr=t.lr, betas=t.betas,
+                                           weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    def _lr_factor(self, step: int) -> float:
+        t = self.cfg.train
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _resume(self) -> bool:
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        if ckpt is None:
+            return False
+        from safetensors.torch import load_file
+
+        state = load_file(ckpt / "model.safetensors")
+        missing, unexpected = self.policy.model.load_state_dict(state, strict=False)
+        tied = set(getattr(self.policy.model, "_tied_weights_keys", None) or []) | {"lm_head.weight"}
+        if unexpected or set(missing) - tied:
+            raise TrainingStopped(f"{ckpt}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
+        self.policy.model.tie_weights()
+        load_optimizer_state(ckpt, self.optimizer, self.scheduler)
+        trainer_state = load_trainer_state(ckpt)
+        self.step, self.position = trainer_state["step"], trainer_state["position"]
+        self.skipped_updates = trainer_state.get("skipped_updates", 0)
+        _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+        _truncate_jsonl(self.run_dir / "eval.jsonl", self.step)
+        self.console.print(f"resumed from {ckpt} (step {self.step})")
+        return True
+
+    # ---- data ---------------------------------------------------------------------------------
+    def _take(self, n: int):
+        """The next n problems of a stream that reshuffles the training set every epoch."""
+        out, size = [], len(self.train_problems)
+        for _ in range(n):
+            epoch, index = divmod(self.position, size)
+            out.append(self.train_problems[_epoch_order(size, self.cfg.train.seed, epoch)[index]])
+            self.position += 1
+        return out
+
+    def _seed(self, *parts: int) -> int:
+        return hash((self.cfg.train.seed, *parts)) % (2**31)
+
+    def collect(self) -> tuple[Rollouts, dict[str, float]]:
+        """One rollout batch; under dynamic sampling, groups whose rewards all agree are replaced."""
+        r, p = self.cfg.rollout, self.cfg.rollout.prompts_per_step
+        kept: list[Rollouts] = []
+        n_groups, rounds, sampled = 0, 0, 0
+        while True:
+            batch = collect_rollouts(self.policy, self.task, self._take(p), r.group_size, self.cfg.sampling,
+                                     self.cfg.reward, seed=self._seed(self.step, rounds), first_group_id=rounds * p)
+            rounds += 1
+            sampled += batch.batch_size
+            if not r.dynamic_sampling:
+                return batch, {"gen_rounds": 1.0}
+            informative = _groups_with_spread(batch)
+            batch = batch.select(torch.isin(batch.group_ids, informative).nonzero().squeeze(1))
+            kept.append(batch)
+            n_groups += len(informative)
+            if n_groups >= p or rounds >= r.max_num_gen_batches:
+                break
+        merged = concat(kept)
+        first = torch.unique(merged.group_ids)[:p] if n_groups else merged.group_ids[:0]
+        merged = merged.select(torch.isin(merged.group_ids, first).nonzero().squeeze(1))
+        return merged, {"gen_rounds": float(rounds), "sampled_responses": float(sampled),
+                        "kept_groups": float(len(first))}
+
+    # ---- one step -----------------------------------------------------------------------------
+    def train_step(self) -> StepOutcome:
+        t0 = time.perf_counter()
+        rollouts, extra = self.collect()
+        t_sample = time.perf_counter() - t0
+        metrics = {**extra, **_rollout_metrics(rollouts)}
+        if rollouts.batch_size == 0:
+            return StepOutcome(metrics, bad="no rollout group had reward spread")
+        t1 = time.perf_counter()
+        reuse_old = self.cfg.train.ppo_epochs == 1 and self.cfg.train.n_minibatches == 1
+        self._score_old(rollouts, old=not reuse_old)
+        t_score = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        advantages = compute_advantages(self.method, rollouts, self.cfg.method_params)
+        t_adv = time.perf_counter() - t2
+        mask = rollouts.response_mask
+        metrics.update(adv_mean=masked_mean(advantages, mask).item(), adv_abs_mean=masked_mean(advantages.abs(), mask).item(),
+                       adv_max=advantages[mask].max().item() if mask.any() else 0.0,
+                       adv_min=advantages[mask].min().item() if mask.any() else 0.0)
+        if not torch.isfinite(advantages[mask]).all():
+            return StepOutcome(metrics, bad="non-finite advantages")
+        t3 = time.perf_counter()
+        bad = self._update(rollouts, advantages, metrics, reuse_old)
+        t_update = time.perf_counter() - t3
+        elapsed = time.perf_counter() - t0
+        metrics.update(time_sample=t_sample, time_score=t_score, time_advantage=t_adv, time_update=t_update,
+                       time_step=elapsed, tokens_per_s=mask.sum().item() / elapsed, lr=self.scheduler.get_last_lr()[0])
+        return StepOutcome(metrics, bad)
+
+    @torch.no_grad()
+    def _score_old(self, rollouts: Rollouts, old: bool) -> None:
+        """Fill old (and reference) log-probs in chunks, without gradients."""
+        if not old and self.reference is None:
+            return
+        chunks_old, chunks_ref, size = [], [], self.cfg.train.logprob_batch_size
+        for start in range(0, rollouts.batch_size, size):
+            sub = _trimmed(rollouts.select(torch.arange(start, min(start + size, rollouts.batch_size))))
+            width = rollouts.response_ids.shape[1]
+            if old:
+                chunks_old.append(_pad_cols(self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids,
+                                                              sub.response_mask, self.cfg.sampling.temperature).logprobs, width))
+            if self.reference is not None:
+                ref_policy = copy.copy(self.policy)
+                ref_policy.model = self.reference
+                chunks_ref.append(_pad_cols(ref_policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids,
+                                                             sub.response_mask, self.cfg.sampling.temperature).logprobs, width))
+        if old:
+            rollouts.old_logprobs = torch.cat(chunks_old)
+        if self.reference is not None:
+            rollouts.ref_logprobs = torch.cat(chunks_ref)
+
+    def _update(self, rollouts: Rollouts, advantages: torch.Tensor, metrics: dict, reuse_old: bool) -> str | None:
+        t = self.cfg.train
+        generator = torch.Generator().manual_seed(self._seed(self.step, 99991))
+        sums: dict[str, float] = {}
+        n_updates = 0
+        bad = None
+        self.policy.model.train()
+        for _ in range(t.ppo_epochs):
+            order = torch.randperm(rollouts.batch_size, generator=generator)
+            for rows in order.chunk(t.n_minibatches):
+                sub = _trimmed(rollouts.select(rows))
+                adv = advantages[rows][:, : sub.response_ids.shape[1]]
+                scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
+                                           self.cfg.sampling.temperature, with_entropy=True)
+                old = scores.logprobs.detach() if reuse_old else sub.old_logprobs
+                loss, m = policy_loss(scores.logprobs, old, adv, sub.response_mask, self.cfg.loss,
+                                      ref_logprobs=sub.ref_logprobs, entropy=scores.entropy,
+                                      ratio_transform=self.ratio_transform, token_weight=self.token_weight)
+                if not torch.isfinite(loss):
+                    bad = "non-finite loss"
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), t.grad_clip or float("inf"))
+                if not torch.isfinite(norm):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    bad = "non-finite gradient norm"
+                    continue
+                self.optimizer.step()
+                n_updates += 1
+                for key, value in {**m, "loss": loss.detach(), "grad_norm": norm}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+        self.scheduler.step()
+        metrics.update({k: v / max(n_updates, 1) for k, v in sums.items()})
+        metrics["updates"] = float(n_updates)
+        return bad if n_updates == 0 else None
+
+    # ---- the run ------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        e = self.cfg.eval
+        return evaluate(self.policy, self.task, self.eval_problems, e.k, self.cfg.sampling,
+                        seed=self._seed(10**6), greedy=e.greedy)
+
+    def train(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _check_writable(self.run_dir)
+        self._build_optimizer()
+        resumed = resume and self._resume()
+        if not resumed:
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                (self.run_dir / name).unlink(missing_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        started = time.time()
+        evals = _read_jsonl(self.run_dir / "eval.jsonl")
+        if cfg.eval.before and not evals:
+            self.console.print("evaluating the starting policy ...")
+            evals.append(self._log_eval(0))
+        with self._progress() as progress:
+            bar = progress.add_task("training", total=cfg.train.steps, completed=self.step, stats="")
+            while self.step < cfg.train.steps:
+                outcome = self.train_step()
+                self.step += 1
+                self._handle_bad(outcome)
+                _append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.step, **outcome.metrics})
+                progress.update(bar, completed=self.step, stats=_bar_stats(outcome.metrics, evals))
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+                    evals.append(self._log_eval(self.step))
+                if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.train.steps:
+                    self._checkpoint()
+        if not evals or evals[-1]["step"] != self.step:
+            self.console.print("evaluating the trained policy ...")
+            evals.append(self._log_eval(self.step))
+        final_dir = self.run_dir / "final"
+        self.policy.model.save_pretrained(final_dir, safe_serialization=True)
+        self.policy.tokenizer.save_pretrained(final_dir)
+        summary = {"method": cfg.method, "steps": self.step, "wall_seconds": round(time.time() - started, 1),
+                   "before": evals[0], "after": evals[-1], "skipped_updates": self.skipped_updates,
+                   "run_dir": str(self.run_dir), "final_model": str(final_dir)}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _handle_bad(self, outcome: StepOutcome) -> None:
+        outcome.metrics["skipped"] = float(outcome.bad is not None)
+        if outcome.bad is None:
+            self.bad_in_a_row = 0
+            return
+        self.bad_in_a_row += 1
+        self.skipped_updates += 1
+        self.console.print(f"[yellow]step {self.step}: update skipped ({outcome.bad})[/yellow]")
+        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise TrainingStopped(f"stopping at step {self.step}: {self.bad_in_a_row} skipped updates in a row, "
+                                  f"the last because of {outcome.bad} (limit train.max_bad_steps="
+                                  f"{self.cfg.train.max_bad_steps}); the last good checkpoint is in {self.run_dir / 'checkpoints'}")
+
+    def _log_eval(self, step: int) -> dict:
+        record = {"step": step, **self.evaluate()}
+        _append_jsonl(self.run_dir / "eval.jsonl", record)
+        return record
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(self.run_dir / "checkpoints", self.step, self.policy.model, self.policy.tokenizer,
+                        self.optimizer, self.scheduler,
+                        {"position": self.position, "skipped_updates": self.skipped_updates},
+                        keep=self.cfg.output.keep_checkpoints)
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+                        console=self.console, disable=not self.show_progress)
+
+
+def _epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(size))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def _groups_with_spread(rollouts: Rollouts) -> torch.Tensor:
+    """Group ids whose rewards are not all equal."""
+    ids, index = torch.unique(rollouts.group_ids, return_inverse=True)
+    lo = torch.full((len(ids),), float("inf")).scatter_reduce(0, index, rollouts.rewards, "amin")
+    hi = torch.full((len(ids),), float("-inf")).scatter_reduce(0, index, rollouts.rewards, "amax")
+    return ids[hi > lo]
+
+
+def _rollout_metrics(r: Rollouts) -> dict[str, float]:
+    if r.batch_size == 0:
+        return {"responses": 0.0}
+    spread = _groups_with_spread(r)
+    return {"responses": float(r.batch_size), "reward": r.rewards.mean().item(), "accuracy": r.correct.float().mean().item(),
+            "response_length": r.response_lengths.float().mean().item(), "truncated": r.truncated.float().mean().item(),
+            "zero_spread_groups": 1.0 - len(spread) / len(torch.unique(r.group_ids))}
+
+
+def _trimmed(r: Rollouts) -> Rollouts:
+    """Drop prompt columns that are padding in every row, and response columns past the longest."""
+    keep_p = r.prompt_mask.any(0).nonzero()
+    start = int(keep_p[0]) if len(keep_p) else r.prompt_mask.shape[1]
+    width = int(r.response_mask.sum(1).max()) if r.batch_size else 0
+    r.prompt_ids, r.prompt_mask = r.prompt_ids[:, start:], r.prompt_mask[:, start:]
+    for name in ("response_ids", "response_mask", "step_ids", "old_logprobs", "ref_logprobs"):
+        value = getattr(r, name)
+        if value is not None:
+            setattr(r, name, value[:, :width])
+    return r
+
+
+def _pad_cols(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def _bar_stats(m: dict[str, float], evals: list[dict]) -> str:
+    parts = []
+    if "reward" in m:
+        parts.append(f"reward {m['reward']:.2f}  acc {m['accuracy']:.2f}  len {m['response_length']:.0f}")
+    if evals:
+        parts.append(f"eval avg@k {evals[-1].get('avg@k', float('nan')):.3f}")
+    return "  ".join(parts)
+
+
+def _check_writable(folder: Path) -> None:
+    probe = folder / ".write-test"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise TrainingStopped(f"cannot write to the run folder {folder}: {err.strerror}") from None
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Keep only records up to `step` (a resumed run rewrites what came after its checkpoint)."""
+    if path.exists():
+        kept = [r for r in _read_jsonl(path) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
