@@ -130,8 +130,19 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {pair!r} is not of the form key=value")
-        _set_dotted(nested, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(nested, key.strip(), _scalar(raw))
     return nested
+
+
+def _scalar(raw: str) -> Any:
+    """A YAML value, reading `3e-5` as a number (YAML 1.1 alone would keep it a string)."""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -1,0 +1,68 @@
+import pytest
+
+from creditrl.config import ConfigError, load_config, parse_overrides
+
+
+def test_defaults_are_grpo_on_the_lab():
+    cfg = load_config()
+    assert cfg.method == "grpo" and cfg.task.name == "lab" and cfg.model.name == "lab"
+    assert cfg.loss.agg == "seq-mean-token-mean"  # GRPO's published aggregation, from the method's defaults
+
+
+def test_overrides_are_typed_and_nested():
+    assert parse_overrides(["train.lr=3e-5", "loss.dual_clip=null", "sampling.stop=[a, b]"]) == {
+        "train": {"lr": 3e-5}, "loss": {"dual_clip": None}, "sampling": {"stop": ["a", "b"]}}
+    cfg = load_config(None, ["train.lr=3e-5", "rollout.group_size=4"])
+    assert cfg.train.lr == 3e-5 and cfg.rollout.group_size == 4
+
+
+def test_method_defaults_sit_beneath_the_user(tmp_path):
+    cfg = load_config(None, ["method=dapo"])
+    assert (cfg.loss.eps_high, cfg.loss.agg, cfg.reward.wrong, cfg.rollout.dynamic_sampling) == (0.28, "token-mean", -1.0, True)
+    path = tmp_path / "c.yaml"
+    path.write_text("method: dapo\nloss:\n  eps_high: 0.3\n")
+    cfg = load_config(path, ["reward.wrong=0"])
+    assert cfg.loss.eps_high == 0.3 and cfg.reward.wrong == 0.0 and cfg.loss.agg == "token-mean"
+
+
+def test_dr_grpo_gets_a_constant_length_normaliser():
+    cfg = load_config(None, ["method=dr_grpo", "sampling.max_new_tokens=77"])
+    assert cfg.loss.agg == "seq-mean-token-sum-norm" and cfg.loss.norm_length == 77
+    assert cfg.method_params["scale_by_std"] is False
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.lrr'"):
+        load_config(None, ["train.lrr=1"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("loss:\n  agg: mean\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: loss\.agg"):
+        load_config(path)
+
+
+def test_bad_value_is_named():
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        load_config(None, ["train.lr=-1"])
+    with pytest.raises(ConfigError, match=r"rollout\.group_size"):
+        load_config(None, ["rollout.group_size=many"])
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown method 'ppo'.*dapo.*grpo"):
+        load_config(None, ["method=ppo"])
+
+
+def test_bad_method_param_is_named():
+    with pytest.raises(ConfigError, match=r"method_params\.scale_by_sd"):
+        load_config(None, ["method_params.scale_by_sd=false"])
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.lr"])

@@ -1,0 +1,83 @@
+import torch
+
+from creditrl.policy.transformers_backend import SamplingConfig, left_pad, right_pad
+
+PROMPTS = ["Start 7. Add 5.", "Start 13. Times 2. Minus 30. Add 1.", "Start 1."]
+
+
+def _encode(policy):
+    return [policy.encode_prompt(p) for p in PROMPTS]
+
+
+def test_batched_logprobs_equal_unbatched(tiny_policy):
+    prompts = _encode(tiny_policy)
+    responses = [[10, 11, 12], [13, 14, 15, 16, 17, 18], [19]]
+    p_ids, p_mask = left_pad(prompts, tiny_policy.pad_id)
+    r_ids, r_mask = right_pad(responses, tiny_policy.pad_id)
+    with torch.no_grad():
+        batched = tiny_policy.score(p_ids, p_mask.bool(), r_ids, r_mask, with_hidden=True)
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            alone = tiny_policy.score(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.bool),
+                                      torch.tensor([response]), torch.ones(1, len(response), dtype=torch.bool),
+                                      with_hidden=True)
+            n = len(response)
+            torch.testing.assert_close(batched.logprobs[i, :n], alone.logprobs[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched.hidden_states[i, :n], alone.hidden_states[0], atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_match_a_plain_forward(tiny_policy):
+    prompt, response = _encode(tiny_policy)[0], [20, 21, 22, 23]
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = tiny_policy.model(ids).logits[0].float()
+        expected = torch.stack([torch.log_softmax(logits[len(prompt) - 1 + k], -1)[t] for k, t in enumerate(response)])
+        got = tiny_policy.score(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.bool),
+                                torch.tensor([response]), torch.ones(1, 4, dtype=torch.bool)).logprobs[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_states_are_taken_before_the_final_norm(tiny_policy):
+    prompt, response = _encode(tiny_policy)[1], [20, 21, 22]
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        out = tiny_policy.model(ids, output_hidden_states=True)
+        scores = tiny_policy.score(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.bool),
+                                   torch.tensor([response]), torch.ones(1, 3, dtype=torch.bool), with_hidden=True)
+        # Independent route: run the decoder layers by hand through the model's own forward with a hook-free
+        # check: the final norm of our captured states must reproduce the logits of the response positions.
+        normed = tiny_policy.model.model.norm(scores.hidden_states)
+        logits = tiny_policy.model.lm_head(normed)
+    positions = slice(len(prompt) - 1, len(prompt) - 1 + 3)
+    torch.testing.assert_close(logits[0], out.logits[0, positions], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(scores.hidden_states[0], normed[0], atol=1e-3)  # the norm really was not applied yet
+
+
+def test_greedy_sampling_batched_equals_one_by_one(tiny_policy):
+    prompts = _encode(tiny_policy)
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=12)
+    batched = tiny_policy.sample(prompts, 1, cfg, seed=0).response_ids
+    alone = [tiny_policy.sample([p], 1, cfg, seed=0).response_ids[0] for p in prompts]
+    assert batched == alone
+
+
+def test_sampling_is_seeded_and_grouped(tiny_policy):
+    prompts = _encode(tiny_policy)
+    cfg = SamplingConfig(max_new_tokens=10)
+    a = tiny_policy.sample(prompts, 3, cfg, seed=5)
+    b = tiny_policy.sample(prompts, 3, cfg, seed=5)
+    c = tiny_policy.sample(prompts, 3, cfg, seed=6)
+    assert a.response_ids == b.response_ids and a.response_ids != c.response_ids
+    assert a.prompt_ids == [p for p in prompts for _ in range(3)]
+    assert all(len(r) <= 10 for r in a.response_ids)
+    assert all(t == (len(r) == 10 and tiny_policy.eos_ids[0] not in r) for r, t in zip(a.response_ids, a.truncated))
+
+
+def test_stop_strings_end_the_response(tiny_policy):
+    prompts = _encode(tiny_policy)
+    free = tiny_policy.sample(prompts, 2, SamplingConfig(max_new_tokens=30), seed=1)
+    stopped = tiny_policy.sample(prompts, 2, SamplingConfig(max_new_tokens=30, stop=["1"]), seed=1)
+    for full, cut in zip(free.response_ids, stopped.response_ids):
+        text = tiny_policy.decode(full)
+        if "1" in text:
+            assert tiny_policy.decode(cut).endswith("1") and tiny_policy.decode(cut).count("1") == 1
+            assert cut == full[: len(cut)]

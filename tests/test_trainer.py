@@ -1,0 +1,115 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from creditrl.config import load_config
+from creditrl.trainer import Trainer, TrainingStopped
+
+
+def _cfg(model_dir, run_dir, *extra):
+    return load_config(None, [f"model.name={model_dir}", f"output.dir={run_dir}", "train.steps=4",
+                              "rollout.prompts_per_step=3", "rollout.group_size=4", "task.lab.eval_size=6",
+                              "task.lab.train_size=200", "eval.k=2", "sampling.max_new_tokens=24",
+                              "output.checkpoint_every=2", "train.lr=1e-3", *extra])
+
+
+def _weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+def test_training_writes_metrics_checkpoints_and_summary(tiny_lab_model_dir, tmp_path):
+    summary = Trainer(_cfg(tiny_lab_model_dir, tmp_path / "run"), show_progress=False).train()
+    run = tmp_path / "run"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    for key in ("reward", "accuracy", "response_length", "entropy", "clip_frac", "grad_norm", "adv_mean",
+                "zero_spread_groups", "time_sample", "time_update", "tokens_per_s"):
+        assert key in lines[-1]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert (run / "config.yaml").exists() and (run / "final" / "model.safetensors").exists()
+    assert summary["before"]["step"] == 0 and summary["after"]["step"] == 4
+
+
+def test_updates_change_the_weights(tiny_lab_model_dir, tmp_path):
+    before = _weights(tiny_lab_model_dir)
+    # with nothing correct, every group has zero spread and GRPO's advantages are all 0: reward
+    # wrong answers by length instead, through a reward shaping that gives spread (overlong penalty).
+    Trainer(_cfg(tiny_lab_model_dir, tmp_path / "run", "reward.overlong_max=12", "reward.overlong_buffer=8"),
+            show_progress=False).train()
+    after = _weights(tmp_path / "run" / "final")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_after_kill_gives_the_same_weights(tiny_lab_model_dir, tmp_path):
+    overrides = ["train.steps=10", "reward.overlong_max=12", "reward.overlong_buffer=8", "eval.before=false"]
+    Trainer(_cfg(tiny_lab_model_dir, tmp_path / "clean", *overrides), show_progress=False).train()
+
+    killed = tmp_path / "killed"
+    args = [f"model.name={tiny_lab_model_dir}", f"output.dir={killed}", "rollout.prompts_per_step=3",
+            "rollout.group_size=4", "task.lab.eval_size=6", "task.lab.train_size=200", "eval.k=2",
+            "sampling.max_new_tokens=24", "output.checkpoint_every=2", "train.lr=1e-3", "train.threads=1", *overrides]
+    proc = subprocess.Popen([sys.executable, "-m", "creditrl.cli", "train", "--quiet", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-000002").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it was killed"
+
+    cfg = _cfg(tiny_lab_model_dir, killed, *overrides)
+    Trainer(cfg, show_progress=False).train(resume=True)
+    clean, resumed = _weights(tmp_path / "clean" / "final"), _weights(killed / "final")
+    assert all(torch.equal(clean[k], resumed[k]) for k in clean)
+    steps = [int(line.split(",")[0].split(":")[1]) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+
+
+def test_half_written_checkpoint_is_never_loaded(tiny_lab_model_dir, tmp_path):
+    run = tmp_path / "run"
+    Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=2", "eval.before=false"), show_progress=False).train()
+    broken = run / "checkpoints" / "step-000004.tmp"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    trainer = Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=3", "eval.before=false"), show_progress=False)
+    trainer.train(resume=True)
+    assert trainer.step == 3
+
+
+def test_non_finite_rewards_stop_the_run_with_the_cause(tiny_lab_model_dir, tmp_path):
+    cfg = _cfg(tiny_lab_model_dir, tmp_path / "run", "reward.wrong=.nan", "train.max_bad_steps=2", "eval.before=false")
+    with pytest.raises(TrainingStopped, match=r"2 skipped updates in a row.*non-finite advantages"):
+        Trainer(cfg, show_progress=False).train()
+
+
+def test_dynamic_sampling_keeps_only_groups_with_spread(tiny_lab_model_dir, tmp_path):
+    cfg = _cfg(tiny_lab_model_dir, tmp_path / "run", "method=dapo", "rollout.max_num_gen_batches=3")
+    trainer = Trainer(cfg, show_progress=False)
+    verdict = trainer.task.verify
+    # a verifier that calls responses of even length correct: groups then disagree at random
+    trainer.task.verify = lambda p, r: verdict(p, r).__class__(correct=len(r) % 2 == 0)
+    rollouts, info = trainer.collect()
+    assert 1 <= info["gen_rounds"] <= 3 and info["kept_groups"] <= 3
+    for g in torch.unique(rollouts.group_ids):
+        assert rollouts.rewards[rollouts.group_ids == g].unique().numel() == 2
+    assert rollouts.batch_size == 4 * len(torch.unique(rollouts.group_ids))
+
+
+def test_read_only_run_folder_fails_before_training(tiny_lab_model_dir, tmp_path):
+    run = tmp_path / "ro"
+    run.mkdir()
+    run.chmod(0o500)
+    try:
+        if os.access(run, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(TrainingStopped, match="cannot write to the run folder"):
+            Trainer(_cfg(tiny_lab_model_dir, run), show_progress=False).train()
+    finally:
+        run.chmod(0o700)
