@@ -108,9 +108,9 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         from creditrl.tasks import build_task
 
         cfg = _config(args)
+        task = build_task(cfg.task)
         name = model or cfg.model.name
         policy = load_policy(name, None if model else cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast)
-        task = build_task(cfg.task)
         problems = task.eval_problems()[:limit] if limit else task.eval_problems()
         start = time.time()
         metrics = evaluate(policy, task, problems, k or cfg.eval.k, cfg.sampling, seed=cfg.train.seed, greedy=greedy)
@@ -132,7 +132,8 @@ def methods() -> None:
     from creditrl.methods import get_method, known_methods, method_params_model
 
     table = Table(title="methods")
-    for col in ("name", "advantage", "ratio transform", "token weight", "parameters", "summary"):
+    table.add_column("name", no_wrap=True)
+    for col in ("advantage", "ratio transform", "token weight", "parameters", "summary"):
         table.add_column(col)
     for name in known_methods():
         m = get_method(name)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import Progress
+from transformers import LlamaForCausalLM
 
 from creditrl.lab.model import new_lab_model
 from creditrl.lab.tokenizer import build_char_tokenizer
@@ -33,6 +34,7 @@ class PretrainConfig(BaseModel):
     warmup_steps: int = Field(50, ge=0)
     error_rate: float = Field(0.15, ge=0, le=1)
     seed: int = 0
+    init_from: Path | None = Field(None, description="continue from this lab model folder instead of a fresh model")
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     eval_samples: int = Field(400, ge=1)
     task: LabTaskConfig = Field(default_factory=LabTaskConfig)
@@ -56,7 +58,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, show_progress: bool = True) -> 
     from creditrl.policy.transformers_backend import TransformersPolicy
 
     tok = build_char_tokenizer()
-    model = new_lab_model(seed=cfg.seed)
+    model = LlamaForCausalLM.from_pretrained(cfg.init_from) if cfg.init_from else new_lab_model(seed=cfg.seed)
     task = LabTask(cfg.task)
     rng = random.Random(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -92,7 +94,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, show_progress: bool = True) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
-    summary = {"config": cfg.model_dump(), "history": history, "parameters": sum(p.numel() for p in model.parameters())}
+    summary = {"config": cfg.model_dump(mode="json"), "history": history, "parameters": sum(p.numel() for p in model.parameters())}
     (out_dir / "pretrain.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -30,6 +30,9 @@ def load_model_and_tokenizer(name: str, gguf_file: str | None = None):
     """(model, tokenizer) for 'lab', 'smollm2', a local folder or a hub id, in float32 for training."""
     if name == BUNDLED_NAME:
         source, gguf_file = bundled_lab_dir(), None
+        if not (source / "model.safetensors").exists():
+            raise FileNotFoundError(f"the bundled lab model is missing from {source}; rebuild it with "
+                                    f"`creditrl lab pretrain --out {source}`")
     elif name == SMOLLM2_NAME:
         source, gguf_file = smollm2_location()
     else:

@@ -1,0 +1,66 @@
+"""The command line as a new user meets it: clear errors with exit code 2, never a traceback."""
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from creditrl.cli import app
+
+FIXTURES = Path(__file__).parent / "fixtures"
+runner = CliRunner()
+
+
+def _invoke(*args):
+    result = runner.invoke(app, list(args))
+    return result.exit_code, " ".join(result.output.split())  # rich wraps lines at the terminal width
+
+
+def test_unknown_method_lists_the_known_ones():
+    code, out = _invoke("train", "method=magic")
+    assert code == 2 and "unknown method 'magic'" in out and "grpo" in out and "Traceback" not in out
+
+
+def test_bad_config_value_and_unknown_key_are_named(tmp_path):
+    code, out = _invoke("train", "train.lr=fast")
+    assert code == 2 and "train.lr" in out
+    path = tmp_path / "c.yaml"
+    path.write_text("rollout:\n  group_sise: 8\n")
+    code, out = _invoke("train", str(path))
+    assert code == 2 and "unknown key 'rollout.group_sise'" in out and "c.yaml" in out
+
+
+def test_malformed_dataset_names_file_and_line(tmp_path):
+    code, out = _invoke("eval", "task.name=jsonl", f"task.eval_path={FIXTURES / 'bad_rows.jsonl'}")
+    assert code == 2 and "bad_rows.jsonl:" in out and "Traceback" not in out
+
+
+def test_methods_lists_the_registry():
+    code, out = _invoke("methods")
+    assert code == 0 and all(name in out for name in ("grpo", "dr_grpo", "dapo", "rloo", "process_grpo"))
+
+
+def test_train_then_eval_a_tiny_model(tiny_lab_model_dir, tmp_path):
+    run = tmp_path / "run"
+    code, out = _invoke("train", "--quiet", f"model.name={tiny_lab_model_dir}", f"output.dir={run}", "train.steps=2",
+                        "rollout.prompts_per_step=2", "rollout.group_size=2", "task.lab.eval_size=4", "eval.k=1",
+                        "sampling.max_new_tokens=16")
+    assert code == 0, out
+    assert "before" in out and "after" in out and "wall time" in out and "checkpoints" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2
+    code, out = _invoke("eval", "task.lab.eval_size=4", "sampling.max_new_tokens=16", "--model", str(run / "final"), "--k", "2")
+    assert code == 0, out
+    assert "avg@k" in out and "pass@2" in out and "greedy" in out
+
+
+def test_lab_pretrain_on_a_tiny_budget(tmp_path):
+    out_dir = tmp_path / "lab"
+    code, out = _invoke("lab", "pretrain", "--out", str(out_dir), "--quiet", "steps=3", "batch_size=4",
+                        "eval_samples=4", "task.eval_size=4")
+    assert code == 0, out
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "pretrain.json"):
+        assert (out_dir / name).exists()
+    assert json.loads((out_dir / "pretrain.json").read_text())["history"][-1]["step"] == 3
+    code, out = _invoke("lab", "pretrain", "--out", str(out_dir), "steps=-1")
+    assert code == 2 and "steps" in out

@@ -1,0 +1,25 @@
+from itertools import combinations
+
+import pytest
+
+from creditrl.evaluate import majority_correct, pass_at_k
+
+
+@pytest.mark.parametrize("n,c,k", [(4, 0, 1), (4, 1, 1), (4, 2, 2), (5, 3, 2), (6, 1, 3), (8, 7, 4), (3, 3, 2)])
+def test_pass_at_k_equals_the_fraction_of_k_subsets_holding_a_correct_sample(n, c, k):
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(combinations(range(n), k))
+    brute = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+    assert pass_at_k(n, c, k) == pytest.approx(brute)
+
+
+def test_pass_at_k_needs_enough_samples():
+    with pytest.raises(ValueError, match="at least 5"):
+        pass_at_k(4, 1, 5)
+
+
+def test_majority_vote():
+    assert majority_correct(["3", "4", "3"], [True, False, True])
+    assert not majority_correct(["4", "4", "3"], [False, False, True])
+    assert not majority_correct([None, None], [False, False])
+    assert majority_correct([None, "7"], [False, True])
