@@ -2,7 +2,8 @@
 
     for step in 1..steps:
         rollouts   = collect(P prompts × G samples)            # + more rounds under dynamic sampling
-        old logp   = π_old(rollouts)                             # skipped when 1 epoch × 1 minibatch
+        old logp   = π_old(rollouts)                             # skipped when 1 epoch × 1 minibatch,
+                                                                 #   unless the method needs hidden states
         A          = method.advantage(rollouts)                  # (B, T)
         for epoch in ppo_epochs, minibatch in n_minibatches:
             loss   = policy_loss(logp, old logp, A, hooks)      # the method's ratio transform / weight
@@ -32,6 +33,7 @@ from creditrl.collect import collect_rollouts
 from creditrl.config import RunConfig, save_config
 from creditrl.evaluate import evaluate
 from creditrl.methods import compute_advantages, get_method, loss_hooks
+from creditrl.methods.fipo import fipo_config_warning
 from creditrl.methods.loss import masked_mean, policy_loss
 from creditrl.policy.loading import load_policy
 from creditrl.rollouts import Rollouts, concat
@@ -63,6 +65,10 @@ class Trainer:
         if cfg.loss.kl_coef > 0:
             self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
         self.ratio_transform, self.token_weight = loss_hooks(self.method, cfg.method_params)
+        if self.method.token_weight == "fipo":
+            warning = fipo_config_warning(cfg.train.ppo_epochs, cfg.train.n_minibatches)
+            if warning:
+                self.console.print(f"[yellow]warning: {warning}[/yellow]")
         self.train_problems = self.task.train_problems()
         self.eval_problems = self.task.eval_problems()
         self.position = 0  # problems consumed so far from the seeded stream
@@ -153,11 +159,13 @@ class Trainer:
         if rollouts.batch_size == 0:
             return StepOutcome(metrics, bad="no rollout group had reward spread")
         t1 = time.perf_counter()
-        reuse_old = self.cfg.train.ppo_epochs == 1 and self.cfg.train.n_minibatches == 1
-        self._score_old(rollouts, old=not reuse_old)
+        reuse_old = (self.cfg.train.ppo_epochs == 1 and self.cfg.train.n_minibatches == 1
+                     and not self.method.needs_hidden_states)
+        advantages = self._score_old(rollouts, old=not reuse_old)
         t_score = time.perf_counter() - t1
         t2 = time.perf_counter()
-        advantages = compute_advantages(self.method, rollouts, self.cfg.method_params)
+        if advantages is None:
+            advantages = compute_advantages(self.method, rollouts, self.cfg.method_params)
         t_adv = time.perf_counter() - t2
         mask = rollouts.response_mask
         metrics.update(adv_mean=masked_mean(advantages, mask).item(), adv_abs_mean=masked_mean(advantages.abs(), mask).item(),
@@ -174,26 +182,40 @@ class Trainer:
         return StepOutcome(metrics, bad)
 
     @torch.no_grad()
-    def _score_old(self, rollouts: Rollouts, old: bool) -> None:
-        """Fill old (and reference) log-probs in chunks, without gradients."""
+    def _score_old(self, rollouts: Rollouts, old: bool) -> torch.Tensor | None:
+        """Fill old (and reference) log-probs in chunks, without gradients.
+
+        For a method that needs hidden states, each chunk holds whole groups, and the chunk's
+        advantages are computed right after its forward from its own states (rows, T, D), which
+        are then dropped: the batch's (B, T, D) is never held.  Those advantages (B, T) are
+        returned; otherwise None.
+        """
         if not old and self.reference is None:
-            return
-        chunks_old, chunks_ref, size = [], [], self.cfg.train.logprob_batch_size
-        for start in range(0, rollouts.batch_size, size):
-            sub = _trimmed(rollouts.select(torch.arange(start, min(start + size, rollouts.batch_size))))
-            width = rollouts.response_ids.shape[1]
+            return None
+        hidden = old and self.method.needs_hidden_states
+        size, width = self.cfg.train.logprob_batch_size, rollouts.response_ids.shape[1]
+        chunks = _group_chunks(rollouts.group_ids, size) if hidden else torch.arange(rollouts.batch_size).split(size)
+        chunks_old, chunks_ref, chunks_adv = [], [], []
+        for rows in chunks:
+            sub = _trimmed(rollouts.select(rows))
             if old:
-                chunks_old.append(_pad_cols(self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids,
-                                                              sub.response_mask, self.cfg.sampling.temperature).logprobs, width))
+                scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
+                                           self.cfg.sampling.temperature, with_hidden=hidden)
+                chunks_old.append(_pad_cols(scores.logprobs, width))
+                if hidden:
+                    sub.hidden_states = scores.hidden_states
+                    chunks_adv.append(_pad_cols(compute_advantages(self.method, sub, self.cfg.method_params), width))
             if self.reference is not None:
                 ref_policy = copy.copy(self.policy)
                 ref_policy.model = self.reference
                 chunks_ref.append(_pad_cols(ref_policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids,
                                                              sub.response_mask, self.cfg.sampling.temperature).logprobs, width))
+        order = torch.cat(chunks).argsort()  # chunk rows back to batch order
         if old:
-            rollouts.old_logprobs = torch.cat(chunks_old)
+            rollouts.old_logprobs = torch.cat(chunks_old)[order]
         if self.reference is not None:
-            rollouts.ref_logprobs = torch.cat(chunks_ref)
+            rollouts.ref_logprobs = torch.cat(chunks_ref)[order]
+        return torch.cat(chunks_adv)[order] if hidden else None
 
     def _update(self, rollouts: Rollouts, advantages: torch.Tensor, metrics: dict, reuse_old: bool) -> str | None:
         t = self.cfg.train
@@ -341,6 +363,19 @@ def _trimmed(r: Rollouts) -> Rollouts:
         if value is not None:
             setattr(r, name, value[:, :width])
     return r
+
+
+def _group_chunks(group_ids: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices in chunks of whole groups, up to `size` rows each (one group if it alone is larger)."""
+    chunks, current, n_rows = [], [], 0
+    for group in torch.unique(group_ids):
+        rows = (group_ids == group).nonzero().squeeze(1)
+        if current and n_rows + len(rows) > size:
+            chunks.append(torch.cat(current))
+            current, n_rows = [], 0
+        current.append(rows)
+        n_rows += len(rows)
+    return chunks + [torch.cat(current)]
 
 
 def _pad_cols(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -77,6 +77,7 @@ class Method:
     defaults: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
     needs_step_rewards: bool = False
+    needs_hidden_states: bool = False  # the trainer captures rollouts.hidden_states in the old-log-prob forward
 
     def pieces(self) -> list[tuple[str, str]]:
         """(kind, name) of each piece the method uses."""
@@ -262,3 +263,6 @@ def _call_with_params(fn: Callable[..., Tensor], params: BaseModel, *tensors: Te
 
 
 from creditrl.methods import grpo as _grpo  # noqa: E402,F401  (registers the built-in methods)
+from creditrl.methods import denser as _denser  # noqa: E402,F401
+from creditrl.methods import fipo as _fipo  # noqa: E402,F401
+from creditrl.methods import grpo_lambda as _grpo_lambda  # noqa: E402,F401

@@ -1,0 +1,100 @@
+"""DenseR: GRPO advantages reweighted per token by hidden-state divergence (methods.md §6).
+
+The hidden states are the rollout policy's own (last decoder layer, before the final norm),
+captured in the forward that computes the old log-probs, so DenseR costs no extra forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from creditrl.methods import Method, register_advantage, register_method
+from creditrl.methods.grpo import GRPOParams, grpo
+from creditrl.rollouts import Rollouts
+
+
+class DenseRParams(GRPOParams):
+    alpha_c: float = Field(1.0, ge=0.0, description="weight of the divergence from the opposite class")
+    alpha_w: float = Field(1.0, ge=0.0, description="weight of the divergence from the own class (recipe: 0.3)")
+    beta: float = Field(1.0, ge=0.0, le=1.0, description="w = (1 − β) + β·ĉ (recipe: 0.1)")
+    window: int = Field(5, ge=0, description="W: half-width of the aligned window searched in each other rollout")
+
+
+def denser_weights(hidden: Tensor, mask: Tensor, negative: Tensor, params: DenseRParams) -> Tensor:
+    """Per-token weights of one group (Bansal 2026, DenseR blog; methods.md §6).
+
+    P = rows with A_i ≥ 0, N = rows with A_i < 0 (`negative`); if either is empty, w = 1.
+    s_ij(t) = max(0, max_{|u − c| ≤ W, m_{j,u}} cos(h_{i,t}, h_{j,u})) with c = ⌊t·T_j / T_i⌋
+    (0 if the window holds no token of j); Div_S(i,t) = (1 − mean_{j ∈ S} s_ij(t))·m_{i,t}, which is
+    m_{i,t} when S is empty.  c = α_c·Div_cross + α_w·Div_within (S: the opposite class, the own
+    class without i); ĉ = c / mean over i's tokens of c (ĉ = 1 where c ≡ 0); w = (1 − β) + β·ĉ.
+    Computed in float32; temporaries are (G, G, T, D) per window offset.
+    Shapes: hidden (G, T, D), mask (G, T), negative (G,) bool -> w (G, T) float32.
+    """
+    n_rows, width = mask.shape
+    if negative.all() or not negative.any():
+        return torch.ones(n_rows, width, device=hidden.device)
+    mask = mask.bool()
+    h = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    lengths = mask.sum(1)
+    positions = torch.arange(width, device=mask.device)
+    centre = positions * lengths[None, :, None] // lengths[:, None, None].clamp(min=1)  # (G_i, G_j, T)
+    other = torch.arange(n_rows, device=mask.device)[None, :, None]  # j, broadcast against centre
+    sim = h.new_zeros(n_rows, n_rows, width)  # s_ij(t), starting from the clamp at 0
+    for offset in range(-params.window, params.window + 1):
+        u = centre + offset
+        valid = (u >= 0) & (u < width)
+        u = u.clamp(0, width - 1)
+        valid &= mask[other, u]
+        cos = (h[:, None] * h[other, u]).sum(-1)
+        sim = torch.maximum(sim, cos.masked_fill(~valid, 0.0))
+
+    same = negative[:, None] == negative[None, :]
+    within = same & ~torch.eye(n_rows, dtype=torch.bool, device=mask.device)
+    credit = params.alpha_c * _divergence(sim, ~same, mask) + params.alpha_w * _divergence(sim, within, mask)
+    mean = credit.sum(1, keepdim=True) / lengths[:, None].clamp(min=1)
+    normed = torch.where(mean > 0, credit / torch.where(mean > 0, mean, 1.0), 1.0)
+    return (1.0 - params.beta) + params.beta * normed
+
+
+def _divergence(sim: Tensor, refs: Tensor, mask: Tensor) -> Tensor:
+    """(1 − mean_{j: refs[i, j]} s_ij(t))·m_{i,t}: sim (G, G, T), refs (G, G) bool -> (G, T)."""
+    mean_sim = (sim * refs[..., None]).sum(1) / refs.sum(1, keepdim=True).clamp(min=1)
+    return (1.0 - mean_sim) * mask
+
+
+@register_advantage("denser", params=DenseRParams)
+def denser(rollouts: Rollouts, params: DenseRParams) -> Tensor:
+    """A_{i,t} = A_i·w_{i,t}: the GRPO advantage times `denser_weights` of the row's group.
+
+    Defaults are the code's (α_c = α_w = β = 1, W = 5); the published recipe uses α_w = 0.3,
+    β = 0.1.  Needs `rollouts.hidden_states` (B, T, D); every group must be whole in the batch.
+    A row without response tokens counts as P.  Shapes: rewards (B,), group_ids (B,) -> (B, T).
+    """
+    if rollouts.hidden_states is None:
+        raise ValueError("denser needs rollouts.hidden_states (B, T, D) from the old-log-prob forward")
+    adv = grpo(rollouts, params)
+    negative = (adv < 0).any(1)
+    weights = torch.ones_like(adv)
+    for group in torch.unique(rollouts.group_ids):
+        rows = (rollouts.group_ids == group).nonzero().squeeze(1)
+        weights[rows] = denser_weights(rollouts.hidden_states[rows], rollouts.response_mask[rows], negative[rows],
+                                       params).to(adv.dtype)
+    return adv * weights
+
+
+register_method(
+    Method(
+        name="denser",
+        advantage="denser",
+        needs_hidden_states=True,
+        summary=(
+            "DenseR (Bansal 2026, blog): GRPO advantages weighted per token by how far the rollout's hidden states "
+            "are from those of the other rollouts of its prompt, correct vs wrong and within each class. Published "
+            "recipe: method_params.alpha_w=0.3, method_params.beta=0.1, G=8, temperature 0.7, lr 1e-6, "
+            "loss.eps_high=0.28."
+        ),
+    )
+)
