@@ -27,7 +27,7 @@ from creditrl.tasks.lab import Chain, LabTask, LabTaskConfig, apply, sample_chai
 class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(1700, ge=1)
+    steps: int = Field(1600, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
     min_lr_ratio: float = Field(0.05, ge=0, le=1)
@@ -36,7 +36,7 @@ class PretrainConfig(BaseModel):
     seed: int = 0
     init_from: Path | None = Field(None, description="continue from this lab model folder instead of a fresh model")
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
-    eval_samples: int = Field(400, ge=1)
+    eval_samples: int = Field(800, ge=1)
     task: LabTaskConfig = Field(default_factory=LabTaskConfig)
 
 
