@@ -49,9 +49,12 @@ def test_train_then_eval_a_tiny_model(tiny_lab_model_dir, tmp_path):
     assert "before" in out and "after" in out and "wall time" in out and "checkpoints" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2
-    code, out = _invoke("eval", "task.lab.eval_size=4", "sampling.max_new_tokens=16", "--model", str(run / "final"), "--k", "2")
+    code, out = _invoke("eval", "task.lab.eval_size=4", "sampling.max_new_tokens=16", "--model", str(run / "final"),
+                        "--k", "2", "--json", str(tmp_path / "eval.json"))
     assert code == 0, out
     assert "avg@k" in out and "pass@2" in out and "greedy" in out
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert metrics["problems"] == 4 and 0.0 <= metrics["avg@k"] <= 1.0 and metrics["k"] == 2
 
 
 def test_lab_pretrain_on_a_tiny_budget(tmp_path):

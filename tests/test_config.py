@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from creditrl.config import ConfigError, load_config, parse_overrides
@@ -66,3 +68,17 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.lr"])
+
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.method in path.stem.replace("-", "_") or cfg.method in path.stem
+
+
+def test_lab_grpo_yaml_is_the_default_run():
+    shipped = load_config(Path(__file__).parents[1] / "configs" / "lab-grpo.yaml")
+    assert shipped.model_dump() == load_config().model_dump()

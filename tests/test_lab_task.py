@@ -39,7 +39,7 @@ def test_wrong_operation_wrong_carry_and_missing_steps():
 def test_garbage_and_missing_answer():
     v = judge(CHAIN, "hello\n7+5=12")
     assert not v.correct and not v.format_ok and v.step_correct == (False, False)  # line 2 is judged as operation 2
-    assert judge(CHAIN, "").step_correct == ()
+    assert judge(CHAIN, "").step_correct == (False,)  # an empty response: one wrong step, its <eos>
 
 
 def test_generator_respects_knobs():
@@ -95,3 +95,10 @@ def test_char_tokenizer_roundtrip(tmp_path):
     assert (tmp_path / "tokenizer.json").exists()
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again(text, add_special_tokens=False)["input_ids"] == ids
+
+
+@pytest.mark.parametrize("text", ["   ", "7+5=12\n\n\n12*3=36\n", "  \n7+5=12", "Answer: 3\n   \nx"])
+def test_verifier_steps_are_the_splitters_steps(text):
+    from creditrl.steps import split_steps
+
+    assert len(judge(CHAIN, text).step_correct) == len(split_steps(text, "newline"))

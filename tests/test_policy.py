@@ -81,3 +81,15 @@ def test_stop_strings_end_the_response(tiny_policy):
         if "1" in text:
             assert tiny_policy.decode(cut).endswith("1") and tiny_policy.decode(cut).count("1") == 1
             assert cut == full[: len(cut)]
+
+
+def test_bf16_autocast_scores_close_to_float32(tiny_policy):
+    prompts = _encode(tiny_policy)
+    p_ids, p_mask = left_pad(prompts, tiny_policy.pad_id)
+    r_ids, r_mask = right_pad([[10, 11, 12]] * len(prompts), tiny_policy.pad_id)
+    with torch.no_grad():
+        exact = tiny_policy.score(p_ids, p_mask.bool(), r_ids, r_mask).logprobs
+        tiny_policy.autocast_dtype = torch.bfloat16
+        fast = tiny_policy.score(p_ids, p_mask.bool(), r_ids, r_mask).logprobs
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, exact, atol=0.05, rtol=0.05)

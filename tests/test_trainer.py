@@ -113,3 +113,24 @@ def test_read_only_run_folder_fails_before_training(tiny_lab_model_dir, tmp_path
             Trainer(_cfg(tiny_lab_model_dir, run), show_progress=False).train()
     finally:
         run.chmod(0o700)
+
+
+def test_process_supervision_trains_from_the_lab_step_labels(tiny_lab_model_dir, tmp_path):
+    trainer = Trainer(_cfg(tiny_lab_model_dir, tmp_path / "run", "method=process_grpo", "eval.before=false"),
+                      show_progress=False)
+    rollouts, _ = trainer.collect()
+    assert rollouts.step_rewards is not None
+    labels = rollouts.step_labels
+    # every step the splitter found carries the verifier's label (1 right, 0 wrong)
+    for row in range(rollouts.batch_size):
+        n = int(rollouts.num_steps[row])
+        assert set(labels[row, :n].tolist()) <= {0, 1}
+    summary = trainer.train()
+    assert summary["steps"] == 4
+
+
+def test_tensorboard_logging(tiny_lab_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    Trainer(_cfg(tiny_lab_model_dir, tmp_path / "run", "output.tensorboard=true", "train.steps=1", "eval.before=false"),
+            show_progress=False).train()
+    assert any((tmp_path / "run" / "tensorboard").iterdir())

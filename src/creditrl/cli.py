@@ -7,7 +7,6 @@ overrides, e.g. `creditrl train configs/lab-dapo.yaml train.lr=3e-5 rollout.grou
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -85,7 +84,7 @@ def _print_summary(s: dict) -> None:
     for key, label in [("avg@k", f"avg@{after.get('k', '')} (T = sampling temperature)"), ("greedy", "greedy"),
                        ("maj@k", "maj@k"), (f"pass@{after.get('k', 1)}", f"pass@{after.get('k', 1)}")]:
         if key in before and key in after:
-            table.add_row(label, f"{before[key]:.1%}", f"{after[key]:.1%}", f"{after[key] - before[key]:+.1%}")
+            table.add_row(label, f"{before[key]:.1%}", f"{after[key]:.1%}", f"{100 * (after[key] - before[key]):+.1f} pts")
     console.print(table)
     run_dir = Path(s["run_dir"])
     console.print(f"wall time {s['wall_seconds'] / 60:.1f} min; skipped updates: {s['skipped_updates']}")
@@ -99,7 +98,8 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
           model: Optional[str] = typer.Option(None, help="model to evaluate (a run's final/ or checkpoint folder; default: the config's)"),
           k: Optional[int] = typer.Option(None, help="samples per problem (default: eval.k)"),
           greedy: bool = typer.Option(True, help="also report greedy accuracy"),
-          limit: Optional[int] = typer.Option(None, help="evaluate on the first N held-out problems only")) -> None:
+          limit: Optional[int] = typer.Option(None, help="evaluate on the first N held-out problems only"),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics to this JSON file")) -> None:
     """Evaluate a policy on the task's held-out split: avg@k, pass@1, pass@k, maj@k, greedy."""
 
     def run():
@@ -123,7 +123,8 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
     for key, value in metrics.items():
         table.add_row(key, f"{value:.1%}" if key not in ("k", "mean_length") else f"{value:g}")
     console.print(table)
-    print(json.dumps(metrics), file=sys.stderr if console.is_terminal else sys.stdout)
+    if json_out:
+        json_out.write_text(json.dumps({"model": name, "problems": n, **metrics}, indent=2))
 
 
 @app.command()

@@ -60,7 +60,7 @@ class RolloutConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(60, ge=1, description="policy-update steps (one rollout batch each)")
+    steps: int = Field(150, ge=1, description="policy-update steps (one rollout batch each)")
     lr: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = Field(0.0, ge=0)

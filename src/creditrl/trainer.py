@@ -75,6 +75,7 @@ class Trainer:
         self.step = 0
         self.bad_in_a_row = 0
         self.skipped_updates = 0
+        self.tensorboard = None
 
     # ---- set-up -------------------------------------------------------------------------------
     def _build_optimizer(self) -> None:
@@ -271,6 +272,7 @@ class Trainer:
                 (self.run_dir / name).unlink(missing_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
         started = time.time()
+        self.tensorboard = _tensorboard_writer(self.run_dir) if cfg.output.tensorboard else None
         evals = _read_jsonl(self.run_dir / "eval.jsonl")
         if cfg.eval.before and not evals:
             self.console.print("evaluating the starting policy ...")
@@ -282,6 +284,7 @@ class Trainer:
                 self.step += 1
                 self._handle_bad(outcome)
                 _append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.step, **outcome.metrics})
+                self._to_tensorboard("train", outcome.metrics)
                 progress.update(bar, completed=self.step, stats=_bar_stats(outcome.metrics, evals))
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                     evals.append(self._log_eval(self.step))
@@ -315,7 +318,14 @@ class Trainer:
     def _log_eval(self, step: int) -> dict:
         record = {"step": step, **self.evaluate()}
         _append_jsonl(self.run_dir / "eval.jsonl", record)
+        self._to_tensorboard("eval", record, step)
         return record
+
+    def _to_tensorboard(self, prefix: str, metrics: dict, step: int | None = None) -> None:
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(f"{prefix}/{key}", value, self.step if step is None else step)
+            self.tensorboard.flush()
 
     def _checkpoint(self) -> None:
         save_checkpoint(self.run_dir / "checkpoints", self.step, self.policy.model, self.policy.tokenizer,
@@ -327,6 +337,14 @@ class Trainer:
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
                         console=self.console, disable=not self.show_progress)
+
+
+def _tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError("output.tensorboard needs the tensorboard package: pip install 'creditrl[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def _epoch_order(size: int, seed: int, epoch: int) -> list[int]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from creditrl.steps import split_steps
 from creditrl.tasks.base import Problem, Verdict
 
 OPERATIONS = {"+": "Add", "-": "Minus", "*": "Times"}
@@ -111,8 +112,10 @@ def parse_question(question: str) -> Chain:
 
 
 def judge(chain: Chain, response: str) -> Verdict:
-    """Outcome and per-line correctness of a response (one step per non-empty line)."""
-    lines = [line.strip() for line in response.strip().split("\n") if line.strip()]
+    """Outcome and per-line correctness of a response, one step per `newline`-splitter step."""
+    lines = [response[start:end].strip() for start, end in split_steps(response, LabTask.step_splitter)]
+    if not lines:  # an empty response is one wrong step (its end-of-sequence token)
+        return Verdict(correct=False, step_correct=(False,), format_ok=False)
     truth = chain.values()
     steps: list[bool] = []
     carried = chain.start
