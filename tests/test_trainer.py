@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -134,3 +135,15 @@ def test_tensorboard_logging(tiny_lab_model_dir, tmp_path):
     Trainer(_cfg(tiny_lab_model_dir, tmp_path / "run", "output.tensorboard=true", "train.steps=1", "eval.before=false"),
             show_progress=False).train()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_kl_to_a_frozen_reference(tiny_lab_model_dir, tmp_path):
+    cfg = _cfg(tiny_lab_model_dir, tmp_path / "run", "loss.kl_coef=0.1", "train.n_minibatches=2", "eval.before=false",
+               "reward.overlong_max=12", "reward.overlong_buffer=8")
+    trainer = Trainer(cfg, show_progress=False)
+    reference = {k: v.clone() for k, v in trainer.reference.state_dict().items()}
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("kl" in r for r in records)
+    assert records[-1]["kl"] > 0  # the policy moved away from the reference ...
+    assert all(torch.equal(v, trainer.reference.state_dict()[k]) for k, v in reference.items())  # ... which stayed frozen
