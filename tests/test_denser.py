@@ -13,19 +13,8 @@ from creditrl.config import load_config
 from creditrl.methods import ADVANTAGES, Component, compute_advantages, get_method
 from creditrl.methods.denser import DenseRParams, denser, denser_weights
 from creditrl.methods.grpo import grpo
-from creditrl.rollouts import Rollouts
 from creditrl.trainer import Trainer
-
-
-def make_rollouts(rewards, group_ids, lengths, hidden) -> Rollouts:
-    B, T = hidden.shape[:2]
-    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
-    return Rollouts(
-        prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.bool),
-        response_ids=torch.zeros(B, T, dtype=torch.long), response_mask=mask, group_ids=torch.tensor(group_ids),
-        step_ids=torch.where(mask, 0, -1), rewards=torch.tensor(rewards, dtype=torch.float64),
-        correct=torch.tensor(rewards) > 0, truncated=torch.zeros(B, dtype=torch.bool), hidden_states=hidden,
-    )
+from factories import make_rollouts
 
 
 # ---- the slow reference: the formulas of methods.md §6 with plain loops, in float64 ------------------------
@@ -95,19 +84,19 @@ def test_matches_the_slow_reference(G, T, D, W, alpha_c, alpha_w, beta, n_groups
     hidden[:, :, 0] += 1.5  # make most cosines positive, so the max and the clamp both matter
     params = DenseRParams(alpha_c=alpha_c, alpha_w=alpha_w, beta=beta, window=W)
 
-    fast = denser(make_rollouts(rewards, group_ids, lengths, hidden), params)
+    fast = denser(make_rollouts(rewards, group_ids, lengths, hidden=hidden), params)
     slow = torch.tensor(ref_advantages(rewards, group_ids, lengths, hidden.double().tolist(), alpha_c, alpha_w, beta, W),
                         dtype=torch.float64)
     mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
     torch.testing.assert_close(fast.masked_fill(~mask, 0.0), slow, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(fast, grpo(make_rollouts(rewards, group_ids, lengths, hidden), params))  # w ≢ 1
+    assert not torch.allclose(fast, grpo(make_rollouts(rewards, group_ids, lengths, hidden=hidden), params))  # w ≢ 1
 
 
 def test_bf16_states_are_used_in_float32():
     gen = torch.Generator().manual_seed(7)
     hidden = torch.randn(4, 6, 5, generator=gen).bfloat16()
     lengths, rewards = [6, 4, 5, 2], [1.0, 0.0, 1.0, 0.0]
-    fast = denser(make_rollouts(rewards, [0] * 4, lengths, hidden), DenseRParams(window=1))
+    fast = denser(make_rollouts(rewards, [0] * 4, lengths, hidden=hidden), DenseRParams(window=1))
     slow = ref_advantages(rewards, [0] * 4, lengths, hidden.double().tolist(), 1.0, 1.0, 1.0, 1)
     torch.testing.assert_close(fast, torch.tensor(slow, dtype=torch.float64), atol=1e-5, rtol=1e-5)
 
@@ -123,7 +112,7 @@ def test_hand_worked_example():
     params = DenseRParams(window=0, beta=0.5)
     w = denser_weights(hidden, torch.ones(2, 2, dtype=torch.bool), torch.tensor([False, True]), params)
     torch.testing.assert_close(w, torch.tensor([[0.936130, 1.063870]] * 2), atol=1e-6, rtol=0)
-    adv = denser(make_rollouts([1.0, 0.0], [0, 0], [2, 2], hidden), params)
+    adv = denser(make_rollouts([1.0, 0.0], [0, 0], [2, 2], hidden=hidden), params)
     a = 0.5 / (1 / math.sqrt(2) + 1e-6)
     torch.testing.assert_close(adv, torch.tensor([[a * 0.936130, a * 1.063870], [-a * 0.936130, -a * 1.063870]],
                                                  dtype=torch.float64), atol=1e-6, rtol=0)
@@ -156,14 +145,14 @@ def test_identical_states_or_zero_alphas_give_weight_one():
 
 def test_zero_spread_groups_groups_of_one_and_beta_zero_give_grpo():
     hidden = torch.randn(6, 5, 3)
-    r = make_rollouts([1.0, 1.0, 1.0, 0.0, 1.0, 2.0], [0, 0, 0, 1, 1, 2], [5, 3, 4, 5, 2, 5], hidden)
+    r = make_rollouts([1.0, 1.0, 1.0, 0.0, 1.0, 2.0], [0, 0, 0, 1, 1, 2], [5, 3, 4, 5, 2, 5], hidden=hidden)
     adv = denser(r, DenseRParams())
     assert torch.all(adv[:3] == 0) and torch.all(adv[5] == 0)  # no spread; a group of one
     torch.testing.assert_close(denser(r, DenseRParams(beta=0.0)), grpo(r, DenseRParams()))
 
 
 def test_needs_hidden_states():
-    r = make_rollouts([1.0, 0.0], [0, 0], [2, 2], torch.randn(2, 2, 2))
+    r = make_rollouts([1.0, 0.0], [0, 0], [2, 2], hidden=torch.randn(2, 2, 2))
     r.hidden_states = None
     with pytest.raises(ValueError, match="hidden_states"):
         compute_advantages("denser", r)

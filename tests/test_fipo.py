@@ -12,8 +12,8 @@ from creditrl.config import load_config
 from creditrl.methods import Method, compute_advantages, get_method, loss_hooks
 from creditrl.methods.fipo import FIPOParams, discounted_cumsum, fipo_config_warning, fipo_weight
 from creditrl.methods.loss import LossConfig, policy_loss
-from creditrl.rollouts import Rollouts
 from creditrl.trainer import Trainer
+from factories import make_rollouts as rollouts
 
 
 # ---- independent references ------------------------------------------------------------------
@@ -199,16 +199,6 @@ def test_long_sequence_float32_is_finite_and_exact(tau):
 
 
 # ---- the method ------------------------------------------------------------------------------
-def rollouts(rewards, group_ids, lengths, T) -> Rollouts:
-    B = len(rewards)
-    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
-    return Rollouts(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.bool),
-                    response_ids=torch.zeros(B, T, dtype=torch.long), response_mask=mask,
-                    group_ids=torch.tensor(group_ids), step_ids=torch.where(mask, 0, -1),
-                    rewards=torch.tensor(rewards, dtype=torch.float64), correct=torch.tensor(rewards) > 0,
-                    truncated=torch.zeros(B, dtype=torch.bool))
-
-
 def test_fipo_method_defaults_are_dapo_with_dual_clip_10():
     cfg = load_config(None, ["method=fipo"])
     assert (cfg.loss.eps_low, cfg.loss.eps_high, cfg.loss.dual_clip, cfg.loss.agg) == (0.2, 0.28, 10.0, "token-mean")

@@ -29,26 +29,9 @@ from creditrl.methods import (
 from creditrl.methods.grpo import GRPOParams, ProcessGRPOParams, grpo, process_grpo, rloo
 from creditrl.methods.loss import LossConfig, policy_loss
 from creditrl.rewards import RewardConfig, outcome_rewards, overlong_penalty
-from creditrl.rollouts import Rollouts
+from factories import make_rollouts
 
 NAN = float("nan")
-
-
-def make_rollouts(rewards, group_ids, lengths, step_ids=None, step_rewards=None) -> Rollouts:
-    B, T = len(rewards), len(step_ids[0]) if step_ids is not None else max(max(lengths), 1)
-    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
-    return Rollouts(
-        prompt_ids=torch.zeros(B, 1, dtype=torch.long),
-        prompt_mask=torch.ones(B, 1, dtype=torch.bool),
-        response_ids=torch.zeros(B, T, dtype=torch.long),
-        response_mask=mask,
-        group_ids=torch.tensor(group_ids),
-        step_ids=torch.tensor(step_ids) if step_ids is not None else torch.where(mask, 0, -1),
-        rewards=torch.tensor(rewards, dtype=torch.float64),
-        correct=torch.tensor(rewards) > 0,
-        truncated=torch.zeros(B, dtype=torch.bool),
-        step_rewards=torch.tensor(step_rewards, dtype=torch.float64) if step_rewards is not None else None,
-    )
 
 
 def row_values(adv: torch.Tensor, mask: torch.Tensor) -> list[float]:

@@ -12,8 +12,8 @@ from creditrl.config import load_config
 from creditrl.methods import compute_advantages, get_method, loss_hooks
 from creditrl.methods.grpo_lambda import TraceParams, TraceWeightParams, grpo_lambda_trace, grpo_lambda_weight
 from creditrl.methods.loss import LossConfig, policy_loss
-from creditrl.rollouts import Rollouts
 from creditrl.trainer import Trainer
+from factories import make_rollouts as rollouts
 
 
 # ---- independent references ------------------------------------------------------------------
@@ -163,16 +163,6 @@ def test_unnormalised_weights_give_the_trace_gradient_on_policy(style):
 
 
 # ---- the advantage and the methods -----------------------------------------------------------
-def rollouts(rewards, group_ids, lengths, T) -> Rollouts:
-    B = len(rewards)
-    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
-    return Rollouts(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.bool),
-                    response_ids=torch.zeros(B, T, dtype=torch.long), response_mask=mask,
-                    group_ids=torch.tensor(group_ids), step_ids=torch.where(mask, 0, -1),
-                    rewards=torch.tensor(rewards, dtype=torch.float64), correct=torch.tensor(rewards) > 0,
-                    truncated=torch.zeros(B, dtype=torch.bool))
-
-
 def test_advantage_is_grpo_clamped_below():
     # group [1, 0, 0, 0]: mean 0.25, unbiased std sqrt((0.75² + 3·0.25²)/3) = 0.5 → A = [1.5, −0.5, −0.5, −0.5]
     r = rollouts([1.0, 0.0, 0.0, 0.0, 0.0, 1.0], [0, 0, 0, 0, 1, 1], [3, 3, 2, 1, 3, 3], T=3)
