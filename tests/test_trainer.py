@@ -147,3 +147,20 @@ def test_kl_to_a_frozen_reference(tiny_lab_model_dir, tmp_path):
     assert all("kl" in r for r in records)
     assert records[-1]["kl"] > 0  # the policy moved away from the reference ...
     assert all(torch.equal(v, trainer.reference.state_dict()[k]) for k, v in reference.items())  # ... which stayed frozen
+
+
+def test_an_earlier_run_is_never_silently_overwritten(tiny_lab_model_dir, tmp_path):
+    run = tmp_path / "run"
+    Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=2", "eval.before=false"), show_progress=False).train()
+    with pytest.raises(TrainingStopped, match="earlier run.*--resume.*--overwrite"):
+        Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=2", "eval.before=false"), show_progress=False).train()
+    Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=1", "eval.before=false"), show_progress=False).train(overwrite=True)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000001"]
+
+
+def test_resume_refuses_a_different_configuration(tiny_lab_model_dir, tmp_path):
+    run = tmp_path / "run"
+    Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=2", "eval.before=false"), show_progress=False).train()
+    with pytest.raises(TrainingStopped, match=r"train\.lr \(0\.001 -> 0\.002\)"):
+        Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=4", "train.lr=2e-3"), show_progress=False).train(resume=True)
+    Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=3", "eval.k=1"), show_progress=False).train(resume=True)

@@ -58,6 +58,7 @@ def _guarded(fn):
 @app.command()
 def train(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
           resume: bool = typer.Option(False, "--resume", help="continue from the run folder's last complete checkpoint"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="start afresh in a run folder that holds an earlier run"),
           quiet: bool = typer.Option(False, "--quiet", help="no progress bar")) -> None:
     """Train a policy (default: GRPO on the lab task with the bundled lab model)."""
 
@@ -68,7 +69,7 @@ def train(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         console.print(f"[bold]creditrl train[/bold]: method [cyan]{cfg.method}[/cyan], task [cyan]{cfg.task.name}[/cyan], "
                       f"model [cyan]{cfg.model.name}[/cyan], {cfg.train.steps} steps of "
                       f"{cfg.rollout.prompts_per_step}×{cfg.rollout.group_size} rollouts → {cfg.run_dir()}")
-        return Trainer(cfg, console=console, show_progress=not quiet).train(resume=resume)
+        return Trainer(cfg, console=console, show_progress=not quiet).train(resume=resume, overwrite=overwrite)
 
     summary = _guarded(run)
     _print_summary(summary)

@@ -20,11 +20,13 @@ import copy
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -97,6 +99,7 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
         if ckpt is None:
             return False
+        _check_same_run(self.run_dir / "config.yaml", self.cfg)
         from safetensors.torch import load_file
 
         state = load_file(ckpt / "model.safetensors")
@@ -261,15 +264,16 @@ class Trainer:
         return evaluate(self.policy, self.task, self.eval_problems, e.k, self.cfg.sampling,
                         seed=self._seed(10**6), greedy=e.greedy)
 
-    def train(self, resume: bool = False) -> dict:
+    def train(self, resume: bool = False, overwrite: bool = False) -> dict:
+        """Run to `train.steps`.  `resume`: continue from the run folder's last complete checkpoint;
+        `overwrite`: start afresh in a folder that holds an earlier run (otherwise that is an error)."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _check_writable(self.run_dir)
         self._build_optimizer()
         resumed = resume and self._resume()
         if not resumed:
-            for name in ("metrics.jsonl", "eval.jsonl"):
-                (self.run_dir / name).unlink(missing_ok=True)
+            self._clear_earlier_run(overwrite)
         save_config(cfg, self.run_dir / "config.yaml")
         started = time.time()
         self.tensorboard = _tensorboard_writer(self.run_dir) if cfg.output.tensorboard else None
@@ -301,6 +305,15 @@ class Trainer:
                    "run_dir": str(self.run_dir), "final_model": str(final_dir)}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _clear_earlier_run(self, overwrite: bool) -> None:
+        earlier = [self.run_dir / n for n in ("checkpoints", "final", "metrics.jsonl", "eval.jsonl", "summary.json",
+                                              "tensorboard") if (self.run_dir / n).exists()]
+        if earlier and not overwrite:
+            raise TrainingStopped(f"{self.run_dir} holds an earlier run ({', '.join(p.name for p in earlier)}): "
+                                  "continue it with --resume, start afresh with --overwrite, or set output.dir")
+        for path in earlier:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def _handle_bad(self, outcome: StepOutcome) -> None:
         outcome.metrics["skipped"] = float(outcome.bad is not None)
@@ -337,6 +350,32 @@ class Trainer:
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
                         console=self.console, disable=not self.show_progress)
+
+
+# Settings a resumed run may change: how long it runs, how it is evaluated and where it writes.
+RESUMABLE_CHANGES = ("train.steps", "train.threads", "eval.", "output.")
+
+
+def _check_same_run(saved: Path, cfg: RunConfig) -> None:
+    """A resumed run must be the run that was checkpointed (it may only run longer or log differently)."""
+    if not saved.exists():
+        return
+    before, now = _flatten(yaml.safe_load(saved.read_text())), _flatten(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in before.keys() | now.keys()
+                     if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if changed:
+        raise TrainingStopped(f"cannot resume: the configuration differs from {saved} in "
+                              + ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _tensorboard_writer(run_dir: Path):
