@@ -30,7 +30,7 @@ def collect_rollouts(policy: TransformersPolicy, task: Task, problems: Sequence[
         texts.append(text)
         step_rows.append(steps)
         verdicts.append(task.verify(problems[problem_index[row]], text))
-    return build_rollouts(policy, gen, verdicts, texts, step_rows, problem_index, reward, first_group_id)
+    return build_rollouts(policy, gen, verdicts, texts, step_rows, problem_index, reward, first_group_id, problems)
 
 
 def response_steps(policy: TransformersPolicy, ids: list[int], splitter: str) -> tuple[str, list[int]]:
@@ -46,7 +46,7 @@ def response_steps(policy: TransformersPolicy, ids: list[int], splitter: str) ->
 
 def build_rollouts(policy: TransformersPolicy, gen: Generation, verdicts: list[Verdict], texts: list[str],
                    step_rows: list[list[int]], problem_index: list[int], reward: RewardConfig,
-                   first_group_id: int = 0) -> Rollouts:
+                   first_group_id: int = 0, problems: Sequence[Problem] | None = None) -> Rollouts:
     prompt_ids, prompt_mask = left_pad(gen.prompt_ids, policy.pad_id)
     response_ids, response_mask = right_pad(gen.response_ids, policy.pad_id)
     step_ids = pad_right([torch.tensor(s, dtype=torch.long) for s in step_rows], -1, width=response_ids.shape[1])
@@ -65,6 +65,7 @@ def build_rollouts(policy: TransformersPolicy, gen: Generation, verdicts: list[V
         step_labels=step_labels,
         step_rewards=None if step_labels is None else torch.where(step_labels >= 0, step_labels.float(), torch.nan),
         response_texts=texts, problem_index=problem_index,
+        problems=None if problems is None else [problems[i] for i in problem_index],
     )
 
 

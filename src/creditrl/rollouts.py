@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from creditrl.tasks.base import Problem
+
 
 @dataclass
 class Rollouts:
@@ -32,6 +34,7 @@ class Rollouts:
     hidden_states: Tensor | None = None  # (B, T, D), last layer before the final norm
     response_texts: list[str] | None = None
     problem_index: list[int] | None = None  # row -> index into the batch's problem list
+    problems: list[Problem] | None = None  # row -> its problem (to verify continuations of its prefixes)
 
     @property
     def batch_size(self) -> int:

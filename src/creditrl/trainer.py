@@ -34,12 +34,13 @@ from creditrl.checkpoint import latest_checkpoint, load_optimizer_state, load_tr
 from creditrl.collect import collect_rollouts
 from creditrl.config import RunConfig, save_config
 from creditrl.evaluate import evaluate
-from creditrl.methods import compute_advantages, get_method, loss_hooks
+from creditrl.methods import compute_advantages, get_component, get_method, loss_hooks
 from creditrl.methods.fipo import fipo_config_warning
 from creditrl.methods.loss import masked_mean, policy_loss
 from creditrl.policy.loading import load_policy
 from creditrl.rollouts import Rollouts, concat
 from creditrl.tasks import build_task
+from creditrl.value_estimation import MonteCarloValues
 
 
 class TrainingStopped(RuntimeError):
@@ -71,6 +72,9 @@ class Trainer:
             warning = fipo_config_warning(cfg.train.ppo_epochs, cfg.train.n_minibatches)
             if warning:
                 self.console.print(f"[yellow]warning: {warning}[/yellow]")
+        self.value_estimator = None  # Monte Carlo values of prefix states, for advantages that need them (VinePPO)
+        if "value_estimator" in get_component("advantage", self.method.advantage).needs:
+            self.value_estimator = MonteCarloValues(self.policy, self.task, cfg.sampling, cfg.reward)
         self.train_problems = self.task.train_problems()
         self.eval_problems = self.task.eval_problems()
         self.position = 0  # problems consumed so far from the seeded stream
@@ -162,6 +166,8 @@ class Trainer:
         metrics = {**extra, **_rollout_metrics(rollouts)}
         if rollouts.batch_size == 0:
             return StepOutcome(metrics, bad="no rollout group had reward spread")
+        if self.value_estimator is not None:
+            self.value_estimator.reset(seed=self._seed(self.step, 7919))
         t1 = time.perf_counter()
         reuse_old = (self.cfg.train.ppo_epochs == 1 and self.cfg.train.n_minibatches == 1
                      and not self.method.needs_hidden_states)
@@ -169,8 +175,10 @@ class Trainer:
         t_score = time.perf_counter() - t1
         t2 = time.perf_counter()
         if advantages is None:
-            advantages = compute_advantages(self.method, rollouts, self.cfg.method_params)
+            advantages = compute_advantages(self.method, rollouts, self.cfg.method_params, value_estimator=self.value_estimator)
         t_adv = time.perf_counter() - t2
+        if self.value_estimator is not None:
+            metrics.update(self.value_estimator.metrics())
         mask = rollouts.response_mask
         metrics.update(adv_mean=masked_mean(advantages, mask).item(), adv_abs_mean=masked_mean(advantages.abs(), mask).item(),
                        adv_max=advantages[mask].max().item() if mask.any() else 0.0,
@@ -208,7 +216,8 @@ class Trainer:
                 chunks_old.append(_pad_cols(scores.logprobs, width))
                 if hidden:
                     sub.hidden_states = scores.hidden_states
-                    chunks_adv.append(_pad_cols(compute_advantages(self.method, sub, self.cfg.method_params), width))
+                    chunks_adv.append(_pad_cols(compute_advantages(self.method, sub, self.cfg.method_params,
+                                                                   value_estimator=self.value_estimator), width))
             if self.reference is not None:
                 ref_policy = copy.copy(self.policy)
                 ref_policy.model = self.reference
