@@ -1,4 +1,4 @@
-"""The `creditrl` command line: train, eval, methods, lab pretrain.
+"""The `creditrl` command line: train, eval, credit, methods, lab pretrain.
 
 Every command that reads a run configuration takes an optional YAML file followed by dotted
 overrides, e.g. `creditrl train configs/lab-dapo.yaml train.lr=3e-5 rollout.group_size=16`.
@@ -7,6 +7,7 @@ overrides, e.g. `creditrl train configs/lab-dapo.yaml train.lr=3e-5 rollout.grou
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -126,6 +127,90 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
     console.print(table)
     if json_out:
         json_out.write_text(json.dumps({"model": name, "problems": n, **metrics}, indent=2))
+
+
+@app.command()
+def credit(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
+           model: Optional[str] = typer.Option(None, help="model to score (a run's final/ or checkpoint folder, 'lab', "
+                                                          "a hub id; default: the config's)"),
+           prompts: int = typer.Option(8, min=1, help="the first N held-out problems"),
+           group_size: Optional[int] = typer.Option(None, min=1, help="responses per prompt (default: rollout.group_size)"),
+           methods: Optional[str] = typer.Option(None, help="comma-separated method names (default: all registered)"),
+           out: Path = typer.Option(Path("credit.html"), help="the HTML heat-map page to write"),
+           rollouts_file: Optional[Path] = typer.Option(None, "--rollouts",
+                                                        help="score rollouts saved by --save-rollouts instead of sampling"),
+           save_to: Optional[Path] = typer.Option(None, "--save-rollouts",
+                                                  help="also save the sampled rollouts, to score them again later"),
+           json_out: Optional[Path] = typer.Option(None, "--json",
+                                                   help="also write the metrics and the tidy credit table to this JSON file")) -> None:
+    """Every method's per-token credit on the same rollouts: an HTML heat map and credit-accuracy metrics."""
+
+    def run():
+        from creditrl.collect import collect_rollouts
+        from creditrl.credit import compute_credit, credit_table, load_rollouts, save_rollouts
+        from creditrl.credit_metrics import credit_accuracy
+        from creditrl.methods import get_method
+        from creditrl.policy.loading import load_policy
+        from creditrl.report import write_heatmap
+        from creditrl.tasks import build_task
+
+        cfg = _config(args)
+        names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+        for name in names or []:
+            get_method(name)  # an unknown name fails here, listing the known ones
+        model_name = model or cfg.model.name
+        policy = load_policy(model_name, None if model else cfg.model.gguf_file, cfg.model.chat_template,
+                             cfg.model.bf16_autocast)
+        if rollouts_file:
+            batch, texts = load_rollouts(rollouts_file)
+            source = str(rollouts_file)
+        else:
+            task = build_task(cfg.task)
+            problems = task.eval_problems()[:prompts]
+            batch = collect_rollouts(policy, task, problems, group_size or cfg.rollout.group_size, cfg.sampling,
+                                     cfg.reward, seed=cfg.train.seed)
+            texts = [p.prompt for p in problems]
+            source = f"task {cfg.task.name}, temperature {cfg.sampling.temperature:g}, seed {cfg.train.seed}"
+            if save_to:
+                save_rollouts(save_to, batch, texts)
+        maps = compute_credit(batch, texts, policy, names)
+        accuracy = {name: credit_accuracy(c, batch) for name, c in maps.credit.items()}
+        context = (f"model {model_name} · {len(set(batch.group_ids.tolist()))} prompts, {batch.batch_size} responses "
+                   f"({batch.correct.float().mean().item():.0%} correct) · {source}")
+        write_heatmap(out, maps, accuracy, title=f"creditrl credit: {model_name}", context=context)
+        if json_out:
+            metrics = {name: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in a.as_dict().items()}
+                       for name, a in accuracy.items()}
+            json_out.write_text(json.dumps({"model": model_name, "source": source, "metrics": metrics,
+                                            "notes": maps.notes, "skipped": maps.skipped,
+                                            "credit": credit_table(maps)}))
+        return context, accuracy, maps.skipped, batch.step_labels is not None
+
+    context, accuracy, skipped, labelled = _guarded(run)
+    _print_credit_accuracy(context, accuracy, skipped, labelled)
+    console.print(f"heat map: {out.resolve()}")
+    if json_out:
+        console.print(f"metrics and credit table: {json_out.resolve()}")
+
+
+def _print_credit_accuracy(context: str, accuracy: dict, skipped: dict[str, str], labelled: bool) -> None:
+    def cell(x: float) -> str:
+        return "–" if math.isnan(x) else f"{x:.3f}"
+
+    table = Table(title=f"credit accuracy ({context})")
+    for col in ("method", "hit@1 (chance)", "AUC", "AUC within", "before", "from error", "entropy", "wrong / correct"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for name, a in accuracy.items():
+        table.add_row(name, f"{cell(a.hit_rate)} ({cell(a.hit_chance)})", cell(a.auc), cell(a.auc_within),
+                      cell(a.before), cell(a.after), cell(a.entropy), f"{a.n_wrong} / {a.n_correct}")
+    console.print(table)
+    console.print("hit@1: wrong responses whose lowest mean step credit is the first wrong step; AUC: -step credit "
+                  "separating wrong from right steps (all steps; within wrong responses); before / from error: mean "
+                  "step credit in wrong responses; entropy: of |credit| over a correct response's tokens (1 = even).")
+    if not labelled:
+        console.print("[yellow]these rollouts have no step labels: only the entropy is defined[/yellow]")
+    for name, why in skipped.items():
+        console.print(f"[yellow]skipped {name}[/yellow]: {why}", highlight=False)
 
 
 @app.command()

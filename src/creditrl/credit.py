@@ -1,0 +1,181 @@
+"""Every method's per-token credit on the same rollout batch, side by side (methods.md §8).
+
+A method's credit is the per-token advantage its loss would use at the first update on these
+rollouts, where π_θ = π_old and so Δ = log π_θ − log π_old = 0:
+
+    credit_t = A_t · f_t(A, Δ = 0)        f: the method's token weight, 1 when it has none
+
+(FIPO's weight is exp of a discounted future Δ, so it is 1 here and FIPO shows its base
+advantage.)  A ratio transform (GRPO-λ's trace) acts on Δ inside the loss; at Δ = 0 it leaves no
+trace of its own, so such a method shows its advantage A as computed.  Methods that need hidden
+states get them from one old-log-prob forward per group; a method that cannot run on the batch
+(it needs a resource not given, such as VinePPO's value estimator, step rewards the task lacks,
+or it raises) is skipped with the reason.
+Every method sees the batch's own rewards and its own published `method_params`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from creditrl.methods import compute_advantages, get_component, get_method, known_methods, loss_hooks
+from creditrl.policy.transformers_backend import TransformersPolicy
+from creditrl.rollouts import Rollouts
+from creditrl.steps import token_end_offsets
+
+
+@dataclass
+class CreditMaps:
+    rollouts: Rollouts
+    prompts: list[str]  # problem texts, indexed by rollouts.problem_index
+    tokens: list[list[str]]  # per row, the text of each response token
+    credit: dict[str, Tensor]  # method -> (B, T) credit, 0 off the response mask
+    notes: dict[str, str]  # method -> how its credit was obtained
+    skipped: dict[str, str]  # method -> why it could not run on this batch
+
+
+def compute_credit(rollouts: Rollouts, prompts: Sequence[str], policy: TransformersPolicy | None = None,
+                   methods: Sequence[str] | None = None,
+                   params: Mapping[str, Mapping[str, Any]] | None = None,
+                   resources: Mapping[str, Any] | None = None) -> CreditMaps:
+    """Credit maps of `methods` (default: every registered method) on one batch.
+
+    `policy` gives the hidden states (one forward per group, only if a method needs them) and the
+    token texts; without it tokens show as ids and hidden-state methods are skipped.  `params`
+    maps a method name to `method_params` overrides; `resources` holds what an advantage may
+    `need` from the trainer (e.g. `value_estimator`), passed as `compute_advantages` context.
+    """
+    names = list(methods) if methods is not None else known_methods()
+    needs_hidden = any(get_method(n).needs_hidden_states for n in names)
+    scored = with_hidden_states(policy, rollouts) if needs_hidden and policy is not None else rollouts
+    credit, notes, skipped = {}, {}, {}
+    for name in names:
+        reason = _cannot_run(name, scored, resources or {})
+        if reason is None:
+            try:
+                credit[name], notes[name] = method_credit(name, scored, (params or {}).get(name), resources)
+                continue
+            except Exception as err:  # a method (or a user's plugin) failing must not break the page
+                reason = f"{type(err).__name__}: {err}"
+        skipped[name] = reason
+    return CreditMaps(rollouts, list(prompts), token_texts(rollouts, policy), credit, notes, skipped)
+
+
+def method_credit(name: str, rollouts: Rollouts, params: Mapping[str, Any] | None = None,
+                  resources: Mapping[str, Any] | None = None) -> tuple[Tensor, str]:
+    """(credit (B, T), note): A·f at Δ = 0 for one method, and a sentence saying what was shown."""
+    method = get_method(name)
+    adv = compute_advantages(method, rollouts, params, **(resources or {}))
+    ratio_transform, token_weight = loss_hooks(method, params)
+    mask = rollouts.response_mask.bool()
+    note = "advantage A"
+    credit = adv
+    if token_weight is not None:
+        with torch.no_grad():
+            weight = token_weight(adv, torch.zeros_like(adv), rollouts.response_mask)
+        credit = torch.where(mask, adv * weight, 0.0)
+        note = f"A·f, f = the {method.token_weight} token weight at Δ = 0 (first update, π_θ = π_old)"
+        if bool((weight[mask] == 1).all()):
+            note += "; f = 1 on every token here, so this is A"
+    if ratio_transform is not None:
+        note += (f"; the {method.ratio_transform} ratio transform acts on Δ inside the loss and Δ = 0 on fresh "
+                 f"rollouts, so the advantage is shown as computed")
+    return credit, note
+
+
+def _cannot_run(name: str, rollouts: Rollouts, resources: Mapping[str, Any]) -> str | None:
+    method = get_method(name)
+    missing = [n for n in get_component("advantage", method.advantage).needs if resources.get(n) is None]
+    if missing:
+        return f"needs {', '.join(missing)} from the trainer, which was not given"
+    if method.needs_step_rewards and rollouts.step_rewards is None:
+        return "needs step rewards, and these rollouts have none (the task has no step labels)"
+    if method.needs_hidden_states and rollouts.hidden_states is None:
+        return "needs hidden states, and no policy was given to compute them"
+    return None
+
+
+@torch.no_grad()
+def with_hidden_states(policy: TransformersPolicy, rollouts: Rollouts) -> Rollouts:
+    """A copy of the batch with `hidden_states` (B, T, D) from the old-log-prob forward, one group at a time."""
+    width, device = rollouts.response_ids.shape[1], policy.device
+    parts, order = [], []
+    for group in torch.unique(rollouts.group_ids):
+        rows = (rollouts.group_ids == group).nonzero().squeeze(1)
+        sub = rollouts.select(rows)
+        length = max(int(sub.response_mask.sum(1).max()), 1)  # the group's longest response
+        scores = policy.score(sub.prompt_ids.to(device), sub.prompt_mask.to(device),
+                              sub.response_ids[:, :length].to(device), sub.response_mask[:, :length].to(device),
+                              with_hidden=True)
+        hidden = scores.hidden_states.float().cpu()
+        parts.append(torch.nn.functional.pad(hidden, (0, 0, 0, width - length)))
+        order.append(rows)
+    hidden = torch.cat(parts)[torch.cat(order).argsort()]
+    return replace(rollouts, hidden_states=hidden)
+
+
+def token_texts(rollouts: Rollouts, policy: TransformersPolicy | None = None) -> list[list[str]]:
+    """Per row, the text each response token adds to the decoded response; a token that adds none
+    (end of sequence) shows as its vocabulary entry.  Without a policy, each token's id."""
+    out = []
+    for ids, mask in zip(rollouts.response_ids, rollouts.response_mask.bool()):
+        ids = ids[mask].tolist()
+        if policy is None:
+            out.append([str(i) for i in ids])
+            continue
+        text = policy.tokenizer.decode(ids, skip_special_tokens=True)
+        ends = token_end_offsets(policy.tokenizer, ids, skip_special_tokens=True)
+        starts = [0, *ends[:-1]]
+        pieces = [text[s:e] for s, e in zip(starts, ends)]
+        out.append([p or policy.tokenizer.convert_ids_to_tokens(i) for p, i in zip(pieces, ids)])
+    return out
+
+
+def credit_table(maps: CreditMaps) -> list[dict[str, Any]]:
+    """The tidy table, one dict per (method, response token): prompt (index into maps.prompts),
+    response (row), position, token (its text), step, correct, method, credit."""
+    r = maps.rollouts
+    problem = r.problem_index if r.problem_index is not None else r.group_ids.tolist()
+    rows = []
+    for name, credit in maps.credit.items():
+        for b in range(r.batch_size):
+            n = int(r.response_mask[b].sum())
+            for t in range(n):
+                rows.append({"prompt": problem[b], "response": b, "position": t, "token": maps.tokens[b][t],
+                             "step": int(r.step_ids[b, t]), "correct": bool(r.correct[b]), "method": name,
+                             "credit": float(credit[b, t])})
+    return rows
+
+
+def credit_frame(maps: CreditMaps):
+    """The tidy table as a pandas DataFrame (needs pandas, which creditrl does not install)."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("credit_frame needs pandas (pip install pandas); "
+                          "credit_table gives the same rows as dicts") from None
+    return pd.DataFrame(credit_table(maps))
+
+
+def save_rollouts(path: Path, rollouts: Rollouts, prompts: Sequence[str]) -> None:
+    """Write a batch and its problem texts for a later `load_rollouts`: the tensors except the hidden
+    states, the response texts and the problem indices (other objects are not kept)."""
+    kept = {"response_texts", "problem_index"}
+    data = {f.name: getattr(rollouts, f.name) for f in fields(Rollouts)
+            if f.name != "hidden_states" and (isinstance(getattr(rollouts, f.name), Tensor) or f.name in kept)}
+    torch.save({"rollouts": data, "prompts": list(prompts)}, path)
+
+
+def load_rollouts(path: Path) -> tuple[Rollouts, list[str]]:
+    """(batch, problem texts) written by `save_rollouts`."""
+    data = torch.load(path, weights_only=True)
+    return Rollouts(**data["rollouts"]), data["prompts"]
+
+
+__all__ = ["CreditMaps", "compute_credit", "credit_frame", "credit_table", "load_rollouts", "method_credit",
+           "save_rollouts", "token_texts", "with_hidden_states"]
