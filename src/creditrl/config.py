@@ -90,6 +90,26 @@ class OutputConfig(_Section):
     tensorboard: bool = False
 
 
+class CriticConfig(_Section):
+    """The frozen critic of methods that need one (CAPO).  The API key is never part of the config:
+    `api_key_env` names the environment variable that holds it."""
+
+    backend: Literal["transformers", "openai"] = Field("transformers", description="a local model, or an "
+                                                      "OpenAI-compatible chat-completions endpoint")
+    model: str = Field("lab", description="transformers: as model.name ('lab' only proves the plumbing); "
+                                          "openai: the served model's name")
+    base_url: str | None = Field(None, description="openai: the API root, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key "
+                                                           "(unset: no Authorization header)")
+    temperature: float = Field(0.7, ge=0.0, description="[uncertain: the paper does not say] k critiques need T > 0")
+    max_tokens: int = Field(1024, ge=1, description="longest critique (analysis and verdict)")
+    timeout_s: float = Field(60.0, gt=0, description="openai: per-request socket timeout")
+    max_retries: int = Field(3, ge=0, description="openai: retries on 429, 5xx, timeouts and connection errors")
+    backoff_s: float = Field(1.0, ge=0, description="openai: first retry delay, doubled on each retry")
+    concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
+    cache_path: Path | None = Field(None, description="openai: jsonl cache of critiques, kept across runs")
+
+
 class RunConfig(BaseModel):
     """The whole run.  Sections validate on assignment; this top level validates on construction."""
 
@@ -106,6 +126,7 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
 
     @model_validator(mode="after")
     def _method_is_known(self) -> "RunConfig":

@@ -33,6 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from creditrl.checkpoint import latest_checkpoint, load_optimizer_state, load_trainer_state, save_checkpoint
 from creditrl.collect import collect_rollouts
 from creditrl.config import RunConfig, save_config
+from creditrl.critics import StepCritic, build_critic
 from creditrl.evaluate import evaluate
 from creditrl.methods import compute_advantages, get_component, get_method, loss_hooks
 from creditrl.methods.fipo import fipo_config_warning
@@ -75,6 +76,9 @@ class Trainer:
         self.value_estimator = None  # Monte Carlo values of prefix states, for advantages that need them (VinePPO)
         if "value_estimator" in get_component("advantage", self.method.advantage).needs:
             self.value_estimator = MonteCarloValues(self.policy, self.task, cfg.sampling, cfg.reward)
+        self.critic = None  # critiques of each response's steps by a frozen LLM, for advantages that need them (CAPO)
+        if "critic" in get_component("advantage", self.method.advantage).needs:
+            self.critic = StepCritic(build_critic(cfg.critic), self.policy.decode)
         self.train_problems = self.task.train_problems()
         self.eval_problems = self.task.eval_problems()
         self.position = 0  # problems consumed so far from the seeded stream
@@ -168,6 +172,8 @@ class Trainer:
             return StepOutcome(metrics, bad="no rollout group had reward spread")
         if self.value_estimator is not None:
             self.value_estimator.reset(seed=self._seed(self.step, 7919))
+        if self.critic is not None:
+            self.critic.reset(seed=self._seed(self.step, 7927))
         t1 = time.perf_counter()
         reuse_old = (self.cfg.train.ppo_epochs == 1 and self.cfg.train.n_minibatches == 1
                      and not self.method.needs_hidden_states)
@@ -175,10 +181,13 @@ class Trainer:
         t_score = time.perf_counter() - t1
         t2 = time.perf_counter()
         if advantages is None:
-            advantages = compute_advantages(self.method, rollouts, self.cfg.method_params, value_estimator=self.value_estimator)
+            advantages = compute_advantages(self.method, rollouts, self.cfg.method_params,
+                                            value_estimator=self.value_estimator, critic=self.critic)
         t_adv = time.perf_counter() - t2
         if self.value_estimator is not None:
             metrics.update(self.value_estimator.metrics())
+        if self.critic is not None:
+            metrics.update(self.critic.metrics())
         mask = rollouts.response_mask
         metrics.update(adv_mean=masked_mean(advantages, mask).item(), adv_abs_mean=masked_mean(advantages.abs(), mask).item(),
                        adv_max=advantages[mask].max().item() if mask.any() else 0.0,
@@ -217,7 +226,8 @@ class Trainer:
                 if hidden:
                     sub.hidden_states = scores.hidden_states
                     chunks_adv.append(_pad_cols(compute_advantages(self.method, sub, self.cfg.method_params,
-                                                                   value_estimator=self.value_estimator), width))
+                                                                   value_estimator=self.value_estimator,
+                                                                   critic=self.critic), width))
             if self.reference is not None:
                 ref_policy = copy.copy(self.policy)
                 ref_policy.model = self.reference
@@ -361,8 +371,9 @@ class Trainer:
                         console=self.console, disable=not self.show_progress)
 
 
-# Settings a resumed run may change: how long it runs, how it is evaluated and where it writes.
-RESUMABLE_CHANGES = ("train.steps", "train.threads", "eval.", "output.")
+# Settings a resumed run may change: how long it runs, how it is evaluated, where it writes, how it reaches a critic.
+RESUMABLE_CHANGES = ("train.steps", "train.threads", "eval.", "output.", "critic.timeout_s", "critic.max_retries",
+                     "critic.concurrency", "critic.cache_path")
 
 
 def _check_same_run(saved: Path, cfg: RunConfig) -> None:

@@ -1,0 +1,219 @@
+"""Critic backends: a frozen LLM that writes k critiques of each prompt (CAPO, methods.md §5).
+
+A backend never stops training: a critique it could not get is None (counted in
+`stats.failures`).  `TransformersCritic` samples a local model through the policy backend;
+`OpenAICompatibleCritic` calls any OpenAI-compatible `/chat/completions` endpoint (vLLM, SGLang,
+hosted APIs) with the standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from creditrl.config import CriticConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CriticStats:
+    """What critiquing cost since the last `reset`; `metrics()` names them `critic_<field>`.
+
+    calls: critiques asked for (prompts × k); cache_hits, failures: of those, served from the
+    cache, and lost (None); unparsed: returned but without a verdict; no_verdict: responses none
+    of whose critiques gave a verdict; requests: HTTP requests (retries included) or generate
+    calls sent; seconds: wall time.  The backend counts calls..requests, `StepCritic` the parsing.
+    """
+
+    calls: int = 0
+    cache_hits: int = 0
+    failures: int = 0
+    unparsed: int = 0
+    no_verdict: int = 0
+    requests: int = 0
+    seconds: float = 0.0
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, f.default)
+
+    def metrics(self) -> dict[str, float]:
+        return {f"critic_{f.name}": float(getattr(self, f.name)) for f in fields(self)}
+
+
+class Critic(Protocol):
+    """k critique texts for each prompt (None where one could not be had), and their cost."""
+
+    stats: CriticStats
+
+    def critique(self, prompts: Sequence[str], k: int, seed: int) -> list[list[str | None]]: ...
+
+
+class TransformersCritic:
+    """A local causal LM, frozen, sampled with the project's policy backend (`load_policy(model)`).
+
+    The prompt goes through the tokenizer's chat template when it has one.  A local model that
+    fails raises (that is a bug, not a flaky endpoint).  The bundled 'lab' model cannot critique:
+    with it this backend only proves the plumbing.
+    """
+
+    def __init__(self, model: str = "lab", temperature: float = 0.7, max_tokens: int = 1024, batch_size: int = 64):
+        from creditrl.policy.loading import load_policy
+        from creditrl.policy.transformers_backend import SamplingConfig
+
+        self.policy = load_policy(model)
+        self.policy.model.eval().requires_grad_(False)
+        self.sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_tokens, batch_size=batch_size)
+        self.stats = CriticStats()
+
+    def critique(self, prompts: Sequence[str], k: int, seed: int) -> list[list[str | None]]:
+        start = time.perf_counter()
+        gen = self.policy.sample([self.policy.encode_prompt(p) for p in prompts], k, self.sampling, seed=seed)
+        texts = [self.policy.decode(ids) for ids in gen.response_ids]
+        self.stats.calls += len(texts)
+        self.stats.requests += math.ceil(len(texts) / self.sampling.batch_size)
+        self.stats.seconds += time.perf_counter() - start
+        return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+class OpenAICompatibleCritic:
+    """Critiques from an OpenAI-compatible chat-completions endpoint, `{base_url}/chat/completions`.
+
+    Each of the k critiques of a prompt is its own request (sample index i), so each is cached
+    and fails alone.  The cache key is sha256 of (model, prompt, i, temperature): a rerun, or a
+    prompt seen again, reuses the critique instead of paying for it; with `cache_path` the cache
+    is also a jsonl file (key and text per line) read at start and appended to.  The endpoint's
+    sampling is not seeded (the cache is what makes reruns reproducible), so `seed` is unused.
+    A request is retried up to `max_retries` times, after backoff_s, 2·backoff_s, 4·backoff_s, ...,
+    on HTTP 429, 5xx, a timeout (`timeout_s` per socket operation) or a connection error; any other
+    HTTP error and a reply without `choices[0].message.content` give None at once.  At most `concurrency`
+    requests run at a time.  The API key is read from the environment variable `api_key_env` at
+    each request (no header when it is unset) and is never stored on the object.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.7,
+                 max_tokens: int = 1024, timeout_s: float = 60.0, max_retries: int = 3, backoff_s: float = 1.0,
+                 concurrency: int = 8, cache_path: Path | None = None):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key_env = model, api_key_env
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
+        self.concurrency = concurrency
+        self.cache_path = None if cache_path is None else Path(cache_path)
+        self.cache: dict[str, str] = {}
+        if self.cache_path is not None and self.cache_path.exists():
+            self.cache.update(_read_cache(self.cache_path))
+        self.stats = CriticStats()
+
+    def __repr__(self) -> str:
+        return (f"OpenAICompatibleCritic(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
+                f"cache_path={self.cache_path!r})")
+
+    def cache_key(self, prompt: str, index: int) -> str:
+        return hashlib.sha256(json.dumps([self.model, prompt, index, self.temperature]).encode()).hexdigest()
+
+    def critique(self, prompts: Sequence[str], k: int, seed: int) -> list[list[str | None]]:
+        start = time.perf_counter()
+        keys = [[self.cache_key(p, i) for i in range(k)] for p in prompts]
+        texts: list[list[str | None]] = [[self.cache.get(key) for key in row] for row in keys]
+        missing = [(r, i) for r, row in enumerate(texts) for i, text in enumerate(row) if text is None]
+        errors: list[str] = []
+        if missing:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(missing))) as pool:
+                replies = list(pool.map(lambda ri: self._complete(prompts[ri[0]]), missing))
+            new = {}
+            for (r, i), (text, requests, error) in zip(missing, replies):
+                texts[r][i] = text
+                self.stats.requests += requests
+                if text is None:
+                    errors.append(error)
+                else:
+                    new[keys[r][i]] = text
+            self._remember(new)
+        self.stats.calls += len(prompts) * k
+        self.stats.cache_hits += len(prompts) * k - len(missing)
+        self.stats.failures += len(errors)
+        self.stats.seconds += time.perf_counter() - start
+        if errors:
+            log.warning("critic %s: %d of %d critiques failed (last: %s)", self.url, len(errors), len(prompts) * k,
+                        errors[-1])
+        return texts
+
+    def _remember(self, new: dict[str, str]) -> None:
+        self.cache.update(new)
+        if self.cache_path is not None and new:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.cache_path, "a") as fh:
+                fh.writelines(json.dumps({"key": key, "text": text}) + "\n" for key, text in new.items())
+
+    def _complete(self, prompt: str) -> tuple[str | None, int, str]:
+        """(text or None, requests sent, why it failed) for one chat completion."""
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                           "temperature": self.temperature, "max_tokens": self.max_tokens}).encode()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        error = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
+                    payload = reply.read()
+            except urllib.error.HTTPError as err:
+                err.close()
+                error = f"HTTP {err.code}"
+                if err.code == 429 or err.code >= 500:
+                    continue
+                return None, attempt + 1, error
+            except (OSError, http.client.HTTPException) as err:  # timeouts, refused or dropped connections
+                error = type(err).__name__
+                continue
+            text = _message_content(payload)
+            return text, attempt + 1, "" if text is not None else "reply without choices[0].message.content"
+        return None, self.max_retries + 1, error
+
+
+def _message_content(payload: bytes) -> str | None:
+    try:
+        content = json.loads(payload)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, str) else None
+
+
+def _read_cache(path: Path) -> dict[str, str]:
+    """Entries of a jsonl cache; unreadable lines (a run killed mid-write) are skipped."""
+    cache = {}
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+            cache[str(entry["key"])] = str(entry["text"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return cache
+
+
+def build_critic(cfg: CriticConfig) -> Critic:
+    """The backend a run's `critic` section names."""
+    if cfg.backend == "transformers":
+        return TransformersCritic(cfg.model, cfg.temperature, cfg.max_tokens)
+    if cfg.base_url is None:
+        raise ValueError("critic.backend 'openai' needs critic.base_url (e.g. http://127.0.0.1:8000/v1)")
+    return OpenAICompatibleCritic(cfg.base_url, cfg.model, cfg.api_key_env, cfg.temperature, cfg.max_tokens,
+                                  cfg.timeout_s, cfg.max_retries, cfg.backoff_s, cfg.concurrency, cfg.cache_path)
