@@ -406,10 +406,10 @@ def test_capo_trains_the_lab_model_with_an_oracle_critic(tmp_path):
                              "task.lab.eval_size=2", "eval.k=1", "eval.before=false", "sampling.max_new_tokens=64",
                              "critic.backend=openai", "critic.base_url=http://127.0.0.1:9/v1"])  # never called
     trainer = Trainer(cfg, show_progress=False)
-    assert isinstance(trainer.critic.critic, OpenAICompatibleCritic)
-    trainer.critic = StepCritic(LabOracle(), trainer.policy.decode)
+    assert isinstance(trainer.resources["critic"].critic, OpenAICompatibleCritic)
+    trainer.resources["critic"] = StepCritic(LabOracle(), trainer.policy.decode)
     rollouts, _ = trainer.collect()
-    verdicts = trainer.critic.wrong_steps(rollouts, 4)
+    verdicts = trainer.resources["critic"].wrong_steps(rollouts, 4)
     flagged = 0
     for b, row in enumerate(verdicts):
         labels = rollouts.step_labels[b][: int(rollouts.num_steps[b])].tolist()
@@ -418,7 +418,7 @@ def test_capo_trains_the_lab_model_with_an_oracle_critic(tmp_path):
         assert row[:2] == [set(wrong)] * 2 and row[2:] == [None, None]  # the prompt's step j + 1 is step_ids' j
         flagged += bool(wrong)
     assert flagged > 0 and rollouts.correct.any()
-    adv = compute_advantages("capo", rollouts, cfg.method_params, critic=trainer.critic)
+    adv = compute_advantages("capo", rollouts, cfg.method_params, critic=trainer.resources["critic"])
     checked = 0
     for b, row in enumerate(verdicts):
         mask = rollouts.response_mask[b]

@@ -232,9 +232,9 @@ def test_vineppo_trains_the_tiny_lab_model(tiny_lab_model_dir, tmp_path):
 def test_on_the_bundled_lab_model_every_token_of_a_step_shares_its_advantage(tmp_path):
     trainer = Trainer(_lab_cfg(tmp_path / "run", "sampling.max_new_tokens=48"), show_progress=False)
     rollouts, _ = trainer.collect()
-    trainer.value_estimator.reset(seed=0)
-    adv = compute_advantages(trainer.method, rollouts, trainer.cfg.method_params, value_estimator=trainer.value_estimator)
-    counts = trainer.value_estimator.metrics()
+    trainer.resources["value_estimator"].reset(seed=0)
+    adv = compute_advantages(trainer.method, rollouts, trainer.cfg.method_params, value_estimator=trainer.resources["value_estimator"])
+    counts = trainer.resources["value_estimator"].metrics()
     assert counts["states_estimated"] + counts["states_deduplicated"] == rollouts.num_steps.sum().item() > 6
     assert counts["states_deduplicated"] >= 4  # at least s_0, shared by the 3 responses of each prompt
     for b in range(rollouts.batch_size):

@@ -1,4 +1,4 @@
-"""The `creditrl` command line: train, eval, credit, methods, lab pretrain.
+"""The `creditrl` command line: train, eval, credit, compare, methods, lab pretrain, prm train/score.
 
 Every command that reads a run configuration takes an optional YAML file followed by dotted
 overrides, e.g. `creditrl train configs/lab-dapo.yaml train.lr=3e-5 rollout.group_size=16`.
@@ -19,6 +19,8 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 lab_app = typer.Typer(no_args_is_help=True, help="Build the lab model (the bundled checkpoint).")
 app.add_typer(lab_app, name="lab")
+prm_app = typer.Typer(no_args_is_help=True, help="Process reward models on the lab task: train one, score with one.")
+app.add_typer(prm_app, name="prm")
 console = Console()
 
 ARGS_HELP = "An optional YAML config followed by dotted key=value overrides."
@@ -115,18 +117,25 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         policy = load_policy(name, None if model else cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast)
         problems = task.eval_problems()[:limit] if limit else task.eval_problems()
         start = time.time()
-        metrics = evaluate(policy, task, problems, k or cfg.eval.k, cfg.sampling, seed=cfg.train.seed, greedy=greedy)
+        metrics = evaluate(policy, task, problems, k or cfg.eval.k, cfg.sampling, seed=cfg.train.seed, greedy=greedy,
+                           behaviour=cfg.eval.behaviour, verify_phrases=cfg.eval.verify_phrases)
         return name, len(problems), metrics, time.time() - start
 
     name, n, metrics, seconds = _guarded(run)
     table = Table(title=f"{name} on {n} held-out problems ({seconds:.0f} s)")
-    table.add_column("metric")
+    table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        table.add_row(key, f"{value:.1%}" if key not in ("k", "mean_length") else f"{value:g}")
+        table.add_row(key, _format_metric(key, value))
     console.print(table)
     if json_out:
         json_out.write_text(json.dumps({"model": name, "problems": n, **metrics}, indent=2))
+
+
+def _format_metric(key: str, value: float) -> str:
+    """A count or length as a plain number, a rate or accuracy as a percentage."""
+    plain = key in ("k", "mean_length") or key.startswith(("length_", "answer_revisions_"))
+    return f"{value:.4g}" if plain else f"{value:.1%}"
 
 
 @app.command()
@@ -214,6 +223,46 @@ def _print_credit_accuracy(context: str, accuracy: dict, skipped: dict[str, str]
 
 
 @app.command()
+def compare(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " Applied to every run."),
+            methods: Optional[str] = typer.Option(None, help="comma-separated method names (default: every registered "
+                                                             "method that runs offline, except vineppo)"),
+            seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default 0,1,2)"),
+            steps: Optional[int] = typer.Option(None, min=1, help="policy-update steps per run (default 15)"),
+            eval_every: Optional[int] = typer.Option(None, min=0, help="evaluate every N steps (default 5)"),
+            eval_size: Optional[int] = typer.Option(None, min=1, help="held-out lab problems per evaluation (default 50)"),
+            quick: bool = typer.Option(False, "--quick", help="a smoke grid: grpo and grpo_lambda, seeds 0 1, 10 steps"),
+            out: Optional[Path] = typer.Option(None, help="report folder (default reports/compare, "
+                                                          "or reports/compare-quick with --quick)")) -> None:
+    """Methods × seeds with an equal budget, resumable per run: report.md, report.html and results.json."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from creditrl import compare as cmp
+
+    def run():
+        rest = list(args or [])
+        config = Path(rest.pop(0)) if rest and "=" not in rest[0] else None
+        spec = cmp.quick_spec(config=config, overrides=rest) if quick else cmp.GridSpec(
+            cmp.default_methods(), config=config, overrides=rest)
+        spec.out = out or spec.out
+        spec.methods = [m.strip() for m in methods.split(",") if m.strip()] if methods else spec.methods
+        spec.seeds = [int(x) for x in seeds.split(",") if x.strip()] if seeds else spec.seeds
+        spec.steps, spec.eval_every = steps or spec.steps, spec.eval_every if eval_every is None else eval_every
+        spec.eval_size = eval_size or spec.eval_size
+        for name in spec.methods:
+            spec.run_config(name, spec.seeds[0])  # an unknown method or a bad override fails before any training
+        runs = len(spec.methods) * len(spec.seeds)
+        console.print(f"[bold]creditrl compare[/bold]: {', '.join(spec.methods)} × seeds {spec.seeds}, "
+                      f"{spec.steps} steps each → {spec.out}")
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console) as progress:
+            bar = progress.add_task(f"{runs} runs", total=runs * spec.steps)
+            return cmp.compare(spec, lambda done: progress.update(bar, completed=done), console)
+
+    paths = _guarded(run)
+    console.print(f"report: {paths['md']}  {paths['html']}\nraw numbers: {paths['json']}")
+
+
+@app.command()
 def methods() -> None:
     """List the registered credit-assignment methods."""
     from creditrl.methods import get_method, known_methods, method_params_model
@@ -257,3 +306,88 @@ def lab_pretrain(out: Path = typer.Option(..., help="folder to write the model, 
 
 if __name__ == "__main__":
     app()
+
+
+def _parsed(model_cls, overrides: list[str] | None):
+    """A pydantic model from dotted key=value overrides; a bad key is a ConfigError naming it."""
+    from pydantic import ValidationError
+
+    from creditrl.config import ConfigError, parse_overrides
+
+    try:
+        return model_cls(**parse_overrides(overrides or []))
+    except ValidationError as err:
+        raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+
+
+@prm_app.command("train")
+def prm_train(out: Path = typer.Option(..., help="folder to write the PRM (LM, tokenizer, head) and prm_train.json"),
+              overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides of PRMTrainConfig, e.g. problems=128"),
+              model: str = typer.Option("lab", help="the policy that samples the responses; the PRM starts from its LM"),
+              prm800k: Optional[Path] = typer.Option(None, help="train on this PRM800K jsonl instead of lab samples"),
+              neutral: str = typer.Option("positive", help="PRM800K: rating 0 counts as 'positive' or 'negative'"),
+              threads: Optional[int] = typer.Option(None, help="torch CPU threads")) -> None:
+    """Train a step classifier on lab step labels (or PRM800K); report held-out step accuracy and AUC."""
+
+    def run():
+        import torch
+
+        from creditrl.policy.loading import load_policy
+        from creditrl.prm.prm800k import load_prm800k
+        from creditrl.prm.train import PRMTrainConfig, examples_to_rollouts, train_lab_prm, train_prm
+        from creditrl.tasks.lab import LabTask, LabTaskConfig
+
+        if threads:
+            torch.set_num_threads(threads)
+        cfg = _parsed(PRMTrainConfig, overrides)
+        policy = load_policy(model)
+        if prm800k is None:
+            prm, report = train_lab_prm(policy, LabTask(LabTaskConfig()), cfg)
+        else:
+            data = examples_to_rollouts(load_prm800k(prm800k, neutral), policy.tokenizer)
+            prm, report = train_prm(policy.model, data, cfg)
+        prm.save(out, policy.tokenizer)
+        (out / "prm_train.json").write_text(json.dumps({"config": cfg.model_dump(), **report}, indent=2))
+        for when in ("before", "after"):
+            m = report[when]
+            console.print(f"{when:>6} training: held-out step accuracy {m['step_accuracy']:.3f}  "
+                          f"step AUC {m['step_auc']:.3f}  ({m['steps']:.0f} steps)")
+        console.print(f"PRM written to {out}")
+
+    _guarded(run)
+
+
+@prm_app.command("score")
+def prm_score(prm: str = typer.Option(..., help="'oracle' (the lab verifier's step labels) or a `prm train` folder"),
+              n: int = typer.Option(8, min=1, help="responses sampled per problem"),
+              problems: int = typer.Option(32, min=1, help="held-out lab problems"),
+              model: str = typer.Option("lab", help="the policy that samples the responses"),
+              max_new_tokens: int = typer.Option(64, min=1),
+              temperature: float = typer.Option(1.0, min=0.0),
+              seed: int = typer.Option(0),
+              threads: Optional[int] = typer.Option(None, help="torch CPU threads")) -> None:
+    """Best-of-N by PRM score (product and min of step scores) against majority vote on lab problems."""
+
+    def run():
+        import torch
+
+        from creditrl.policy.loading import load_policy
+        from creditrl.policy.transformers_backend import SamplingConfig
+        from creditrl.prm import OracleLabPRM, TrainedPRM
+        from creditrl.prm.rerank import rerank_report
+        from creditrl.tasks.lab import LabTask, LabTaskConfig
+
+        if threads:
+            torch.set_num_threads(threads)
+        scorer = OracleLabPRM() if prm == "oracle" else TrainedPRM(prm)
+        task = LabTask(LabTaskConfig(eval_size=problems))
+        report = rerank_report(load_policy(model), task, task.eval_problems()[:problems], scorer, n,
+                               SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens), seed=seed)
+        table = Table(title=f"{problems} lab problems, {n} samples each")
+        table.add_column("selection")
+        table.add_column("accuracy", justify="right")
+        for key in ("best_of_n_product", "best_of_n_min", "majority_vote", "avg", "pass"):
+            table.add_row(key, f"{report[key]:.3f}")
+        console.print(table)
+
+    _guarded(run)

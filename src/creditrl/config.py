@@ -13,9 +13,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from creditrl.behaviour import VERIFY_PHRASES
 from creditrl.methods import get_method, method_params_model
 from creditrl.methods.loss import LossConfig
 from creditrl.policy.transformers_backend import SamplingConfig
+from creditrl.prm import PRMConfig
 from creditrl.rewards import RewardConfig
 from creditrl.tasks.lab import LabTaskConfig
 
@@ -81,6 +83,9 @@ class EvalConfig(_Section):
     k: int = Field(4, ge=1, description="samples per problem at the training temperature (avg@k, pass@k, maj@k)")
     greedy: bool = True
     before: bool = True
+    behaviour: bool = Field(True, description="also log reasoning-behaviour metrics and accuracy by difficulty")
+    verify_phrases: list[str] = Field(default_factory=lambda: list(VERIFY_PHRASES),
+                                      description="phrases counted as self-verification (whole words, any case)")
 
 
 class OutputConfig(_Section):
@@ -127,6 +132,7 @@ class RunConfig(BaseModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     critic: CriticConfig = Field(default_factory=CriticConfig)
+    prm: PRMConfig = Field(default_factory=PRMConfig)
 
     @model_validator(mode="after")
     def _method_is_known(self) -> "RunConfig":

@@ -2,7 +2,9 @@
 
 pass@k uses the unbiased estimator of Chen et al. 2021 (Codex): with n samples of which c are
 correct, pass@k = 1 − C(n−c, k) / C(n, k).  avg@k is the mean correctness over all samples at the
-sampling temperature, the number RL papers report as accuracy.
+sampling temperature, the number RL papers report as accuracy.  The same three are broken down by
+difficulty (the lab's step count, MATH's level), and the behaviour metrics of `creditrl.behaviour`
+are computed from the same samples.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from collections import Counter
 from math import comb
 from typing import Sequence
 
+from creditrl.behaviour import VERIFY_PHRASES, behaviour_metrics
 from creditrl.policy.transformers_backend import SamplingConfig, TransformersPolicy
-from creditrl.tasks.base import Problem, Task
+from creditrl.tasks.base import Problem, Task, Verdict
+
+DIFFICULTY_KEYS = ("steps", "level")  # Problem.meta keys read as difficulty, first found wins
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -31,14 +36,41 @@ def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> 
     return any(ok for a, ok in zip(answers, correct) if a == winner)
 
 
+def sampled_accuracy(per_problem: Sequence[Sequence[Verdict]]) -> dict[str, float]:
+    """avg@k, pass@k and maj@k over problems with k verdicts each (k: the fewest any problem has)."""
+    k = min(len(vs) for vs in per_problem)
+    counts = [sum(v.correct for v in vs) for vs in per_problem]
+    return {"avg@k": sum(counts) / sum(len(vs) for vs in per_problem),
+            "pass@k": sum(pass_at_k(len(vs), c, k) for vs, c in zip(per_problem, counts)) / len(per_problem),
+            "maj@k": sum(majority_correct([v.answer for v in vs], [v.correct for v in vs])
+                         for vs in per_problem) / len(per_problem)}
+
+
+def by_difficulty(problems: Sequence[Problem], per_problem: Sequence[Sequence[Verdict]]) -> dict[str, float]:
+    """`sampled_accuracy` for each difficulty value, keyed like `pass@k_steps=3`.  The difficulty is
+    the first of DIFFICULTY_KEYS that some problem's meta has; problems without it are left out."""
+    key = next((d for d in DIFFICULTY_KEYS if any(d in p.meta for p in problems)), None)
+    if key is None:
+        return {}
+    groups: dict[object, list[Sequence[Verdict]]] = {}
+    for problem, vs in zip(problems, per_problem):
+        if key in problem.meta:
+            groups.setdefault(problem.meta[key], []).append(vs)
+    return {f"{name}_{key}={value}": x for value in sorted(groups)
+            for name, x in sampled_accuracy(groups[value]).items()}
+
+
 def evaluate(policy: TransformersPolicy, task: Task, problems: Sequence[Problem], k: int,
-             sampling: SamplingConfig, seed: int, greedy: bool = True) -> dict[str, float]:
-    """Sample k responses per problem (and one greedy one); return the accuracy metrics."""
+             sampling: SamplingConfig, seed: int, greedy: bool = True, behaviour: bool = True,
+             verify_phrases: Sequence[str] = VERIFY_PHRASES) -> dict[str, float]:
+    """Sample k responses per problem (and one greedy one); return the accuracy metrics and, when
+    `behaviour`, the behaviour metrics of the sampled responses."""
     prompts = [policy.encode_prompt(p.prompt) for p in problems]
     metrics: dict[str, float] = {}
     if k > 0:
         gen = policy.sample(prompts, k, sampling, seed=seed)
-        verdicts = [task.verify(problems[i // k], policy.decode(r)) for i, r in enumerate(gen.response_ids)]
+        texts = [policy.decode(r) for r in gen.response_ids]
+        verdicts = [task.verify(problems[i // k], text) for i, text in enumerate(texts)]
         per_problem = [verdicts[i * k:(i + 1) * k] for i in range(len(problems))]
         counts = [sum(v.correct for v in vs) for vs in per_problem]
         metrics["avg@k"] = sum(counts) / (k * len(problems))
@@ -46,8 +78,13 @@ def evaluate(policy: TransformersPolicy, task: Task, problems: Sequence[Problem]
             metrics[f"pass@{kk}"] = sum(pass_at_k(k, c, kk) for c in counts) / len(problems)
         metrics["maj@k"] = sum(majority_correct([v.answer for v in vs], [v.correct for v in vs])
                                for vs in per_problem) / len(problems)
-        metrics["mean_length"] = sum(len(r) for r in gen.response_ids) / len(gen.response_ids)
+        lengths = [len(r) for r in gen.response_ids]
+        metrics["mean_length"] = sum(lengths) / len(lengths)
         metrics["k"] = k
+        if behaviour:
+            metrics.update(by_difficulty(problems, per_problem))
+            metrics.update(behaviour_metrics(texts, [v.correct for v in verdicts],
+                                             [i // k for i in range(len(texts))], lengths, verify_phrases))
     if greedy:
         gen = policy.sample(prompts, 1, sampling.model_copy(update={"temperature": 0.0}), seed=seed)
         metrics["greedy"] = sum(task.verify(p, policy.decode(r)).correct

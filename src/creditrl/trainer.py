@@ -20,8 +20,11 @@ import copy
 import json
 import math
 import random
+import resource
 import shutil
 import time
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +42,17 @@ from creditrl.methods import compute_advantages, get_component, get_method, loss
 from creditrl.methods.fipo import fipo_config_warning
 from creditrl.methods.loss import masked_mean, policy_loss
 from creditrl.policy.loading import load_policy
+from creditrl.prm import build_prm
 from creditrl.rollouts import Rollouts, concat
 from creditrl.tasks import build_task
 from creditrl.value_estimation import MonteCarloValues
+
+
+RESOURCES: dict[str, Callable[["Trainer"], object]] = {
+    "value_estimator": lambda t: MonteCarloValues(t.policy, t.task, t.cfg.sampling, t.cfg.reward),  # VinePPO
+    "critic": lambda t: StepCritic(build_critic(t.cfg.critic), t.policy.decode),  # CAPO
+    "prm": lambda t: build_prm(t.cfg.prm, t.policy.decode),  # prm_grpo, PURE
+}
 
 
 class TrainingStopped(RuntimeError):
@@ -55,10 +66,12 @@ class StepOutcome:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, console: Console | None = None, show_progress: bool = True):
+    def __init__(self, cfg: RunConfig, console: Console | None = None, show_progress: bool = True,
+                 on_step: Callable[[int], None] | None = None):
         self.cfg = cfg
         self.console = console or Console()
         self.show_progress = show_progress
+        self.on_step = on_step  # called with the step number after each step is logged (e.g. an outer progress bar)
         self.run_dir = cfg.run_dir()
         self.method = get_method(cfg.method)
         self.task = build_task(cfg.task)
@@ -73,12 +86,12 @@ class Trainer:
             warning = fipo_config_warning(cfg.train.ppo_epochs, cfg.train.n_minibatches)
             if warning:
                 self.console.print(f"[yellow]warning: {warning}[/yellow]")
-        self.value_estimator = None  # Monte Carlo values of prefix states, for advantages that need them (VinePPO)
-        if "value_estimator" in get_component("advantage", self.method.advantage).needs:
-            self.value_estimator = MonteCarloValues(self.policy, self.task, cfg.sampling, cfg.reward)
-        self.critic = None  # critiques of each response's steps by a frozen LLM, for advantages that need them (CAPO)
-        if "critic" in get_component("advantage", self.method.advantage).needs:
-            self.critic = StepCritic(build_critic(cfg.critic), self.policy.decode)
+        # Resources an advantage may need from the trainer, built only when it needs them; each has
+        # reset(seed), called every step, and metrics(), its cost counters for the step's log.
+        self.resources = {name: RESOURCES[name](self) for name in get_component("advantage", self.method.advantage).needs}
+        if "prm" in self.resources and cfg.method_params.get("outcome_weight") == 0:
+            self.console.print("[yellow]warning: method_params.outcome_weight=0 trains on PRM scores alone; "
+                               "policies learn to exploit the PRM (reward hacking), so mix in the outcome reward[/yellow]")
         self.train_problems = self.task.train_problems()
         self.eval_problems = self.task.eval_problems()
         self.position = 0  # problems consumed so far from the seeded stream
@@ -170,10 +183,8 @@ class Trainer:
         metrics = {**extra, **_rollout_metrics(rollouts)}
         if rollouts.batch_size == 0:
             return StepOutcome(metrics, bad="no rollout group had reward spread")
-        if self.value_estimator is not None:
-            self.value_estimator.reset(seed=self._seed(self.step, 7919))
-        if self.critic is not None:
-            self.critic.reset(seed=self._seed(self.step, 7927))
+        for name, resource_ in self.resources.items():
+            resource_.reset(seed=self._seed(self.step, zlib.crc32(name.encode())))
         t1 = time.perf_counter()
         reuse_old = (self.cfg.train.ppo_epochs == 1 and self.cfg.train.n_minibatches == 1
                      and not self.method.needs_hidden_states)
@@ -181,13 +192,10 @@ class Trainer:
         t_score = time.perf_counter() - t1
         t2 = time.perf_counter()
         if advantages is None:
-            advantages = compute_advantages(self.method, rollouts, self.cfg.method_params,
-                                            value_estimator=self.value_estimator, critic=self.critic)
+            advantages = compute_advantages(self.method, rollouts, self.cfg.method_params, **self.resources)
         t_adv = time.perf_counter() - t2
-        if self.value_estimator is not None:
-            metrics.update(self.value_estimator.metrics())
-        if self.critic is not None:
-            metrics.update(self.critic.metrics())
+        for resource_ in self.resources.values():
+            metrics.update(resource_.metrics())
         mask = rollouts.response_mask
         metrics.update(adv_mean=masked_mean(advantages, mask).item(), adv_abs_mean=masked_mean(advantages.abs(), mask).item(),
                        adv_max=advantages[mask].max().item() if mask.any() else 0.0,
@@ -199,7 +207,8 @@ class Trainer:
         t_update = time.perf_counter() - t3
         elapsed = time.perf_counter() - t0
         metrics.update(time_sample=t_sample, time_score=t_score, time_advantage=t_adv, time_update=t_update,
-                       time_step=elapsed, tokens_per_s=mask.sum().item() / elapsed, lr=self.scheduler.get_last_lr()[0])
+                       time_step=elapsed, tokens_per_s=mask.sum().item() / elapsed, lr=self.scheduler.get_last_lr()[0],
+                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # process peak so far (Linux: KiB)
         return StepOutcome(metrics, bad)
 
     @torch.no_grad()
@@ -226,8 +235,7 @@ class Trainer:
                 if hidden:
                     sub.hidden_states = scores.hidden_states
                     chunks_adv.append(_pad_cols(compute_advantages(self.method, sub, self.cfg.method_params,
-                                                                   value_estimator=self.value_estimator,
-                                                                   critic=self.critic), width))
+                                                                   **self.resources), width))
             if self.reference is not None:
                 ref_policy = copy.copy(self.policy)
                 ref_policy.model = self.reference
@@ -281,7 +289,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         e = self.cfg.eval
         return evaluate(self.policy, self.task, self.eval_problems, e.k, self.cfg.sampling,
-                        seed=self._seed(10**6), greedy=e.greedy)
+                        seed=self._seed(10**6), greedy=e.greedy, behaviour=e.behaviour,
+                        verify_phrases=e.verify_phrases)
 
     def train(self, resume: bool = False, overwrite: bool = False) -> dict:
         """Run to `train.steps`.  `resume`: continue from the run folder's last complete checkpoint;
@@ -309,6 +318,8 @@ class Trainer:
                 _append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.step, **outcome.metrics})
                 self._to_tensorboard("train", outcome.metrics)
                 progress.update(bar, completed=self.step, stats=_bar_stats(outcome.metrics, evals))
+                if self.on_step is not None:
+                    self.on_step(self.step)
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                     evals.append(self._log_eval(self.step))
                 if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.train.steps:

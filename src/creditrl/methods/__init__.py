@@ -268,3 +268,4 @@ from creditrl.methods import fipo as _fipo  # noqa: E402,F401
 from creditrl.methods import grpo_lambda as _grpo_lambda  # noqa: E402,F401
 from creditrl.methods import vineppo as _vineppo  # noqa: E402,F401
 from creditrl.methods import capo as _capo  # noqa: E402,F401
+from creditrl.methods import prm as _prm  # noqa: E402,F401

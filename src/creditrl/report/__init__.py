@@ -1,4 +1,4 @@
-"""Reports built from rollouts and credit: the credit heat-map page (`heatmap`)."""
+"""Reports: the credit heat-map page (`heatmap`) and the `creditrl compare` report (`compare_report`)."""
 
 from creditrl.report.heatmap import render_heatmap, write_heatmap
 

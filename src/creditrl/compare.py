@@ -1,0 +1,251 @@
+"""Compare methods × seeds on one task with an equal budget, and summarise the grid.
+
+Every run gets the same base configuration (a YAML file plus overrides), the same number of
+policy-update steps and the same evaluation schedule; only `method` and `train.seed` differ,
+plus the few settings a method needs to be itself (`METHOD_OVERRIDES`).  Runs go one after
+another, each in `<out>/runs/<method>-seed<s>/`; a finished run is read back, a broken-off one
+resumes from its last checkpoint.
+
+What is reported per method (statistics over seeds):
+- final held-out avg@k (the mean correctness of k samples per problem: an estimate of pass@1),
+  mean ± the 95% Student-t interval half-width;
+- steps and training seconds to reach GRPO's mean final avg@k: the first evaluation at or above
+  it; seconds are the sum of `time_step` up to that step (evaluations excluded);
+- compute per step, from metrics.jsonl: seconds, extra generated tokens (value estimation),
+  extra forward passes, critic calls, sampling rounds (dynamic sampling), and the peak RSS.
+  Extra forward passes = sequences put through a no-grad forward besides sampling and the
+  update (the old-log-prob forward when it is not skipped, the KL reference forward when
+  kl_coef > 0) plus value-estimation generate calls.
+  A step skipped for lack of reward spread logs no times, so its sampling is not counted; the
+  number of skipped steps is reported beside.
+  The peak RSS is `ru_maxrss`, the process's peak so far: runs of one grid share a process, so a
+  run's reading is at least that of the runs before it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from creditrl.config import RunConfig, load_config
+from creditrl.methods import get_component, get_method, known_methods
+
+# Registered methods left out of the default grid, and why (each still runs when named).
+EXCLUDED_BY_DEFAULT = {
+    "capo": "needs a critic: an OpenAI-compatible endpoint or a second model (critic.*)",
+    "vineppo": "its Monte Carlo value estimates make a step cost about 10× a GRPO step",
+}
+# What a method needs beyond the shared budget to be itself (FIPO is GRPO unless π_θ ≠ π_old).
+METHOD_OVERRIDES = {
+    "fipo": ["train.n_minibatches=4", "reward.overlong_max=96", "reward.overlong_buffer=16"],
+    "dapo": ["reward.overlong_max=96", "reward.overlong_buffer=16"],
+}
+BASELINE = "grpo"
+# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30.
+T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+
+
+@dataclass
+class GridSpec:
+    """Which runs make the grid and the budget each gets."""
+
+    methods: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 15  # the default grid (11 methods × 3 seeds) is sized for about 30 minutes on 2 CPU cores
+    eval_every: int = 5
+    eval_size: int = 50
+    config: Path | None = None
+    overrides: list[str] = field(default_factory=list)
+    out: Path = Path("reports/compare")
+
+    def run_dir(self, method: str, seed: int) -> Path:
+        return self.out / "runs" / f"{method}-seed{seed}"
+
+    def run_config(self, method: str, seed: int) -> RunConfig:
+        """The base config with this run's method, seed, budget and folder."""
+        return load_config(self.config, [*self.overrides, *METHOD_OVERRIDES.get(method, []), f"method={method}",
+                                         f"train.seed={seed}", f"train.steps={self.steps}",
+                                         f"eval.every={self.eval_every}", f"task.lab.eval_size={self.eval_size}",
+                                         f"output.dir={self.run_dir(method, seed)}",
+                                         f"output.checkpoint_every={self.eval_every or self.steps}"])
+
+
+def default_methods() -> list[str]:
+    """Every registered method that runs offline without a large extra cost."""
+    return [m for m in known_methods() if m not in EXCLUDED_BY_DEFAULT and runs_offline(m)]
+
+
+def runs_offline(name: str) -> bool:
+    """False for a method whose advantage needs a critic (an endpoint or another model)."""
+    return "critic" not in get_component("advantage", get_method(name).advantage).needs
+
+
+def quick_spec(out: Path = Path("reports/compare-quick"), config: Path | None = None,
+               overrides: list[str] | None = None) -> GridSpec:
+    """A smoke-sized grid: GRPO and GRPO-λ, 2 seeds, 10 steps, evaluated every 5 on 50 problems."""
+    return GridSpec(["grpo", "grpo_lambda"], [0, 1], steps=10, eval_every=5, eval_size=50,
+                    config=config, overrides=list(overrides or []), out=out)
+
+
+def run_grid(spec: GridSpec, on_progress: Callable[[int], None] | None = None, console=None) -> None:
+    """Train every run of the grid in turn; a finished run is read back, an interrupted one resumed.
+
+    `on_progress` gets the number of the grid's steps done so far, after each step (for one bar).
+    A finished run whose configuration differs from the spec's is an error (`TrainingStopped`).
+    """
+    from creditrl.trainer import Trainer, _check_same_run
+
+    report = on_progress or (lambda done: None)
+    for index, (method, seed) in enumerate((m, s) for m in spec.methods for s in spec.seeds):
+        base = index * spec.steps
+        cfg = spec.run_config(method, seed)
+        if _steps_done(cfg.run_dir()) == spec.steps:
+            _check_same_run(cfg.run_dir() / "config.yaml", cfg)
+        else:
+            Trainer(cfg, console=console, show_progress=False,
+                    on_step=lambda step, base=base: report(base + step)).train(resume=True, overwrite=True)
+        report(base + spec.steps)
+
+
+def _steps_done(run_dir: Path) -> int:
+    summary = run_dir / "summary.json"
+    return json.loads(summary.read_text())["steps"] if summary.exists() else 0
+
+
+# ---- statistics ---------------------------------------------------------------------------------
+def t_quantile(df: int) -> float:
+    """t_{0.975, df}: exact to 4 decimals for df ≤ 30, z + (z³ + z) / (4·df) beyond."""
+    if df < 1:
+        raise ValueError("the t quantile needs df ≥ 1")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df)
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% t interval); the half-width is NaN for fewer than 2 values."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+# ---- reading runs back --------------------------------------------------------------------------
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run_record(run_dir: Path) -> dict:
+    """One finished run: its evaluation curve and its compute, from the run folder."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    steps = read_jsonl(run_dir / "metrics.jsonl")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"method": cfg["method"], "seed": cfg["train"]["seed"], "run_dir": str(run_dir),
+            "wall_seconds": summary["wall_seconds"], "curve": [{"step": e["step"], "avg@k": e["avg@k"]} for e in evals],
+            "step_seconds": [m.get("time_step", 0.0) for m in steps], "compute": run_compute(cfg, steps)}
+
+
+def run_compute(cfg: dict, steps: list[dict]) -> dict:
+    """Per-step means of a run's costs (see the module docstring for what counts)."""
+    method = get_method(cfg["method"])
+    t = cfg["train"]
+    scores_old = not (t["ppo_epochs"] == 1 and t["n_minibatches"] == 1 and not method.needs_hidden_states)
+    forwards_per_row = int(scores_old) + int(cfg["loss"]["kl_coef"] > 0)
+    n = max(len(steps), 1)
+
+    def per_step(key: str) -> float:
+        return sum(m.get(key, 0.0) for m in steps) / n
+
+    return {"train_seconds": sum(m.get("time_step", 0.0) for m in steps), "seconds_per_step": per_step("time_step"),
+            "extra_generated_tokens": per_step("extra_generated_tokens"),
+            "extra_forward_passes": forwards_per_row * per_step("responses") + per_step("extra_generate_calls"),
+            "critic_calls": per_step("critic_calls"), "gen_rounds": per_step("gen_rounds"),
+            "skipped_steps": sum(m.get("skipped", 0.0) for m in steps),
+            "peak_rss_mb": max((m.get("peak_rss_mb", 0.0) for m in steps), default=0.0)}
+
+
+def first_reach(record: dict, target: float) -> tuple[int | None, float | None]:
+    """(step, training seconds) of the first evaluation with avg@k ≥ target; (None, None) if none."""
+    for point in record["curve"]:
+        if point["avg@k"] >= target:
+            return point["step"], sum(record["step_seconds"][: point["step"]])
+    return None, None
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per-method statistics over seeds, and GRPO's mean final avg@k as the target (None without GRPO)."""
+    by_method: dict[str, list[dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    finals = {m: [r["curve"][-1]["avg@k"] for r in rs] for m, rs in by_method.items()}
+    target = statistics.fmean(finals[BASELINE]) if BASELINE in finals else None
+    methods = {}
+    for m, rs in by_method.items():
+        mean, half = mean_ci(finals[m])
+        reach = [first_reach(r, target) if target is not None else (None, None) for r in rs]
+        hit_steps = [s for s, _ in reach if s is not None]
+        hit_seconds = [sec for _, sec in reach if sec is not None]
+        compute = {key: statistics.fmean(r["compute"][key] for r in rs) for key in rs[0]["compute"]}
+        compute["peak_rss_mb"] = max(r["compute"]["peak_rss_mb"] for r in rs)
+        methods[m] = {"seeds": [r["seed"] for r in rs], "start": statistics.fmean(r["curve"][0]["avg@k"] for r in rs),
+                      "final": finals[m], "final_mean": mean, "final_ci95": None if math.isnan(half) else half,
+                      "steps_to_target": [s for s, _ in reach], "seconds_to_target": [sec for _, sec in reach],
+                      "mean_steps_to_target": statistics.fmean(hit_steps) if hit_steps else None,
+                      "mean_seconds_to_target": statistics.fmean(hit_seconds) if hit_seconds else None,
+                      "wall_seconds": statistics.fmean(r["wall_seconds"] for r in rs), "compute": compute}
+    return {"target": target, "methods": methods}
+
+
+# ---- credit accuracy on one shared batch --------------------------------------------------------
+def credit_accuracy_table(spec: GridSpec, prompts: int = 8) -> dict:
+    """Every grid method's credit accuracy on one batch sampled from the starting policy."""
+    from creditrl.collect import collect_rollouts
+    from creditrl.credit import compute_credit
+    from creditrl.credit_metrics import credit_accuracy
+    from creditrl.policy.loading import load_policy
+    from creditrl.prm import build_prm
+    from creditrl.tasks import build_task
+    from creditrl.value_estimation import MonteCarloValues
+
+    cfg = spec.run_config(BASELINE, spec.seeds[0])
+    policy = load_policy(cfg.model.name, cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast)
+    task = build_task(cfg.task)
+    problems = task.eval_problems()[:prompts]
+    batch = collect_rollouts(policy, task, problems, cfg.rollout.group_size, cfg.sampling, cfg.reward,
+                             seed=cfg.train.seed)
+    needs = {n for m in spec.methods for n in get_component("advantage", get_method(m).advantage).needs}
+    resources = {"value_estimator": MonteCarloValues(policy, task, cfg.sampling, cfg.reward, seed=cfg.train.seed),
+                 "prm": build_prm(cfg.prm, policy.decode) if "prm" in needs else None}
+    maps = compute_credit(batch, [p.prompt for p in problems], policy, spec.methods, resources=resources)
+    metrics = {name: {k: None if isinstance(v, float) and math.isnan(v) else v
+                      for k, v in credit_accuracy(c, batch).as_dict().items()} for name, c in maps.credit.items()}
+    return {"responses": batch.batch_size, "prompts": len(problems),
+            "correct": batch.correct.float().mean().item(), "metrics": metrics, "skipped": maps.skipped}
+
+
+def collect_results(spec: GridSpec, credit: dict | None = None) -> dict:
+    """The grid's raw JSON: the spec, every run's record, the per-method summary and the credit table."""
+    records = [run_record(spec.run_dir(m, s)) for m in spec.methods for s in spec.seeds]
+    return {"spec": {"methods": spec.methods, "seeds": spec.seeds, "steps": spec.steps, "eval_every": spec.eval_every,
+                     "eval_size": spec.eval_size, "config": str(spec.config) if spec.config else None,
+                     "overrides": spec.overrides, "method_overrides": {m: METHOD_OVERRIDES[m] for m in spec.methods
+                                                                       if m in METHOD_OVERRIDES}},
+            "runs": records, "summary": summarize(records), "credit": credit}
+
+
+def compare(spec: GridSpec, on_progress: Callable[[int], None] | None = None, console=None) -> dict[str, Path]:
+    """Run the grid (resumably), score credit on one shared batch, and write the report folder."""
+    from creditrl.report.compare_report import write_report
+
+    run_grid(spec, on_progress, console)
+    return write_report(spec.out, collect_results(spec, credit_accuracy_table(spec)))

@@ -1,0 +1,72 @@
+"""Process reward models (methods.md §2): step scores P(step correct) for rollouts.
+
+A PRM scorer is the trainer resource `prm` of the `prm_grpo` and `pure` advantages:
+
+    scorer.score_steps(rollouts) -> (B, S) float in [0, 1], NaN where a response has no step j
+    scorer.reset(seed)            # once per training step: new seed, zeroed counters
+    scorer.metrics()              # {"prm_forward_passes": n} since the last reset
+
+`build_prm(cfg, decode)` makes one from the config section `prm`: `OracleLabPRM` (oracle.py),
+`TrainedPRM` (model.py, trained by train.py), or `PublishedPRM` (published.py).  Also here:
+solution scores and best-of-N (scoring.py, rerank.py) and the PRM800K loader (prm800k.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from creditrl.prm.model import TrainedPRM
+from creditrl.prm.oracle import OracleLabPRM
+from creditrl.prm.published import PublishedPRM, load_reader
+from creditrl.rollouts import Rollouts
+
+
+class StepScorer(Protocol):
+    def score_steps(self, rollouts: Rollouts) -> Tensor: ...
+
+    def reset(self, seed: int) -> None: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+
+class PRMConfig(BaseModel):
+    """Config section `prm`: which PRM scores the steps of methods that need one."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    kind: Literal["oracle", "trained", "qwen", "shepherd"] = Field(
+        "oracle", description="oracle: the lab verifier's exact step labels, with noise; trained: a folder written by "
+                              "`creditrl prm train`; qwen / shepherd: a published PRM read Qwen2.5-Math-PRM / Math-Shepherd style")
+    path: str | None = Field(None, description="trained: the PRM folder; qwen / shepherd: a model folder or hub id")
+    separator: str = Field("<extra_0>", description="qwen: the token after each step")
+    step_tag: str = Field("ки", description="shepherd: the tag token after each step")
+    good_token: str = Field("+", description="shepherd: the token meaning 'step correct'")
+    bad_token: str = Field("-", description="shepherd: the token meaning 'step wrong'")
+    trust_remote_code: bool = Field(False, description="qwen / shepherd: allow the model's own code (Qwen2.5-Math-PRM needs it)")
+    false_positive: float = Field(0.0, ge=0.0, le=1.0, description="oracle: P(score 1 | step wrong)")
+    false_negative: float = Field(0.0, ge=0.0, le=1.0, description="oracle: P(score 0 | step right)")
+    seed: int = Field(0, description="mixed into the per-step seed of the oracle's label noise")
+
+    @model_validator(mode="after")
+    def _trained_needs_a_path(self) -> PRMConfig:
+        if self.kind != "oracle" and self.path is None:
+            raise ValueError(f"prm.kind={self.kind} needs prm.path (a model folder)")
+        return self
+
+
+def build_prm(cfg: PRMConfig, decode: Callable[[list[int]], str]) -> StepScorer:
+    """The scorer `cfg` names; `decode` (the policy tokenizer's) cuts step texts for published PRMs."""
+    if cfg.kind == "oracle":
+        return OracleLabPRM(cfg.false_positive, cfg.false_negative, cfg.seed)
+    if cfg.kind == "trained":
+        return TrainedPRM(cfg.path)
+    tokens = ({"separator": cfg.separator} if cfg.kind == "qwen" else
+              {"step_tag": cfg.step_tag, "good": cfg.good_token, "bad": cfg.bad_token})
+    return PublishedPRM(load_reader(cfg.kind, cfg.path, cfg.trust_remote_code, **tokens), decode)
+
+
+__all__ = ["OracleLabPRM", "PRMConfig", "PublishedPRM", "StepScorer", "TrainedPRM", "build_prm"]

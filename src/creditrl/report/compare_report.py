@@ -1,0 +1,174 @@
+"""The `creditrl compare` report: report.md, a self-contained report.html, results.json and two PNG plots.
+
+The results table gives, per method, the final held-out avg@k (pass@1) mean ± 95% t interval over
+seeds, the steps and training seconds to reach GRPO's mean final avg@k, and compute per step.
+Plots: learning curves (mean avg@k over seeds, band from the lowest to the highest seed) and
+final accuracy against training seconds per step (error bars: the 95% interval).  The HTML page
+embeds the PNGs as base64 data URIs; inline CSS only, no network; all text is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+PLOTS = {"curves.png": "learning curves", "compute.png": "accuracy against compute"}
+CREDIT_COLUMNS = [("hit_rate", "hit@1"), ("hit_chance", "chance"), ("auc", "AUC"), ("auc_within", "AUC within"),
+                  ("before", "before"), ("after", "from error"), ("entropy", "entropy")]
+
+
+def write_report(out: Path, results: dict) -> dict[str, Path]:
+    """Write results.json, the plots, report.md and report.html into `out`; return their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "md": out / "report.md", "html": out / "report.html"}
+    paths["json"].write_text(json.dumps(results, indent=2))
+    plot_curves(results, out / "curves.png")
+    plot_compute(results, out / "compute.png")
+    paths["md"].write_text(render_markdown(results))
+    paths["html"].write_text(render_html(results, {name: (out / name).read_bytes() for name in PLOTS}))
+    return paths
+
+
+# ---- plots --------------------------------------------------------------------------------------
+def plot_curves(results: dict, path: Path) -> None:
+    """avg@k against step: the mean over seeds, with a band from the lowest to the highest seed."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method in results["summary"]["methods"]:
+        curves = [r["curve"] for r in results["runs"] if r["method"] == method]
+        steps = [p["step"] for p in curves[0]]
+        values = [[c[i]["avg@k"] for c in curves] for i in range(len(steps))]
+        line, = ax.plot(steps, [sum(v) / len(v) for v in values], marker="o", label=method)
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
+    target = results["summary"]["target"]
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="GRPO final (mean)")
+    ax.set(xlabel="policy-update step", ylabel="held-out avg@k (pass@1)", title="learning curves (band: min–max over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_compute(results: dict, path: Path) -> None:
+    """Final avg@k (mean, 95% interval) against training seconds per step."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, s in results["summary"]["methods"].items():
+        half = s["final_ci95"] or 0.0
+        ax.errorbar([s["compute"]["seconds_per_step"]], [s["final_mean"]], yerr=[half], fmt="o", capsize=3, label=method)
+    ax.set(xlabel="training seconds per step (mean over seeds)", ylabel="final avg@k (pass@1)",
+           title="accuracy against compute (bars: 95% interval)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- tables -------------------------------------------------------------------------------------
+def results_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the results table, as text."""
+    header = ["method", "start", "final avg@k (mean ± 95% CI)", "per seed", "steps to GRPO's final",
+              "train s to GRPO's final", "s / step", "extra gen. tokens / step", "extra forwards / step",
+              "critic calls / step", "sampling rounds / step", "skipped steps", "peak RSS MB"]
+    rows = []
+    for method, s in results["summary"]["methods"].items():
+        c = s["compute"]
+        rows.append([method, _pct(s["start"]), f"{_pct(s['final_mean'])} ± {_pct(s['final_ci95'])}",
+                     " ".join(_pct(f) for f in s["final"]), " ".join(_maybe(x, "{:d}") for x in s["steps_to_target"]),
+                     " ".join(_maybe(x, "{:.0f}") for x in s["seconds_to_target"]), f"{c['seconds_per_step']:.2f}",
+                     f"{c['extra_generated_tokens']:.0f}", f"{c['extra_forward_passes']:.0f}", f"{c['critic_calls']:.0f}",
+                     f"{c['gen_rounds']:.2f}", f"{c['skipped_steps']:.1f}", f"{c['peak_rss_mb']:.0f}"])
+    return header, rows
+
+
+def credit_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the credit-accuracy table, as text."""
+    header = ["method", *(label for _, label in CREDIT_COLUMNS), "wrong / correct"]
+    rows = [[name, *(_maybe(m[key], "{:.3f}") for key, _ in CREDIT_COLUMNS), f"{m['n_wrong']} / {m['n_correct']}"]
+            for name, m in results["credit"]["metrics"].items()]
+    return header, rows
+
+
+def _pct(x: float) -> str:
+    return "–" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _maybe(x: float | None, fmt: str) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def _context(results: dict) -> list[str]:
+    spec, target = results["spec"], results["summary"]["target"]
+    return [(f"{len(spec['methods'])} methods × seeds {spec['seeds']}, {spec['steps']} policy-update steps each, "
+             f"evaluated every {spec['eval_every']} steps on {spec['eval_size']} held-out problems."),
+            (f"Base config: {spec['config'] or 'defaults'}; overrides: {' '.join(spec['overrides']) or 'none'}; "
+             f"per-method settings: {spec['method_overrides'] or 'none'}."),
+            "GRPO's mean final avg@k (the target): " + (_pct(target) if target is not None else "– (no GRPO run)") + ".",
+            ("Train seconds: sum of per-step time, evaluations excluded (a skipped step logs no time). Extra forwards: "
+             "sequences scored by the no-grad old-log-prob (and KL reference) forward, plus value-estimation generate "
+             "calls. Peak RSS: the process's peak so far (runs share one process).")]
+
+
+def _credit_context(results: dict) -> str:
+    c = results["credit"]
+    skipped = "; ".join(f"{m}: {why}" for m, why in c["skipped"].items())
+    return (f"One batch from the starting policy: {c['prompts']} held-out prompts, {c['responses']} responses "
+            f"({100 * c['correct']:.0f}% correct)." + (f" Skipped: {skipped}." if skipped else ""))
+
+
+# ---- markdown -----------------------------------------------------------------------------------
+def render_markdown(results: dict) -> str:
+    parts = ["# creditrl compare", "", *_context(results), "", "## Results", "", _md_table(*results_rows(results)), "",
+             "## Learning curves", "", "![learning curves](curves.png)", "",
+             "## Accuracy against compute", "", "![accuracy against compute](compute.png)", ""]
+    if results["credit"] is not None:
+        parts += ["## Credit accuracy", "", _credit_context(results), "", _md_table(*credit_rows(results)), ""]
+    parts += ["Raw numbers: `results.json`; run folders: `runs/<method>-seed<s>/`.", ""]
+    return "\n".join(parts)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+# ---- html ---------------------------------------------------------------------------------------
+def render_html(results: dict, pngs: dict[str, bytes]) -> str:
+    """The whole page as one string; `pngs` maps a PLOTS file name to its bytes."""
+    body = ["<h1>creditrl compare</h1>", *(f"<p class='context'>{_e(line)}</p>" for line in _context(results)),
+            "<h2>Results</h2>", _html_table(*results_rows(results))]
+    for name, caption in PLOTS.items():
+        data = base64.b64encode(pngs[name]).decode("ascii")
+        body += [f"<h2>{_e(caption.capitalize())}</h2>", f"<img alt='{_e(caption)}' src='data:image/png;base64,{data}'>"]
+    if results["credit"] is not None:
+        body += ["<h2>Credit accuracy</h2>", f"<p class='context'>{_e(_credit_context(results))}</p>",
+                 _html_table(*credit_rows(results))]
+    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>creditrl compare</title>"
+            f"<style>{_css()}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    cells = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _css() -> str:
+    return ("body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}"
+            ".context{color:#555;font-size:.9em;margin:.2em 0}"
+            "table{border-collapse:collapse;margin:.8em 0;font-size:.85em}"
+            "th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}"
+            "th:first-child,td:first-child{text-align:left}"
+            "img{max-width:100%;border:1px solid #eee}")

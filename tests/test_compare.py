@@ -1,0 +1,99 @@
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from creditrl.cli import app
+from creditrl.compare import GridSpec, compare, default_methods, first_reach, mean_ci, summarize, t_quantile
+
+METHODS, SEEDS = ["grpo", "grpo_lambda"], [0, 1]
+
+
+def _overrides(model_dir):
+    return [f"model.name={model_dir}", "rollout.prompts_per_step=3", "rollout.group_size=4", "task.lab.train_size=200",
+            "eval.k=2", "sampling.max_new_tokens=24", "train.lr=1e-3", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def grid(tiny_lab_model_dir, tmp_path_factory):
+    spec = GridSpec(METHODS, SEEDS, steps=2, eval_every=1, eval_size=6, overrides=_overrides(tiny_lab_model_dir),
+                    out=tmp_path_factory.mktemp("compare"))
+    progress = []
+    paths = compare(spec, progress.append)
+    return spec, paths, progress
+
+
+def test_t_quantile_matches_tables():
+    assert t_quantile(1) == pytest.approx(12.706, abs=1e-3)
+    assert t_quantile(2) == pytest.approx(4.303, abs=1e-3)
+    assert t_quantile(30) == pytest.approx(2.042, abs=1e-3)
+    assert t_quantile(60) == pytest.approx(2.000, abs=3e-3)
+
+
+def test_mean_ci_by_hand():
+    # mean 0.6, sd 0.1, se 0.1/√3 = 0.057735, half-width 4.3027 · 0.057735 = 0.24842
+    mean, half = mean_ci([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6) and half == pytest.approx(0.24842, abs=1e-4)
+    # two seeds: sd = |a − b|/√2, half-width 12.7062 · sd/√2 = 12.7062 · 0.1 = 1.27062
+    assert mean_ci([0.2, 0.4])[1] == pytest.approx(1.27062, abs=1e-4)
+    assert math.isnan(mean_ci([0.3])[1])
+
+
+def _record(method, seed, curve, step_seconds):
+    compute = {"train_seconds": sum(step_seconds), "seconds_per_step": 1.0, "extra_generated_tokens": 0.0,
+               "extra_forward_passes": 0.0, "critic_calls": 0.0, "gen_rounds": 1.0, "peak_rss_mb": 100.0 + seed}
+    return {"method": method, "seed": seed, "wall_seconds": 10.0, "step_seconds": step_seconds,
+            "curve": [{"step": s, "avg@k": a} for s, a in curve], "compute": compute}
+
+
+def test_steps_and_seconds_to_grpo_final_by_hand():
+    records = [_record("grpo", 0, [(0, 0.1), (2, 0.3), (4, 0.5)], [1, 1, 1, 1]),
+               _record("grpo", 1, [(0, 0.1), (2, 0.4), (4, 0.7)], [1, 1, 1, 1]),
+               _record("x", 0, [(0, 0.1), (2, 0.6), (4, 0.6)], [2, 3, 5, 5]),
+               _record("x", 1, [(0, 0.1), (2, 0.2), (4, 0.3)], [2, 2, 2, 2])]
+    summary = summarize(records)
+    assert summary["target"] == pytest.approx(0.6)  # GRPO's finals 0.5 and 0.7
+    x = summary["methods"]["x"]
+    assert x["steps_to_target"] == [2, None] and x["seconds_to_target"] == [5, None]
+    assert x["mean_steps_to_target"] == 2 and x["compute"]["peak_rss_mb"] == 101.0
+    assert summary["methods"]["grpo"]["steps_to_target"] == [None, 4]
+    assert first_reach(records[1], 0.65) == (4, 4)
+
+
+def test_default_grid_leaves_out_critic_and_costly_methods():
+    names = default_methods()
+    assert "grpo" in names and "capo" not in names and "vineppo" not in names
+
+
+def test_report_files_and_json(grid):
+    spec, paths, progress = grid
+    for name in ("report.md", "report.html", "results.json", "curves.png", "compute.png"):
+        assert (spec.out / name).exists()
+    page = paths["html"].read_text()
+    assert page.count("src='data:image/png;base64,iVBOR") == 2  # both plots embedded (the PNG signature)
+    results = json.loads(paths["json"].read_text())
+    assert set(results) == {"spec", "runs", "summary", "credit"}
+    assert len(results["runs"]) == 4 and set(results["summary"]["methods"]) == set(METHODS)
+    grpo = results["summary"]["methods"]["grpo"]
+    for key in ("final", "final_mean", "final_ci95", "steps_to_target", "seconds_to_target", "compute"):
+        assert key in grpo
+    assert set(grpo["compute"]) >= {"seconds_per_step", "extra_generated_tokens", "extra_forward_passes",
+                                    "critic_calls", "peak_rss_mb"}
+    assert grpo["compute"]["peak_rss_mb"] > 0
+    assert [p["step"] for p in results["runs"][0]["curve"]] == [0, 1, 2]
+    assert set(results["credit"]["metrics"]) == set(METHODS)
+    assert "| grpo |" in paths["md"].read_text()
+    assert progress[-1] == 4 * spec.steps
+
+
+def test_second_invocation_does_not_retrain(grid, tiny_lab_model_dir):
+    spec, _, _ = grid
+    files = [spec.run_dir(m, s) / "metrics.jsonl" for m in METHODS for s in SEEDS]
+    before = [f.stat().st_mtime_ns for f in files]
+    args = ["compare", *_overrides(tiny_lab_model_dir), "--steps", "2", "--eval-every", "1", "--eval-size", "6",
+            "--out", str(spec.out), "--methods", ",".join(METHODS), "--seeds", ",".join(map(str, SEEDS))]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [f.stat().st_mtime_ns for f in files] == before
+    assert "report.html" in result.output
