@@ -71,7 +71,7 @@ def test_prm_grpo_adds_the_outcome_at_the_last_step_and_reuses_process_grpo():
     step_rewards = with_outcome(scores, r, 1.0)
     # row 0's last step was unscored: it gets the outcome alone
     assert torch.allclose(step_rewards, torch.tensor([[0.9, 0.8, 1.0], [0.5, 0.1, nan]]), equal_nan=True)
-    adv = compute_advantages("prm_grpo", r, {}, prm=FixedPRM(scores.tolist()))
+    adv = compute_advantages("prm", r, {}, prm=FixedPRM(scores.tolist()))
     by_hand = compute_advantages("process_grpo", make_rollouts([1.0, 0.0], [0, 0], [3, 2],
                                  step_ids=[[0, 1, 2], [0, 1, -1]], step_rewards=step_rewards.tolist()), {})
     assert torch.allclose(adv.float(), by_hand.float())
@@ -128,7 +128,7 @@ def test_best_of_n_picks_each_groups_top_score():
 
 # ---- end to end: the bundled lab model with the oracle PRM -------------------------------------
 
-@pytest.mark.parametrize("method", ["prm_grpo", "pure"])
+@pytest.mark.parametrize("method", ["prm", "pure"])
 def test_rl_with_the_oracle_prm_on_the_lab_model(tmp_path, method):
     cfg = load_config(None, [f"output.dir={tmp_path / 'run'}", f"method={method}", "train.steps=2",
                              "rollout.prompts_per_step=3", "rollout.group_size=4", "task.lab.train_size=30",
@@ -364,7 +364,7 @@ def test_prm_only_rewards_draw_a_warning(tmp_path):
     from rich.console import Console
 
     buffer = StringIO()
-    cfg = load_config(None, [f"output.dir={tmp_path / 'run'}", "method=prm_grpo", "method_params.outcome_weight=0",
+    cfg = load_config(None, [f"output.dir={tmp_path / 'run'}", "method=prm", "method_params.outcome_weight=0",
                              "task.lab.train_size=10", "task.lab.eval_size=2"])
     Trainer(cfg, console=Console(file=buffer, width=300), show_progress=False)
     assert "reward hacking" in buffer.getvalue()

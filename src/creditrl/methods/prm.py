@@ -113,17 +113,18 @@ def pure(rollouts: Rollouts, params: PUREParams, prm) -> Tensor:
 
 register_method(
     Method(
-        name="prm_grpo",
-        advantage="prm_grpo",
-        defaults={"loss.agg": "seq-mean-token-mean"},
-        summary="Process-supervised GRPO on a PRM's step scores, plus the outcome reward at the last step (methods.md §2a).",
-    )
-)
-register_method(
-    Method(
         name="pure",
         advantage="pure",
         defaults={"loss.agg": "token-mean"},
         summary="PURE (arXiv 2504.15275): min-form returns of PRM step scores plus the outcome reward, RLOO baseline.",
+    )
+)
+register_method(
+    Method(
+        name="prm",
+        advantage="prm_grpo",
+        defaults={"loss.agg": "seq-mean-token-mean"},
+        summary="Process-supervised GRPO on a PRM's step scores, plus the outcome reward at the last step "
+                "(methods.md §2a); `pure` is the min-form alternative.",
     )
 )
