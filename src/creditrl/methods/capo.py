@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from creditrl.methods import Method, register_advantage, register_method
-from creditrl.methods.grpo import _group_sum, _groups
+from creditrl.methods.grpo import group_sum, group_index
 from creditrl.rollouts import Rollouts
 
 if TYPE_CHECKING:  # the critics import the policy backend, which imports the method registry
@@ -75,14 +75,14 @@ def capo_token_advantages(correct: Tensor, penalties: Tensor, step_ids: Tensor, 
     column = torch.where((step_ids >= 0) & (step_ids < n_steps), step_ids, n_steps)  # padding reads column S (0)
     penalty = torch.cat([penalties, penalties.new_zeros(len(penalties), 1)], dim=1).gather(1, column)
     rewards = torch.where(mask, params.w_whole * correct.float()[:, None] - params.w_process * penalty, 0.0)
-    index, counts = _groups(group_ids)
+    index, counts = group_index(group_ids)
     n_groups = len(counts)
-    n_tokens = _group_sum(mask.sum(1).float(), index, n_groups)
-    mean = _group_sum(rewards.sum(1), index, n_groups) / n_tokens.clamp(min=1)
+    n_tokens = group_sum(mask.sum(1).float(), index, n_groups)
+    mean = group_sum(rewards.sum(1), index, n_groups) / n_tokens.clamp(min=1)
     centred = torch.where(mask, rewards - mean[index, None], 0.0)
     adv = centred
     if params.std_normalize:
-        var = _group_sum(centred.square().sum(1), index, n_groups) / (n_tokens - 1).clamp(min=1)
+        var = group_sum(centred.square().sum(1), index, n_groups) / (n_tokens - 1).clamp(min=1)
         adv = centred / (var.sqrt()[index, None] + params.eps)
     return torch.where(mask & (n_tokens[index, None] > 1), adv, 0.0)
 

@@ -27,13 +27,13 @@ class ProcessGRPOParams(BaseModel):
     eps: float = Field(1e-6, gt=0.0)
 
 
-def _groups(group_ids: Tensor) -> tuple[Tensor, Tensor]:
+def group_index(group_ids: Tensor) -> tuple[Tensor, Tensor]:
     """(B,) index of each row's group in 0..G−1 and (G,) group sizes."""
     _, index, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     return index, counts
 
 
-def _group_sum(values: Tensor, index: Tensor, n_groups: int) -> Tensor:
+def group_sum(values: Tensor, index: Tensor, n_groups: int) -> Tensor:
     """(G,) sum of per-row values (B,) within each group."""
     return values.new_zeros(n_groups).index_add_(0, index, values)
 
@@ -56,13 +56,13 @@ def grpo(rollouts: Rollouts, params: GRPOParams) -> Tensor:
     A group of one gets A = 0.  Shapes: rewards (B,), group_ids (B,) -> (B, T).
     """
     rewards = _float_rewards(rollouts)
-    index, counts = _groups(rollouts.group_ids)
+    index, counts = group_index(rollouts.group_ids)
     counts = counts.to(rewards.dtype)
-    mean = _group_sum(rewards, index, len(counts)) / counts
+    mean = group_sum(rewards, index, len(counts)) / counts
     centred = rewards - mean[index]
     adv = centred
     if params.scale_by_std:
-        var = _group_sum(centred.square(), index, len(counts)) / (counts - 1).clamp(min=1)
+        var = group_sum(centred.square(), index, len(counts)) / (counts - 1).clamp(min=1)
         adv = centred / (var.sqrt()[index] + params.eps)
     adv = torch.where(counts[index] > 1, adv, 0.0)
     return _broadcast(adv, rollouts.response_mask)
@@ -75,9 +75,9 @@ def rloo(rollouts: Rollouts, params: BaseModel) -> Tensor:
     A group of one gets A = 0.  Shapes: rewards (B,), group_ids (B,) -> (B, T).
     """
     rewards = _float_rewards(rollouts)
-    index, counts = _groups(rollouts.group_ids)
+    index, counts = group_index(rollouts.group_ids)
     row_counts = counts.to(rewards.dtype)[index]
-    others_mean = (_group_sum(rewards, index, len(counts))[index] - rewards) / (row_counts - 1).clamp(min=1)
+    others_mean = (group_sum(rewards, index, len(counts))[index] - rewards) / (row_counts - 1).clamp(min=1)
     adv = torch.where(row_counts > 1, rewards - others_mean, 0.0)
     return _broadcast(adv, rollouts.response_mask)
 
@@ -99,14 +99,14 @@ def process_grpo(rollouts: Rollouts, params: ProcessGRPOParams) -> Tensor:
     step_rewards = step_rewards if step_rewards.is_floating_point() else step_rewards.float()
     n_rows, n_steps = step_rewards.shape
     valid = ~torch.isnan(step_rewards)
-    index, counts = _groups(rollouts.group_ids)
+    index, counts = group_index(rollouts.group_ids)
     n_groups = len(counts)
 
     values = torch.where(valid, step_rewards, 0.0)
-    n_valid = _group_sum(valid.sum(dim=1).to(values.dtype), index, n_groups)
-    mean = _group_sum(values.sum(dim=1), index, n_groups) / n_valid.clamp(min=1)
+    n_valid = group_sum(valid.sum(dim=1).to(values.dtype), index, n_groups)
+    mean = group_sum(values.sum(dim=1), index, n_groups) / n_valid.clamp(min=1)
     centred = torch.where(valid, step_rewards - mean[index, None], 0.0)
-    var = _group_sum(centred.square().sum(dim=1), index, n_groups) / (n_valid - 1).clamp(min=1)
+    var = group_sum(centred.square().sum(dim=1), index, n_groups) / (n_valid - 1).clamp(min=1)
     normed = centred / (var.sqrt()[index, None] + params.eps)
     normed = torch.where(n_valid[index, None] > 1, normed, 0.0)
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from creditrl.methods import Method, register_advantage, register_method
-from creditrl.methods.grpo import ProcessGRPOParams, _group_sum, _groups, process_grpo
+from creditrl.methods.grpo import ProcessGRPOParams, group_sum, group_index, process_grpo
 from creditrl.rollouts import Rollouts
 
 
@@ -100,9 +100,9 @@ def pure(rollouts: Rollouts, params: PUREParams, prm) -> Tensor:
     n_rows, n_steps = returns.shape
     outcome = params.outcome_weight * rollouts.rewards.float()
     starts = returns[:, 0] + outcome
-    index, counts = _groups(rollouts.group_ids)
+    index, counts = group_index(rollouts.group_ids)
     row_counts = counts.to(starts.dtype)[index]
-    baseline = (_group_sum(starts, index, len(counts))[index] - starts) / (row_counts - 1).clamp(min=1)
+    baseline = (group_sum(starts, index, len(counts))[index] - starts) / (row_counts - 1).clamp(min=1)
     padded = torch.cat([returns, returns.new_zeros(n_rows, 1)], dim=1)
     step_ids = rollouts.step_ids
     on_step = (step_ids >= 0) & (step_ids < n_steps)
