@@ -175,7 +175,7 @@ def test_defaults_are_the_published_ones():
     assert cfg.method_params == CAPOParams().model_dump()
     assert (cfg.method_params["k"], cfg.method_params["voting"]) == (4, "intersection")
     assert (cfg.method_params["w_whole"], cfg.method_params["w_process"]) == (2.0, 1.0)
-    assert cfg.critic.backend == "transformers" and cfg.critic.api_key_env == "OPENAI_API_KEY"
+    assert cfg.critic.backend == "oracle" and cfg.critic.api_key_env == "OPENAI_API_KEY"
 
 
 # ---- (4) StepCritic: prompts, de-duplication, counters -----------------------------------------
@@ -364,7 +364,8 @@ def test_the_api_key_is_in_no_repr_config_or_saved_file(stub, tmp_path):
 # ---- (6) the local transformers critic (plumbing) ----------------------------------------------
 
 def test_the_transformers_critic_samples_k_critiques_per_prompt(tiny_lab_model_dir):
-    cfg = load_config(None, ["method=capo", f"critic.model={tiny_lab_model_dir}", "critic.max_tokens=6"])
+    cfg = load_config(None, ["method=capo", "critic.backend=transformers", f"critic.model={tiny_lab_model_dir}",
+                             "critic.max_tokens=6"])
     critic = build_critic(cfg.critic)
     assert isinstance(critic, TransformersCritic)
     texts = critic.critique(["Start 7. Add 5.", "Start 3. Times 2."], k=3, seed=0)

@@ -61,9 +61,14 @@ def test_steps_and_seconds_to_grpo_final_by_hand():
     assert first_reach(records[1], 0.65) == (4, 4)
 
 
-def test_default_grid_leaves_out_critic_and_costly_methods():
-    names = default_methods()
-    assert "grpo" in names and "capo" not in names and "vineppo" not in names
+def test_default_grid_is_every_registered_method_and_runs_offline():
+    from creditrl.methods import known_methods
+
+    assert default_methods() == known_methods() and {"grpo", "capo", "vineppo", "prm"} <= set(default_methods())
+    spec = GridSpec(default_methods())
+    assert spec.run_config("capo", 0).critic.backend == "oracle" and spec.run_config("prm", 0).prm.kind == "oracle"
+    assert spec.run_config("vineppo", 0).method_params["k"] == 3
+    assert GridSpec(["vineppo"], overrides=["method_params.k=9"]).run_config("vineppo", 0).method_params["k"] == 9
 
 
 def test_report_files_and_json(grid):

@@ -158,9 +158,10 @@ def credit(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         from creditrl.collect import collect_rollouts
         from creditrl.credit import compute_credit, credit_table, load_rollouts, save_rollouts
         from creditrl.credit_metrics import credit_accuracy
-        from creditrl.methods import get_method
+        from creditrl.methods import get_method, known_methods
         from creditrl.policy.loading import load_policy
         from creditrl.report import write_heatmap
+        from creditrl.resources import build_resources
         from creditrl.tasks import build_task
 
         cfg = _config(args)
@@ -170,11 +171,11 @@ def credit(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         model_name = model or cfg.model.name
         policy = load_policy(model_name, None if model else cfg.model.gguf_file, cfg.model.chat_template,
                              cfg.model.bf16_autocast)
+        task = build_task(cfg.task)
         if rollouts_file:
             batch, texts = load_rollouts(rollouts_file)
             source = str(rollouts_file)
         else:
-            task = build_task(cfg.task)
             problems = task.eval_problems()[:prompts]
             batch = collect_rollouts(policy, task, problems, group_size or cfg.rollout.group_size, cfg.sampling,
                                      cfg.reward, seed=cfg.train.seed)
@@ -182,7 +183,8 @@ def credit(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
             source = f"task {cfg.task.name}, temperature {cfg.sampling.temperature:g}, seed {cfg.train.seed}"
             if save_to:
                 save_rollouts(save_to, batch, texts)
-        maps = compute_credit(batch, texts, policy, names)
+        maps = compute_credit(batch, texts, policy, names,
+                              resources=build_resources(names or known_methods(), cfg, policy, task))
         accuracy = {name: credit_accuracy(c, batch) for name, c in maps.credit.items()}
         context = (f"model {model_name} · {len(set(batch.group_ids.tolist()))} prompts, {batch.batch_size} responses "
                    f"({batch.correct.float().mean().item():.0%} correct) · {source}")

@@ -34,17 +34,16 @@ from pathlib import Path
 import yaml
 
 from creditrl.config import RunConfig, load_config
-from creditrl.methods import get_component, get_method, known_methods
+from creditrl.methods import get_method, known_methods
 
-# Registered methods left out of the default grid, and why (each still runs when named).
-EXCLUDED_BY_DEFAULT = {
-    "capo": "needs a critic: an OpenAI-compatible endpoint or a second model (critic.*)",
-    "vineppo": "its Monte Carlo value estimates make a step cost about 10× a GRPO step",
-}
-# What a method needs beyond the shared budget to be itself (FIPO is GRPO unless π_θ ≠ π_old).
+# What a method needs beyond the shared budget to be itself (FIPO is GRPO unless π_θ ≠ π_old), and
+# VinePPO's cut to K = 3 continuations for at most 4 states per response (one of the paper's
+# ablations; K = 9 makes its steps ~8× a GRPO step on the lab, ~3× with the cut).  The grid's own
+# overrides come after these, so `method_params.k=9` restores K for a VinePPO-only grid.
 METHOD_OVERRIDES = {
     "fipo": ["train.n_minibatches=4", "reward.overlong_max=96", "reward.overlong_buffer=16"],
     "dapo": ["reward.overlong_max=96", "reward.overlong_buffer=16"],
+    "vineppo": ["method_params.k=3", "method_params.max_steps=4"],
 }
 BASELINE = "grpo"
 # Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30.
@@ -59,7 +58,7 @@ class GridSpec:
 
     methods: list[str]
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 15  # the default grid (11 methods × 3 seeds) is sized for about 30 minutes on 2 CPU cores
+    steps: int = 15  # the default grid (every method × 3 seeds) is sized for under 30 minutes on 2 CPU cores
     eval_every: int = 5
     eval_size: int = 50
     config: Path | None = None
@@ -71,7 +70,7 @@ class GridSpec:
 
     def run_config(self, method: str, seed: int) -> RunConfig:
         """The base config with this run's method, seed, budget and folder."""
-        return load_config(self.config, [*self.overrides, *METHOD_OVERRIDES.get(method, []), f"method={method}",
+        return load_config(self.config, [*METHOD_OVERRIDES.get(method, []), *self.overrides, f"method={method}",
                                          f"train.seed={seed}", f"train.steps={self.steps}",
                                          f"eval.every={self.eval_every}", f"task.lab.eval_size={self.eval_size}",
                                          f"output.dir={self.run_dir(method, seed)}",
@@ -79,13 +78,8 @@ class GridSpec:
 
 
 def default_methods() -> list[str]:
-    """Every registered method that runs offline without a large extra cost."""
-    return [m for m in known_methods() if m not in EXCLUDED_BY_DEFAULT and runs_offline(m)]
-
-
-def runs_offline(name: str) -> bool:
-    """False for a method whose advantage needs a critic (an endpoint or another model)."""
-    return "critic" not in get_component("advantage", get_method(name).advantage).needs
+    """Every registered method: on the lab all run offline (the PRM and the critic are oracles)."""
+    return known_methods()
 
 
 def quick_spec(out: Path = Path("reports/compare-quick"), config: Path | None = None,
@@ -213,9 +207,8 @@ def credit_accuracy_table(spec: GridSpec, prompts: int = 8) -> dict:
     from creditrl.credit import compute_credit
     from creditrl.credit_metrics import credit_accuracy
     from creditrl.policy.loading import load_policy
-    from creditrl.prm import build_prm
+    from creditrl.resources import build_resources
     from creditrl.tasks import build_task
-    from creditrl.value_estimation import MonteCarloValues
 
     cfg = spec.run_config(BASELINE, spec.seeds[0])
     policy = load_policy(cfg.model.name, cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast)
@@ -223,10 +216,8 @@ def credit_accuracy_table(spec: GridSpec, prompts: int = 8) -> dict:
     problems = task.eval_problems()[:prompts]
     batch = collect_rollouts(policy, task, problems, cfg.rollout.group_size, cfg.sampling, cfg.reward,
                              seed=cfg.train.seed)
-    needs = {n for m in spec.methods for n in get_component("advantage", get_method(m).advantage).needs}
-    resources = {"value_estimator": MonteCarloValues(policy, task, cfg.sampling, cfg.reward, seed=cfg.train.seed),
-                 "prm": build_prm(cfg.prm, policy.decode) if "prm" in needs else None}
-    maps = compute_credit(batch, [p.prompt for p in problems], policy, spec.methods, resources=resources)
+    maps = compute_credit(batch, [p.prompt for p in problems], policy, spec.methods,
+                          resources=build_resources(spec.methods, cfg, policy, task))
     metrics = {name: {k: None if isinstance(v, float) and math.isnan(v) else v
                       for k, v in credit_accuracy(c, batch).as_dict().items()} for name, c in maps.credit.items()}
     return {"responses": batch.batch_size, "prompts": len(problems),

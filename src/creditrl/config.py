@@ -99,8 +99,12 @@ class CriticConfig(_Section):
     """The frozen critic of methods that need one (CAPO).  The API key is never part of the config:
     `api_key_env` names the environment variable that holds it."""
 
-    backend: Literal["transformers", "openai"] = Field("transformers", description="a local model, or an "
-                                                      "OpenAI-compatible chat-completions endpoint")
+    backend: Literal["oracle", "transformers", "openai"] = Field(
+        "oracle", description="oracle: the lab verifier's step labels at a set recall and precision; transformers: a "
+                              "local model; openai: an OpenAI-compatible chat-completions endpoint")
+    recall: float = Field(1.0, ge=0.0, le=1.0, description="oracle: P(a critique flags a wrong step)")
+    precision: float = Field(1.0, gt=0.0, le=1.0, description="oracle: the expected share of flags on wrong steps")
+    seed: int = Field(0, description="oracle: mixed into the per-step seed of its flags")
     model: str = Field("lab", description="transformers: as model.name ('lab' only proves the plumbing); "
                                           "openai: the served model's name")
     base_url: str | None = Field(None, description="openai: the API root, e.g. http://127.0.0.1:8000/v1")

@@ -16,7 +16,7 @@ Every method sees the batch's own rewards and its own published `method_params`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,6 +26,7 @@ from torch import Tensor
 from creditrl.methods import compute_advantages, get_component, get_method, known_methods, loss_hooks
 from creditrl.policy.transformers_backend import TransformersPolicy
 from creditrl.rollouts import Rollouts
+from creditrl.tasks.base import Problem
 from creditrl.steps import token_end_offsets
 
 
@@ -164,16 +165,21 @@ def credit_frame(maps: CreditMaps):
 
 def save_rollouts(path: Path, rollouts: Rollouts, prompts: Sequence[str]) -> None:
     """Write a batch and its problem texts for a later `load_rollouts`: the tensors except the hidden
-    states, the response texts and the problem indices (other objects are not kept)."""
+    states, the response texts, the problem indices and the row-aligned problems (as plain dicts,
+    so that loading needs no unpickling of objects)."""
     kept = {"response_texts", "problem_index"}
     data = {f.name: getattr(rollouts, f.name) for f in fields(Rollouts)
             if f.name != "hidden_states" and (isinstance(getattr(rollouts, f.name), Tensor) or f.name in kept)}
+    if rollouts.problems is not None:
+        data["problems"] = [asdict(p) for p in rollouts.problems]
     torch.save({"rollouts": data, "prompts": list(prompts)}, path)
 
 
 def load_rollouts(path: Path) -> tuple[Rollouts, list[str]]:
     """(batch, problem texts) written by `save_rollouts`."""
     data = torch.load(path, weights_only=True)
+    if "problems" in data["rollouts"]:
+        data["rollouts"]["problems"] = [Problem(**p) for p in data["rollouts"]["problems"]]
     return Rollouts(**data["rollouts"]), data["prompts"]
 
 

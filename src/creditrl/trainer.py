@@ -36,23 +36,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from creditrl.checkpoint import latest_checkpoint, load_optimizer_state, load_trainer_state, save_checkpoint
 from creditrl.collect import collect_rollouts
 from creditrl.config import RunConfig, save_config
-from creditrl.critics import StepCritic, build_critic
 from creditrl.evaluate import evaluate
-from creditrl.methods import compute_advantages, get_component, get_method, loss_hooks
+from creditrl.methods import compute_advantages, get_method, loss_hooks
 from creditrl.methods.fipo import fipo_config_warning
 from creditrl.methods.loss import masked_mean, policy_loss
 from creditrl.policy.loading import load_policy
-from creditrl.prm import build_prm
+from creditrl.resources import build_resources
 from creditrl.rollouts import Rollouts, concat
 from creditrl.tasks import build_task
-from creditrl.value_estimation import MonteCarloValues
-
-
-RESOURCES: dict[str, Callable[["Trainer"], object]] = {
-    "value_estimator": lambda t: MonteCarloValues(t.policy, t.task, t.cfg.sampling, t.cfg.reward),  # VinePPO
-    "critic": lambda t: StepCritic(build_critic(t.cfg.critic), t.policy.decode),  # CAPO
-    "prm": lambda t: build_prm(t.cfg.prm, t.policy.decode),  # prm_grpo, PURE
-}
 
 
 class TrainingStopped(RuntimeError):
@@ -88,7 +79,7 @@ class Trainer:
                 self.console.print(f"[yellow]warning: {warning}[/yellow]")
         # Resources an advantage may need from the trainer, built only when it needs them; each has
         # reset(seed), called every step, and metrics(), its cost counters for the step's log.
-        self.resources = {name: RESOURCES[name](self) for name in get_component("advantage", self.method.advantage).needs}
+        self.resources = build_resources([cfg.method], cfg, self.policy, self.task)
         if "prm" in self.resources and cfg.method_params.get("outcome_weight") == 0:
             self.console.print("[yellow]warning: method_params.outcome_weight=0 trains on PRM scores alone; "
                                "policies learn to exploit the PRM (reward hacking), so mix in the outcome reward[/yellow]")

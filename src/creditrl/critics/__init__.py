@@ -4,11 +4,12 @@
 critic prompt of every response from the rollout's own step spans, asks a backend (`Critic`)
 for k critiques of each distinct prompt, and parses each into a verdict (a set of 0-based wrong
 steps, or None for no verdict).  Backends: `TransformersCritic`, `OpenAICompatibleCritic`.
+On the lab, `OracleLabCritic` answers the same question from the verifier's step labels.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from creditrl.critics.backends import (
     Critic,
@@ -17,8 +18,12 @@ from creditrl.critics.backends import (
     TransformersCritic,
     build_critic,
 )
+from creditrl.critics.oracle import OracleLabCritic
 from creditrl.critics.prompt import build_prompt, parse_wrong_steps, step_texts
 from creditrl.rollouts import Rollouts
+
+if TYPE_CHECKING:
+    from creditrl.config import CriticConfig
 
 
 class StepCritic:
@@ -71,5 +76,13 @@ class StepCritic:
         return verdicts
 
 
-__all__ = ["Critic", "CriticStats", "OpenAICompatibleCritic", "StepCritic", "TransformersCritic", "build_critic",
+def build_step_critic(cfg: CriticConfig, decode: Callable[[list[int]], str]) -> StepCritic | OracleLabCritic:
+    """The trainer resource `critic` that the config section names (`decode`: the policy tokenizer's)."""
+    if cfg.backend == "oracle":
+        return OracleLabCritic(cfg.recall, cfg.precision, cfg.seed)
+    return StepCritic(build_critic(cfg), decode)
+
+
+__all__ = ["Critic", "CriticStats", "OpenAICompatibleCritic", "OracleLabCritic", "StepCritic", "TransformersCritic",
+           "build_critic", "build_step_critic",
            "build_prompt", "parse_wrong_steps", "step_texts"]

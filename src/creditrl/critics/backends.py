@@ -210,7 +210,9 @@ def _read_cache(path: Path) -> dict[str, str]:
 
 
 def build_critic(cfg: CriticConfig) -> Critic:
-    """The backend a run's `critic` section names."""
+    """The text-generating backend a run's `critic` section names (transformers or openai)."""
+    if cfg.backend == "oracle":
+        raise ValueError("critic.backend 'oracle' writes no critique text: use build_step_critic")
     if cfg.backend == "transformers":
         return TransformersCritic(cfg.model, cfg.temperature, cfg.max_tokens)
     if cfg.base_url is None:

@@ -1,0 +1,40 @@
+"""What an advantage needs besides the rollouts, built from a run's config.
+
+An advantage registers the resources it needs by name (`register_advantage(..., needs=...)`):
+
+    value_estimator   Monte Carlo values from continuations of the policy   (VinePPO)
+    critic            k verdicts on each response's wrong steps              (CAPO)
+    prm               step scores of a process reward model                  (prm_grpo, PURE)
+
+The trainer, `creditrl credit` and the compare report's credit table all build them here, so a
+method sees the same resource wherever it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from creditrl.config import RunConfig
+from creditrl.critics import build_step_critic
+from creditrl.methods import get_component, get_method
+from creditrl.prm import build_prm
+from creditrl.value_estimation import MonteCarloValues
+
+BUILDERS: dict[str, Callable[[RunConfig, Any, Any], object]] = {
+    "value_estimator": lambda cfg, policy, task: MonteCarloValues(policy, task, cfg.sampling, cfg.reward,
+                                                                  seed=cfg.train.seed),
+    "critic": lambda cfg, policy, task: build_step_critic(cfg.critic, policy.decode),
+    "prm": lambda cfg, policy, task: build_prm(cfg.prm, policy.decode),
+}
+
+
+def resources_needed(methods: Iterable[str]) -> list[str]:
+    """The resource names the methods' advantages need, in a stable order."""
+    needed = {n for m in methods for n in get_component("advantage", get_method(m).advantage).needs}
+    return [name for name in BUILDERS if name in needed]
+
+
+def build_resources(methods: Iterable[str], cfg: RunConfig, policy, task) -> dict[str, object]:
+    """One instance of each resource the methods need, made from `cfg` for this policy and task."""
+    return {name: BUILDERS[name](cfg, policy, task) for name in resources_needed(methods)}
