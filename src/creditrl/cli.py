@@ -269,17 +269,19 @@ def compare(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " 
 @app.command()
 def methods() -> None:
     """List the registered credit-assignment methods."""
+    from rich.markup import escape
+    from rich.padding import Padding
+    from rich.text import Text
+
     from creditrl.methods import get_method, known_methods, method_params_model
 
-    table = Table(title="methods")
-    table.add_column("name", no_wrap=True)
-    for col in ("advantage", "ratio transform", "token weight", "parameters", "summary"):
-        table.add_column(col)
     for name in known_methods():
         m = get_method(name)
         params = ", ".join(f"{k}={v}" for k, v in method_params_model(m)().model_dump().items())
-        table.add_row(name, m.advantage, m.ratio_transform or "-", m.token_weight or "-", params or "-", m.summary)
-    console.print(table)
+        pieces = f"advantage {m.advantage}, ratio transform {m.ratio_transform or '-'}, token weight {m.token_weight or '-'}"
+        console.print(f"[bold]{name}[/bold]  [dim]{pieces}[/dim]")
+        console.print(Padding(escape(m.summary), (0, 0, 0, 2)))
+        console.print(Padding(Text(f"method_params: {params or '-'}", style="dim"), (0, 0, 1, 2)))
 
 
 @lab_app.command("pretrain")

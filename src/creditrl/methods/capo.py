@@ -2,7 +2,8 @@
 
 A frozen LLM reads the question, the reference answer and the numbered steps of each response
 and names the wrong steps; k critiques are voted per step.  The critic comes from the trainer
-(`critic`, a `creditrl.critics.StepCritic`); it costs k critic generations per distinct response.
+(`critic`: a `creditrl.critics.StepCritic` over an LLM, or the lab's `OracleLabCritic`); an LLM
+critic costs k generations per distinct response.
 Published findings: W_process = 1 is best in the ablation with W_whole = 2 (0.1 → 28.8, 1 → 29.4,
 2 → 28.5, 5 → 27.4); `intersection` voting is best for small policies (1B–3B), `majority` /
 `union` for 7B; n = 16 rollouts per prompt; a 70B-class instruct critic.
@@ -21,7 +22,7 @@ from creditrl.methods.grpo import group_sum, group_index
 from creditrl.rollouts import Rollouts
 
 if TYPE_CHECKING:  # the critics import the policy backend, which imports the method registry
-    from creditrl.critics import StepCritic
+    from creditrl.critics import OracleLabCritic, StepCritic
 
 Voting = Literal["intersection", "majority", "union", "average"]
 
@@ -88,7 +89,7 @@ def capo_token_advantages(correct: Tensor, penalties: Tensor, step_ids: Tensor, 
 
 
 @register_advantage("capo", params=CAPOParams, needs=("critic",))
-def capo(rollouts: Rollouts, params: CAPOParams, critic: StepCritic) -> Tensor:
+def capo(rollouts: Rollouts, params: CAPOParams, critic: StepCritic | OracleLabCritic) -> Tensor:
     """CAPO advantages (Xie et al., arXiv 2508.02298): k critiques per response, voted per step.
 
     r_v is `rollouts.correct` (the verifier's verdict, not the shaped reward).  Shapes:
@@ -112,8 +113,9 @@ register_method(
         defaults={"loss.agg": "seq-mean-token-mean"},
         summary=(
             "CAPO (arXiv 2508.02298): a frozen LLM critic names each response's wrong steps (k = 4 critiques, "
-            "voted); token reward 2·r_v − 1·[step flagged], normalised over the group's tokens.  Set the "
-            "`critic` section (a local model or an OpenAI-compatible endpoint); the paper uses n = 16 rollouts."
+            "voted); token reward 2·r_v − 1·[step flagged], normalised over the group's tokens.  The default "
+            "critic is the lab's oracle (critic.recall, critic.precision); set the `critic` section for a local "
+            "model or an OpenAI-compatible endpoint.  The paper uses n = 16 rollouts."
         ),
     )
 )
