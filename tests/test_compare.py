@@ -102,3 +102,18 @@ def test_second_invocation_does_not_retrain(grid, tiny_lab_model_dir):
     assert result.exit_code == 0, result.output
     assert [f.stat().st_mtime_ns for f in files] == before
     assert "report.html" in result.output
+
+
+def test_parallel_runs_give_the_same_results_as_one_after_another(tiny_lab_model_dir, tmp_path):
+    from creditrl.compare import collect_results, run_grid
+
+    finals = {}
+    for jobs in (1, 2):
+        spec = GridSpec(["grpo", "rloo"], [0], steps=2, eval_every=2, eval_size=4, jobs=jobs,
+                        overrides=_overrides(tiny_lab_model_dir), out=tmp_path / f"jobs{jobs}")
+        progress = []
+        run_grid(spec, progress.append)
+        assert progress[0] == 0 and progress[-1] == 4 and progress == sorted(progress)
+        runs = collect_results(spec)["runs"]
+        finals[jobs] = [(r["method"], r["curve"]) for r in runs]
+    assert finals[1] == finals[2]

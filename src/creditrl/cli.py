@@ -229,12 +229,14 @@ def _print_credit_accuracy(context: str, accuracy: dict, skipped: dict[str, str]
 @app.command()
 def compare(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " Applied to every run."),
             methods: Optional[str] = typer.Option(None, help="comma-separated method names (default: every registered "
-                                                             "method that runs offline, except vineppo)"),
+                                                             "method; vineppo with K = 3)"),
             seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default 0,1,2)"),
             steps: Optional[int] = typer.Option(None, min=1, help="policy-update steps per run (default 15)"),
             eval_every: Optional[int] = typer.Option(None, min=0, help="evaluate every N steps (default 5)"),
             eval_size: Optional[int] = typer.Option(None, min=1, help="held-out lab problems per evaluation (default 50)"),
             quick: bool = typer.Option(False, "--quick", help="a smoke grid: grpo and grpo_lambda, seeds 0 1, 10 steps"),
+            jobs: int = typer.Option(2, min=1, help="runs trained at once, each in its own process with "
+                                                    "cores // jobs threads (1: one after another in this process)"),
             out: Optional[Path] = typer.Option(None, help="report folder (default reports/compare, "
                                                           "or reports/compare-quick with --quick)")) -> None:
     """Methods × seeds with an equal budget, resumable per run: report.md, report.html and results.json."""
@@ -251,7 +253,7 @@ def compare(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " 
         spec.methods = [m.strip() for m in methods.split(",") if m.strip()] if methods else spec.methods
         spec.seeds = [int(x) for x in seeds.split(",") if x.strip()] if seeds else spec.seeds
         spec.steps, spec.eval_every = steps or spec.steps, spec.eval_every if eval_every is None else eval_every
-        spec.eval_size = eval_size or spec.eval_size
+        spec.eval_size, spec.jobs = eval_size or spec.eval_size, jobs
         for name in spec.methods:
             spec.run_config(name, spec.seeds[0])  # an unknown method or a bad override fails before any training
         runs = len(spec.methods) * len(spec.seeds)
