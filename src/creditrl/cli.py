@@ -58,6 +58,8 @@ def _guarded(fn):
         _fail(str(err), code=1)
     except (FileNotFoundError, ImportError, ValueError) as err:
         _fail(str(err))
+    except OSError as err:  # a full disk, a folder that cannot be written
+        _fail(f"{err.filename or 'I/O error'}: {err.strerror or err}")
 
 
 @app.command()

@@ -287,7 +287,6 @@ class Trainer:
         """Run to `train.steps`.  `resume`: continue from the run folder's last complete checkpoint;
         `overwrite`: start afresh in a folder that holds an earlier run (otherwise that is an error)."""
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         _check_writable(self.run_dir)
         self._build_optimizer()
         resumed = resume and self._resume()
@@ -305,9 +304,10 @@ class Trainer:
             while self.step < cfg.train.steps:
                 outcome = self.train_step()
                 self.step += 1
-                self._handle_bad(outcome)
+                self._count_bad(outcome)
                 _append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.step, **outcome.metrics})
                 self._to_tensorboard("train", outcome.metrics)
+                self._stop_if_too_many_bad(outcome)
                 progress.update(bar, completed=self.step, stats=_bar_stats(outcome.metrics, evals))
                 if self.on_step is not None:
                     self.on_step(self.step)
@@ -336,7 +336,7 @@ class Trainer:
         for path in earlier:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
-    def _handle_bad(self, outcome: StepOutcome) -> None:
+    def _count_bad(self, outcome: StepOutcome) -> None:
         outcome.metrics["skipped"] = float(outcome.bad is not None)
         if outcome.bad is None:
             self.bad_in_a_row = 0
@@ -344,7 +344,9 @@ class Trainer:
         self.bad_in_a_row += 1
         self.skipped_updates += 1
         self.console.print(f"[yellow]step {self.step}: update skipped ({outcome.bad})[/yellow]")
-        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+
+    def _stop_if_too_many_bad(self, outcome: StepOutcome) -> None:
+        if outcome.bad is not None and self.bad_in_a_row >= self.cfg.train.max_bad_steps:
             raise TrainingStopped(f"stopping at step {self.step}: {self.bad_in_a_row} skipped updates in a row, "
                                   f"the last because of {outcome.bad} (limit train.max_bad_steps="
                                   f"{self.cfg.train.max_bad_steps}); the last good checkpoint is in {self.run_dir / 'checkpoints'}")
@@ -362,10 +364,18 @@ class Trainer:
             self.tensorboard.flush()
 
     def _checkpoint(self) -> None:
-        save_checkpoint(self.run_dir / "checkpoints", self.step, self.policy.model, self.policy.tokenizer,
-                        self.optimizer, self.scheduler,
-                        {"position": self.position, "skipped_updates": self.skipped_updates},
-                        keep=self.cfg.output.keep_checkpoints)
+        """Save the step's checkpoint; a write that fails (a full disk) stops the run, the last complete one intact."""
+        folder = self.run_dir / "checkpoints"
+        try:
+            save_checkpoint(folder, self.step, self.policy.model, self.policy.tokenizer, self.optimizer, self.scheduler,
+                            {"position": self.position, "skipped_updates": self.skipped_updates},
+                            keep=self.cfg.output.keep_checkpoints)
+        except OSError as err:
+            shutil.rmtree(folder / f"step-{self.step:06d}.tmp", ignore_errors=True)
+            last = latest_checkpoint(folder)
+            raise TrainingStopped(f"stopping at step {self.step}: cannot write its checkpoint "
+                                  f"({err.filename or folder}: {err.strerror or err}); the last complete checkpoint is "
+                                  f"{last if last else 'none'}; free the space and continue with --resume") from None
 
     def _progress(self) -> Progress:
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -471,8 +481,10 @@ def _bar_stats(m: dict[str, float], evals: list[dict]) -> str:
 
 
 def _check_writable(folder: Path) -> None:
+    """Make the run folder, and prove a file can be written there, before any training."""
     probe = folder / ".write-test"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:

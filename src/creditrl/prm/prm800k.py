@@ -48,12 +48,16 @@ def load_prm800k(path: Path | str, neutral: Literal["positive", "negative"] = "p
         raise ValueError(f"neutral must be 'positive' or 'negative', got {neutral!r}")
     path = Path(path)
     examples = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
+    if not path.is_file():
+        raise DatasetError(path, None, "no such file")
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise DatasetError(path, line_no, f"invalid UTF-8 at byte {err.start}") from None
             except json.JSONDecodeError as err:
                 raise DatasetError(path, line_no, f"not valid JSON: {err.msg}") from None
             example = _example(row, neutral, f"{path}:{line_no}", functools.partial(DatasetError, path, line_no))
