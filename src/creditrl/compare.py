@@ -150,6 +150,9 @@ def _train_run(cfg: RunConfig, on_step: Callable[[int], None], console=None) -> 
 def _train_run_in_worker(cfg: RunConfig, key: tuple[str, int], steps_done) -> None:
     """One run in a worker process, sending (key, step) after each step; its console stays quiet."""
     from rich.console import Console
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     _train_run(cfg, lambda step: steps_done.put((key, step)), Console(quiet=True))
 
