@@ -206,3 +206,32 @@ def test_any_prm800k_file_loads_or_names_its_file_and_line(rows, tmp_path):
         assert str(err).startswith(f"{path}:") and 1 <= err.line <= len(rows)
         return
     assert all(len(e.steps) == len(e.labels) for e in examples)
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tiny_lab_model_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_lab_model_dir, run, "train.steps=2", "output.checkpoint_every=2")
+    trainer = Trainer(cfg, show_progress=False)
+    trainer.on_step = lambda step: (_ for _ in ()).throw(KeyboardInterrupt)  # killed after step 1, before a checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (run / "metrics.jsonl").exists() and latest_checkpoint(run / "checkpoints") is None
+    with pytest.raises(TrainingStopped, match="earlier run"):  # without --resume the partial run is not touched
+        Trainer(cfg, show_progress=False).train()
+    assert Trainer(cfg, show_progress=False).train(resume=True)["steps"] == 2
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    other = _cfg(tiny_lab_model_dir, run, "train.steps=2", "train.lr=5e-4")
+    with pytest.raises(TrainingStopped, match="cannot resume|earlier run"):  # a different run never overwrites it
+        Trainer(other, show_progress=False).train(resume=True)
+
+
+def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(tiny_lab_model_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_lab_model_dir, run, "train.steps=2", "output.checkpoint_every=1")
+    Trainer(cfg, show_progress=False).train()
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "rew')  # the kill came mid-append
+    longer = _cfg(tiny_lab_model_dir, run, "train.steps=3", "output.checkpoint_every=1")
+    Trainer(longer, show_progress=False).train(resume=True)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

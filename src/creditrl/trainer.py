@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import random
+import os
 import resource
 import shutil
 import time
@@ -291,7 +292,8 @@ class Trainer:
         self._build_optimizer()
         resumed = resume and self._resume()
         if not resumed:
-            self._clear_earlier_run(overwrite)
+            # --resume with no complete checkpoint yet (killed before the first): nothing was saved, start over
+            self._clear_earlier_run(overwrite or (resume and _same_or_no_config(self.run_dir / "config.yaml", cfg)))
         save_config(cfg, self.run_dir / "config.yaml")
         started = time.time()
         self.tensorboard = _tensorboard_writer(self.run_dir) if cfg.output.tensorboard else None
@@ -400,6 +402,14 @@ def _check_same_run(saved: Path, cfg: RunConfig) -> None:
                               + ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed))
 
 
+def _same_or_no_config(saved: Path, cfg: RunConfig) -> bool:
+    try:
+        _check_same_run(saved, cfg)
+    except TrainingStopped:
+        return False
+    return True
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
@@ -497,13 +507,24 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """The records of a jsonl log; a torn last line (a run killed mid-write) is dropped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return records
 
 
 def _truncate_jsonl(path: Path, step: int) -> None:
-    """Keep only records up to `step` (a resumed run rewrites what came after its checkpoint)."""
+    """Keep only records up to `step` (a resumed run rewrites what came after its checkpoint), atomically."""
     if path.exists():
         kept = [r for r in _read_jsonl(path) if r["step"] <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Soak: a lab run killed with SIGKILL at random moments and resumed ends where one clean run ends.
+
+    python benchmarks/soak.py --steps 300 --kill-after 20 90 --out runs/soak
+
+Trains the same configuration twice with `creditrl train`: once without interruption, and once
+killed (SIGKILL, at a random moment between the two `--kill-after` bounds, in seconds) and
+restarted with `--resume` until it finishes by itself. Kills land anywhere: mid-step,
+mid-evaluation, mid-checkpoint write. Prints the number of kills, the wall times, whether the
+final weights are bit-identical, and the final evaluation of both runs; `--json` keeps them.
+Exit status 1 if the weights differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import load_file
+
+
+def train_command(out: Path, steps: int, threads: int, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "creditrl", "train", "--quiet", *(["--resume"] if resume else []),
+            f"train.steps={steps}", f"train.threads={threads}", "eval.every=50", "task.lab.eval_size=200",
+            "output.checkpoint_every=10", f"output.dir={out}"]
+
+
+def clean_run(out: Path, steps: int, threads: int) -> float:
+    start = time.perf_counter()
+    subprocess.run(train_command(out, steps, threads, resume=False), check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def killed_run(out: Path, steps: int, threads: int, kill_after: tuple[float, float], rng: random.Random,
+               console: Console) -> tuple[float, list[float]]:
+    """Train with kills until the run finishes; (wall seconds, the moments of the kills)."""
+    start, kills = time.perf_counter(), []
+    while True:
+        proc = subprocess.Popen(train_command(out, steps, threads, resume=True), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        delay = rng.uniform(*kill_after)
+        try:
+            _, stderr = proc.communicate(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills.append(round(time.perf_counter() - start, 1))
+            console.print(f"killed after {delay:.0f} s (kill {len(kills)}, {kills[-1]:.0f} s into the soak)")
+            continue
+        if proc.returncode != 0:
+            raise SystemExit(f"the resumed run failed (exit {proc.returncode}):\n{stderr}")
+        return time.perf_counter() - start, kills
+
+
+def final_eval(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())["after"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kill-after", nargs=2, type=float, default=(20.0, 90.0), metavar=("MIN_S", "MAX_S"))
+    parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
+    parser.add_argument("--out", type=Path, default=Path("runs/soak"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    console = Console()
+    for name in ("clean", "killed"):
+        if (args.out / name).exists():
+            raise SystemExit(f"{args.out / name} exists: choose another --out")
+    console.print(f"clean run of {args.steps} steps ...")
+    clean_seconds = clean_run(args.out / "clean", args.steps, args.threads)
+    console.print(f"killed run (kills every {args.kill_after[0]:g}–{args.kill_after[1]:g} s) ...")
+    killed_seconds, kills = killed_run(args.out / "killed", args.steps, args.threads, tuple(args.kill_after),
+                                       random.Random(args.seed), console)
+    a = load_file(args.out / "clean" / "final" / "model.safetensors")
+    b = load_file(args.out / "killed" / "final" / "model.safetensors")
+    identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    evals = {"clean": final_eval(args.out / "clean"), "killed": final_eval(args.out / "killed")}
+
+    table = Table(title=f"soak: {args.steps} lab steps, {len(kills)} kills")
+    for column in ("run", "wall s", "kills", "final avg@k", "final greedy"):
+        table.add_column(column, justify="right")
+    table.add_row("clean", f"{clean_seconds:.0f}", "0", f"{evals['clean']['avg@k']:.4f}",
+                  f"{evals['clean'].get('greedy', float('nan')):.4f}")
+    table.add_row("killed + resumed", f"{killed_seconds:.0f}", str(len(kills)), f"{evals['killed']['avg@k']:.4f}",
+                  f"{evals['killed'].get('greedy', float('nan')):.4f}")
+    console.print(table)
+    console.print(f"final weights bit-identical: [bold]{identical}[/bold]")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "kills_at_s": kills,
+                                         "clean_seconds": clean_seconds, "killed_seconds": killed_seconds,
+                                         "identical_weights": identical, "final_eval": evals}, indent=2))
+    sys.exit(0 if identical else 1)
+
+
+if __name__ == "__main__":
+    main()
