@@ -59,6 +59,7 @@ def test_steps_and_seconds_to_grpo_final_by_hand():
     assert x["mean_steps_to_target"] == 2 and x["compute"]["peak_rss_mb"] == 101.0
     assert summary["methods"]["grpo"]["steps_to_target"] == [None, 4]
     assert first_reach(records[1], 0.65) == (4, 4)
+    assert first_reach(records[1], 0.05) == (2, 2)  # the starting policy (step 0) never counts as reaching
 
 
 def test_default_grid_is_every_registered_method_and_runs_offline():

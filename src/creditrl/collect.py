@@ -56,7 +56,7 @@ def build_rollouts(policy: TransformersPolicy, gen: Generation, verdicts: list[V
     step_labels = None
     if all(v.step_correct is not None for v in verdicts):
         n_steps = [max(s) + 1 if s else 0 for s in step_rows]
-        step_labels = pad_right([_labels(v.step_correct, n) for v, n in zip(verdicts, n_steps)], -1,
+        step_labels = pad_right([aligned_step_labels(v.step_correct, n) for v, n in zip(verdicts, n_steps)], -1,
                                 width=max(max(n_steps, default=0), 1))
     return Rollouts(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(), response_ids=response_ids,
@@ -69,7 +69,7 @@ def build_rollouts(policy: TransformersPolicy, gen: Generation, verdicts: list[V
     )
 
 
-def _labels(step_correct: tuple[bool, ...], n_steps: int) -> torch.Tensor:
+def aligned_step_labels(step_correct: tuple[bool, ...], n_steps: int) -> torch.Tensor:
     """Verifier step labels aligned to the splitter's steps (−1 where the two disagree in count)."""
     labels = [int(ok) for ok in step_correct[:n_steps]]
     return torch.tensor(labels + [-1] * (n_steps - len(labels)) if n_steps else [-1], dtype=torch.long)

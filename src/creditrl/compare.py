@@ -11,8 +11,8 @@ one-thread runs side by side do about 1.4× the work of one two-thread run on 2 
 What is reported per method (statistics over seeds):
 - final held-out avg@k (the mean correctness of k samples per problem: an estimate of pass@1),
   mean ± the 95% Student-t interval half-width;
-- steps and training seconds to reach GRPO's mean final avg@k: the first evaluation at or above
-  it; seconds are the sum of `time_step` up to that step (evaluations excluded);
+- steps and training seconds to reach GRPO's mean final avg@k: the first evaluation after step 0
+  at or above it; seconds are the sum of `time_step` up to that step (evaluations excluded);
 - compute per step, from metrics.jsonl: seconds, extra generated tokens (value estimation),
   extra forward passes, critic calls, sampling rounds (dynamic sampling), and the peak RSS.
   Extra forward passes = sequences put through a no-grad forward besides sampling and the
@@ -41,6 +41,7 @@ import yaml
 
 from creditrl.config import RunConfig, load_config
 from creditrl.methods import get_method, known_methods
+from creditrl.resources import resources_needed
 
 # What a method needs beyond the shared budget to be itself (FIPO is GRPO unless π_θ ≠ π_old), and
 # VinePPO's cut to K = 3 continuations for at most 4 states per response (one of the paper's
@@ -101,7 +102,8 @@ def run_grid(spec: GridSpec, on_progress: Callable[[int], None] | None = None, c
     """Train every run of the grid; a finished run is read back, an interrupted one resumed.
 
     With `spec.jobs` > 1, that many runs train at once, each in a fresh process (so each run's
-    peak memory is its own).  `on_progress` gets the number of the grid's steps done so far (for
+    peak memory is its own); runs that sample continuations (VinePPO) start first, so the grid
+    does not end on one long run.  `on_progress` gets the number of the grid's steps done so far (for
     one bar).  A finished run whose configuration differs from the spec's is an error
     (`TrainingStopped`).
     """
@@ -118,6 +120,7 @@ def run_grid(spec: GridSpec, on_progress: Callable[[int], None] | None = None, c
         else:
             progress[method, seed] = 0
             todo.append(((method, seed), cfg))
+    todo.sort(key=lambda item: "value_estimator" not in resources_needed([item[0][0]]))  # long runs first
     report(sum(progress.values()))
 
     def advance(key: tuple[str, int], step: int) -> None:
@@ -217,9 +220,10 @@ def run_compute(cfg: dict, steps: list[dict]) -> dict:
 
 
 def first_reach(record: dict, target: float) -> tuple[int | None, float | None]:
-    """(step, training seconds) of the first evaluation with avg@k ≥ target; (None, None) if none."""
+    """(step, training seconds) of the first evaluation after training began with avg@k ≥ target;
+    (None, None) if none.  The step-0 evaluation (the shared starting policy) never counts."""
     for point in record["curve"]:
-        if point["avg@k"] >= target:
+        if point["step"] > 0 and point["avg@k"] >= target:
             return point["step"], sum(record["step_seconds"][: point["step"]])
     return None, None
 
@@ -276,6 +280,7 @@ def collect_results(spec: GridSpec, credit: dict | None = None) -> dict:
     """The grid's raw JSON: the spec, every run's record, the per-method summary and the credit table."""
     records = [run_record(spec.run_dir(m, s)) for m in spec.methods for s in spec.seeds]
     return {"spec": {"methods": spec.methods, "seeds": spec.seeds, "steps": spec.steps, "eval_every": spec.eval_every,
+                     "jobs": spec.jobs,
                      "eval_size": spec.eval_size, "config": str(spec.config) if spec.config else None,
                      "overrides": spec.overrides, "method_overrides": {m: METHOD_OVERRIDES[m] for m in spec.methods
                                                                        if m in METHOD_OVERRIDES}},

@@ -114,7 +114,9 @@ def _context(results: dict) -> list[str]:
             "GRPO's mean final avg@k (the target): " + (_pct(target) if target is not None else "– (no GRPO run)") + ".",
             ("Train seconds: sum of per-step time, evaluations excluded (a skipped step logs no time). Extra forwards: "
              "sequences scored by the no-grad old-log-prob (and KL reference) forward, plus value-estimation generate "
-             "calls. Peak RSS: the process's peak so far (runs share one process).")]
+             "calls. Peak RSS: " + ("each run's own peak (one process per run, "
+                                    f"{spec['jobs']} at a time)." if spec.get("jobs", 1) > 1 else
+                                    "the process's peak so far (runs share one process)."))]
 
 
 def _credit_context(results: dict) -> str:

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# creditrl CAPO in verl, written against verl 0.9.1 (see README.md and docs/integrations-verl.md).
+# Extra arguments are Hydra overrides, e.g. trainer.n_gpus_per_node=8 actor_rollout_ref.model.path=...
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+: "${REWARD_FN:?set REWARD_FN to the file holding your compute_score (see README.md)}"
+REWARD_FN="$(realpath "$REWARD_FN")"  # Ray workers may run in another directory
+VERL_USE_EXTERNAL_MODULES=creditrl.integrations.verl python -m verl.trainer.main_ppo \
+  --config-path="$HERE" --config-name=config \
+  reward.custom_reward_function.path="$REWARD_FN" "$@"

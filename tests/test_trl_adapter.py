@@ -1,0 +1,209 @@
+"""creditrl.integrations.trl: creditrl methods inside TRL's GRPOTrainer, on the tiny lab model (CPU).
+
+(1) with `grpo` the adapter trains exactly as TRL's own GRPOTrainer; (2) FIPO's token weights reach
+the loss; (3) CAPO with the oracle critic uses, and logs, the per-token advantages creditrl computes.
+"""
+
+import copy
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+import transformers  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+import creditrl.integrations.trl as adapter  # noqa: E402
+from creditrl.collect import aligned_step_labels, response_steps  # noqa: E402
+from creditrl.critics import OracleLabCritic  # noqa: E402
+from creditrl.integrations.trl import CreditGRPOTrainer  # noqa: E402
+from creditrl.methods import compute_advantages  # noqa: E402
+from creditrl.policy.loading import load_model_and_tokenizer, load_policy  # noqa: E402
+from creditrl.rollouts import Rollouts, pad_right  # noqa: E402
+from creditrl.tasks.lab import LabTask, LabTaskConfig  # noqa: E402
+
+transformers.utils.logging.set_verbosity_error()
+
+TASK = LabTask(LabTaskConfig(train_size=16, eval_size=2))
+PROBLEMS = TASK.train_problems()
+DATASET = Dataset.from_dict({"prompt": [p.prompt + "\n" for p in PROBLEMS], "problem": list(range(len(PROBLEMS)))})
+
+
+def lab_reward(completions, problem, **_):
+    """The lab verifier's verdict, plus the share of digits in the completion: the tiny random model is
+    never right, and the digit share gives its completions different rewards (non-zero advantages)."""
+    return [float(TASK.verify(PROBLEMS[i], text).correct) + sum(c.isdigit() for c in text) / max(len(text), 1)
+            for i, text in zip(problem, completions)]
+
+
+def make_args(tmp_path, **overrides) -> GRPOConfig:
+    settings = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+                    seed=0, per_device_train_batch_size=4, num_generations=2, max_completion_length=12, max_steps=2,
+                    logging_steps=1, learning_rate=1e-2, num_iterations=2, disable_tqdm=True)
+    return GRPOConfig(**{**settings, **overrides})
+
+
+def train(trainer_class, model_dir, args, **kwargs):
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    trainer = trainer_class(model=model, reward_funcs=lab_reward, args=args, train_dataset=DATASET,
+                            processing_class=tokenizer, **kwargs)
+    trainer.train()
+    return trainer
+
+
+def step_logs(trainer) -> list[dict]:
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+# ---- (1) grpo through the adapter is TRL's GRPO --------------------------------------------------
+
+@pytest.mark.parametrize("options", [
+    pytest.param({}, id="dapo-two-iterations"),
+    pytest.param({"loss_type": "grpo", "beta": 0.04, "use_bias_correction_kl": False}, id="grpo-kl"),
+    pytest.param({"loss_type": "dr_grpo", "delta": 1.5}, id="dr_grpo-two-sided-clip"),
+    pytest.param({"loss_type": "dapo", "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+                  "num_iterations": 1}, id="dapo-accumulation"),
+    pytest.param({"loss_type": "bnpo", "per_device_train_batch_size": 2, "steps_per_generation": 2,
+                  "num_iterations": 1}, id="bnpo-two-minibatches"),
+])
+def test_grpo_matches_trl(tiny_lab_model_dir, tmp_path, options):
+    args = make_args(tmp_path, **options)
+    ours = train(CreditGRPOTrainer, tiny_lab_model_dir, args, method="grpo", method_params={"eps": 1e-4})  # TRL's eps
+    theirs = train(GRPOTrainer, tiny_lab_model_dir, args)
+
+    for mine, trl in zip(step_logs(ours), step_logs(theirs), strict=True):
+        assert mine["loss"] == pytest.approx(trl["loss"], rel=1e-4, abs=1e-7)
+        assert mine["entropy"] == pytest.approx(trl["entropy"], rel=1e-5)
+    assert any(entry["loss"] != 0 for entry in step_logs(theirs))  # the comparison is not between two zeros
+    for (name, mine), (_, trl) in zip(ours.model.named_parameters(), theirs.model.named_parameters(), strict=True):
+        torch.testing.assert_close(mine, trl, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- (2) FIPO's token weights reach the loss -----------------------------------------------------
+
+def test_fipo_token_weights_are_applied(tiny_lab_model_dir, tmp_path):
+    calls = []
+
+    class SpiedFIPO(CreditGRPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            weight = self.token_weight
+
+            def spy(advantages, delta, mask):
+                out = weight(advantages, delta, mask)
+                calls.append((advantages.shape, delta.shape, mask.shape, out[mask].clone()))
+                return out
+
+            self.token_weight = spy
+
+    args = make_args(tmp_path)
+    fipo = train(SpiedFIPO, tiny_lab_model_dir, args, method="fipo")
+    grpo = train(CreditGRPOTrainer, tiny_lab_model_dir, args, method="grpo")
+
+    assert len(calls) == 2  # one loss per step
+    batch, width = args.per_device_train_batch_size, args.max_completion_length
+    for adv_shape, delta_shape, mask_shape, _ in calls:
+        assert adv_shape[0] == delta_shape[0] == mask_shape[0] == batch
+        assert adv_shape == delta_shape == mask_shape and adv_shape[1] <= width
+    assert torch.equal(calls[0][3], torch.ones_like(calls[0][3]))  # step 1: π_θ = π_old, Δ = 0, f = 1
+    assert (calls[1][3] != 1).any()  # step 2 reuses the batch after an update: Δ ≠ 0
+    first, second = step_logs(fipo)
+    assert first["creditrl/weight_mean"] == 1 and second["creditrl/weight_mean"] != 1
+    same_first, differs_second = step_logs(grpo)
+    assert first["loss"] == pytest.approx(same_first["loss"], rel=1e-6)
+    assert second["loss"] != pytest.approx(differs_second["loss"], rel=1e-6)
+
+
+def test_fipo_warns_when_the_weights_cannot_act(tiny_lab_model_dir, tmp_path):
+    model, tokenizer = load_model_and_tokenizer(str(tiny_lab_model_dir))
+    with pytest.warns(UserWarning, match="every FIPO weight is 1"):
+        CreditGRPOTrainer(model=model, reward_funcs=lab_reward, args=make_args(tmp_path, num_iterations=1),
+                          train_dataset=DATASET, processing_class=tokenizer, method="fipo")
+
+
+# ---- (3) CAPO with the oracle critic: the advantages used and logged are creditrl's -----------------
+
+def independent_rollouts(policy, batch, inputs) -> Rollouts:
+    """The batch as creditrl's own collector would see it: steps from the policy's tokenizer, verdicts
+    and step labels from the lab verifier, groups of num_generations = 2 rows."""
+    mask = batch["completion_mask"].bool()
+    ids = [batch["completion_ids"][b][mask[b]].tolist() for b in range(len(mask))]
+    texts, steps = zip(*(response_steps(policy, row, TASK.step_splitter) for row in ids))
+    verdicts = [TASK.verify(PROBLEMS[x["problem"]], text) for x, text in zip(inputs, texts)]
+    n_steps = [max(s) + 1 for s in steps]
+    return Rollouts(
+        prompt_ids=batch["prompt_ids"], prompt_mask=batch["prompt_mask"].bool(),
+        response_ids=batch["completion_ids"], response_mask=mask, group_ids=torch.arange(len(mask)) // 2,
+        step_ids=pad_right([torch.tensor(s) for s in steps], -1, width=mask.shape[1]),
+        rewards=torch.zeros(len(mask)), correct=torch.tensor([v.correct for v in verdicts]),
+        truncated=torch.zeros(len(mask), dtype=torch.bool),
+        step_labels=pad_right([aligned_step_labels(v.step_correct, n) for v, n in zip(verdicts, n_steps)], -1),
+    )
+
+
+def test_capo_logs_the_advantages_it_uses(tiny_lab_model_dir, tmp_path, monkeypatch):
+    batches, used = [], []
+
+    class Recorded(CreditGRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            critic = copy.deepcopy(self.resources["critic"])  # its random state before this batch's verdicts
+            batch = super()._generate_and_score_completions(inputs)
+            batches.append((inputs, {k: v.clone() for k, v in batch.items() if torch.is_tensor(v)}, critic))
+            return batch
+
+    real_loss = adapter.policy_loss
+
+    def recording_loss(logprobs, old_logprobs, advantages, mask, cfg, **kwargs):
+        used.append(advantages.clone())
+        return real_loss(logprobs, old_logprobs, advantages, mask, cfg, **kwargs)
+
+    monkeypatch.setattr(adapter, "policy_loss", recording_loss)
+    # The tiny model's steps are all wrong; an oracle of recall 0.5 with one critique flags half of them at
+    # random, so token rewards differ within a group and the advantages are not all 0.
+    critic = OracleLabCritic(recall=0.5, precision=1.0, seed=0)
+    trainer = train(Recorded, tiny_lab_model_dir, make_args(tmp_path, num_iterations=1), method="capo",
+                    method_params={"k": 1}, resources={"critic": critic}, task=TASK,
+                    problem_of=lambda x: PROBLEMS[x["problem"]])
+
+    policy = load_policy(str(tiny_lab_model_dir))
+    assert len(batches) == len(used) == 2
+    for (inputs, batch, critic_before), in_loss in zip(batches, used):
+        expected = compute_advantages("capo", independent_rollouts(policy, batch, inputs), trainer.method_params,
+                                      critic=critic_before)
+        assert expected.abs().sum() > 0
+        torch.testing.assert_close(batch["advantages"], expected)
+        for row in in_loss:  # TRL shuffles the rows of a generation batch before the loss
+            assert any(torch.allclose(row, candidate) for candidate in expected)
+
+    mask = batch["completion_mask"].bool()
+    lengths = mask.sum(dim=1)
+    logged_tokens = list(trainer._logs["extra"]["token_advantages"])
+    assert logged_tokens == [row[:n].tolist() for row, n in zip(expected, lengths.tolist())]
+    assert list(trainer._logs["advantages"]) == pytest.approx((expected.sum(dim=1) / lengths).tolist())
+
+
+# ---- methods TRL cannot feed ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("method", "resources", "reason"), [
+    ("denser", None, "hidden states"),
+    ("vineppo", None, "continuations"),
+    ("capo", None, "resources={'critic': ...}"),
+])
+def test_unsupported_methods_say_why(method, resources, reason):
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        CreditGRPOTrainer(method=method, resources=resources)
+
+
+@pytest.mark.parametrize(("options", "reason"), [
+    ({"loss_type": "sapo"}, "supports loss_type"),
+    ({"beta": 0.04}, "use_bias_correction_kl=False"),  # TRL's default multiplies the KL term by the ratio
+    ({"top_entropy_quantile": 0.5}, "top_entropy_quantile"),
+])
+def test_unsupported_trl_options_are_refused(tiny_lab_model_dir, tmp_path, options, reason):
+    model, tokenizer = load_model_and_tokenizer(str(tiny_lab_model_dir))
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        CreditGRPOTrainer(model=model, reward_funcs=lab_reward, args=make_args(tmp_path, **options),
+                          train_dataset=DATASET, processing_class=tokenizer, method="grpo")
