@@ -39,20 +39,32 @@ def write_report(out: Path, results: dict) -> dict[str, Path]:
 
 
 # ---- plots --------------------------------------------------------------------------------------
+MARKERS = "osD^v<>ph*XP"
+
+
+def _styles(methods: list[str]) -> dict[str, dict]:
+    """A distinct colour (tab20: 20 of them) and marker per method, so a dozen methods stay apart."""
+    colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10").colors
+    return {m: {"color": colours[i % len(colours)], "marker": MARKERS[i % len(MARKERS)]} for i, m in enumerate(methods)}
+
+
 def plot_curves(results: dict, path: Path) -> None:
     """avg@k against step: the mean over seeds, with a band from the lowest to the highest seed."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method in results["summary"]["methods"]:
+    methods = list(results["summary"]["methods"])
+    styles = _styles(methods)
+    fig, ax = plt.subplots(figsize=(8.5, 4.6))
+    for method in methods:
         curves = [r["curve"] for r in results["runs"] if r["method"] == method]
         steps = [p["step"] for p in curves[0]]
         values = [[c[i]["avg@k"] for c in curves] for i in range(len(steps))]
-        line, = ax.plot(steps, [sum(v) / len(v) for v in values], marker="o", label=method)
-        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
+        ax.plot(steps, [sum(v) / len(v) for v in values], label=method, **styles[method])
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=styles[method]["color"],
+                        alpha=0.2 if len(methods) <= 4 else 0.06)
     target = results["summary"]["target"]
     if target is not None:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="GRPO final (mean)")
     ax.set(xlabel="policy-update step", ylabel="held-out avg@k (pass@1)", title="learning curves (band: min–max over seeds)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -60,13 +72,15 @@ def plot_curves(results: dict, path: Path) -> None:
 
 def plot_compute(results: dict, path: Path) -> None:
     """Final avg@k (mean, 95% interval) against training seconds per step."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    styles = _styles(list(results["summary"]["methods"]))
+    fig, ax = plt.subplots(figsize=(8.5, 4.6))
     for method, s in results["summary"]["methods"].items():
         half = s["final_ci95"] or 0.0
-        ax.errorbar([s["compute"]["seconds_per_step"]], [s["final_mean"]], yerr=[half], fmt="o", capsize=3, label=method)
+        ax.errorbar([s["compute"]["seconds_per_step"]], [s["final_mean"]], yerr=[half], capsize=3, linestyle="none",
+                    label=method, **styles[method])
     ax.set(xlabel="training seconds per step (mean over seeds)", ylabel="final avg@k (pass@1)",
            title="accuracy against compute (bars: 95% interval)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
