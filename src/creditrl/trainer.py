@@ -253,7 +253,8 @@ class Trainer:
                 sub = _trimmed(rollouts.select(rows))
                 adv = advantages[rows][:, : sub.response_ids.shape[1]]
                 scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
-                                           self.cfg.sampling.temperature, with_entropy=True)
+                                           self.cfg.sampling.temperature, with_entropy=True,
+                                           entropy_grad=self.cfg.loss.entropy_coef > 0)
                 old = scores.logprobs.detach() if reuse_old else sub.old_logprobs
                 loss, m = policy_loss(scores.logprobs, old, adv, sub.response_mask, self.cfg.loss,
                                       ref_logprobs=sub.ref_logprobs, entropy=scores.entropy,

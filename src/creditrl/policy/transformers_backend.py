@@ -122,10 +122,13 @@ class TransformersPolicy:
 
     # ---- scoring ---------------------------------------------------------------------------
     def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
-              temperature: float = 1.0, with_entropy: bool = False, with_hidden: bool = False) -> TokenScores:
+              temperature: float = 1.0, with_entropy: bool = False, with_hidden: bool = False,
+              entropy_grad: bool = False) -> TokenScores:
         """log π(response token | prefix) for every response position, in one forward.
 
-        Gradients flow when called outside `torch.no_grad()` (the update uses it that way).
+        Gradients flow when called outside `torch.no_grad()` (the update uses it that way); the
+        entropy carries them only with `entropy_grad` (an entropy bonus), else it is a logged
+        number whose vocabulary-sized intermediates need not be kept for the backward pass.
         Logits are divided by the sampling temperature, so log-probs match the sampling policy.
         """
         input_ids = torch.cat([prompt_ids, response_ids], dim=1)
@@ -140,7 +143,8 @@ class TransformersPolicy:
             logits = logits / temperature
         log_z = torch.logsumexp(logits, dim=-1)
         logprobs = logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) - log_z
-        entropy = token_entropy(logits) if with_entropy else None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+            entropy = token_entropy(logits) if with_entropy else None
         hidden = captured[0][:, tp - 1: tp - 1 + t] if with_hidden else None
         return TokenScores(logprobs, entropy, hidden)
 
