@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from creditrl.behaviour import VERIFY_PHRASES
 from creditrl.methods import get_method, method_params_model
 from creditrl.methods.loss import LossConfig
+from creditrl.policy.lora import LoRAConfig
 from creditrl.policy.transformers_backend import SamplingConfig
 from creditrl.prm import PRMConfig
 from creditrl.rewards import RewardConfig
@@ -36,6 +37,7 @@ class ModelConfig(_Section):
     gguf_file: str | None = Field(None, description="GGUF file inside `name` (loaded and de-quantised by transformers)")
     chat_template: bool | None = Field(None, description="wrap prompts in the tokenizer's chat template (default: when it has one)")
     bf16_autocast: bool = Field(False, description="run forwards under bfloat16 autocast (CPUs with AMX/AVX512-bf16 gain)")
+    lora: LoRAConfig | None = Field(None, description="LoRA adapters through peft (null: train every weight)")
 
 
 class TaskConfig(_Section):

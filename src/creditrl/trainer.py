@@ -42,6 +42,7 @@ from creditrl.methods import compute_advantages, get_method, loss_hooks
 from creditrl.methods.fipo import fipo_config_warning
 from creditrl.methods.loss import masked_mean, policy_loss
 from creditrl.policy.loading import load_policy
+from creditrl.policy.lora import apply_lora, is_lora, load_adapter_state, merged
 from creditrl.resources import build_resources
 from creditrl.rollouts import Rollouts, concat
 from creditrl.tasks import build_task
@@ -73,6 +74,8 @@ class Trainer:
         self.reference = None
         if cfg.loss.kl_coef > 0:
             self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
+        if cfg.model.lora is not None:
+            self.policy.model = apply_lora(self.policy.model, cfg.model.lora)
         self.ratio_transform, self.token_weight = loss_hooks(self.method, cfg.method_params)
         if self.method.token_weight == "fipo":
             warning = fipo_config_warning(cfg.train.ppo_epochs, cfg.train.n_minibatches)
@@ -95,8 +98,8 @@ class Trainer:
     # ---- set-up -------------------------------------------------------------------------------
     def _build_optimizer(self) -> None:
         t = self.cfg.train
-        self.optimizer = torch.optim.AdamW(self.policy.model.parameters(), lr=t.lr, betas=t.betas,
-                                           weight_decay=t.weight_decay)
+        trainable = [p for p in self.policy.model.parameters() if p.requires_grad]  # the adapters, under LoRA
+        self.optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     def _lr_factor(self, step: int) -> float:
@@ -113,14 +116,10 @@ class Trainer:
         if ckpt is None:
             return False
         _check_same_run(self.run_dir / "config.yaml", self.cfg)
-        from safetensors.torch import load_file
-
-        state = load_file(ckpt / "model.safetensors")
-        missing, unexpected = self.policy.model.load_state_dict(state, strict=False)
-        tied = set(getattr(self.policy.model, "_tied_weights_keys", None) or []) | {"lm_head.weight"}
-        if unexpected or set(missing) - tied:
-            raise TrainingStopped(f"{ckpt}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
-        self.policy.model.tie_weights()
+        if is_lora(self.policy.model):
+            load_adapter_state(self.policy.model, ckpt)
+        else:
+            self._load_weights(ckpt)
         load_optimizer_state(ckpt, self.optimizer, self.scheduler)
         trainer_state = load_trainer_state(ckpt)
         self.step, self.position = trainer_state["step"], trainer_state["position"]
@@ -129,6 +128,16 @@ class Trainer:
         _truncate_jsonl(self.run_dir / "eval.jsonl", self.step)
         self.console.print(f"resumed from {ckpt} (step {self.step})")
         return True
+
+    def _load_weights(self, ckpt: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(ckpt / "model.safetensors")
+        missing, unexpected = self.policy.model.load_state_dict(state, strict=False)
+        tied = set(getattr(self.policy.model, "_tied_weights_keys", None) or []) | {"lm_head.weight"}
+        if unexpected or set(missing) - tied:
+            raise TrainingStopped(f"{ckpt}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
+        self.policy.model.tie_weights()
 
     # ---- data ---------------------------------------------------------------------------------
     def _take(self, n: int):
@@ -322,6 +331,8 @@ class Trainer:
             self.console.print("evaluating the trained policy ...")
             evals.append(self._log_eval(self.step))
         final_dir = self.run_dir / "final"
+        if is_lora(self.policy.model):  # a plain model folder: the adapters folded into the weights
+            self.policy.model = merged(self.policy.model)
         self.policy.model.save_pretrained(final_dir, safe_serialization=True)
         self.policy.tokenizer.save_pretrained(final_dir)
         summary = {"method": cfg.method, "steps": self.step, "wall_seconds": round(time.time() - started, 1),

@@ -1,0 +1,61 @@
+"""LoRA adapters through peft (Hu et al. 2021, arXiv 2106.09685): train W + (α/r)·B·A, W frozen.
+
+`apply_lora` wraps a policy's model; only the adapter matrices A, B train.  A checkpoint keeps
+just the adapter (`adapter_model.safetensors`, `load_adapter_state` reads it back on resume); the
+run's `final/` folder holds the merged weights W + (α/r)·B·A, a plain model folder that every
+`--model` option loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+class LoRAConfig(BaseModel):
+    """Config section `model.lora`: absent (null) trains every weight."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    r: int = Field(8, ge=1, description="rank of the update B·A")
+    alpha: float = Field(16.0, gt=0, description="scale α: the update is (α/r)·B·A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="names of the linear layers that get adapters")
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """The model with LoRA adapters on `cfg.target_modules`; every other weight frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("model.lora needs peft: pip install -e '.[lora]'") from None
+    peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as err:  # no module of the model matches target_modules
+        raise ValueError(f"model.lora.target_modules: {err}") from None
+
+
+def is_lora(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def load_adapter_state(model: nn.Module, folder: Path) -> None:
+    """Set the adapter weights saved in `folder` (a checkpoint) into the wrapped model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(model, load_file(folder / ADAPTER_FILE))
+    if result.unexpected_keys:
+        raise ValueError(f"{folder}: adapter keys the model does not have: {result.unexpected_keys[:5]}")
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """The plain model with the adapters folded into its weights (the wrapped model is consumed)."""
+    return model.merge_and_unload()

@@ -1,0 +1,63 @@
+"""LoRA through peft: only the adapters train, a resumed run ends like an uninterrupted one, and
+`final/` is a plain model folder holding W + (α/r)·B·A."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from creditrl.config import ConfigError, load_config
+from creditrl.policy.loading import load_policy
+from creditrl.trainer import Trainer
+
+pytest.importorskip("peft")
+
+
+def _cfg(model_dir, run_dir, *extra):
+    return load_config(None, [f"model.name={model_dir}", f"output.dir={run_dir}", "train.steps=3",
+                              "rollout.prompts_per_step=3", "rollout.group_size=4", "task.lab.eval_size=4",
+                              "task.lab.train_size=100", "eval.k=1", "eval.before=false", "sampling.max_new_tokens=16",
+                              "output.checkpoint_every=1", "train.lr=1e-2", "reward.overlong_max=10",
+                              "reward.overlong_buffer=8", "model.lora.r=4", *extra])
+
+
+def test_only_the_adapters_train_and_final_holds_the_merged_weights(tiny_lab_model_dir, tmp_path):
+    base = load_file(tiny_lab_model_dir / "model.safetensors")
+    trainer = Trainer(_cfg(tiny_lab_model_dir, tmp_path / "run"), show_progress=False)
+    trainable = {n for n, p in trainer.policy.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    lora = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if not p.requires_grad}
+    adapters_during = {}
+    trainer.on_step = lambda step: adapters_during.update(
+        {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if "lora_" in n})
+    trainer.train()
+    assert any(not torch.equal(lora[n], adapters_during[n]) for n in lora)  # the adapters moved
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert not any("lora" in k for k in final)
+    # the merged q_proj of layer 0 is W + (α/r)·B·A with the adapters of the last step (independent arithmetic)
+    name = "model.layers.0.self_attn.q_proj"
+    a = adapters_during[f"base_model.model.{name}.lora_A.default.weight"]
+    b = adapters_during[f"base_model.model.{name}.lora_B.default.weight"]
+    torch.testing.assert_close(final[f"{name}.weight"], base[f"{name}.weight"] + (16.0 / 4) * b @ a)
+    # every weight without an adapter is the base model's, untouched
+    assert torch.equal(final["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    assert all(torch.equal(v, frozen[n]) for n, v in frozen.items())
+    load_policy(str(tmp_path / "run" / "final"))  # a plain model folder
+
+
+def test_a_resumed_lora_run_ends_like_an_uninterrupted_one(tiny_lab_model_dir, tmp_path):
+    Trainer(_cfg(tiny_lab_model_dir, tmp_path / "clean"), show_progress=False).train()
+    stopped = Trainer(_cfg(tiny_lab_model_dir, tmp_path / "killed", "train.steps=2"), show_progress=False)
+    stopped.train()
+    assert (tmp_path / "killed" / "checkpoints" / "step-000002" / "adapter_model.safetensors").exists()
+    Trainer(_cfg(tiny_lab_model_dir, tmp_path / "killed"), show_progress=False).train(resume=True)
+    clean = load_file(tmp_path / "clean" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    assert all(torch.equal(clean[k], resumed[k]) for k in clean)
+
+
+def test_bad_lora_settings_are_named(tiny_lab_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="model.lora.r"):
+        load_config(None, ["model.lora.r=0"])
+    with pytest.raises(ValueError, match="model.lora.target_modules"):
+        Trainer(_cfg(tiny_lab_model_dir, tmp_path / "run", "model.lora.target_modules=[nope_proj]"), show_progress=False)
