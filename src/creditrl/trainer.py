@@ -17,6 +17,7 @@ checkpoint, so `resume=True` after a kill reproduces an uninterrupted run's weig
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import random
@@ -440,10 +441,12 @@ def _tensorboard_writer(run_dir: Path):
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
-def _epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+@functools.lru_cache(maxsize=2)
+def _epoch_order(size: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The seeded order of one epoch over the training set (kept: a step takes many problems from it)."""
     order = list(range(size))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
+    return tuple(order)
 
 
 def _groups_with_spread(rollouts: Rollouts) -> torch.Tensor:
