@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from creditrl.methods import Method, register_advantage, register_method
-from creditrl.methods.grpo import group_sum, group_index
+from creditrl.methods.grpo import group_index, group_sum, step_values_on_tokens
 from creditrl.rollouts import Rollouts
 
 if TYPE_CHECKING:  # the critics import the policy backend, which imports the method registry
@@ -72,9 +72,7 @@ def capo_token_advantages(correct: Tensor, penalties: Tensor, step_ids: Tensor, 
     Shapes: correct (B,) bool, penalties (B, S), step_ids (B, T), mask (B, T), group_ids (B,) -> (B, T).
     """
     mask = mask.bool()
-    n_steps = penalties.shape[1]
-    column = torch.where((step_ids >= 0) & (step_ids < n_steps), step_ids, n_steps)  # padding reads column S (0)
-    penalty = torch.cat([penalties, penalties.new_zeros(len(penalties), 1)], dim=1).gather(1, column)
+    penalty = step_values_on_tokens(penalties, step_ids)
     rewards = torch.where(mask, params.w_whole * correct.float()[:, None] - params.w_process * penalty, 0.0)
     index, counts = group_index(group_ids)
     n_groups = len(counts)

@@ -38,6 +38,16 @@ def group_sum(values: Tensor, index: Tensor, n_groups: int) -> Tensor:
     return values.new_zeros(n_groups).index_add_(0, index, values)
 
 
+def step_values_on_tokens(values: Tensor, step_ids: Tensor) -> Tensor:
+    """Give every token the value of its step: values (B, S), step ids (B, T) -> (B, T).
+
+    A token without a step (step id −1, or ≥ S) gets 0.
+    """
+    n_steps = values.shape[1]
+    column = torch.where((step_ids >= 0) & (step_ids < n_steps), step_ids, n_steps)
+    return torch.cat([values, values.new_zeros(len(values), 1)], dim=1).gather(1, column)
+
+
 def _float_rewards(rollouts: Rollouts) -> Tensor:
     rewards = rollouts.rewards
     return rewards if rewards.is_floating_point() else rewards.float()
@@ -97,7 +107,6 @@ def process_grpo(rollouts: Rollouts, params: ProcessGRPOParams) -> Tensor:
         raise ValueError("process_grpo needs rollouts.step_rewards (B, S): per-step rewards, NaN where a step is absent")
     step_rewards = rollouts.step_rewards
     step_rewards = step_rewards if step_rewards.is_floating_point() else step_rewards.float()
-    n_rows, n_steps = step_rewards.shape
     valid = ~torch.isnan(step_rewards)
     index, counts = group_index(rollouts.group_ids)
     n_groups = len(counts)
@@ -110,11 +119,8 @@ def process_grpo(rollouts: Rollouts, params: ProcessGRPOParams) -> Tensor:
     normed = centred / (var.sqrt()[index, None] + params.eps)
     normed = torch.where(n_valid[index, None] > 1, normed, 0.0)
 
-    # suffix[b, j] = Σ_{k ≥ j} normed[b, k]; column S (all zeros) serves tokens without a step.
-    suffix = torch.cat([normed.flip(1).cumsum(1).flip(1), normed.new_zeros(n_rows, 1)], dim=1)
-    step_ids = rollouts.step_ids
-    column = torch.where((step_ids >= 0) & (step_ids < n_steps), step_ids, n_steps)
-    adv = suffix.gather(1, column)
+    suffix = normed.flip(1).cumsum(1).flip(1)  # suffix[b, j] = Σ_{k ≥ j} normed[b, k]
+    adv = step_values_on_tokens(suffix, rollouts.step_ids)
     return torch.where(rollouts.response_mask.bool(), adv, 0.0)
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from creditrl.methods import Method, register_advantage, register_method
-from creditrl.methods.grpo import ProcessGRPOParams, group_sum, group_index, process_grpo
+from creditrl.methods.grpo import ProcessGRPOParams, group_index, group_sum, process_grpo, step_values_on_tokens
 from creditrl.rollouts import Rollouts
 
 
@@ -97,16 +97,15 @@ def pure(rollouts: Rollouts, params: PUREParams, prm) -> Tensor:
     tokens without a step (padding) get 0.  Shapes: scores (B, S), step_ids (B, T) -> (B, T).
     """
     returns = min_form_returns(_scores(prm, rollouts), params.min_form, params.temperature)
-    n_rows, n_steps = returns.shape
+    n_steps = returns.shape[1]
     outcome = params.outcome_weight * rollouts.rewards.float()
     starts = returns[:, 0] + outcome
     index, counts = group_index(rollouts.group_ids)
     row_counts = counts.to(starts.dtype)[index]
     baseline = (group_sum(starts, index, len(counts))[index] - starts) / (row_counts - 1).clamp(min=1)
-    padded = torch.cat([returns, returns.new_zeros(n_rows, 1)], dim=1)
     step_ids = rollouts.step_ids
     on_step = (step_ids >= 0) & (step_ids < n_steps)
-    token_returns = padded.gather(1, torch.where(on_step, step_ids, n_steps)) + outcome[:, None]
+    token_returns = step_values_on_tokens(returns, step_ids) + outcome[:, None]
     adv = torch.where(on_step & (row_counts[:, None] > 1), token_returns - baseline[:, None], 0.0)
     return torch.where(rollouts.response_mask.bool(), adv, 0.0)
 

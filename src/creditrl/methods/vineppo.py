@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from creditrl.methods import Method, register_advantage, register_method
+from creditrl.methods.grpo import step_values_on_tokens
 from creditrl.methods.loss import masked_mean
 from creditrl.rollouts import Rollouts
 from creditrl.value_estimation import PrefixState, ValueEstimator
@@ -73,10 +74,9 @@ def vineppo(rollouts: Rollouts, params: VinePPOParams, value_estimator: ValueEst
     values = torch.where(j < n_steps[:, None].clamp(max=params.max_steps), estimated,
                          torch.where(j < n_steps[:, None], rewards[:, None], 0.0))
     step_rewards = torch.where(j[:, :-1] == n_steps[:, None] - 1, rewards[:, None], 0.0)
-    step_adv = torch.cat([step_rewards + values[:, 1:] - values[:, :-1], rewards.new_zeros(rollouts.batch_size, 1)], dim=1)
-    column = torch.where(rollouts.step_ids >= 0, rollouts.step_ids, width)  # padding reads the zero column S
+    step_adv = step_rewards + values[:, 1:] - values[:, :-1]
     mask = rollouts.response_mask.bool()
-    adv = torch.where(mask, step_adv.gather(1, column), 0.0)
+    adv = torch.where(mask, step_values_on_tokens(step_adv, rollouts.step_ids), 0.0)
     if params.whiten:
         n = mask.sum()
         mean = masked_mean(adv, mask)
