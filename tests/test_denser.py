@@ -169,16 +169,16 @@ def _cfg(model_dir, run_dir, *extra):
 
 
 def _count_forwards(trainer: Trainer) -> list[tuple[int, bool]]:
-    """(rows, with grad) of every model forward after sampling, during one train_step."""
+    """(rows, with grad) of every decoder forward after sampling, during one train_step."""
     calls: list[tuple[int, bool]] = []
-    handle = trainer.policy.model.register_forward_hook(
+    handle = trainer.policy.model.get_decoder().register_forward_hook(
         lambda _m, _args, kwargs, _out: calls.append((kwargs["input_ids"].shape[0], torch.is_grad_enabled())),
         with_kwargs=True)
     collect = trainer.collect
 
     def collect_then_reset():
         out = collect()
-        calls.clear()  # generate's forwards are not counted
+        calls.clear()  # the sampler's forwards are not counted
         return out
 
     trainer.collect = collect_then_reset
@@ -190,21 +190,32 @@ def _count_forwards(trainer: Trainer) -> list[tuple[int, bool]]:
 
 
 def test_one_old_forward_per_chunk_and_one_update_forward(tiny_lab_model_dir, tmp_path):
-    # B = 12 rows in groups of 4, logprob_batch_size 8: whole-group chunks of 8 and 4 rows.
-    denser_calls = _count_forwards(Trainer(_cfg(tiny_lab_model_dir, tmp_path, "method=denser"), show_progress=False))
+    # B = 12 rows in groups of 4, logprob_batch_size 8: whole-group chunks of 8 and 4 rows (one length bucket).
+    one_bucket = "train.length_buckets=1"
+    denser_calls = _count_forwards(Trainer(_cfg(tiny_lab_model_dir, tmp_path, "method=denser", one_bucket),
+                                           show_progress=False))
     assert denser_calls == [(8, False), (4, False), (12, True)]  # no extra forward for the hidden states
-    # GRPO with 1 epoch × 1 minibatch skips the old forward (the update's own log-probs serve); DenseR cannot,
-    # since its states come from that forward.  Forced to run it (2 minibatches), GRPO scores the same chunks.
-    grpo_calls = _count_forwards(Trainer(_cfg(tiny_lab_model_dir, tmp_path, "method=grpo"), show_progress=False))
+    # GRPO needs no old forward: the sampler returned the old log-probs (and with 1 epoch × 1 minibatch the
+    # update's own detached log-probs serve).  DenseR cannot skip it, since its states come from that forward.
+    grpo_calls = _count_forwards(Trainer(_cfg(tiny_lab_model_dir, tmp_path, "method=grpo", one_bucket),
+                                         show_progress=False))
     assert grpo_calls == [(12, True)]
-    forced = _count_forwards(Trainer(_cfg(tiny_lab_model_dir, tmp_path, "method=grpo", "train.n_minibatches=2"),
+    two_minibatches = _count_forwards(Trainer(_cfg(tiny_lab_model_dir, tmp_path, "method=grpo", one_bucket,
+                                                   "train.n_minibatches=2"), show_progress=False))
+    assert two_minibatches == [(6, True), (6, True)]
+    forced = _count_forwards(Trainer(_cfg(tiny_lab_model_dir, tmp_path, "method=grpo", one_bucket,
+                                          "train.n_minibatches=2", "train.recompute_old_logprobs=true"),
                                      show_progress=False))
     assert forced == [(8, False), (4, False), (6, True), (6, True)]
+    # four length buckets: each forward above becomes four, of rows sorted by length
+    bucketed = _count_forwards(Trainer(_cfg(tiny_lab_model_dir, tmp_path, "method=grpo", "train.length_buckets=4"),
+                                       show_progress=False))
+    assert bucketed == [(3, True)] * 4
 
 
 def test_chunked_advantages_equal_the_whole_batch(tiny_lab_model_dir, tmp_path, monkeypatch):
     trainer = Trainer(_cfg(tiny_lab_model_dir, tmp_path, "method=denser", "train.logprob_batch_size=5",
-                           "loss.kl_coef=0.1"), show_progress=False)
+                           "loss.kl_coef=0.1", "train.seed=3"), show_progress=False)
     seen = []
     real = ADVANTAGES["denser"]
 

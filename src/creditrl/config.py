@@ -38,6 +38,8 @@ class ModelConfig(_Section):
     chat_template: bool | None = Field(None, description="wrap prompts in the tokenizer's chat template (default: when it has one)")
     bf16_autocast: bool = Field(False, description="run forwards under bfloat16 autocast (CPUs with AMX/AVX512-bf16 gain)")
     lora: LoRAConfig | None = Field(None, description="LoRA adapters through peft (null: train every weight)")
+    logits_chunk_mib: int = Field(256, ge=1, description="scoring holds at most this much float32 logits at once "
+                                                         "(positions are chunked, and checkpointed under gradients)")
 
 
 class TaskConfig(_Section):
@@ -76,6 +78,9 @@ class TrainConfig(_Section):
     ppo_epochs: int = Field(1, ge=1)
     n_minibatches: int = Field(1, ge=1)
     logprob_batch_size: int = Field(64, ge=1, description="rows per forward when scoring rollouts")
+    length_buckets: int = Field(4, ge=1, description="forwards per minibatch, rows sorted by length (less padding)")
+    recompute_old_logprobs: bool = Field(False, description="score old log-probs with a forward even when the "
+                                                            "sampler returned them (kv-cache engine)")
     max_bad_steps: int = Field(3, ge=1, description="stop after this many non-finite updates in a row")
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")

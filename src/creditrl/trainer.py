@@ -71,7 +71,8 @@ class Trainer:
         self.task = build_task(cfg.task)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.policy = load_policy(cfg.model.name, cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast)
+        self.policy = load_policy(cfg.model.name, cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast,
+                                  cfg.model.logits_chunk_mib)
         self.reference = None
         if cfg.loss.kl_coef > 0:
             self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
@@ -188,9 +189,10 @@ class Trainer:
         for name, resource_ in self.resources.items():
             resource_.reset(seed=self._seed(self.step, zlib.crc32(name.encode())))
         t1 = time.perf_counter()
-        reuse_old = (self.cfg.train.ppo_epochs == 1 and self.cfg.train.n_minibatches == 1
-                     and not self.method.needs_hidden_states)
-        advantages = self._score_old(rollouts, old=not reuse_old)
+        t = self.cfg.train
+        reuse_old = t.ppo_epochs == 1 and t.n_minibatches == 1 and not self.method.needs_hidden_states
+        sampled_old = rollouts.old_logprobs is not None and not t.recompute_old_logprobs
+        advantages = self._score_old(rollouts, old=self.method.needs_hidden_states or not (reuse_old or sampled_old))
         t_score = time.perf_counter() - t1
         t2 = time.perf_counter()
         if advantages is None:
@@ -232,7 +234,8 @@ class Trainer:
             sub = _trimmed(rollouts.select(rows))
             if old:
                 scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
-                                           self.cfg.sampling.temperature, with_hidden=hidden)
+                                           self.cfg.sampling.temperature, with_hidden=hidden,
+                                           buckets=self.cfg.train.length_buckets)
                 chunks_old.append(_pad_cols(scores.logprobs, width))
                 if hidden:
                     sub.hidden_states = scores.hidden_states
@@ -242,7 +245,8 @@ class Trainer:
                 ref_policy = copy.copy(self.policy)
                 ref_policy.model = self.reference
                 chunks_ref.append(_pad_cols(ref_policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids,
-                                                             sub.response_mask, self.cfg.sampling.temperature).logprobs, width))
+                                                             sub.response_mask, self.cfg.sampling.temperature,
+                                                             buckets=self.cfg.train.length_buckets).logprobs, width))
         order = torch.cat(chunks).argsort()  # chunk rows back to batch order
         if old:
             rollouts.old_logprobs = torch.cat(chunks_old)[order]
@@ -264,7 +268,7 @@ class Trainer:
                 adv = advantages[rows][:, : sub.response_ids.shape[1]]
                 scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
                                            self.cfg.sampling.temperature, with_entropy=True,
-                                           entropy_grad=self.cfg.loss.entropy_coef > 0)
+                                           entropy_grad=self.cfg.loss.entropy_coef > 0, buckets=t.length_buckets)
                 old = scores.logprobs.detach() if reuse_old else sub.old_logprobs
                 loss, m = policy_loss(scores.logprobs, old, adv, sub.response_mask, self.cfg.loss,
                                       ref_logprobs=sub.ref_logprobs, entropy=scores.entropy,

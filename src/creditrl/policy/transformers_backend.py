@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from creditrl.methods.loss import token_entropy
+from creditrl.policy.decoding import sample_with_cache
+from creditrl.policy.token_logprobs import chosen_token_logprobs
 from creditrl.rollouts import pad_right
 
 
@@ -27,7 +29,13 @@ class SamplingConfig(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(64, ge=1)
     stop: list[str] = Field(default_factory=list, description="stop strings (kept in the response)")
-    batch_size: int = Field(256, ge=1, description="sequences per generate call")
+    batch_size: int = Field(256, ge=1, description="sequences sampled together")
+    engine: Literal["kv-cache", "generate", "vllm"] = Field(
+        "kv-cache", description="kv-cache: the project's loop (prompt prefilled once per group, finished rows "
+                                "dropped; see policy/decoding.py); generate: transformers' model.generate; "
+                                "vllm: a vLLM engine (optional dependency)")
+    static_cache: bool = Field(False, description="generate only: a static KV cache, which transformers compiles "
+                                                  "(fast on a GPU after a slow first call)")
 
 
 @dataclass
@@ -37,6 +45,7 @@ class Generation:
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     truncated: list[bool]
+    logprobs: list[list[float]] | None = None  # of each sampled token, when the engine gives them
 
 
 @dataclass
@@ -52,11 +61,12 @@ class TransformersPolicy:
     """A causal LM and its tokenizer, with the two operations RL needs."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool = False,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, logits_chunk_elements: int = 2 ** 26):
         self.model = model
         self.tokenizer = tokenizer
         self.use_chat_template = use_chat_template
         self.autocast_dtype = autocast_dtype
+        self.logits_chunk_elements = logits_chunk_elements  # float32 logits held at once when scoring
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
 
@@ -85,31 +95,56 @@ class TransformersPolicy:
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], n: int, cfg: SamplingConfig, seed: int) -> Generation:
         """n responses per prompt, rows prompt-major (prompt 0's n samples first)."""
-        rows = [ids for ids in prompt_ids for _ in range(n)]
+        if cfg.engine == "vllm":
+            from creditrl.policy.vllm_engine import sample_with_vllm
+
+            return sample_with_vllm(self, prompt_ids, n, cfg, seed)
         torch.manual_seed(seed)
-        responses: list[list[int]] = []
-        truncated: list[bool] = []
         was_training = self.model.training
         self.model.eval()
-        for start in range(0, len(rows), cfg.batch_size):
-            chunk = rows[start:start + cfg.batch_size]
-            out_ids, out_trunc = self._generate(chunk, cfg)
-            responses += out_ids
-            truncated += out_trunc
+        parts: list[Generation] = []
+        prompts_per_call = max(1, cfg.batch_size // n)
+        for start in range(0, len(prompt_ids), prompts_per_call):
+            chunk = prompt_ids[start:start + prompts_per_call]
+            with self._autocast():
+                parts.append(self._sample_cached(chunk, n, cfg) if cfg.engine == "kv-cache"
+                             else self._generate([p for p in chunk for _ in range(n)], cfg))
         self.model.train(was_training)
-        return Generation(rows, responses, truncated)
+        return Generation([p for p in prompt_ids for _ in range(n)],
+                          [r for g in parts for r in g.response_ids], [t for g in parts for t in g.truncated],
+                          None if parts[0].logprobs is None else [lp for g in parts for lp in g.logprobs])
 
-    def _generate(self, rows: list[list[int]], cfg: SamplingConfig) -> tuple[list[list[int]], list[bool]]:
+    def _sample_cached(self, prompts: list[list[int]], n: int, cfg: SamplingConfig) -> Generation:
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        stopped = None
+        if cfg.stop:
+            window = max(len(s) for s in cfg.stop) + 4  # tokens: each decodes to at least one character, mostly
+
+            def stopped(_row: int, tokens: list[int]) -> bool:
+                tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+                return any(s in tail for s in cfg.stop)
+        out = sample_with_cache(self.model, ids, mask, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                self.eos_ids, stopped)
+        rows = [p for p in prompts for _ in range(n)]
+        responses, truncated, logprobs = [], [], []
+        for tokens, lps, ended in zip(out.tokens, out.logprobs, out.ended):
+            cut = _stop_string_end(self.tokenizer, tokens, cfg.stop) if ended and cfg.stop and tokens[-1] not in self.eos_ids else None
+            responses.append(tokens[:cut])
+            logprobs.append(lps[:cut])
+            truncated.append(not ended)
+        return Generation(rows, responses, truncated, logprobs)
+
+    def _generate(self, rows: list[list[int]], cfg: SamplingConfig) -> Generation:
         ids, mask = left_pad(rows, self.pad_id, self.device)
         greedy = cfg.temperature == 0.0
         gen_cfg = GenerationConfig(
             do_sample=not greedy, temperature=None if greedy else cfg.temperature,
             top_p=None if greedy else cfg.top_p, top_k=None, max_new_tokens=cfg.max_new_tokens,
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id, stop_strings=cfg.stop or None,
+            cache_implementation="static" if cfg.static_cache else None,
         )
-        with self._autocast():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
-                                      tokenizer=self.tokenizer if cfg.stop else None)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                  tokenizer=self.tokenizer if cfg.stop else None)
         new = out[:, ids.shape[1]:].tolist()
         responses, truncated = [], []
         for row in new:
@@ -118,35 +153,58 @@ class TransformersPolicy:
                 cut = _stop_string_end(self.tokenizer, row, cfg.stop)
             responses.append(row[:cut] if cut is not None else row)
             truncated.append(cut is None and len(row) >= cfg.max_new_tokens)
-        return responses, truncated
+        return Generation(rows, responses, truncated)
 
     # ---- scoring ---------------------------------------------------------------------------
     def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
               temperature: float = 1.0, with_entropy: bool = False, with_hidden: bool = False,
-              entropy_grad: bool = False) -> TokenScores:
-        """log π(response token | prefix) for every response position, in one forward.
+              entropy_grad: bool = False, buckets: int = 1) -> TokenScores:
+        """log π(response token | prefix) for every response position (B, T).
 
-        Gradients flow when called outside `torch.no_grad()` (the update uses it that way); the
-        entropy carries them only with `entropy_grad` (an entropy bonus), else it is a logged
-        number whose vocabulary-sized intermediates need not be kept for the backward pass.
-        Logits are divided by the sampling temperature, so log-probs match the sampling policy.
+        Rows are sorted by length and cut into `buckets` forwards; in each, a row's prompt and
+        response sit side by side from position 0 (no padding inside a row, right padding only,
+        so causal attention needs no mask), and the bucket is as wide as its longest row.  The
+        results come back in the caller's row order.  Gradients flow when called outside
+        `torch.no_grad()` (the update uses it that way); the entropy carries them only with
+        `entropy_grad` (an entropy bonus).  Logits are divided by the sampling temperature, so
+        log-probs match the sampling policy.  Positions past a row's response hold finite filler.
         """
-        input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-        mask = torch.cat([prompt_mask, response_mask], dim=1).long()
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        tp, t = prompt_ids.shape[1], response_ids.shape[1]
+        prompt_len, response_len = prompt_mask.sum(1), response_mask.sum(1)
+        order = (prompt_len + response_len).argsort(stable=True)
+        parts = [self._score_packed(prompt_ids[rows], prompt_mask[rows], response_ids[rows], response_len[rows],
+                                    temperature, with_entropy, with_hidden, entropy_grad)
+                 for rows in order.tensor_split(max(1, min(buckets, len(order))))]
+        width = response_ids.shape[1]
+        restore = order.argsort()
+
+        def joined(i: int) -> Tensor:
+            padded = [torch.nn.functional.pad(p[i], (0, 0) * (p[i].dim() - 2) + (0, width - p[i].shape[1])) for p in parts]
+            return torch.cat(padded)[restore]
+        return TokenScores(joined(0), joined(1) if with_entropy else None, joined(2) if with_hidden else None)
+
+    def _score_packed(self, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, response_len: Tensor,
+                      temperature: float, with_entropy: bool, with_hidden: bool, entropy_grad: bool) -> tuple:
+        """One bucket: (logprobs, entropy, hidden), each (b, longest response in the bucket, ...)."""
+        rows = [torch.cat([p[m.bool()], r[:n]]) for p, m, r, n in zip(prompt_ids, prompt_mask, response_ids,
+                                                                     response_len.tolist())]
+        packed = pad_right(rows, self.pad_id).to(self.device)
+        width = int(response_len.max()) if len(rows) else 0
+        # position plen − 1 + k predicts response token k
+        where = (prompt_mask.sum(1, keepdim=True) - 1 + torch.arange(width)).clamp(0, packed.shape[1] - 1).to(self.device)
+        targets = response_ids[:, :width].to(self.device)
+        positions = torch.arange(packed.shape[1], device=self.device).expand_as(packed)
         with self._capture_last_layer(with_hidden) as captured, self._autocast():
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                use_cache=False, logits_to_keep=t + 1).logits
-        logits = logits[:, :-1].float()  # position tp-1+k predicts response token k
-        if temperature > 0 and temperature != 1.0:
-            logits = logits / temperature
-        log_z = torch.logsumexp(logits, dim=-1)
-        logprobs = logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) - log_z
-        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-            entropy = token_entropy(logits) if with_entropy else None
-        hidden = captured[0][:, tp - 1: tp - 1 + t] if with_hidden else None
-        return TokenScores(logprobs, entropy, hidden)
+            if _logits_are_plain_projection(self.model):
+                states = self.model.get_decoder()(input_ids=packed, position_ids=positions, use_cache=False)
+                picked, head = _take_positions(states.last_hidden_state, where), self.model.get_output_embeddings()
+            else:
+                logits = self.model(input_ids=packed, position_ids=positions, use_cache=False).logits
+                picked, head = _take_positions(logits, where), _identity
+            logprobs, entropy = chosen_token_logprobs(picked.flatten(0, 1), head, targets.flatten(), temperature,
+                                                      with_entropy, entropy_grad, self.logits_chunk_elements)
+        shape = targets.shape
+        hidden = _take_positions(captured[0], where) if with_hidden else None
+        return logprobs.view(shape), None if entropy is None else entropy.view(shape), hidden
 
     @contextmanager
     def _capture_last_layer(self, enabled: bool):
@@ -161,6 +219,26 @@ class TransformersPolicy:
             yield captured
         finally:
             handle.remove()
+
+
+def _logits_are_plain_projection(model: PreTrainedModel) -> bool:
+    """Whether logits = output_embeddings(final hidden state), so scoring may apply the head itself.
+
+    Models that scale or soft-cap their logits (Gemma 2/3, Granite, Cohere) are scored through
+    their own forward instead.
+    """
+    cfg = model.config.get_text_config()
+    special = [getattr(cfg, name, None) for name in ("final_logit_softcapping", "logits_scaling", "logit_scale")]
+    return all(v in (None, 1, 1.0) for v in special) and isinstance(model.get_output_embeddings(), torch.nn.Linear)
+
+
+def _take_positions(x: Tensor, where: Tensor) -> Tensor:
+    """x (b, L, D) at positions where (b, T) → (b, T, D)."""
+    return x.gather(1, where[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
