@@ -87,6 +87,9 @@ class Work:
     lr: float = 1e-4
     threads: int = 2
     seed: int = 0
+    bf16: bool = False  # creditrl model.bf16_autocast=true; TRL bf16=True (both: float32 weights, bf16 autocast)
+    device: str = "cpu"  # "cuda": benchmarks/gpu.py
+    method: str = "grpo"  # creditrl's method (TRL runs GRPO)
 
 
 def _memory_mb(field: str) -> float:
@@ -114,7 +117,8 @@ def run_creditrl(work: Work) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="vs_trl_creditrl_") as tmp:
         cfg = load_config(None, [
-            "method=grpo", f"model.name={work.model}", f"rollout.prompts_per_step={work.prompts}",
+            f"method={work.method}", f"model.name={work.model}", f"model.device={work.device}",
+            f"model.bf16_autocast={str(work.bf16).lower()}", f"rollout.prompts_per_step={work.prompts}",
             f"rollout.group_size={work.group_size}", "rollout.dynamic_sampling=false",
             f"sampling.max_new_tokens={work.max_new_tokens}", "sampling.temperature=1.0", "sampling.top_p=1.0",
             f"train.steps={work.steps}", f"train.lr={work.lr}", "train.ppo_epochs=1", "train.n_minibatches=1",
@@ -222,7 +226,7 @@ def run_trl(work: Work) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="vs_trl_trl_") as tmp:
         args = GRPOConfig(
-            output_dir=tmp, use_cpu=True, bf16=False, activation_checkpointing=False, seed=work.seed,
+            output_dir=tmp, use_cpu=work.device == "cpu", bf16=work.bf16, activation_checkpointing=False, seed=work.seed,
             per_device_train_batch_size=work.prompts * work.group_size, num_generations=work.group_size,
             steps_per_generation=1, gradient_accumulation_steps=1, num_iterations=1,
             max_completion_length=work.max_new_tokens, temperature=1.0, top_p=1.0,
@@ -353,6 +357,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2, help="repetitions per side (default 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each worker (default 2)")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--bf16", action="store_true", help="both sides under bfloat16 autocast (float32 weights)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--scaling", action="store_true", help="creditrl alone: step cost against group size, "
                                                                "completion length and model")
@@ -372,7 +377,7 @@ def main() -> None:
     from rich.console import Console
 
     work = Work(model=args.model, prompts=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
-                steps=args.steps, lr=args.lr, threads=args.threads)
+                steps=args.steps, lr=args.lr, threads=args.threads, bf16=args.bf16)
     console = Console(width=None if sys.stdout.isatty() else 120)
     versions = {name: version(name) for name in ("torch", "transformers", "trl", "creditrl")}
     env = {**versions, "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads}

@@ -121,3 +121,15 @@ def test_models_with_soft_capped_logits_are_scored_through_their_own_forward():
                            torch.ones(1, 2, dtype=torch.bool)).logprobs[0]
         logits = model(torch.tensor([prompt + response])).logits[0, 2:4].float()
     torch.testing.assert_close(got, torch.log_softmax(logits, -1)[[0, 1], response])
+
+
+def test_device_setting_is_checked():
+    from creditrl.policy.loading import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="model.device: 'gpu' is not a torch device"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no GPU"):
+            resolve_device("cuda")

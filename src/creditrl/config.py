@@ -38,6 +38,8 @@ class ModelConfig(_Section):
     chat_template: bool | None = Field(None, description="wrap prompts in the tokenizer's chat template (default: when it has one)")
     bf16_autocast: bool = Field(False, description="run forwards under bfloat16 autocast (CPUs with AMX/AVX512-bf16 gain)")
     lora: LoRAConfig | None = Field(None, description="LoRA adapters through peft (null: train every weight)")
+    device: str = Field("auto", description="where the policy runs: auto (cuda when available, else cpu), cpu, "
+                                            "cuda, cuda:1, ...")
     logits_chunk_mib: int = Field(256, ge=1, description="scoring holds at most this much float32 logits at once "
                                                          "(positions are chunked, and checkpointed under gradients)")
 

@@ -72,7 +72,7 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.policy = load_policy(cfg.model.name, cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast,
-                                  cfg.model.logits_chunk_mib)
+                                  cfg.model.logits_chunk_mib, cfg.model.device)
         self.reference = None
         if cfg.loss.kl_coef > 0:
             self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
@@ -230,23 +230,24 @@ class Trainer:
         size, width = self.cfg.train.logprob_batch_size, rollouts.response_ids.shape[1]
         chunks = _group_chunks(rollouts.group_ids, size) if hidden else torch.arange(rollouts.batch_size).split(size)
         chunks_old, chunks_ref, chunks_adv = [], [], []
+        device = self.policy.device
         for rows in chunks:
-            sub = _trimmed(rollouts.select(rows))
+            sub = _trimmed(rollouts.select(rows)).to(device)
             if old:
                 scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
                                            self.cfg.sampling.temperature, with_hidden=hidden,
                                            buckets=self.cfg.train.length_buckets)
-                chunks_old.append(_pad_cols(scores.logprobs, width))
+                chunks_old.append(_pad_cols(scores.logprobs.cpu(), width))
                 if hidden:
                     sub.hidden_states = scores.hidden_states
                     chunks_adv.append(_pad_cols(compute_advantages(self.method, sub, self.cfg.method_params,
-                                                                   **self.resources), width))
+                                                                   **self.resources).cpu(), width))
             if self.reference is not None:
                 ref_policy = copy.copy(self.policy)
                 ref_policy.model = self.reference
                 chunks_ref.append(_pad_cols(ref_policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids,
                                                              sub.response_mask, self.cfg.sampling.temperature,
-                                                             buckets=self.cfg.train.length_buckets).logprobs, width))
+                                                             buckets=self.cfg.train.length_buckets).logprobs.cpu(), width))
         order = torch.cat(chunks).argsort()  # chunk rows back to batch order
         if old:
             rollouts.old_logprobs = torch.cat(chunks_old)[order]
@@ -264,8 +265,8 @@ class Trainer:
         for _ in range(t.ppo_epochs):
             order = torch.randperm(rollouts.batch_size, generator=generator)
             for rows in order.chunk(t.n_minibatches):
-                sub = _trimmed(rollouts.select(rows))
-                adv = advantages[rows][:, : sub.response_ids.shape[1]]
+                sub = _trimmed(rollouts.select(rows)).to(self.policy.device)
+                adv = advantages[rows][:, : sub.response_ids.shape[1]].to(self.policy.device)
                 scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
                                            self.cfg.sampling.temperature, with_entropy=True,
                                            entropy_grad=self.cfg.loss.entropy_coef > 0, buckets=t.length_buckets)

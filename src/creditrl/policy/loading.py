@@ -53,10 +53,24 @@ def load_model_and_tokenizer(name: str, gguf_file: str | None = None):
 
 
 def load_policy(name: str = BUNDLED_NAME, gguf_file: str | None = None, chat_template: bool | None = None,
-                bf16_autocast: bool = False, logits_chunk_mib: int = 256) -> TransformersPolicy:
+                bf16_autocast: bool = False, logits_chunk_mib: int = 256, device: str = "cpu") -> TransformersPolicy:
     model, tokenizer = load_model_and_tokenizer(name, gguf_file)
+    model.to(resolve_device(device))
     if chat_template is None:
         chat_template = getattr(tokenizer, "chat_template", None) is not None
     return TransformersPolicy(model, tokenizer, use_chat_template=chat_template,
                               autocast_dtype=torch.bfloat16 if bf16_autocast else None,
                               logits_chunk_elements=logits_chunk_mib * 2 ** 20 // 4)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is cuda when torch sees a GPU, else cpu; anything else must name a device torch has."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"model.device: {device!r} is not a torch device ({err})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device: {device!r} asked for, but torch sees no GPU (use auto or cpu)")
+    return resolved

@@ -190,7 +190,8 @@ class TransformersPolicy:
         packed = pad_right(rows, self.pad_id).to(self.device)
         width = int(response_len.max()) if len(rows) else 0
         # position plen − 1 + k predicts response token k
-        where = (prompt_mask.sum(1, keepdim=True) - 1 + torch.arange(width)).clamp(0, packed.shape[1] - 1).to(self.device)
+        offsets = torch.arange(width, device=prompt_mask.device)
+        where = (prompt_mask.sum(1, keepdim=True) - 1 + offsets).clamp(0, packed.shape[1] - 1).to(self.device)
         targets = response_ids[:, :width].to(self.device)
         positions = torch.arange(packed.shape[1], device=self.device).expand_as(packed)
         with self._capture_last_layer(with_hidden) as captured, self._autocast():

@@ -1,0 +1,84 @@
+"""The optional vLLM engine's wiring, against a stand-in `vllm` module (vLLM itself needs a GPU).
+
+The stand-in records what the engine is asked (the constructor's and SamplingParams' arguments,
+the weights pushed, the prefix-cache resets) and answers in vLLM's output shape
+(`RequestOutput.outputs[i].token_ids` / `.finish_reason`); the real vLLM is not exercised here.
+"""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from creditrl.policy.transformers_backend import SamplingConfig
+
+
+class _StandInLLM:
+    def __init__(self, **kwargs):
+        self.kwargs, self.pushes, self.resets, self.calls = kwargs, [], 0, []
+        runner = types.SimpleNamespace(model=types.SimpleNamespace(load_weights=self._load_weights))
+        self.llm_engine = types.SimpleNamespace(
+            model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(model_runner=runner)))
+
+    def _load_weights(self, weights):
+        self.pushes.append({name: tensor.clone() for name, tensor in weights})
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+
+    def generate(self, prompts, sampling_params, use_tqdm):
+        self.calls.append((prompts, sampling_params))
+        p = sampling_params
+        return [types.SimpleNamespace(outputs=[
+            types.SimpleNamespace(token_ids=[prompt["prompt_token_ids"][-1], j], finish_reason="length" if j else "stop")
+            for j in range(p.n)]) for prompt in prompts]
+
+
+@pytest.fixture()
+def stand_in_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.LLM = _StandInLLM
+    module.SamplingParams = lambda **kwargs: types.SimpleNamespace(**kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return module
+
+
+def test_rows_params_and_weight_pushes(tiny_policy, stand_in_vllm):
+    cfg = SamplingConfig(engine="vllm", temperature=0.6, top_p=0.9, max_new_tokens=7, stop=["\n"])
+    prompts = [[5, 6], [7, 8, 9]]
+    gen = tiny_policy.sample(prompts, 3, cfg, seed=11)
+    engine = tiny_policy._vllm_engine
+    assert engine.kwargs["enable_prefix_caching"] is True
+    assert engine.kwargs["model"] == tiny_policy.model.config._name_or_path
+    sent, params = engine.calls[0]
+    assert sent == [{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [7, 8, 9]}]
+    assert (params.n, params.temperature, params.top_p, params.max_tokens, params.stop, params.seed) == \
+           (3, 0.6, 0.9, 7, ["\n"], 11)
+    assert gen.prompt_ids == [[5, 6]] * 3 + [[7, 8, 9]] * 3
+    assert gen.response_ids == [[6, 0], [6, 1], [6, 2], [9, 0], [9, 1], [9, 2]]
+    assert gen.truncated == [False, True, True] * 2
+    assert gen.logprobs is None  # the trainer recomputes old log-probs with its own forward
+
+    # the first call pushed the policy's weights; an unchanged policy is not pushed again
+    assert len(engine.pushes) == 1 and engine.resets == 1
+    for name, param in tiny_policy.model.named_parameters():
+        torch.testing.assert_close(engine.pushes[0][name], param.detach())
+    tiny_policy.sample(prompts, 1, cfg, seed=0)
+    assert len(engine.pushes) == 1
+
+    # an optimizer step changes the weights in place: the next call pushes them and resets the prefix cache
+    optimizer = torch.optim.SGD(tiny_policy.model.parameters(), lr=0.1)
+    tiny_policy.model.get_output_embeddings().weight.sum().backward()
+    optimizer.step()
+    tiny_policy.sample(prompts, 1, cfg, seed=0)
+    assert len(engine.pushes) == 2 and engine.resets == 2
+    name = next(n for n, p in tiny_policy.model.named_parameters() if p is tiny_policy.model.get_output_embeddings().weight)
+    torch.testing.assert_close(engine.pushes[1][name], tiny_policy.model.get_output_embeddings().weight.detach())
+    assert not torch.equal(engine.pushes[1][name], engine.pushes[0][name])
+
+
+def test_a_missing_vllm_names_the_setting_and_the_alternative(tiny_policy, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import fails as when it is not installed
+    with pytest.raises(ImportError, match=r"sampling.engine=vllm needs the vllm package.*sampling.engine=kv-cache"):
+        tiny_policy.sample([[5, 6]], 2, SamplingConfig(engine="vllm"), seed=0)
