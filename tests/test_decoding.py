@@ -133,3 +133,15 @@ def test_device_setting_is_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="torch sees no GPU"):
             resolve_device("cuda")
+
+
+def test_bucket_count_weighs_padding_against_the_cost_of_a_forward():
+    from creditrl.policy.transformers_backend import FORWARD_COST_TOKENS, _bucket_count
+
+    assert FORWARD_COST_TOKENS == 64  # the worked numbers below use it
+    # [10, 10, 10, 100]: k=1 → 4·100 + 64 = 464; k=2 → 2·10 + 2·100 + 128 = 348;
+    # k=3 (slices of 2, 1, 1 rows) → 2·10 + 10 + 100 + 192 = 322; k=4 → 130 + 256 = 386
+    assert _bucket_count(torch.tensor([10, 10, 10, 100]), 4) == 3
+    assert _bucket_count(torch.tensor([10, 10, 10, 100]), 2) == 2  # capped by the setting
+    assert _bucket_count(torch.tensor([50] * 8), 4) == 1  # nothing to save
+    assert _bucket_count(torch.tensor([7]), 4) == 1

@@ -207,10 +207,10 @@ def test_one_old_forward_per_chunk_and_one_update_forward(tiny_lab_model_dir, tm
                                           "train.n_minibatches=2", "train.recompute_old_logprobs=true"),
                                      show_progress=False))
     assert forced == [(8, False), (4, False), (6, True), (6, True)]
-    # four length buckets: each forward above becomes four, of rows sorted by length
+    # up to four length buckets: the update's forward may become several, which together hold every row once
     bucketed = _count_forwards(Trainer(_cfg(tiny_lab_model_dir, tmp_path, "method=grpo", "train.length_buckets=4"),
                                        show_progress=False))
-    assert bucketed == [(3, True)] * 4
+    assert 1 <= len(bucketed) <= 4 and sum(rows for rows, _ in bucketed) == 12 and all(grad for _, grad in bucketed)
 
 
 def test_chunked_advantages_equal_the_whole_batch(tiny_lab_model_dir, tmp_path, monkeypatch):

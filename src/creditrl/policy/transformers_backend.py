@@ -161,7 +161,8 @@ class TransformersPolicy:
               entropy_grad: bool = False, buckets: int = 1) -> TokenScores:
         """log π(response token | prefix) for every response position (B, T).
 
-        Rows are sorted by length and cut into `buckets` forwards; in each, a row's prompt and
+        Rows are sorted by length and cut into at most `buckets` forwards (the count that
+        minimises padded tokens plus a fixed cost per forward, `_bucket_count`); in each, a row's prompt and
         response sit side by side from position 0 (no padding inside a row, right padding only,
         so causal attention needs no mask), and the bucket is as wide as its longest row.  The
         results come back in the caller's row order.  Gradients flow when called outside
@@ -171,9 +172,10 @@ class TransformersPolicy:
         """
         prompt_len, response_len = prompt_mask.sum(1), response_mask.sum(1)
         order = (prompt_len + response_len).argsort(stable=True)
-        parts = [self._score_packed(prompt_ids[rows], prompt_mask[rows], response_ids[rows], response_len[rows],
-                                    temperature, with_entropy, with_hidden, entropy_grad)
-                 for rows in order.tensor_split(max(1, min(buckets, len(order))))]
+        with self._autocast():  # one region for all buckets: autocast casts each weight once and reuses it
+            parts = [self._score_packed(prompt_ids[rows], prompt_mask[rows], response_ids[rows], response_len[rows],
+                                        temperature, with_entropy, with_hidden, entropy_grad)
+                     for rows in order.tensor_split(_bucket_count((prompt_len + response_len)[order], buckets))]
         width = response_ids.shape[1]
         restore = order.argsort()
 
@@ -194,7 +196,7 @@ class TransformersPolicy:
         where = (prompt_mask.sum(1, keepdim=True) - 1 + offsets).clamp(0, packed.shape[1] - 1).to(self.device)
         targets = response_ids[:, :width].to(self.device)
         positions = torch.arange(packed.shape[1], device=self.device).expand_as(packed)
-        with self._capture_last_layer(with_hidden) as captured, self._autocast():
+        with self._capture_last_layer(with_hidden) as captured:
             if _logits_are_plain_projection(self.model):
                 states = self.model.get_decoder()(input_ids=packed, position_ids=positions, use_cache=False)
                 picked, head = _take_positions(states.last_hidden_state, where), self.model.get_output_embeddings()
@@ -220,6 +222,20 @@ class TransformersPolicy:
             yield captured
         finally:
             handle.remove()
+
+
+FORWARD_COST_TOKENS = 64  # what one more forward costs, in padded tokens (weight casts, gradient sums, launches)
+
+
+def _bucket_count(sorted_lengths: Tensor, most: int) -> int:
+    """The k ≤ most that minimises Σ_bucket rows × longest row + k · FORWARD_COST_TOKENS,
+    for k equal slices of the rows sorted by length."""
+    lengths = sorted_lengths.tolist()
+
+    def cost(k: int) -> int:
+        slices = torch.arange(len(lengths)).tensor_split(k)
+        return sum(len(s) * lengths[s[-1]] for s in slices if len(s)) + k * FORWARD_COST_TOKENS
+    return min(range(1, max(1, min(most, len(lengths))) + 1), key=cost)
 
 
 def _logits_are_plain_projection(model: PreTrainedModel) -> bool:

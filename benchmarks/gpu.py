@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""creditrl on one GPU: sampling and update throughput, model-FLOPs utilisation, and TRL on the same work.
+
+    python benchmarks/gpu.py                          # Qwen2.5-0.5B architecture, random weights, bf16 autocast
+    python benchmarks/gpu.py --json gpu.json          # also write every number
+    python benchmarks/gpu.py --smoke                  # CPU, a tiny model of the same architecture: checks the script
+
+The model is the Qwen2.5-0.5B architecture (24 layers, hidden 896, 14 heads / 2 KV heads, MLP 4864,
+vocabulary 151,936, tied embeddings) with random weights, saved once to a temporary folder with
+a character-level tokenizer padded to the same vocabulary (weights do not matter for speed; a
+random model samples its full length, so every side does the same work).  Weights stay float32
+and forwards run under bfloat16 autocast on both sides (creditrl `model.bf16_autocast=true`,
+TRL `bf16=True`), sdpa attention, no gradient checkpointing.
+
+Part 1, sampling (one process): `--prompts` × `--group-size` rows of exactly `--new-tokens` new
+tokens through creditrl's `TransformersPolicy.sample` with each engine: `kv-cache` (the
+project's loop), `generate` (transformers' `model.generate`, dynamic cache) and `generate` with
+`static_cache` (compiled by transformers); tokens/s after one warm-up call (the static cache's
+compilation is in its warm-up, reported apart).
+
+Part 2, the update alone: random token batches of B rows × T tokens through the trainer's own
+update code (`policy.score` with gradients, `policy_loss`, backward, clipping, AdamW), at 8 × 1024,
+4 × 4096 and 16 × 2048; tokens/s and MFU = 6 · N · tokens/s / peak (N: parameters without the
+embedding table counted twice; attention's own FLOPs left out, as is usual), and the peak CUDA
+memory.  16 × 2048 is the size whose float32 logits alone (18.5 GiB) break a plain forward.
+
+Part 3, whole training steps side by side: creditrl's Trainer for GRPO (kv-cache and static-cache
+generate engines), FIPO and DenseR, and TRL's GRPOTrainer, each in its own process
+(benchmarks/vs_trl.py's workers, same prompts, group size, completion length, one update per
+step, no KL, token-mean loss); per step: sample and update seconds, sampling tokens/s, update
+tokens/s and MFU, full-step tokens/s, and the ratio to TRL.
+
+Targets (issue 6): the update phase at ≥ 40% MFU in bf16 on an H100-class card; the full step at
+least TRL's tokens/s.  Peak bf16 dense FLOP/s is looked up from the card's name (H100/H200 SXM
+989 TFLOP/s, H100 PCIe 756, A100 312) or given with --peak-tflops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_trl import Work, run_in_process, summarize  # noqa: E402  (the benchmark's own workers)
+
+QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                  tie_word_embeddings=True)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=1024, max_position_embeddings=1024, tie_word_embeddings=True)
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0}
+
+
+def build_model_folder(folder: Path, shape: dict) -> int:
+    """A random Qwen2 model and a padded character-level tokenizer; returns the parameter count N."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from creditrl.lab.tokenizer import CHARACTERS, SPECIAL_TOKENS
+
+    tokens = SPECIAL_TOKENS + list(CHARACTERS)
+    tokens += [f"<x{i}>" for i in range(shape["vocab_size"] - len(tokens))]
+    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                        padding_side="left")
+    torch.manual_seed(0)
+    config = Qwen2Config(**shape, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    n_params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    del model
+    gc.collect()
+    return n_params
+
+
+def peak_flops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if key in name:
+            return PEAK_TFLOPS[key] * 1e12
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- part 1: sampling engines -----------------------------------------------------------------
+
+def sampling_engines(folder: Path, args, device: torch.device) -> list[dict]:
+    from creditrl.policy.loading import load_policy
+    from creditrl.policy.transformers_backend import SamplingConfig
+    from creditrl.tasks.lab import LabTask
+
+    policy = load_policy(str(folder), chat_template=False, bf16_autocast=True, device=str(device))
+    policy.eos_ids = []  # a random model: every row runs the full length, so every engine does the same work
+    prompts = [policy.encode_prompt(p.prompt) for p in LabTask().train_problems()[: args.prompts]]
+    rows = []
+    for label, engine, static in (("kv-cache", "kv-cache", False), ("generate", "generate", False),
+                                  ("generate, static cache", "generate", True)):
+        cfg = SamplingConfig(max_new_tokens=args.new_tokens, engine=engine, static_cache=static,
+                             batch_size=args.prompts * args.group_size)
+        _sync(device)
+        start = time.perf_counter()
+        policy.sample(prompts, args.group_size, cfg, seed=0)
+        _sync(device)
+        warm_up = time.perf_counter() - start
+        start = time.perf_counter()
+        gen = policy.sample(prompts, args.group_size, cfg, seed=1)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(r) for r in gen.response_ids)
+        rows.append({"engine": label, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                     "warm_up_seconds": warm_up})
+        print(f"sampling {label}: {tokens / seconds:,.0f} tokens/s (warm-up {warm_up:.1f} s)", flush=True)
+    del policy
+    gc.collect()
+    return rows
+
+
+# ---- part 2: the update alone -------------------------------------------------------------------
+
+def update_only(folder: Path, args, device: torch.device, n_params: int, peak: float | None) -> list[dict]:
+    from creditrl.methods.loss import LossConfig, policy_loss
+    from creditrl.policy.loading import load_policy
+
+    policy = load_policy(str(folder), chat_template=False, bf16_autocast=True, device=str(device))
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-6, betas=(0.9, 0.99), weight_decay=0.0)
+    vocab, prompt_len = policy.model.config.vocab_size, 64
+    rows = []
+    for batch, length in args.update_shapes:
+        generator = torch.Generator().manual_seed(0)
+        prompt = torch.randint(3, vocab, (batch, prompt_len), generator=generator).to(device)
+        response = torch.randint(3, vocab, (batch, length - prompt_len), generator=generator).to(device)
+        p_mask, r_mask = torch.ones_like(prompt, dtype=torch.bool), torch.ones_like(response, dtype=torch.bool)
+        advantages = torch.randn(response.shape, generator=generator).to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, error = [], None
+        for _ in range(args.update_iters + 1):
+            try:
+                _sync(device)
+                start = time.perf_counter()
+                scores = policy.score(prompt, p_mask, response, r_mask, with_entropy=True)
+                loss, _ = policy_loss(scores.logprobs, scores.logprobs.detach(), advantages, r_mask,
+                                      LossConfig(agg="token-mean"))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
+                optimizer.step()
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            except torch.OutOfMemoryError as err:
+                error = f"out of memory: {str(err).splitlines()[0]}"
+                break
+        del scores, loss
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        row = {"batch": batch, "length": length, "error": error}
+        if error is None:
+            seconds = sorted(times[1:])[len(times[1:]) // 2]  # median after the first
+            tokens_per_s = batch * length / seconds
+            row.update(seconds=seconds, tokens_per_s=tokens_per_s,
+                       mfu=6 * n_params * tokens_per_s / peak if peak else None,
+                       peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
+        rows.append(row)
+        print(f"update {batch} × {length}: " + (error or f"{row['tokens_per_s']:,.0f} tokens/s"), flush=True)
+    del policy, optimizer
+    gc.collect()
+    return rows
+
+
+# ---- part 3: training steps, creditrl against TRL ---------------------------------------------
+
+def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak: float | None) -> list[dict]:
+    work = Work(model=str(folder), prompts=args.prompts, group_size=args.group_size, max_new_tokens=args.new_tokens,
+                steps=args.steps, threads=args.threads, bf16=True, device=device.type)
+    sides = [("creditrl grpo", "creditrl", replace(work, method="grpo")),
+             ("creditrl grpo, static-cache generate", "creditrl", replace(work, method="grpo", engine="generate-static")),
+             ("creditrl fipo", "creditrl", replace(work, method="fipo")),
+             ("creditrl denser", "creditrl", replace(work, method="denser")),
+             ("TRL grpo", "trl", work)]
+    rows = []
+    for label, side, w in sides:
+        print(f"steps: {label}", flush=True)
+        try:
+            summary = summarize([run_in_process(side, w)])
+        except RuntimeError as err:
+            rows.append({"side": label, "error": str(err)[-2000:]})
+            print(f"  failed: {str(err)[-400:]}", flush=True)
+            continue
+        rows_per_step = w.prompts * w.group_size
+        completion = summary["completion_tokens"] * rows_per_step
+        update_tokens = summary.get("tokens_scored", completion)
+        rows.append({
+            "side": label, **{k: summary[k] for k in ("sample", "update", "step", "completion_tokens")},
+            "sampling_tokens_per_s": completion / summary["sample"],
+            "update_tokens_per_s": update_tokens / summary["update"],
+            "update_mfu": 6 * n_params * update_tokens / summary["update"] / peak if peak else None,
+            "step_tokens_per_s": completion / summary["step"],
+        })
+    return rows
+
+
+def tables(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=140)
+    t = Table(title="sampling (tokens/s, after a warm-up call)")
+    for col in ("engine", "tokens", "tokens/s", "warm-up s", "× kv-cache"):
+        t.add_column(col, justify="left" if col == "engine" else "right")
+    base = results["sampling"][0]["tokens_per_s"]
+    for r in results["sampling"]:
+        t.add_row(r["engine"], str(r["tokens"]), f"{r['tokens_per_s']:,.0f}", f"{r['warm_up_seconds']:.1f}",
+                  f"{r['tokens_per_s'] / base:.2f}")
+    console.print(t)
+    t = Table(title="the update alone (score with gradients, loss, backward, clip, AdamW)")
+    for col in ("batch × length", "tokens/s", "MFU", "peak GiB", "note"):
+        t.add_column(col, justify="left" if col in ("batch × length", "note") else "right")
+    for r in results["update"]:
+        ok = r["error"] is None
+        t.add_row(f"{r['batch']} × {r['length']}", f"{r['tokens_per_s']:,.0f}" if ok else "—",
+                  f"{r['mfu']:.1%}" if ok and r["mfu"] else "—",
+                  f"{r['peak_mem_gib']:.1f}" if ok and r["peak_mem_gib"] else "—", r["error"] or "")
+    console.print(t)
+    t = Table(title="training steps (mean over the measured steps)")
+    for col in ("side", "sample s", "update s", "step s", "sampling tok/s", "update tok/s", "update MFU",
+                "step tok/s", "step × TRL"):
+        t.add_column(col, justify="left" if col == "side" else "right")
+    trl = next((r for r in results["steps"] if r["side"] == "TRL grpo" and "error" not in r), None)
+    for r in results["steps"]:
+        if "error" in r:
+            t.add_row(r["side"], *["—"] * 7, "failed")
+            continue
+        t.add_row(r["side"], f"{r['sample']:.2f}", f"{r['update']:.2f}", f"{r['step']:.2f}",
+                  f"{r['sampling_tokens_per_s']:,.0f}", f"{r['update_tokens_per_s']:,.0f}",
+                  f"{r['update_mfu']:.1%}" if r["update_mfu"] else "—", f"{r['step_tokens_per_s']:,.0f}",
+                  f"{r['step_tokens_per_s'] / trl['step_tokens_per_s']:.2f}" if trl else "—")
+    console.print(t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny sizes: checks the script runs")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default 8; smoke 2)")
+    parser.add_argument("--group-size", type=int, default=None, help="samples per prompt (default 8; smoke 2)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="completion length (default 256; smoke 8)")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per side, the first a warm-up")
+    parser.add_argument("--update-iters", type=int, default=None, help="timed update iterations (default 5; smoke 1)")
+    parser.add_argument("--threads", type=int, default=4, help="CPU threads in each worker")
+    parser.add_argument("--peak-tflops", type=float, help="the card's peak bf16 dense TFLOP/s (default: by name)")
+    parser.add_argument("--parts", nargs="+", choices=("sampling", "update", "steps"),
+                        default=["sampling", "update", "steps"])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    smoke = args.smoke
+    args.prompts = args.prompts or (2 if smoke else 8)
+    args.group_size = args.group_size or (2 if smoke else 8)
+    args.new_tokens = args.new_tokens or (8 if smoke else 256)
+    args.update_iters = args.update_iters or (1 if smoke else 5)
+    args.update_shapes = [(2, 96), (1, 160)] if smoke else [(8, 1024), (4, 4096), (16, 2048)]
+    device = torch.device("cpu" if smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu.py needs a GPU (or --smoke to check the script on the CPU)")
+    peak = peak_flops(device, args.peak_tflops)
+    from importlib.metadata import version
+
+    env = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+           else "cpu", "peak_tflops": peak / 1e12 if peak else None,
+           **{name: version(name) for name in ("torch", "transformers", "trl", "creditrl")}}
+    print("  ".join(f"{k} {v}" for k, v in env.items()), flush=True)
+    results: dict = {"env": env, "args": {k: v for k, v in vars(args).items() if k != "json"}}
+    with tempfile.TemporaryDirectory(prefix="creditrl_gpu_") as tmp:
+        folder = Path(tmp) / "model"
+        n_params = build_model_folder(folder, TINY if smoke else QWEN25_05B)
+        results["env"]["parameters"] = n_params
+        if "sampling" in args.parts:
+            results["sampling"] = sampling_engines(folder, args, device)
+        if "update" in args.parts:
+            results["update"] = update_only(folder, args, device, n_params, peak)
+        if "steps" in args.parts:
+            results["steps"] = trainer_steps(folder, args, device, n_params, peak)
+    results.setdefault("sampling", [])
+    results.setdefault("update", [])
+    results.setdefault("steps", [])
+    if results["sampling"]:
+        tables(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"raw numbers written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
