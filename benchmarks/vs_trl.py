@@ -90,6 +90,7 @@ class Work:
     bf16: bool = False  # creditrl model.bf16_autocast=true; TRL bf16=True (both: float32 weights, bf16 autocast)
     device: str = "cpu"  # "cuda": benchmarks/gpu.py
     method: str = "grpo"  # creditrl's method (TRL runs GRPO)
+    engine: str = "kv-cache"  # creditrl's sampling.engine; "generate-static": generate with a static cache
 
 
 def _memory_mb(field: str) -> float:
@@ -118,7 +119,7 @@ def run_creditrl(work: Work) -> dict:
     with tempfile.TemporaryDirectory(prefix="vs_trl_creditrl_") as tmp:
         cfg = load_config(None, [
             f"method={work.method}", f"model.name={work.model}", f"model.device={work.device}",
-            f"model.bf16_autocast={str(work.bf16).lower()}", f"rollout.prompts_per_step={work.prompts}",
+            f"model.bf16_autocast={str(work.bf16).lower()}", *_engine_overrides(work.engine), f"rollout.prompts_per_step={work.prompts}",
             f"rollout.group_size={work.group_size}", "rollout.dynamic_sampling=false",
             f"sampling.max_new_tokens={work.max_new_tokens}", "sampling.temperature=1.0", "sampling.top_p=1.0",
             f"train.steps={work.steps}", f"train.lr={work.lr}", "train.ppo_epochs=1", "train.n_minibatches=1",
@@ -140,6 +141,12 @@ def run_creditrl(work: Work) -> dict:
                           "update": m["time_update"], "step": m["time_step"],
                           "completion_tokens": m["response_length"], "accuracy": m["accuracy"]})
     return {"side": "creditrl", "steps": steps, "setup_rss_mb": setup_rss, "peak_rss_mb": _memory_mb("VmHWM")}
+
+
+def _engine_overrides(engine: str) -> list[str]:
+    if engine == "generate-static":
+        return ["sampling.engine=generate", "sampling.static_cache=true"]
+    return [f"sampling.engine={engine}"]
 
 
 class _TRLPhases(TrainerCallback):

@@ -54,7 +54,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     # probabilities 0.5, 0.3, 0.15, 0.05: with p = 0.7 the set is {0, 1} (0.5 < 0.7 ≤ 0.8), renormalised to 5/8, 3/8
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(40000, 4)
     torch.manual_seed(0)
-    token, logprob = _draw(logits, temperature=1.0, top_p=0.7)
+    token, logprob = _draw(logits, temperature=1.0, top_p=0.7, uniforms=torch.rand(40000))
     counts = torch.bincount(token, minlength=4).float() / len(token)
     assert counts[2] == 0 and counts[3] == 0
     assert counts[0].item() == pytest.approx(5 / 8, abs=0.01)
@@ -87,6 +87,7 @@ def test_bucketed_packed_scoring_equals_one_row_at_a_time(tiny_policy, buckets):
     r_ids, r_mask = right_pad(responses, tiny_policy.pad_id)
     with torch.no_grad():
         scores = tiny_policy.score(p_ids, p_mask.bool(), r_ids, r_mask, with_entropy=True, buckets=buckets)
+    assert tiny_policy.model.config._attn_implementation == "sdpa"  # eager for short rows, then restored
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         with torch.no_grad():
             logits = tiny_policy.model(torch.tensor([prompt + response])).logits[0].float()
@@ -145,3 +146,13 @@ def test_bucket_count_weighs_padding_against_the_cost_of_a_forward():
     assert _bucket_count(torch.tensor([10, 10, 10, 100]), 2) == 2  # capped by the setting
     assert _bucket_count(torch.tensor([50] * 8), 4) == 1  # nothing to save
     assert _bucket_count(torch.tensor([7]), 4) == 1
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_mass():
+    from creditrl.policy.decoding import _inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3]]).expand(60000, 5) * 3.0  # unnormalised on purpose
+    torch.manual_seed(1)
+    counts = torch.bincount(_inverse_cdf(probs, torch.rand(60000)), minlength=5).float() / 60000
+    assert counts[0] == 0 and counts[2] == 0
+    torch.testing.assert_close(counts, torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3]), atol=0.01, rtol=0)

@@ -8,7 +8,7 @@ only the rows still running (`batch_select_indices`).  It also returns the log-p
 sampled token under the temperature-scaled distribution, the number `policy.score` computes.
 
 Top-p follows Holtzman et al. (2020): keep the smallest set of most likely tokens whose
-probability reaches p (at least one token), renormalise, sample.
+probability reaches p (at least one token), renormalise, sample (by inverse CDF).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def sample_with_cache(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: T
                       stopped: Callable[[int, list[int]], bool] | None = None) -> Decoded:
     """n samples for each left-padded prompt (P, L); `stopped(row, tokens)` may end a row early.
 
-    Temperature 0 is greedy decoding.  Random draws use torch's global generator, so the
-    caller's `torch.manual_seed` makes the result reproducible.
+    Temperature 0 is greedy decoding.  Every step draws one uniform for every row of the batch,
+    finished or not, from torch's global generator: a row's sample depends on the caller's
+    `torch.manual_seed` and its own place, not on when the other rows ended.
     """
     cache = DynamicCache(config=model.config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
@@ -59,7 +60,8 @@ def sample_with_cache(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: T
     ended = [False] * rows
     end = torch.tensor(end_ids, dtype=torch.long, device=prompt_ids.device)
     for step in range(max_new_tokens):
-        token, logprob = _draw(logits.float(), temperature, top_p)
+        uniforms = torch.rand(rows, dtype=torch.float64)[running].to(logits.device)  # one per row and step
+        token, logprob = _draw(logits.float(), temperature, top_p, uniforms)
         is_end = torch.isin(token, end)
         keep: list[int] = []
         for i, (row, tok, lp, stop) in enumerate(zip(running.tolist(), token.tolist(), logprob.tolist(), is_end.tolist())):
@@ -130,8 +132,8 @@ def _cache_argument(model: PreTrainedModel) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _draw(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Tensor]:
-    """One token per row and its log-prob under softmax(logits / temperature)."""
+def _draw(logits: Tensor, temperature: float, top_p: float, uniforms: Tensor) -> tuple[Tensor, Tensor]:
+    """One token per row and its log-prob under softmax(logits / temperature); `uniforms` (B,) in [0, 1)."""
     if temperature == 0.0:
         log_p = torch.log_softmax(logits, dim=-1)
         token = logits.argmax(dim=-1)
@@ -143,5 +145,14 @@ def _draw(logits: Tensor, temperature: float, top_p: float) -> tuple[Tensor, Ten
         before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the more likely tokens
         sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    token = torch.multinomial(probs, 1).squeeze(1)
+    token = _inverse_cdf(probs, uniforms)
     return token, log_p.gather(-1, token[:, None]).squeeze(1)
+
+
+def _inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Per row of unnormalised probabilities (B, V), the first token whose cumulative mass exceeds
+    u · total.  One uniform per row; `torch.multinomial` draws an exponential for every
+    vocabulary entry, which dominates a decode step for large vocabularies on a CPU."""
+    cdf = probs.double().cumsum(dim=-1)
+    target = uniforms.to(torch.float64)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)

@@ -172,7 +172,9 @@ class TransformersPolicy:
         """
         prompt_len, response_len = prompt_mask.sum(1), response_mask.sum(1)
         order = (prompt_len + response_len).argsort(stable=True)
-        with self._autocast():  # one region for all buckets: autocast casts each weight once and reuses it
+        longest = int((prompt_len + response_len).max()) if len(order) else 0
+        # one autocast region for all buckets: autocast casts each weight once and reuses it
+        with self._autocast(), self._short_sequence_attention(longest):
             parts = [self._score_packed(prompt_ids[rows], prompt_mask[rows], response_ids[rows], response_len[rows],
                                         temperature, with_entropy, with_hidden, entropy_grad)
                      for rows in order.tensor_split(_bucket_count((prompt_len + response_len)[order], buckets))]
@@ -210,6 +212,21 @@ class TransformersPolicy:
         return logprobs.view(shape), None if entropy is None else entropy.view(shape), hidden
 
     @contextmanager
+    def _short_sequence_attention(self, length: int):
+        """On a CPU, sequences of at most EAGER_ON_CPU_UP_TO tokens are scored with eager attention
+        instead of sdpa: sdpa's CPU flash kernel is slow in the backward at these lengths (SmolLM2,
+        8 rows of ~80 tokens, bf16: the update 11% faster), and eager's T × T probabilities stay small."""
+        switch = (self.device.type == "cpu" and length <= EAGER_ON_CPU_UP_TO
+                  and self.model.config._attn_implementation == "sdpa")
+        if switch:
+            self.model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            if switch:
+                self.model.set_attn_implementation("sdpa")
+
+    @contextmanager
     def _capture_last_layer(self, enabled: bool):
         captured: list[Tensor] = []
         if not enabled:
@@ -224,6 +241,7 @@ class TransformersPolicy:
             handle.remove()
 
 
+EAGER_ON_CPU_UP_TO = 512  # tokens per row
 FORWARD_COST_TOKENS = 64  # what one more forward costs, in padded tokens (weight casts, gradient sums, launches)
 
 
