@@ -8,7 +8,7 @@
 The model is the Qwen2.5-0.5B architecture (24 layers, hidden 896, 14 heads / 2 KV heads, MLP 4864,
 vocabulary 151,936, tied embeddings) with random weights, saved once to a temporary folder with
 a character-level tokenizer padded to the same vocabulary (weights do not matter for speed; a
-random model samples its full length, so every side does the same work).  Weights stay float32
+random model almost never samples its end token, so rows run their full length on every side).  Weights stay float32
 and forwards run under bfloat16 autocast on both sides (creditrl `model.bf16_autocast=true`,
 TRL `bf16=True`), sdpa attention, no gradient checkpointing.
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -109,7 +110,6 @@ def sampling_engines(folder: Path, args, device: torch.device) -> list[dict]:
     from creditrl.tasks.lab import LabTask
 
     policy = load_policy(str(folder), chat_template=False, bf16_autocast=True, device=str(device))
-    policy.eos_ids = []  # a random model: every row runs the full length, so every engine does the same work
     prompts = [policy.encode_prompt(p.prompt) for p in LabTask().train_problems()[: args.prompts]]
     rows = []
     for label, engine, static in (("kv-cache", "kv-cache", False), ("generate", "generate", False),
@@ -191,6 +191,8 @@ def update_only(folder: Path, args, device: torch.device, n_params: int, peak: f
 # ---- part 3: training steps, creditrl against TRL ---------------------------------------------
 
 def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak: float | None) -> list[dict]:
+    from creditrl.tasks.lab import LabTask
+
     work = Work(model=str(folder), prompts=args.prompts, group_size=args.group_size, max_new_tokens=args.new_tokens,
                 steps=args.steps, threads=args.threads, bf16=True, device=device.type)
     sides = [("creditrl grpo", "creditrl", replace(work, method="grpo")),
@@ -198,6 +200,8 @@ def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak:
              ("creditrl fipo", "creditrl", replace(work, method="fipo")),
              ("creditrl denser", "creditrl", replace(work, method="denser")),
              ("TRL grpo", "trl", work)]
+    # the character-level prompts: the question and a newline, one token per character
+    prompt_tokens = statistics.mean(len(p.prompt) + 1 for p in LabTask().train_problems()[: work.prompts * work.steps])
     rows = []
     for label, side, w in sides:
         print(f"steps: {label}", flush=True)
@@ -209,7 +213,7 @@ def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak:
             continue
         rows_per_step = w.prompts * w.group_size
         completion = summary["completion_tokens"] * rows_per_step
-        update_tokens = summary.get("tokens_scored", completion)
+        update_tokens = completion + prompt_tokens * rows_per_step  # the update's forward covers prompt + response
         rows.append({
             "side": label, **{k: summary[k] for k in ("sample", "update", "step", "completion_tokens")},
             "sampling_tokens_per_s": completion / summary["sample"],
@@ -222,32 +226,52 @@ def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak:
 
 def tables(results: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=140)
+    if results["sampling"]:
+        console.print(_sampling_table(results["sampling"]))
+    if results["update"]:
+        console.print(_update_table(results["update"]))
+    if results["steps"]:
+        console.print(_steps_table(results["steps"]))
+
+
+def _sampling_table(rows: list[dict]):
+    from rich.table import Table
+
     t = Table(title="sampling (tokens/s, after a warm-up call)")
     for col in ("engine", "tokens", "tokens/s", "warm-up s", "× kv-cache"):
         t.add_column(col, justify="left" if col == "engine" else "right")
-    base = results["sampling"][0]["tokens_per_s"]
-    for r in results["sampling"]:
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
         t.add_row(r["engine"], str(r["tokens"]), f"{r['tokens_per_s']:,.0f}", f"{r['warm_up_seconds']:.1f}",
                   f"{r['tokens_per_s'] / base:.2f}")
-    console.print(t)
+    return t
+
+
+def _update_table(rows: list[dict]):
+    from rich.table import Table
+
     t = Table(title="the update alone (score with gradients, loss, backward, clip, AdamW)")
     for col in ("batch × length", "tokens/s", "MFU", "peak GiB", "note"):
         t.add_column(col, justify="left" if col in ("batch × length", "note") else "right")
-    for r in results["update"]:
+    for r in rows:
         ok = r["error"] is None
         t.add_row(f"{r['batch']} × {r['length']}", f"{r['tokens_per_s']:,.0f}" if ok else "—",
                   f"{r['mfu']:.1%}" if ok and r["mfu"] else "—",
                   f"{r['peak_mem_gib']:.1f}" if ok and r["peak_mem_gib"] else "—", r["error"] or "")
-    console.print(t)
+    return t
+
+
+def _steps_table(rows: list[dict]):
+    from rich.table import Table
+
     t = Table(title="training steps (mean over the measured steps)")
     for col in ("side", "sample s", "update s", "step s", "sampling tok/s", "update tok/s", "update MFU",
                 "step tok/s", "step × TRL"):
         t.add_column(col, justify="left" if col == "side" else "right")
-    trl = next((r for r in results["steps"] if r["side"] == "TRL grpo" and "error" not in r), None)
-    for r in results["steps"]:
+    trl = next((r for r in rows if r["side"] == "TRL grpo" and "error" not in r), None)
+    for r in rows:
         if "error" in r:
             t.add_row(r["side"], *["—"] * 7, "failed")
             continue
@@ -255,7 +279,7 @@ def tables(results: dict) -> None:
                   f"{r['sampling_tokens_per_s']:,.0f}", f"{r['update_tokens_per_s']:,.0f}",
                   f"{r['update_mfu']:.1%}" if r["update_mfu"] else "—", f"{r['step_tokens_per_s']:,.0f}",
                   f"{r['step_tokens_per_s'] / trl['step_tokens_per_s']:.2f}" if trl else "—")
-    console.print(t)
+    return t
 
 
 def main() -> None:
@@ -299,11 +323,9 @@ def main() -> None:
             results["update"] = update_only(folder, args, device, n_params, peak)
         if "steps" in args.parts:
             results["steps"] = trainer_steps(folder, args, device, n_params, peak)
-    results.setdefault("sampling", [])
-    results.setdefault("update", [])
-    results.setdefault("steps", [])
-    if results["sampling"]:
-        tables(results)
+    for part in ("sampling", "update", "steps"):
+        results.setdefault(part, [])
+    tables(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"raw numbers written to {args.json}")

@@ -82,3 +82,8 @@ def test_every_shipped_config_loads(path):
 def test_lab_grpo_yaml_is_the_default_run():
     shipped = load_config(Path(__file__).parents[1] / "configs" / "lab-grpo.yaml")
     assert shipped.model_dump() == load_config().model_dump()
+
+
+def test_an_override_value_that_is_not_yaml_names_the_override():
+    with pytest.raises(ConfigError, match=r"override 'train.lr=:': the value is not valid YAML"):
+        load_config(None, ["train.lr=:"])

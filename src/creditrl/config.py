@@ -172,7 +172,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {pair!r} is not of the form key=value")
-        _set_dotted(nested, key.strip(), _scalar(raw))
+        try:
+            value = _scalar(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {pair!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+        _set_dotted(nested, key.strip(), value)
     return nested
 
 
