@@ -1,0 +1,53 @@
+"""benchmarks/gpu.py on the CPU (--smoke sizes): the model folder, the sampling and update parts, the peak lookup."""
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("trl")  # the script imports benchmarks/vs_trl.py, which needs TRL
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_benchmark"] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["gpu_benchmark"]
+    sys.path.remove(str(SCRIPT.parent))
+
+
+def test_sampling_and_update_parts_run_at_smoke_size(gpu, tmp_path):
+    folder = tmp_path / "model"
+    n_params = gpu.build_model_folder(folder, gpu.TINY)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert n_params == sum(p.numel() for p in model.parameters())
+    assert len(AutoTokenizer.from_pretrained(folder)) == gpu.TINY["vocab_size"] == model.config.vocab_size
+
+    args = SimpleNamespace(prompts=2, group_size=2, new_tokens=4, update_iters=1, update_shapes=[(2, 80)])
+    sampling = gpu.sampling_engines(folder, args, torch.device("cpu"))
+    assert [r["engine"] for r in sampling] == ["kv-cache", "generate", "generate, static cache"]
+    assert all(0 < r["tokens"] <= 2 * 2 * 4 and r["tokens_per_s"] > 0 for r in sampling)
+    update = gpu.update_only(folder, args, torch.device("cpu"), n_params, peak=1e12)
+    assert update[0]["error"] is None and update[0]["tokens_per_s"] > 0
+    assert update[0]["mfu"] == pytest.approx(6 * n_params * update[0]["tokens_per_s"] / 1e12)
+
+
+def test_peak_flops_by_card_name(gpu, monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d: "NVIDIA H100 PCIe")
+    assert gpu.peak_flops(cuda, None) == 756e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d: "NVIDIA H100 80GB HBM3")
+    assert gpu.peak_flops(cuda, None) == pytest.approx(989.4e12)
+    assert gpu.peak_flops(cuda, 500.0) == 500e12
+    assert gpu.peak_flops(torch.device("cpu"), None) is None
