@@ -4,6 +4,7 @@
     python benchmarks/vs_trl.py --model lab                      # defaults below, a few minutes on 2 cores
     python benchmarks/vs_trl.py --model lab --json results.json  # also write every measured step
     python benchmarks/vs_trl.py --model smollm2 --prompts 2 --group-size 4 --max-new-tokens 32
+    python benchmarks/vs_trl.py --model smollm2 --prompts 2 --group-size 4 --max-new-tokens 32 --bf16
     python benchmarks/vs_trl.py --scaling --scaling-models lab   # creditrl alone: group size, length (, model)
 
 Both sides get the same work: the same model (`--model lab`: the bundled lab model; `smollm2`:
@@ -16,7 +17,8 @@ one optimizer update per step on the whole batch (creditrl: train.ppo_epochs=1,
 train.n_minibatches=1; TRL: num_iterations=1, steps_per_generation=1, gradient_accumulation_steps=1),
 no KL term (loss.kl_coef=0 / beta=0), AdamW with the same lr, betas (0.9, 0.99), no weight decay,
 a constant schedule, gradients clipped at norm 1, clip ε = 0.2, loss averaged over all tokens of the
-batch (creditrl loss.agg=token-mean, TRL loss_type="dapo"), no gradient checkpointing, no bf16.
+batch (creditrl loss.agg=token-mean, TRL loss_type="dapo"), no gradient checkpointing, float32
+(`--bf16`: bf16 autocast on both sides over float32 weights, creditrl model.bf16_autocast=true, TRL bf16=True).
 Prompts: the question and a newline for the lab model; the chat template for SmolLM2 (creditrl's
 `encode_prompt`; TRL gets the conversational format).
 
@@ -28,7 +30,7 @@ every figure is a mean over the remaining steps of all repetitions.
 What the columns hold (seconds per step):
 
     phase              creditrl (Trainer.train_step's own timers)      TRL (wall clock around bound methods)
-    sample + reward    time_sample: generate, decode, cut steps,       _generate (tokenize, generate, decode)
+    sample + reward    time_sample: sample (kv-cache), decode, cut,     _generate (tokenize, generate, decode)
                        verify, reward, build the batch                 + _calculate_rewards (the reward function)
     old/ref log-probs  time_score (no forward with one epoch × one     _get_per_token_logps_and_entropies calls made
                        minibatch and no KL: ~0)                        inside _generate_and_score_completions (none

@@ -207,3 +207,32 @@ def test_unsupported_trl_options_are_refused(tiny_lab_model_dir, tmp_path, optio
     with pytest.raises(ValueError, match=re.escape(reason)):
         CreditGRPOTrainer(model=model, reward_funcs=lab_reward, args=make_args(tmp_path, **options),
                           train_dataset=DATASET, processing_class=tokenizer, method="grpo")
+
+
+# ---- (4) LoRA through TRL's own peft_config --------------------------------------------------------
+
+def test_lora_through_peft_config_matches_trl(tiny_lab_model_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                           init_lora_weights="gaussian")
+    args = make_args(tmp_path)
+    torch.manual_seed(0)
+    ours = train(CreditGRPOTrainer, tiny_lab_model_dir, args, method="grpo", method_params={"eps": 1e-4},
+                 peft_config=copy.deepcopy(lora))
+    torch.manual_seed(0)
+    theirs = train(GRPOTrainer, tiny_lab_model_dir, args, peft_config=copy.deepcopy(lora))
+
+    start, _ = load_model_and_tokenizer(str(tiny_lab_model_dir))
+    start_weights = dict(start.named_parameters())
+    trained = {n: p for n, p in ours.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)  # only the adapters train
+    for name, param in ours.model.named_parameters():
+        if "lora_" not in name:  # frozen base weights, under peft's prefix
+            base = name.replace("base_model.model.", "").replace(".base_layer", "")
+            torch.testing.assert_close(param, start_weights[base], msg=name)
+    for mine, trl in zip(step_logs(ours), step_logs(theirs), strict=True):
+        assert mine["loss"] == pytest.approx(trl["loss"], rel=1e-4, abs=1e-7)
+    for (name, mine), (_, trl) in zip(ours.model.named_parameters(), theirs.model.named_parameters(), strict=True):
+        torch.testing.assert_close(mine, trl, rtol=1e-4, atol=1e-6, msg=name)
+    moved = [n for n, p in trained.items() if "lora_B" in n and p.abs().max() > 0]
+    assert moved  # the adapters did learn something (gaussian init: lora_B starts at 0)
