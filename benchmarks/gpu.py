@@ -30,6 +30,9 @@ generate engines), FIPO and DenseR, and TRL's GRPOTrainer, each in its own proce
 step, no KL, token-mean loss); per step: sample and update seconds, sampling tokens/s, update
 tokens/s and MFU, full-step tokens/s, and the ratio to TRL.
 
+The parts run in the order update, sampling, steps (the steps' sides with TRL second), and
+`--json` is rewritten after each part and each side, so a run cut short keeps what it measured.
+
 Targets (issue 6): the update phase at ≥ 40% MFU in bf16 on an H100-class card; the full step at
 least TRL's tokens/s.  Peak bf16 dense FLOP/s is looked up from the card's name (H100/H200 SXM
 989 TFLOP/s, H100 PCIe 756, A100 312) or given with --peak-tflops.
@@ -152,7 +155,7 @@ def update_only(folder: Path, args, device: torch.device, n_params: int, peak: f
         advantages = torch.randn(response.shape, generator=generator).to(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times, error = [], None
+        times, error, scores, loss = [], None, None, None
         for _ in range(args.update_iters + 1):
             try:
                 _sync(device)
@@ -190,19 +193,21 @@ def update_only(folder: Path, args, device: torch.device, n_params: int, peak: f
 
 # ---- part 3: training steps, creditrl against TRL ---------------------------------------------
 
-def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak: float | None) -> list[dict]:
+def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak: float | None,
+                  rows: list[dict], save) -> None:
+    """Appends one row per side to `rows`, calling `save()` after each."""
     from creditrl.tasks.lab import LabTask
 
     work = Work(model=str(folder), prompts=args.prompts, group_size=args.group_size, max_new_tokens=args.new_tokens,
                 steps=args.steps, threads=args.threads, bf16=True, device=device.type)
+    # the pair that answers the target first, so a run cut short still has it
     sides = [("creditrl grpo", "creditrl", replace(work, method="grpo")),
-             ("creditrl grpo, static-cache generate", "creditrl", replace(work, method="grpo", engine="generate-static")),
+             ("TRL grpo", "trl", work),
              ("creditrl fipo", "creditrl", replace(work, method="fipo")),
              ("creditrl denser", "creditrl", replace(work, method="denser")),
-             ("TRL grpo", "trl", work)]
+             ("creditrl grpo, static-cache generate", "creditrl", replace(work, method="grpo", engine="generate-static"))]
     # the character-level prompts: the question and a newline, one token per character
     prompt_tokens = statistics.mean(len(p.prompt) + 1 for p in LabTask().train_problems()[: work.prompts * work.steps])
-    rows = []
     for label, side, w in sides:
         print(f"steps: {label}", flush=True)
         try:
@@ -210,6 +215,7 @@ def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak:
         except RuntimeError as err:
             rows.append({"side": label, "error": str(err)[-2000:]})
             print(f"  failed: {str(err)[-400:]}", flush=True)
+            save()
             continue
         rows_per_step = w.prompts * w.group_size
         completion = summary["completion_tokens"] * rows_per_step
@@ -221,17 +227,17 @@ def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak:
             "update_mfu": 6 * n_params * update_tokens / summary["update"] / peak if peak else None,
             "step_tokens_per_s": completion / summary["step"],
         })
-    return rows
+        save()
 
 
 def tables(results: dict) -> None:
     from rich.console import Console
 
     console = Console(width=140)
-    if results["sampling"]:
-        console.print(_sampling_table(results["sampling"]))
     if results["update"]:
         console.print(_update_table(results["update"]))
+    if results["sampling"]:
+        console.print(_sampling_table(results["sampling"]))
     if results["steps"]:
         console.print(_steps_table(results["steps"]))
 
@@ -312,22 +318,27 @@ def main() -> None:
            else "cpu", "peak_tflops": peak / 1e12 if peak else None,
            **{name: version(name) for name in ("torch", "transformers", "trl", "creditrl")}}
     print("  ".join(f"{k} {v}" for k, v in env.items()), flush=True)
-    results: dict = {"env": env, "args": {k: v for k, v in vars(args).items() if k != "json"}}
+    results: dict = {"env": env, "args": {k: v for k, v in vars(args).items() if k != "json"},
+                      "sampling": [], "update": [], "steps": []}
+
+    def save() -> None:  # after every part and every side: a run cut short keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+
     with tempfile.TemporaryDirectory(prefix="creditrl_gpu_") as tmp:
         folder = Path(tmp) / "model"
         n_params = build_model_folder(folder, TINY if smoke else QWEN25_05B)
         results["env"]["parameters"] = n_params
-        if "sampling" in args.parts:
-            results["sampling"] = sampling_engines(folder, args, device)
         if "update" in args.parts:
             results["update"] = update_only(folder, args, device, n_params, peak)
+            save()
+        if "sampling" in args.parts:
+            results["sampling"] = sampling_engines(folder, args, device)
+            save()
         if "steps" in args.parts:
-            results["steps"] = trainer_steps(folder, args, device, n_params, peak)
-    for part in ("sampling", "update", "steps"):
-        results.setdefault(part, [])
+            trainer_steps(folder, args, device, n_params, peak, results["steps"], save)
     tables(results)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
         print(f"raw numbers written to {args.json}")
 
 
