@@ -103,3 +103,44 @@ def test_entropy_keeps_no_graph_unless_it_is_trained(tiny_policy):
     assert logged.logprobs.requires_grad and not logged.entropy.requires_grad
     assert trained.entropy.requires_grad
     torch.testing.assert_close(logged.entropy, trained.entropy.detach())
+
+
+def test_sampling_no_prompts_gives_an_empty_generation(tiny_policy):
+    gen = tiny_policy.sample([], 4, SamplingConfig(max_new_tokens=4), seed=0)
+    assert (gen.prompt_ids, gen.response_ids, gen.truncated) == ([], [], [])
+
+
+def test_gpu_attention_leaves_out_cudnn_and_restores_the_flags(tiny_policy, monkeypatch):
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
+    with tiny_policy._attention_kernels():  # a CPU: torch's own choice
+        assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == before
+    monkeypatch.setattr(type(tiny_policy), "device", property(lambda self: torch.device("cuda")))
+    with tiny_policy._attention_kernels():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == before
+
+
+def test_every_forward_of_sampling_and_scoring_runs_under_the_attention_choice(tiny_policy, monkeypatch):
+    from contextlib import contextmanager
+
+    inside, seen = [False], []
+
+    @contextmanager
+    def recording():
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(tiny_policy, "_attention_kernels", recording)
+    handle = tiny_policy.model.register_forward_pre_hook(lambda *_: seen.append(inside[0]))
+    try:
+        gen = tiny_policy.sample(_encode(tiny_policy), 2, SamplingConfig(max_new_tokens=3), seed=0)
+        p_ids, p_mask = left_pad(gen.prompt_ids, tiny_policy.pad_id)
+        r_ids, r_mask = right_pad(gen.response_ids, tiny_policy.pad_id)
+        tiny_policy.score(p_ids, p_mask, r_ids, r_mask)
+    finally:
+        handle.remove()
+    assert len(seen) >= 2 and all(seen)
