@@ -30,7 +30,12 @@ generate engines), FIPO and DenseR, and TRL's GRPOTrainer, each in its own proce
 step, no KL, token-mean loss); per step: sample and update seconds, sampling tokens/s, update
 tokens/s and MFU, full-step tokens/s, and the ratio to TRL.
 
-The parts run in the order update, sampling, steps (the steps' sides with TRL second), and
+Part 1b, lengths: kv-cache sampling calls whose prompts have a length the process has not met,
+against a second call with the same lengths, with the policy's attention choice (cuDNN's
+sdpa kernel left out on a GPU) and with torch's own order (cuDNN first on Hopper): ms per
+decode step.
+
+The parts run in the order update, sampling, lengths, steps (the steps' sides with TRL second), and
 `--json` is rewritten after each part and each side, so a run cut short keeps what it measured.
 
 Targets (issue 6): the update phase at ≥ 40% MFU in bf16 on an H100-class card; the full step at
@@ -137,6 +142,52 @@ def sampling_engines(folder: Path, args, device: torch.device) -> list[dict]:
     return rows
 
 
+# ---- part 1b: lengths the process has not seen ------------------------------------------------
+
+def new_lengths(folder: Path, args, device: torch.device) -> list[dict]:
+    """One kv-cache sampling call per row: lengths seen before against new ones, with and without cuDNN attention.
+
+    Each prompt set holds prompts of one length, a different length per set, so every decode step
+    of a set's first call meets key lengths the process has not seen.  The first set warms up;
+    the policy's own attention choice (cuDNN left out) and torch's order (cuDNN first on Hopper)
+    then each meet a new set twice.
+    """
+    from contextlib import nullcontext
+
+    from creditrl.policy.loading import load_policy
+    from creditrl.policy.transformers_backend import SamplingConfig
+    from creditrl.tasks.lab import LabTask
+
+    policy = load_policy(str(folder), chat_template=False, bf16_autocast=True, device=str(device))
+    by_length: dict[int, list[list[int]]] = {}
+    for problem in LabTask().train_problems():
+        ids = policy.encode_prompt(problem.prompt)
+        by_length.setdefault(len(ids), []).append(ids)
+    sets = [rows[: args.prompts] for _, rows in sorted(by_length.items()) if len(rows) >= args.prompts][:3]
+    if len(sets) < 3:
+        raise RuntimeError(f"the lab task has fewer than three prompt lengths with {args.prompts} prompts each")
+    cfg = SamplingConfig(max_new_tokens=args.new_tokens // 2, batch_size=args.prompts * args.group_size)
+    own_choice = policy._attention_kernels
+    calls = [("warm-up", sets[0], own_choice), ("cuDNN left out, new lengths", sets[1], own_choice),
+             ("cuDNN left out, same lengths again", sets[1], own_choice),
+             ("torch's order, new lengths", sets[2], nullcontext),
+             ("torch's order, same lengths again", sets[2], nullcontext)]
+    rows = []
+    for label, prompts, attention in calls:
+        policy._attention_kernels = attention
+        _sync(device)
+        start = time.perf_counter()
+        policy.sample(prompts, args.group_size, cfg, seed=0)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        rows.append({"call": label, "prompt_tokens": len(prompts[0]), "seconds": seconds,
+                     "ms_per_decode_step": 1000 * seconds / cfg.max_new_tokens})
+        print(f"lengths: {label}: {rows[-1]['ms_per_decode_step']:.1f} ms per decode step", flush=True)
+    del policy
+    gc.collect()
+    return rows
+
+
 # ---- part 2: the update alone -------------------------------------------------------------------
 
 def update_only(folder: Path, args, device: torch.device, n_params: int, peak: float | None) -> list[dict]:
@@ -238,6 +289,8 @@ def tables(results: dict) -> None:
         console.print(_update_table(results["update"]))
     if results["sampling"]:
         console.print(_sampling_table(results["sampling"]))
+    if results["lengths"]:
+        console.print(_lengths_table(results["lengths"]))
     if results["steps"]:
         console.print(_steps_table(results["steps"]))
 
@@ -252,6 +305,17 @@ def _sampling_table(rows: list[dict]):
     for r in rows:
         t.add_row(r["engine"], str(r["tokens"]), f"{r['tokens_per_s']:,.0f}", f"{r['warm_up_seconds']:.1f}",
                   f"{r['tokens_per_s'] / base:.2f}")
+    return t
+
+
+def _lengths_table(rows: list[dict]):
+    from rich.table import Table
+
+    t = Table(title="kv-cache sampling: new lengths against seen ones (one call each)")
+    for col in ("call", "prompt tokens", "seconds", "ms per decode step"):
+        t.add_column(col, justify="left" if col == "call" else "right")
+    for r in rows:
+        t.add_row(r["call"], str(r["prompt_tokens"]), f"{r['seconds']:.2f}", f"{r['ms_per_decode_step']:.1f}")
     return t
 
 
@@ -298,8 +362,8 @@ def main() -> None:
     parser.add_argument("--update-iters", type=int, default=None, help="timed update iterations (default 5; smoke 1)")
     parser.add_argument("--threads", type=int, default=4, help="CPU threads in each worker")
     parser.add_argument("--peak-tflops", type=float, help="the card's peak bf16 dense TFLOP/s (default: by name)")
-    parser.add_argument("--parts", nargs="+", choices=("sampling", "update", "steps"),
-                        default=["sampling", "update", "steps"])
+    parser.add_argument("--parts", nargs="+", choices=("update", "sampling", "lengths", "steps"),
+                        default=["update", "sampling", "lengths", "steps"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     smoke = args.smoke
@@ -319,7 +383,7 @@ def main() -> None:
            **{name: version(name) for name in ("torch", "transformers", "trl", "creditrl")}}
     print("  ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     results: dict = {"env": env, "args": {k: v for k, v in vars(args).items() if k != "json"},
-                      "sampling": [], "update": [], "steps": []}
+                      "update": [], "sampling": [], "lengths": [], "steps": []}
 
     def save() -> None:  # after every part and every side: a run cut short keeps what it measured
         if args.json:
@@ -334,6 +398,9 @@ def main() -> None:
             save()
         if "sampling" in args.parts:
             results["sampling"] = sampling_engines(folder, args, device)
+            save()
+        if "lengths" in args.parts:
+            results["lengths"] = new_lengths(folder, args, device)
             save()
         if "steps" in args.parts:
             trainer_steps(folder, args, device, n_params, peak, results["steps"], save)

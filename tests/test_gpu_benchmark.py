@@ -25,7 +25,7 @@ def gpu():
     sys.path.remove(str(SCRIPT.parent))
 
 
-def test_sampling_and_update_parts_run_at_smoke_size(gpu, tmp_path):
+def test_sampling_lengths_and_update_parts_run_at_smoke_size(gpu, tmp_path):
     folder = tmp_path / "model"
     n_params = gpu.build_model_folder(folder, gpu.TINY)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -38,6 +38,10 @@ def test_sampling_and_update_parts_run_at_smoke_size(gpu, tmp_path):
     sampling = gpu.sampling_engines(folder, args, torch.device("cpu"))
     assert [r["engine"] for r in sampling] == ["kv-cache", "generate", "generate, static cache"]
     assert all(0 < r["tokens"] <= 2 * 2 * 4 and r["tokens_per_s"] > 0 for r in sampling)
+    lengths = gpu.new_lengths(folder, args, torch.device("cpu"))
+    assert [r["call"].split(",")[0] for r in lengths] == ["warm-up"] + ["cuDNN left out"] * 2 + ["torch's order"] * 2
+    assert len({r["prompt_tokens"] for r in lengths}) == 3  # the sets' lengths differ; a set's two calls share one
+    assert lengths[1]["prompt_tokens"] == lengths[2]["prompt_tokens"] and all(r["seconds"] > 0 for r in lengths)
     update = gpu.update_only(folder, args, torch.device("cpu"), n_params, peak=1e12)
     assert update[0]["error"] is None and update[0]["tokens_per_s"] > 0
     assert update[0]["mfu"] == pytest.approx(6 * n_params * update[0]["tokens_per_s"] / 1e12)
