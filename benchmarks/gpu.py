@@ -65,6 +65,7 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   tie_word_embeddings=True)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=1024, max_position_embeddings=1024, tie_word_embeddings=True)
+STEP_SIDES = ("grpo", "trl", "fipo", "denser", "static")  # creditrl GRPO, TRL GRPO, FIPO, DenseR, static-cache GRPO
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0}
 
 
@@ -252,11 +253,13 @@ def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak:
     work = Work(model=str(folder), prompts=args.prompts, group_size=args.group_size, max_new_tokens=args.new_tokens,
                 steps=args.steps, threads=args.threads, bf16=True, device=device.type)
     # the pair that answers the target first, so a run cut short still has it
-    sides = [("creditrl grpo", "creditrl", replace(work, method="grpo")),
-             ("TRL grpo", "trl", work),
-             ("creditrl fipo", "creditrl", replace(work, method="fipo")),
-             ("creditrl denser", "creditrl", replace(work, method="denser")),
-             ("creditrl grpo, static-cache generate", "creditrl", replace(work, method="grpo", engine="generate-static"))]
+    sides = {"grpo": ("creditrl grpo", "creditrl", replace(work, method="grpo")),
+             "trl": ("TRL grpo", "trl", work),
+             "fipo": ("creditrl fipo", "creditrl", replace(work, method="fipo")),
+             "denser": ("creditrl denser", "creditrl", replace(work, method="denser")),
+             "static": ("creditrl grpo, static-cache generate", "creditrl",
+                        replace(work, method="grpo", engine="generate-static"))}
+    sides = [sides[name] for name in args.sides]
     # the character-level prompts: the question and a newline, one token per character
     prompt_tokens = statistics.mean(len(p.prompt) + 1 for p in LabTask().train_problems()[: work.prompts * work.steps])
     for label, side, w in sides:
@@ -364,6 +367,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="the card's peak bf16 dense TFLOP/s (default: by name)")
     parser.add_argument("--parts", nargs="+", choices=("update", "sampling", "lengths", "steps"),
                         default=["update", "sampling", "lengths", "steps"])
+    parser.add_argument("--sides", nargs="+", choices=STEP_SIDES, default=list(STEP_SIDES),
+                        help="the steps part's sides, in this order (roughly 1.5 minutes each on an H100)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     smoke = args.smoke
