@@ -20,9 +20,11 @@ compilation is in its warm-up, reported apart).
 
 Part 2, the update alone: random token batches of B rows × T tokens through the trainer's own
 update code (`policy.score` with gradients, `policy_loss`, backward, clipping, AdamW), at 8 × 1024,
-4 × 4096 and 16 × 2048; tokens/s and MFU = 6 · N · tokens/s / peak (N: parameters without the
-embedding table counted twice; attention's own FLOPs left out, as is usual), and the peak CUDA
-memory.  16 × 2048 is the size whose float32 logits alone (18.5 GiB) break a plain forward.
+4 × 4096 and 16 × 2048, and beside it a plain transformers update of the model in bf16 weights
+(full float32 logits, log-softmax, gather); tokens/s, MFU = 6 · N · tokens/s / peak (N: parameters
+without the embedding table counted twice; attention's own FLOPs left out, as is usual), the
+peak CUDA memory, and creditrl's ratio to plain.  16 × 2048 is the size whose float32 logits
+alone (18.5 GiB) break a plain forward.
 
 Part 3, whole training steps side by side: creditrl's Trainer for GRPO (kv-cache and static-cache
 generate engines), FIPO and DenseR, and TRL's GRPOTrainer, each in its own process
@@ -192,44 +194,79 @@ def new_lengths(folder: Path, args, device: torch.device) -> list[dict]:
 # ---- part 2: the update alone -------------------------------------------------------------------
 
 def update_only(folder: Path, args, device: torch.device, n_params: int, peak: float | None) -> list[dict]:
+    """The trainer's update, and beside it a plain transformers update of a bf16 model, at each shape.
+
+    creditrl: float32 weights under bf16 autocast, `policy.score` (packed rows, log-probs and
+    entropy in checkpointed vocabulary chunks), `policy_loss`, backward, clipping, fused AdamW.
+    Plain: bf16 weights, one forward for full float32 logits, log-softmax, gather, the same loss
+    shape, backward, clipping, fused AdamW: the reference the issue's facts were measured with.
+    """
+    from transformers import AutoModelForCausalLM
+
     from creditrl.methods.loss import LossConfig, policy_loss
     from creditrl.policy.loading import load_policy
 
     policy = load_policy(str(folder), chat_template=False, bf16_autocast=True, device=str(device))
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-6, betas=(0.9, 0.99), weight_decay=0.0)
     vocab, prompt_len = policy.model.config.vocab_size, 64
-    rows = []
+    shapes = []
     for batch, length in args.update_shapes:
         generator = torch.Generator().manual_seed(0)
         prompt = torch.randint(3, vocab, (batch, prompt_len), generator=generator).to(device)
         response = torch.randint(3, vocab, (batch, length - prompt_len), generator=generator).to(device)
-        p_mask, r_mask = torch.ones_like(prompt, dtype=torch.bool), torch.ones_like(response, dtype=torch.bool)
-        advantages = torch.randn(response.shape, generator=generator).to(device)
+        shapes.append((batch, length, prompt, response, torch.randn(response.shape, generator=generator).to(device)))
+
+    def creditrl_update(prompt, response, advantages):
+        mask, r_mask = torch.ones_like(prompt, dtype=torch.bool), torch.ones_like(response, dtype=torch.bool)
+        scores = policy.score(prompt, mask, response, r_mask, with_entropy=True)
+        loss, _ = policy_loss(scores.logprobs, scores.logprobs.detach(), advantages, r_mask, LossConfig(agg="token-mean"))
+        return loss
+
+    rows = _timed_updates("creditrl", policy.model, creditrl_update, shapes, args, device, n_params, peak)
+    del creditrl_update, policy
+    gc.collect()
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
+
+    def plain_update(prompt, response, advantages):
+        logits = plain(input_ids=torch.cat([prompt, response], dim=1)).logits[:, prompt.shape[1] - 1:-1]
+        logprobs = logits.float().log_softmax(-1).gather(-1, response[..., None]).squeeze(-1)
+        return -(torch.exp(logprobs - logprobs.detach()) * advantages).mean()
+
+    rows += _timed_updates("plain transformers, bf16 weights", plain, plain_update, shapes, args, device, n_params,
+                           peak)
+    del plain
+    gc.collect()
+    return rows
+
+
+def _timed_updates(side: str, model, loss_of, shapes, args, device: torch.device, n_params: int,
+                   peak: float | None) -> list[dict]:
+    """Median seconds of `args.update_iters` updates after a warm-up, per shape; out of memory is a row too."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
+    rows = []
+    for batch, length, prompt, response, advantages in shapes:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times, error, scores, loss = [], None, None, None
+        times, error, loss = [], None, None
         for _ in range(args.update_iters + 1):
             try:
                 _sync(device)
                 start = time.perf_counter()
-                scores = policy.score(prompt, p_mask, response, r_mask, with_entropy=True)
-                loss, _ = policy_loss(scores.logprobs, scores.logprobs.detach(), advantages, r_mask,
-                                      LossConfig(agg="token-mean"))
+                loss = loss_of(prompt, response, advantages)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 _sync(device)
                 times.append(time.perf_counter() - start)
             except torch.OutOfMemoryError as err:
                 error = f"out of memory: {str(err).splitlines()[0]}"
                 break
-        del scores, loss
+        del loss
         optimizer.zero_grad(set_to_none=True)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        row = {"batch": batch, "length": length, "error": error}
+        row = {"side": side, "batch": batch, "length": length, "error": error}
         if error is None:
             seconds = sorted(times[1:])[len(times[1:]) // 2]  # median after the first
             tokens_per_s = batch * length / seconds
@@ -237,9 +274,8 @@ def update_only(folder: Path, args, device: torch.device, n_params: int, peak: f
                        mfu=6 * n_params * tokens_per_s / peak if peak else None,
                        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
         rows.append(row)
-        print(f"update {batch} × {length}: " + (error or f"{row['tokens_per_s']:,.0f} tokens/s"), flush=True)
-    del policy, optimizer
-    gc.collect()
+        print(f"update, {side}, {batch} × {length}: " + (error or f"{row['tokens_per_s']:,.0f} tokens/s"), flush=True)
+    del optimizer
     return rows
 
 
@@ -325,14 +361,17 @@ def _lengths_table(rows: list[dict]):
 def _update_table(rows: list[dict]):
     from rich.table import Table
 
-    t = Table(title="the update alone (score with gradients, loss, backward, clip, AdamW)")
-    for col in ("batch × length", "tokens/s", "MFU", "peak GiB", "note"):
-        t.add_column(col, justify="left" if col in ("batch × length", "note") else "right")
+    t = Table(title="the update alone (log-probs with gradients, loss, backward, clip, AdamW)")
+    for col in ("side", "batch × length", "tokens/s", "MFU", "peak GiB", "× plain", "note"):
+        t.add_column(col, justify="left" if col in ("side", "batch × length", "note") else "right")
+    plain = {(r["batch"], r["length"]): r for r in rows if r["side"].startswith("plain") and r["error"] is None}
     for r in rows:
         ok = r["error"] is None
-        t.add_row(f"{r['batch']} × {r['length']}", f"{r['tokens_per_s']:,.0f}" if ok else "—",
+        base = plain.get((r["batch"], r["length"]))
+        t.add_row(r["side"], f"{r['batch']} × {r['length']}", f"{r['tokens_per_s']:,.0f}" if ok else "—",
                   f"{r['mfu']:.1%}" if ok and r["mfu"] else "—",
-                  f"{r['peak_mem_gib']:.1f}" if ok and r["peak_mem_gib"] else "—", r["error"] or "")
+                  f"{r['peak_mem_gib']:.1f}" if ok and r["peak_mem_gib"] else "—",
+                  f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if ok and base else "—", r["error"] or "")
     return t
 
 

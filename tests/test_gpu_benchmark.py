@@ -43,7 +43,8 @@ def test_sampling_lengths_and_update_parts_run_at_smoke_size(gpu, tmp_path):
     assert len({r["prompt_tokens"] for r in lengths}) == 3  # the sets' lengths differ; a set's two calls share one
     assert lengths[1]["prompt_tokens"] == lengths[2]["prompt_tokens"] and all(r["seconds"] > 0 for r in lengths)
     update = gpu.update_only(folder, args, torch.device("cpu"), n_params, peak=1e12)
-    assert update[0]["error"] is None and update[0]["tokens_per_s"] > 0
+    assert [r["side"] for r in update] == ["creditrl", "plain transformers, bf16 weights"]
+    assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in update)
     assert update[0]["mfu"] == pytest.approx(6 * n_params * update[0]["tokens_per_s"] / 1e12)
 
 
