@@ -144,3 +144,19 @@ def test_every_forward_of_sampling_and_scoring_runs_under_the_attention_choice(t
     finally:
         handle.remove()
     assert len(seen) >= 2 and all(seen)
+
+
+def test_a_static_cache_that_cannot_take_autocast_says_what_to_change(tiny_policy, monkeypatch):
+    import pytest
+
+    def failing_generate(**_kwargs):  # what transformers 5.17's static cache raises under bf16 autocast
+        raise RuntimeError("index_copy_(): self and source expected to have the same dtype, but got (self) Float "
+                           "and (source) BFloat16")
+
+    monkeypatch.setattr(tiny_policy.model, "generate", failing_generate)
+    monkeypatch.setattr(tiny_policy, "autocast_dtype", torch.bfloat16)
+    cfg = SamplingConfig(max_new_tokens=2, engine="generate", static_cache=True)
+    with pytest.raises(RuntimeError, match="sampling.static_cache=false"):
+        tiny_policy.sample(_encode(tiny_policy), 1, cfg, seed=0)
+    with pytest.raises(RuntimeError, match="^index_copy_"):  # anything else passes through unchanged
+        tiny_policy.sample(_encode(tiny_policy), 1, cfg.model_copy(update={"static_cache": False}), seed=0)

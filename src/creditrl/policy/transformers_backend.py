@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import transformers
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -161,8 +162,17 @@ class TransformersPolicy:
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id, stop_strings=cfg.stop or None,
             cache_implementation="static" if cfg.static_cache else None,
         )
-        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
-                                  tokenizer=self.tokenizer if cfg.stop else None)
+        try:
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                      tokenizer=self.tokenizer if cfg.stop else None)
+        except RuntimeError as err:
+            if cfg.static_cache and self.autocast_dtype is not None and "same dtype" in str(err):
+                raise RuntimeError(
+                    f"sampling.static_cache=true with model.bf16_autocast=true failed in transformers "
+                    f"{transformers.__version__} ({str(err).splitlines()[0]}): its static cache takes one dtype "
+                    f"for keys and values, which autocast mixes. transformers 5.24 runs it; or set "
+                    f"sampling.static_cache=false") from err
+            raise
         new = out[:, ids.shape[1]:].tolist()
         responses, truncated = [], []
         for row in new:
