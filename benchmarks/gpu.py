@@ -18,6 +18,11 @@ project's loop), `generate` (transformers' `model.generate`, dynamic cache) and 
 `static_cache` (compiled by transformers); tokens/s after one warm-up call (the static cache's
 compilation is in its warm-up, reported apart).
 
+Part 1b, lengths: kv-cache sampling calls whose prompts have a length the process has not met,
+against a second call with the same lengths, with the policy's attention choice (cuDNN's
+sdpa kernel left out on a GPU) and with torch's own order (cuDNN first on Hopper): ms per
+decode step.
+
 Part 2, the update alone: random token batches of B rows × T tokens through the trainer's own
 update code (`policy.score` with gradients, `policy_loss`, backward, clipping, AdamW), at 8 × 1024,
 4 × 4096 and 16 × 2048, and beside it a plain transformers update of the model in bf16 weights
@@ -31,11 +36,6 @@ generate engines), FIPO and DenseR, and TRL's GRPOTrainer, each in its own proce
 (benchmarks/vs_trl.py's workers, same prompts, group size, completion length, one update per
 step, no KL, token-mean loss); per step: sample and update seconds, sampling tokens/s, update
 tokens/s and MFU, full-step tokens/s, and the ratio to TRL.
-
-Part 1b, lengths: kv-cache sampling calls whose prompts have a length the process has not met,
-against a second call with the same lengths, with the policy's attention choice (cuDNN's
-sdpa kernel left out on a GPU) and with torch's own order (cuDNN first on Hopper): ms per
-decode step.
 
 The parts run in the order update, sampling, lengths, steps (the steps' sides with TRL second), and
 `--json` is rewritten after each part and each side, so a run cut short keeps what it measured.
@@ -113,6 +113,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed_sample(policy, prompts: list[list[int]], n: int, cfg, device: torch.device, seed: int):
+    """`policy.sample` and its wall seconds, the device's queue drained on both sides."""
+    _sync(device)
+    start = time.perf_counter()
+    gen = policy.sample(prompts, n, cfg, seed=seed)
+    _sync(device)
+    return gen, time.perf_counter() - start
+
+
 # ---- part 1: sampling engines -----------------------------------------------------------------
 
 def sampling_engines(folder: Path, args, device: torch.device) -> list[dict]:
@@ -127,15 +136,8 @@ def sampling_engines(folder: Path, args, device: torch.device) -> list[dict]:
                                   ("generate, static cache", "generate", True)):
         cfg = SamplingConfig(max_new_tokens=args.new_tokens, engine=engine, static_cache=static,
                              batch_size=args.prompts * args.group_size)
-        _sync(device)
-        start = time.perf_counter()
-        policy.sample(prompts, args.group_size, cfg, seed=0)
-        _sync(device)
-        warm_up = time.perf_counter() - start
-        start = time.perf_counter()
-        gen = policy.sample(prompts, args.group_size, cfg, seed=1)
-        _sync(device)
-        seconds = time.perf_counter() - start
+        _, warm_up = _timed_sample(policy, prompts, args.group_size, cfg, device, seed=0)
+        gen, seconds = _timed_sample(policy, prompts, args.group_size, cfg, device, seed=1)
         tokens = sum(len(r) for r in gen.response_ids)
         rows.append({"engine": label, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
                      "warm_up_seconds": warm_up})
@@ -178,11 +180,7 @@ def new_lengths(folder: Path, args, device: torch.device) -> list[dict]:
     rows = []
     for label, prompts, attention in calls:
         policy._attention_kernels = attention
-        _sync(device)
-        start = time.perf_counter()
-        policy.sample(prompts, args.group_size, cfg, seed=0)
-        _sync(device)
-        seconds = time.perf_counter() - start
+        _, seconds = _timed_sample(policy, prompts, args.group_size, cfg, device, seed=0)
         rows.append({"call": label, "prompt_tokens": len(prompts[0]), "seconds": seconds,
                      "ms_per_decode_step": 1000 * seconds / cfg.max_new_tokens})
         print(f"lengths: {label}: {rows[-1]['ms_per_decode_step']:.1f} ms per decode step", flush=True)
@@ -201,41 +199,48 @@ def update_only(folder: Path, args, device: torch.device, n_params: int, peak: f
     Plain: bf16 weights, one forward for full float32 logits, log-softmax, gather, the same loss
     shape, backward, clipping, fused AdamW: the reference the issue's facts were measured with.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from creditrl.methods.loss import LossConfig, policy_loss
-    from creditrl.policy.loading import load_policy
-
-    policy = load_policy(str(folder), chat_template=False, bf16_autocast=True, device=str(device))
-    vocab, prompt_len = policy.model.config.vocab_size, 64
+    vocab, prompt_len = AutoConfig.from_pretrained(folder).vocab_size, 64
     shapes = []
     for batch, length in args.update_shapes:
         generator = torch.Generator().manual_seed(0)
         prompt = torch.randint(3, vocab, (batch, prompt_len), generator=generator).to(device)
         response = torch.randint(3, vocab, (batch, length - prompt_len), generator=generator).to(device)
         shapes.append((batch, length, prompt, response, torch.randn(response.shape, generator=generator).to(device)))
+    rows = _creditrl_updates(folder, shapes, args, device, n_params, peak)
+    gc.collect()  # the first model and its optimizer state go before the second loads
+    rows += _plain_updates(folder, shapes, args, device, n_params, peak)
+    gc.collect()
+    return rows
 
-    def creditrl_update(prompt, response, advantages):
+
+def _creditrl_updates(folder: Path, shapes, args, device: torch.device, n_params: int, peak: float | None):
+    from creditrl.methods.loss import LossConfig, policy_loss
+    from creditrl.policy.loading import load_policy
+
+    policy = load_policy(str(folder), chat_template=False, bf16_autocast=True, device=str(device))
+
+    def loss_of(prompt, response, advantages):
         mask, r_mask = torch.ones_like(prompt, dtype=torch.bool), torch.ones_like(response, dtype=torch.bool)
         scores = policy.score(prompt, mask, response, r_mask, with_entropy=True)
         loss, _ = policy_loss(scores.logprobs, scores.logprobs.detach(), advantages, r_mask, LossConfig(agg="token-mean"))
         return loss
 
-    rows = _timed_updates("creditrl", policy.model, creditrl_update, shapes, args, device, n_params, peak)
-    del creditrl_update, policy
-    gc.collect()
-    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
+    return _timed_updates("creditrl", policy.model, loss_of, shapes, args, device, n_params, peak)
 
-    def plain_update(prompt, response, advantages):
-        logits = plain(input_ids=torch.cat([prompt, response], dim=1)).logits[:, prompt.shape[1] - 1:-1]
+
+def _plain_updates(folder: Path, shapes, args, device: torch.device, n_params: int, peak: float | None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
+
+    def loss_of(prompt, response, advantages):
+        logits = model(input_ids=torch.cat([prompt, response], dim=1)).logits[:, prompt.shape[1] - 1:-1]
         logprobs = logits.float().log_softmax(-1).gather(-1, response[..., None]).squeeze(-1)
         return -(torch.exp(logprobs - logprobs.detach()) * advantages).mean()
 
-    rows += _timed_updates("plain transformers, bf16 weights", plain, plain_update, shapes, args, device, n_params,
-                           peak)
-    del plain
-    gc.collect()
-    return rows
+    return _timed_updates("plain transformers, bf16 weights", model, loss_of, shapes, args, device, n_params, peak)
 
 
 def _timed_updates(side: str, model, loss_of, shapes, args, device: torch.device, n_params: int,
@@ -275,7 +280,6 @@ def _timed_updates(side: str, model, loss_of, shapes, args, device: torch.device
                        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
         rows.append(row)
         print(f"update, {side}, {batch} × {length}: " + (error or f"{row['tokens_per_s']:,.0f} tokens/s"), flush=True)
-    del optimizer
     return rows
 
 

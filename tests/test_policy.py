@@ -1,3 +1,6 @@
+from contextlib import contextmanager
+
+import pytest
 import torch
 
 from creditrl.policy.transformers_backend import SamplingConfig, left_pad, right_pad
@@ -122,8 +125,6 @@ def test_gpu_attention_leaves_out_cudnn_and_restores_the_flags(tiny_policy, monk
 
 
 def test_every_forward_of_sampling_and_scoring_runs_under_the_attention_choice(tiny_policy, monkeypatch):
-    from contextlib import contextmanager
-
     inside, seen = [False], []
 
     @contextmanager
@@ -147,8 +148,6 @@ def test_every_forward_of_sampling_and_scoring_runs_under_the_attention_choice(t
 
 
 def test_a_static_cache_that_cannot_take_autocast_says_what_to_change(tiny_policy, monkeypatch):
-    import pytest
-
     def failing_generate(**_kwargs):  # what transformers 5.17's static cache raises under bf16 autocast
         raise RuntimeError("index_copy_(): self and source expected to have the same dtype, but got (self) Float "
                            "and (source) BFloat16")
