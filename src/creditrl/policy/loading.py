@@ -26,8 +26,8 @@ def smollm2_location() -> tuple[Path, str]:
     return folder, files[0].name
 
 
-def load_model_and_tokenizer(name: str, gguf_file: str | None = None):
-    """(model, tokenizer) for 'lab', 'smollm2', a local folder or a hub id, in float32 for training."""
+def load_model_and_tokenizer(name: str, gguf_file: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer) for 'lab', 'smollm2', a local folder or a hub id, with `dtype` weights."""
     if name == BUNDLED_NAME:
         source, gguf_file = bundled_lab_dir(), None
         if not (source / "model.safetensors").exists():
@@ -39,7 +39,7 @@ def load_model_and_tokenizer(name: str, gguf_file: str | None = None):
         source = Path(name) if Path(name).exists() else name
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
     if gguf_file:
         # transformers de-quantises GGUF weights on load but keeps a quantizer that refuses training and saving.
         model.hf_quantizer = None
@@ -53,8 +53,9 @@ def load_model_and_tokenizer(name: str, gguf_file: str | None = None):
 
 
 def load_policy(name: str = BUNDLED_NAME, gguf_file: str | None = None, chat_template: bool | None = None,
-                bf16_autocast: bool = False, logits_chunk_mib: int = 256, device: str = "cpu") -> TransformersPolicy:
-    model, tokenizer = load_model_and_tokenizer(name, gguf_file)
+                bf16_autocast: bool = False, logits_chunk_mib: int = 256, device: str = "cpu",
+                dtype: str = "float32") -> TransformersPolicy:
+    model, tokenizer = load_model_and_tokenizer(name, gguf_file, dtype)
     model.to(resolve_device(device))
     if chat_template is None:
         chat_template = getattr(tokenizer, "chat_template", None) is not None

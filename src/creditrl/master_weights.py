@@ -1,0 +1,64 @@
+"""Float32 master weights for a model held in bfloat16 (Micikevicius et al. 2018, arXiv 1710.03740).
+
+    forward and backward on the bf16 weights:   g = ∇L(w_bf16)
+    AdamW on float32 masters:                   w32 ← AdamW(w32, float32(g))
+    the weights of the next forward:            w_bf16 ← round_bf16(w32)
+
+A bf16 number keeps 8 significant bits, so an update smaller than about 2⁻⁹·|w| rounds away;
+at RL learning rates (1e-6) nearly every AdamW update is that small, and AdamW stepping the
+bf16 weights themselves would leave them where they are.  The float32 masters accumulate the
+updates until they show in the rounded weights.  A parameter already in float32 (a model kept
+in float32; LoRA adapters, which peft keeps in float32 over a bf16 model) is its own master,
+so for a float32 model every method here is a no-op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class MasterWeights:
+    """The float32 copies the optimizer steps, one per trainable parameter of `model`."""
+
+    def __init__(self, model: nn.Module):
+        trainable = [(name, weight) for name, weight in model.named_parameters() if weight.requires_grad]
+        self.names = [name for name, _ in trainable]
+        self.weights = [weight for _, weight in trainable]
+        self.masters = [w if w.dtype == torch.float32 else w.detach().float().requires_grad_() for w in self.weights]
+
+    def parameters(self) -> list[Tensor]:
+        """What the optimizer steps."""
+        return self.masters
+
+    def take_gradients(self) -> None:
+        """Move each weight's gradient, in float32, to its master (call after `backward`)."""
+        for weight, master in self._pairs():
+            master.grad = None if weight.grad is None else weight.grad.float()
+            weight.grad = None
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Round the masters into the weights (call after the optimizer's step)."""
+        for weight, master in self._pairs():
+            weight.copy_(master)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The masters that are not the weights themselves, by parameter name (empty for a float32 model)."""
+        return {name: master.detach() for name, weight, master in zip(self.names, self.weights, self.masters)
+                if master is not weight}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor], source: str = "master weights") -> None:
+        """Set the masters from `state_dict()`'s output and round them into the weights."""
+        masters = self.state_dict()
+        if set(state) != set(masters):
+            missing, unexpected = sorted(set(masters) - set(state)), sorted(set(state) - set(masters))
+            raise ValueError(f"{source}: does not match the model's low-precision parameters "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        for name, tensor in state.items():
+            masters[name].copy_(tensor)  # the detached view shares the master's storage
+        self.write_back()
+
+    def _pairs(self):
+        return [(w, m) for w, m in zip(self.weights, self.masters) if m is not w]
