@@ -8,15 +8,16 @@
 The model is the Qwen2.5-0.5B architecture (24 layers, hidden 896, 14 heads / 2 KV heads, MLP 4864,
 vocabulary 151,936, tied embeddings) with random weights, saved once to a temporary folder with
 a character-level tokenizer padded to the same vocabulary (weights do not matter for speed; a
-random model almost never samples its end token, so rows run their full length on every side).  Weights stay float32
-and forwards run under bfloat16 autocast on both sides (creditrl `model.bf16_autocast=true`,
-TRL `bf16=True`), sdpa attention, no gradient checkpointing.
+random model almost never samples its end token, so rows run their full length on every side).  Unless a
+row says "bf16 weights", weights stay float32 and forwards run under bfloat16 autocast on both
+sides (creditrl `model.bf16_autocast=true`, TRL `bf16=True`); "bf16 weights" is creditrl's
+`model.dtype=bfloat16` (float32 master weights in AdamW).  sdpa attention, no gradient checkpointing.
 
 Part 1, sampling (one process): `--prompts` × `--group-size` rows of exactly `--new-tokens` new
 tokens through creditrl's `TransformersPolicy.sample` with each engine: `kv-cache` (the
 project's loop), `generate` (transformers' `model.generate`, dynamic cache) and `generate` with
-`static_cache` (compiled by transformers); tokens/s after one warm-up call (the static cache's
-compilation is in its warm-up, reported apart).
+`static_cache` (compiled by transformers), then `kv-cache` with bf16 weights; tokens/s after one
+warm-up call (the static cache's compilation is in its warm-up, reported apart).
 
 Part 1b, lengths: kv-cache sampling calls whose prompts have a length the process has not met,
 against a second call with the same lengths, with the policy's attention choice (cuDNN's
@@ -24,15 +25,16 @@ sdpa kernel left out on a GPU) and with torch's own order (cuDNN first on Hopper
 decode step.
 
 Part 2, the update alone: random token batches of B rows × T tokens through the trainer's own
-update code (`policy.score` with gradients, `policy_loss`, backward, clipping, AdamW), at 8 × 1024,
-4 × 4096 and 16 × 2048, and beside it a plain transformers update of the model in bf16 weights
-(full float32 logits, log-softmax, gather); tokens/s, MFU = 6 · N · tokens/s / peak (N: parameters
+update code (`policy.score` with gradients, `policy_loss`, backward, clipping, AdamW on the
+master weights), float32 weights with autocast and bf16 weights, at 8 × 1024, 4 × 4096 and
+16 × 2048, and beside them a plain transformers update of the model in bf16 weights (full float32
+logits, log-softmax, gather, AdamW on the bf16 weights); tokens/s, MFU = 6 · N · tokens/s / peak (N: parameters
 without the embedding table counted twice; attention's own FLOPs left out, as is usual), the
 peak CUDA memory, and creditrl's ratio to plain.  16 × 2048 is the size whose float32 logits
 alone (18.5 GiB) break a plain forward.
 
 Part 3, whole training steps side by side: creditrl's Trainer for GRPO (kv-cache and static-cache
-generate engines), FIPO and DenseR, and TRL's GRPOTrainer, each in its own process
+generate engines; float32 and bf16 weights), FIPO and DenseR, and TRL's GRPOTrainer, each in its own process
 (benchmarks/vs_trl.py's workers, same prompts, group size, completion length, one update per
 step, no KL, token-mean loss); per step: sample and update seconds, sampling tokens/s, update
 tokens/s and MFU, full-step tokens/s, and the ratio to TRL.
@@ -67,7 +69,8 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   tie_word_embeddings=True)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=1024, max_position_embeddings=1024, tie_word_embeddings=True)
-STEP_SIDES = ("grpo", "trl", "fipo", "denser", "static")  # creditrl GRPO, TRL GRPO, FIPO, DenseR, static-cache GRPO
+# creditrl GRPO, TRL GRPO, creditrl GRPO with bf16 weights, FIPO, DenseR, static-cache GRPO
+STEP_SIDES = ("grpo", "trl", "grpo-bf16", "fipo", "denser", "static")
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0}
 
 
@@ -129,21 +132,24 @@ def sampling_engines(folder: Path, args, device: torch.device) -> list[dict]:
     from creditrl.policy.transformers_backend import SamplingConfig
     from creditrl.tasks.lab import LabTask
 
-    policy = load_policy(str(folder), chat_template=False, bf16_autocast=True, device=str(device))
-    prompts = [policy.encode_prompt(p.prompt) for p in LabTask().train_problems()[: args.prompts]]
     rows = []
-    for label, engine, static in (("kv-cache", "kv-cache", False), ("generate", "generate", False),
-                                  ("generate, static cache", "generate", True)):
-        cfg = SamplingConfig(max_new_tokens=args.new_tokens, engine=engine, static_cache=static,
-                             batch_size=args.prompts * args.group_size)
-        _, warm_up = _timed_sample(policy, prompts, args.group_size, cfg, device, seed=0)
-        gen, seconds = _timed_sample(policy, prompts, args.group_size, cfg, device, seed=1)
-        tokens = sum(len(r) for r in gen.response_ids)
-        rows.append({"engine": label, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                     "warm_up_seconds": warm_up})
-        print(f"sampling {label}: {tokens / seconds:,.0f} tokens/s (warm-up {warm_up:.1f} s)", flush=True)
-    del policy
-    gc.collect()
+    for dtype, engines in (("float32", (("kv-cache", "kv-cache", False), ("generate", "generate", False),
+                                        ("generate, static cache", "generate", True))),
+                           ("bfloat16", (("kv-cache, bf16 weights", "kv-cache", False),))):
+        policy = load_policy(str(folder), chat_template=False, bf16_autocast=dtype == "float32", device=str(device),
+                             dtype=dtype)
+        prompts = [policy.encode_prompt(p.prompt) for p in LabTask().train_problems()[: args.prompts]]
+        for label, engine, static in engines:
+            cfg = SamplingConfig(max_new_tokens=args.new_tokens, engine=engine, static_cache=static,
+                                 batch_size=args.prompts * args.group_size)
+            _, warm_up = _timed_sample(policy, prompts, args.group_size, cfg, device, seed=0)
+            gen, seconds = _timed_sample(policy, prompts, args.group_size, cfg, device, seed=1)
+            tokens = sum(len(r) for r in gen.response_ids)
+            rows.append({"engine": label, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                         "warm_up_seconds": warm_up})
+            print(f"sampling {label}: {tokens / seconds:,.0f} tokens/s (warm-up {warm_up:.1f} s)", flush=True)
+        del policy
+        gc.collect()
     return rows
 
 
@@ -192,12 +198,14 @@ def new_lengths(folder: Path, args, device: torch.device) -> list[dict]:
 # ---- part 2: the update alone -------------------------------------------------------------------
 
 def update_only(folder: Path, args, device: torch.device, n_params: int, peak: float | None) -> list[dict]:
-    """The trainer's update, and beside it a plain transformers update of a bf16 model, at each shape.
+    """The trainer's update in both precisions, and beside them a plain transformers update of a bf16 model.
 
-    creditrl: float32 weights under bf16 autocast, `policy.score` (packed rows, log-probs and
-    entropy in checkpointed vocabulary chunks), `policy_loss`, backward, clipping, fused AdamW.
-    Plain: bf16 weights, one forward for full float32 logits, log-softmax, gather, the same loss
-    shape, backward, clipping, fused AdamW: the reference the issue's facts were measured with.
+    creditrl: `policy.score` (packed rows, log-probs and entropy in checkpointed vocabulary
+    chunks), `policy_loss`, backward, clipping, fused AdamW on the trainer's master weights; once
+    with float32 weights under bf16 autocast, once with bf16 weights and float32 masters
+    (`model.dtype=bfloat16`).  Plain: bf16 weights, one forward for full float32 logits,
+    log-softmax, gather, the same loss shape, backward, clipping, fused AdamW on the bf16 weights
+    themselves: the reference the issue's facts were measured with.
     """
     from transformers import AutoConfig
 
@@ -208,18 +216,23 @@ def update_only(folder: Path, args, device: torch.device, n_params: int, peak: f
         prompt = torch.randint(3, vocab, (batch, prompt_len), generator=generator).to(device)
         response = torch.randint(3, vocab, (batch, length - prompt_len), generator=generator).to(device)
         shapes.append((batch, length, prompt, response, torch.randn(response.shape, generator=generator).to(device)))
-    rows = _creditrl_updates(folder, shapes, args, device, n_params, peak)
-    gc.collect()  # the first model and its optimizer state go before the second loads
+    rows = _creditrl_updates(folder, shapes, args, device, n_params, peak, "float32")
+    gc.collect()  # each model and its optimizer state go before the next loads
+    rows += _creditrl_updates(folder, shapes, args, device, n_params, peak, "bfloat16")
+    gc.collect()
     rows += _plain_updates(folder, shapes, args, device, n_params, peak)
     gc.collect()
     return rows
 
 
-def _creditrl_updates(folder: Path, shapes, args, device: torch.device, n_params: int, peak: float | None):
+def _creditrl_updates(folder: Path, shapes, args, device: torch.device, n_params: int, peak: float | None,
+                      dtype: str):
+    from creditrl.master_weights import MasterWeights
     from creditrl.methods.loss import LossConfig, policy_loss
     from creditrl.policy.loading import load_policy
 
-    policy = load_policy(str(folder), chat_template=False, bf16_autocast=True, device=str(device))
+    policy = load_policy(str(folder), chat_template=False, bf16_autocast=dtype == "float32", device=str(device),
+                         dtype=dtype)
 
     def loss_of(prompt, response, advantages):
         mask, r_mask = torch.ones_like(prompt, dtype=torch.bool), torch.ones_like(response, dtype=torch.bool)
@@ -227,7 +240,9 @@ def _creditrl_updates(folder: Path, shapes, args, device: torch.device, n_params
         loss, _ = policy_loss(scores.logprobs, scores.logprobs.detach(), advantages, r_mask, LossConfig(agg="token-mean"))
         return loss
 
-    return _timed_updates("creditrl", policy.model, loss_of, shapes, args, device, n_params, peak)
+    side = "creditrl, float32 weights, bf16 autocast" if dtype == "float32" else "creditrl, bf16 weights, float32 masters"
+    return _timed_updates(side, policy.model, loss_of, shapes, args, device, n_params, peak,
+                          MasterWeights(policy.model))
 
 
 def _plain_updates(folder: Path, shapes, args, device: torch.device, n_params: int, peak: float | None):
@@ -244,9 +259,13 @@ def _plain_updates(folder: Path, shapes, args, device: torch.device, n_params: i
 
 
 def _timed_updates(side: str, model, loss_of, shapes, args, device: torch.device, n_params: int,
-                   peak: float | None) -> list[dict]:
-    """Median seconds of `args.update_iters` updates after a warm-up, per shape; out of memory is a row too."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
+                   peak: float | None, masters=None) -> list[dict]:
+    """Median seconds of `args.update_iters` updates after a warm-up, per shape; out of memory is a row too.
+
+    AdamW steps `masters` (the trainer's `MasterWeights`) when given, else the model's own weights.
+    """
+    trained = masters.parameters() if masters is not None else list(model.parameters())
+    optimizer = torch.optim.AdamW(trained, lr=1e-6, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
     rows = []
     for batch, length, prompt, response, advantages in shapes:
         if device.type == "cuda":
@@ -259,8 +278,12 @@ def _timed_updates(side: str, model, loss_of, shapes, args, device: torch.device
                 loss = loss_of(prompt, response, advantages)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                if masters is not None:
+                    masters.take_gradients()
+                torch.nn.utils.clip_grad_norm_(trained, 1.0)
                 optimizer.step()
+                if masters is not None:
+                    masters.write_back()
                 _sync(device)
                 times.append(time.perf_counter() - start)
             except torch.OutOfMemoryError as err:
@@ -295,6 +318,8 @@ def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak:
     # the pair that answers the target first, so a run cut short still has it
     sides = {"grpo": ("creditrl grpo", "creditrl", replace(work, method="grpo")),
              "trl": ("TRL grpo", "trl", work),
+             "grpo-bf16": ("creditrl grpo, bf16 weights", "creditrl",
+                           replace(work, method="grpo", bf16=False, bf16_weights=True)),
              "fipo": ("creditrl fipo", "creditrl", replace(work, method="fipo")),
              "denser": ("creditrl denser", "creditrl", replace(work, method="denser")),
              "static": ("creditrl grpo, static-cache generate", "creditrl",

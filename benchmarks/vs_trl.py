@@ -90,6 +90,7 @@ class Work:
     threads: int = 2
     seed: int = 0
     bf16: bool = False  # creditrl model.bf16_autocast=true; TRL bf16=True (both: float32 weights, bf16 autocast)
+    bf16_weights: bool = False  # creditrl only: model.dtype=bfloat16 (float32 master weights in AdamW)
     device: str = "cpu"  # "cuda": benchmarks/gpu.py
     method: str = "grpo"  # creditrl's method (TRL runs GRPO)
     engine: str = "kv-cache"  # creditrl's sampling.engine; "generate-static": generate with a static cache
@@ -121,7 +122,8 @@ def run_creditrl(work: Work) -> dict:
     with tempfile.TemporaryDirectory(prefix="vs_trl_creditrl_") as tmp:
         cfg = load_config(None, [
             f"method={work.method}", f"model.name={work.model}", f"model.device={work.device}",
-            f"model.bf16_autocast={str(work.bf16).lower()}", *_engine_overrides(work.engine), f"rollout.prompts_per_step={work.prompts}",
+            f"model.bf16_autocast={str(work.bf16).lower()}", f"model.dtype={'bfloat16' if work.bf16_weights else 'float32'}",
+            *_engine_overrides(work.engine), f"rollout.prompts_per_step={work.prompts}",
             f"rollout.group_size={work.group_size}", "rollout.dynamic_sampling=false",
             f"sampling.max_new_tokens={work.max_new_tokens}", "sampling.temperature=1.0", "sampling.top_p=1.0",
             f"train.steps={work.steps}", f"train.lr={work.lr}", "train.ppo_epochs=1", "train.n_minibatches=1",
