@@ -1,12 +1,22 @@
 """Log-probs of chosen tokens from final hidden states, without the batch's full float32 logits.
 
-    log π(y_k | y_<k) = (W h_k)[y_k] / τ − logsumexp_v (W h_k)[v] / τ
+    z_k = (W h_k + b) / τ
+    log π(y_k | y_<k) = z_k[y_k] − logsumexp(z_k)
+    H_k = logsumexp(z_k) − Σ_v softmax(z_k)_v · z_k[v]
 
-computed over chunks of positions.  With gradients on and more than one chunk, each chunk is
-checkpointed (`torch.utils.checkpoint`): its logits are dropped after the forward and rebuilt
-from its hidden states in the backward, so at most one chunk of (tokens × vocabulary) float32
-logits is alive at a time.  For a 152k vocabulary that is what lets 16 × 2048 tokens fit on a
-GPU at all (the whole batch's logits alone would take 18.5 GiB).
+computed over chunks of positions, so at most one chunk of (positions × vocabulary) float32
+logits is alive at a time: for a 152k vocabulary that is what lets 16 × 2048 tokens fit on a GPU
+at all (the whole batch's logits alone would take 18.5 GiB).
+
+When the head is a linear layer (the usual output projection), each chunk goes through one
+autograd function that keeps only its hidden states and logsumexp for the backward and rebuilds
+the logits there, with the gradient written out by hand (the fused linear log-softmax of Liger
+Kernel and Cut Cross-Entropy, here in plain torch):
+
+    ∂/∂z_k[v]:   g_k · (1[v = y_k] − p_k[v])  −  e_k · p_k[v] · (z_k[v] − logsumexp(z_k) + H_k)
+
+for upstream gradients g (log-probs) and e (entropies, only with an entropy bonus), divided by
+τ, then through W.  Any other head (a callable) runs its chunks under `torch.utils.checkpoint`.
 """
 
 from __future__ import annotations
@@ -35,6 +45,83 @@ def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targ
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, (empty if with_entropy else None)
     divisor = temperature if temperature > 0 else 1.0
+    chunks = list(zip(hidden.split(per_chunk), targets.split(per_chunk)))
+    if isinstance(head, torch.nn.Linear):
+        results = [ProjectedLogprobs.apply(h, head.weight, head.bias, y, divisor, with_entropy, entropy_grad)
+                   for h, y in chunks]
+    else:
+        results = _checkpointed_chunks(chunks, head, divisor, with_entropy, entropy_grad)
+    logprobs = torch.cat([lp for lp, _ in results])
+    entropy = torch.cat([e for _, e in results]) if with_entropy else None
+    return logprobs, entropy
+
+
+class ProjectedLogprobs(torch.autograd.Function):
+    """(log π(y | h), H) for one chunk of hidden states h (n, D) through the projection (W, b).
+
+    Matmuls run in the autocast dtype when autocast is on (else in W's dtype), the logits in
+    float32.  Each pass over the (n, vocabulary) logits costs about as much as the projection on
+    a GPU, so the passes are few and in place: the forward reads the logits for the maximum,
+    the exponentials, their sum and Σ e·z; the backward turns the rebuilt logits into the
+    gradient in place.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, divisor: float,
+                with_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor]:
+        compute_dtype = (torch.get_autocast_dtype(hidden.device.type)
+                         if torch.is_autocast_enabled(hidden.device.type) else weight.dtype)
+        z = _scaled_logits(hidden, weight, bias, divisor, compute_dtype)
+        chosen = z.gather(-1, targets[:, None]).squeeze(-1)
+        if with_entropy:
+            top = z.amax(-1, keepdim=True)
+            exps = (z - top).exp_()
+            total = exps.sum(-1)
+            lse = top.squeeze(-1) + total.log()
+            entropy = lse - (exps[:, None, :] @ z[:, :, None]).view(-1) / total  # H = lse − Σ p·z (a batched dot)
+            del exps
+        else:
+            lse, entropy = torch.logsumexp(z, dim=-1), z.new_zeros(0)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.divisor, ctx.compute_dtype, ctx.entropy_grad = divisor, compute_dtype, with_entropy and entropy_grad
+        if not ctx.entropy_grad:
+            ctx.mark_non_differentiable(entropy)
+        return chosen - lse, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprob: Tensor, grad_entropy: Tensor | None):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        g = grad_logprob / ctx.divisor  # z = logits / τ: every gradient through z carries 1/τ
+        grad = _scaled_logits(hidden, weight, bias, ctx.divisor, ctx.compute_dtype).sub_(lse[:, None])  # log p
+        if ctx.entropy_grad and grad_entropy is not None:
+            e = grad_entropy / ctx.divisor
+            p = grad.exp()
+            grad.add_(entropy[:, None]).mul_(-e[:, None]).sub_(g[:, None]).mul_(p)  # −p·(g + e·(log p + H))
+            del p
+        else:
+            grad.exp_().mul_(-g[:, None])  # −g·p
+        grad.scatter_add_(-1, targets[:, None], g[:, None])  # + g at the chosen token
+        grad_logits = grad.to(ctx.compute_dtype)
+        del grad
+        grad_hidden = (grad_logits @ weight.to(ctx.compute_dtype)).to(hidden.dtype)
+        grad_weight = (grad_logits.T @ hidden.to(ctx.compute_dtype)).to(weight.dtype)
+        grad_bias = grad_logits.sum(0).to(bias.dtype) if bias is not None else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _scaled_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, divisor: float, dtype: torch.dtype) -> Tensor:
+    """(W h + b) / τ in at least float32 (a fresh tensor), the matmul in `dtype` with autocast off."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = hidden.to(dtype) @ weight.to(dtype).T
+        if bias is not None:
+            logits += bias.to(dtype)
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
+    return z.div_(divisor) if divisor != 1.0 else z
+
+
+def _checkpointed_chunks(chunks, head: Callable[[Tensor], Tensor], divisor: float, with_entropy: bool,
+                         entropy_grad: bool) -> list[tuple[Tensor, Tensor]]:
+    """Any head: each chunk's logits dropped after its forward and rebuilt in the backward."""
 
     def one_chunk(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         logits = head(h).float()
@@ -45,9 +132,5 @@ def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targ
             entropy = token_entropy(logits) if with_entropy else logprob.new_zeros(())
         return logprob, entropy
 
-    chunks = list(zip(hidden.split(per_chunk), targets.split(per_chunk)))
     recompute = torch.is_grad_enabled() and len(chunks) > 1
-    results = [checkpoint(one_chunk, h, y, use_reentrant=False) if recompute else one_chunk(h, y) for h, y in chunks]
-    logprobs = torch.cat([lp for lp, _ in results])
-    entropy = torch.cat([e for _, e in results]) if with_entropy else None
-    return logprobs, entropy
+    return [checkpoint(one_chunk, h, y, use_reentrant=False) if recompute else one_chunk(h, y) for h, y in chunks]

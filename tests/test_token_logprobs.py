@@ -1,0 +1,85 @@
+"""The fused projection + log-softmax against plain autograd over the full logits, and torch's gradcheck."""
+
+import pytest
+import torch
+
+from creditrl.policy.token_logprobs import ProjectedLogprobs, chosen_token_logprobs
+
+
+def _case(dtype=torch.float32, bias=True, n=37, d=8, vocab=50, seed=0):
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(d, vocab, bias=bias).to(dtype)
+    hidden = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    return head, hidden, torch.randint(0, vocab, (n,))
+
+
+def _reference(head, hidden, targets, temperature):
+    """Full logits through autograd: log_softmax, gather, −Σ p log p."""
+    log_p = torch.log_softmax(head(hidden).float() / temperature, -1)
+    return log_p.gather(-1, targets[:, None]).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
+
+
+def test_gradcheck_in_float64_with_the_entropy_gradient():
+    head, hidden, targets = _case(torch.float64, n=6, d=4, vocab=7)
+    weight = head.weight.detach().requires_grad_()
+    bias = head.bias.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda h, w, b: ProjectedLogprobs.apply(h, w, b, targets, 0.7, True, True),
+                                    (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_chunks_match_full_autograd(entropy_grad):
+    head, hidden, targets = _case()
+    params = [hidden, head.weight, head.bias]
+    ref_lp, ref_h = _reference(head, hidden, targets, 0.8)
+    weights = torch.randn(2, 37)  # an arbitrary loss: a·log p + b·H
+    ref_loss = (weights[0] * ref_lp).sum() + ((weights[1] * ref_h).sum() if entropy_grad else 0)
+    ref_grads = torch.autograd.grad(ref_loss, params)
+    lp, h = chosen_token_logprobs(hidden, head, targets, 0.8, with_entropy=True, entropy_grad=entropy_grad,
+                                  chunk_elements=50 * 5)  # 5 positions per chunk: 8 chunks
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(h, ref_h.detach())
+    assert h.requires_grad == entropy_grad
+    loss = (weights[0] * lp).sum() + ((weights[1] * h).sum() if entropy_grad else 0)
+    for got, want in zip(torch.autograd.grad(loss, params), ref_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_bf16_autocast_over_float32_weights_matches_autograd_under_autocast():
+    head, hidden, targets = _case(bias=False, d=32, vocab=300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_lp, _ = _reference(head, hidden, targets, 1.0)
+        lp, _ = chosen_token_logprobs(hidden, head, targets, chunk_elements=300 * 8)
+    ref_grads = torch.autograd.grad(ref_lp.sum(), [hidden, head.weight])
+    grads = torch.autograd.grad(lp.sum(), [hidden, head.weight])
+    torch.testing.assert_close(lp, ref_lp)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)  # both sides round the matmul inputs to bf16
+
+
+def test_bf16_weights_get_bf16_gradients_close_to_float32():
+    head, hidden, targets = _case(bias=False, d=32, vocab=300)
+    ref_lp, _ = _reference(head, hidden, targets, 1.0)
+    ref_grads = torch.autograd.grad(ref_lp.sum(), [hidden, head.weight])
+    head16 = head.to(torch.bfloat16)
+    hidden16 = hidden.detach().to(torch.bfloat16).requires_grad_()
+    lp, _ = chosen_token_logprobs(hidden16, head16, targets, chunk_elements=300 * 8)
+    assert lp.dtype == torch.float32
+    grads = torch.autograd.grad(lp.sum(), [hidden16, head16.weight])
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
+
+
+def test_a_head_that_is_not_a_linear_layer_takes_the_checkpointed_path():
+    head, hidden, targets = _case()
+    capped = lambda h: 3.0 * torch.tanh(head(h) / 3.0)  # noqa: E731  (a soft-capped head)
+    log_p = torch.log_softmax(capped(hidden), -1)
+    ref_lp = log_p.gather(-1, targets[:, None]).squeeze(-1)
+    lp, h = chosen_token_logprobs(hidden, capped, targets, with_entropy=True, chunk_elements=50 * 5)
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(h, -(log_p.exp() * log_p).sum(-1).detach())
+    for got, want in zip(torch.autograd.grad(lp.sum(), [hidden, head.weight]),
+                         torch.autograd.grad(ref_lp.sum(), [hidden, head.weight])):
+        torch.testing.assert_close(got, want)
