@@ -37,29 +37,32 @@ def test_one_prefill_per_prompt_gives_each_copy_the_same_greedy_answer(tiny_poli
     assert copies == [r for r in single for _ in range(3)]
 
 
-def test_sampled_logprobs_equal_a_fresh_forward(tiny_policy):
-    """Rows end at different steps (finished rows leave the cache); each kept log-prob must still match."""
+def test_sampled_logprobs_and_entropies_equal_a_fresh_forward(tiny_policy):
+    """Rows end at different steps (finished rows leave the cache); each kept log-prob and entropy must still match."""
     prompts = _prompts(tiny_policy)
     gen = tiny_policy.sample(prompts, 4, SamplingConfig(temperature=0.7, max_new_tokens=25), seed=3)
     lengths = {len(r) for r in gen.response_ids}
     assert len(lengths) > 1, "the test needs responses of different lengths"
-    for prompt, response, logprobs in zip(gen.prompt_ids, gen.response_ids, gen.logprobs):
+    for prompt, response, logprobs, entropies in zip(gen.prompt_ids, gen.response_ids, gen.logprobs, gen.entropies):
         with torch.no_grad():
             logits = tiny_policy.model(torch.tensor([prompt + response])).logits[0].float() / 0.7
-        expected = [torch.log_softmax(logits[len(prompt) - 1 + k], -1)[t].item() for k, t in enumerate(response)]
-        assert logprobs == pytest.approx(expected, abs=1e-4)
+        log_p = torch.log_softmax(logits[len(prompt) - 1: len(prompt) - 1 + len(response)], -1)
+        assert logprobs == pytest.approx(log_p[torch.arange(len(response)), response].tolist(), abs=1e-4)
+        assert entropies == pytest.approx((-(log_p.exp() * log_p).sum(-1)).tolist(), abs=1e-4)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     # probabilities 0.5, 0.3, 0.15, 0.05: with p = 0.7 the set is {0, 1} (0.5 < 0.7 ≤ 0.8), renormalised to 5/8, 3/8
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(40000, 4)
     torch.manual_seed(0)
-    token, logprob = _draw(logits, temperature=1.0, top_p=0.7, uniforms=torch.rand(40000))
+    token, logprob, entropy = _draw(logits, temperature=1.0, top_p=0.7, uniforms=torch.rand(40000))
     counts = torch.bincount(token, minlength=4).float() / len(token)
     assert counts[2] == 0 and counts[3] == 0
     assert counts[0].item() == pytest.approx(5 / 8, abs=0.01)
-    # the returned log-prob is the untruncated policy's, the number the loss uses
+    # the returned log-prob and entropy are the untruncated policy's, the numbers the loss uses
     torch.testing.assert_close(logprob, logits[0].log_softmax(-1)[token])
+    # H = −(0.5 ln 0.5 + 0.3 ln 0.3 + 0.15 ln 0.15 + 0.05 ln 0.05) = 1.14212
+    torch.testing.assert_close(entropy, torch.full((40000,), 1.14212), atol=1e-5, rtol=0)
 
 
 def test_chunked_logprobs_and_gradients_equal_one_full_softmax():

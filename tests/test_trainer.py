@@ -164,3 +164,37 @@ def test_resume_refuses_a_different_configuration(tiny_lab_model_dir, tmp_path):
     with pytest.raises(TrainingStopped, match=r"train\.lr \(0\.001 -> 0\.002\)"):
         Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=4", "train.lr=2e-3"), show_progress=False).train(resume=True)
     Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=3", "eval.k=1"), show_progress=False).train(resume=True)
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
+def test_logged_entropy_is_the_policy_entropy_and_only_a_bonus_recomputes_it(tiny_lab_model_dir, tmp_path,
+                                                                             entropy_coef):
+    from creditrl.methods.loss import masked_mean
+
+    cfg = _cfg(tiny_lab_model_dir, tmp_path / "run", f"loss.entropy_coef={entropy_coef}", "reward.overlong_max=12",
+               "reward.overlong_buffer=8")
+    trainer = Trainer(cfg, show_progress=False)
+    trainer._build_optimizer()
+    asked, score = [], trainer.policy.score
+
+    def spy(*args, **kwargs):
+        asked.append((kwargs.get("with_entropy", False), torch.is_grad_enabled()))
+        return score(*args, **kwargs)
+
+    trainer.policy.score = spy
+    collect = trainer.collect
+    kept = {}
+    trainer.collect = lambda: kept.setdefault("batch", collect())
+    outcome = trainer.train_step()
+    assert outcome.bad is None
+    rollouts = kept["batch"][0]
+    # an independent route: the entropy of a fresh forward over the same rollouts, before the update changed
+    # the weights, is what the sampler reported
+    with torch.no_grad():
+        trainer.policy.model.load_state_dict(load_file(tiny_lab_model_dir / "model.safetensors"), strict=False)
+        fresh = score(rollouts.prompt_ids, rollouts.prompt_mask, rollouts.response_ids, rollouts.response_mask,
+                      cfg.sampling.temperature, with_entropy=True).entropy
+    expected = masked_mean(fresh, rollouts.response_mask).item()
+    assert outcome.metrics["entropy"] == pytest.approx(expected, abs=1e-4)
+    update_calls = [with_entropy for with_entropy, grad in asked if grad]
+    assert update_calls == [entropy_coef > 0]

@@ -66,6 +66,8 @@ def build_rollouts(policy: TransformersPolicy, gen: Generation, verdicts: list[V
         step_rewards=None if step_labels is None else torch.where(step_labels >= 0, step_labels.float(), torch.nan),
         old_logprobs=None if gen.logprobs is None else pad_right(
             [torch.tensor(lp, dtype=torch.float32) for lp in gen.logprobs], 0.0, width=response_ids.shape[1]),
+        old_entropy=None if gen.entropies is None else pad_right(
+            [torch.tensor(h, dtype=torch.float32) for h in gen.entropies], 0.0, width=response_ids.shape[1]),
         response_texts=texts, problem_index=problem_index,
         problems=None if problems is None else [problems[i] for i in problem_index],
     )

@@ -30,6 +30,7 @@ class Rollouts:
     step_labels: Tensor | None = None  # (B, S) long: 1 right, 0 wrong, -1 unknown/absent
     step_rewards: Tensor | None = None  # (B, S) float, NaN where a response has no step j
     old_logprobs: Tensor | None = None  # (B, T) float, log π_old of each response token
+    old_entropy: Tensor | None = None  # (B, T) float, entropy of π_old where each response token was drawn
     ref_logprobs: Tensor | None = None  # (B, T) float, log π_ref (only when β > 0)
     hidden_states: Tensor | None = None  # (B, T, D), last layer before the final norm
     response_texts: list[str] | None = None

@@ -273,12 +273,15 @@ class Trainer:
             for rows in order.chunk(t.n_minibatches):
                 sub = _trimmed(rollouts.select(rows)).to(self.policy.device)
                 adv = advantages[rows][:, : sub.response_ids.shape[1]].to(self.policy.device)
+                # the logged entropy comes from the sampler when it gave one; an entropy bonus needs its gradient
+                bonus = self.cfg.loss.entropy_coef > 0
                 scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
-                                           self.cfg.sampling.temperature, with_entropy=True,
-                                           entropy_grad=self.cfg.loss.entropy_coef > 0, buckets=t.length_buckets)
+                                           self.cfg.sampling.temperature, with_entropy=bonus or sub.old_entropy is None,
+                                           entropy_grad=bonus, buckets=t.length_buckets)
                 old = scores.logprobs.detach() if reuse_old else sub.old_logprobs
                 loss, m = policy_loss(scores.logprobs, old, adv, sub.response_mask, self.cfg.loss,
-                                      ref_logprobs=sub.ref_logprobs, entropy=scores.entropy,
+                                      ref_logprobs=sub.ref_logprobs,
+                                      entropy=scores.entropy if scores.entropy is not None else sub.old_entropy,
                                       ratio_transform=self.ratio_transform, token_weight=self.token_weight)
                 if not torch.isfinite(loss):
                     bad = "non-finite loss"
@@ -485,7 +488,7 @@ def _trimmed(r: Rollouts) -> Rollouts:
     start = int(keep_p[0]) if len(keep_p) else r.prompt_mask.shape[1]
     width = int(r.response_mask.sum(1).max()) if r.batch_size else 0
     r.prompt_ids, r.prompt_mask = r.prompt_ids[:, start:], r.prompt_mask[:, start:]
-    for name in ("response_ids", "response_mask", "step_ids", "old_logprobs", "ref_logprobs"):
+    for name in ("response_ids", "response_mask", "step_ids", "old_logprobs", "old_entropy", "ref_logprobs"):
         value = getattr(r, name)
         if value is not None:
             setattr(r, name, value[:, :width])

@@ -25,10 +25,12 @@ from transformers.cache_utils import DynamicLayer
 
 @dataclass
 class Decoded:
-    """Sampled tokens of each row (prompt-major: prompt 0's n rows first) and their log-probs."""
+    """Sampled tokens of each row (prompt-major: prompt 0's n rows first), their log-probs and the
+    entropy of the distribution each was drawn from."""
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
+    entropies: list[list[float]]
     ended: list[bool]  # the row stopped on an end token or a stop check, not on the length limit
 
 
@@ -57,16 +59,19 @@ def sample_with_cache(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: T
     running = torch.arange(rows)  # which output row each cache row belongs to
     tokens: list[list[int]] = [[] for _ in range(rows)]
     logprobs: list[list[float]] = [[] for _ in range(rows)]
+    entropies: list[list[float]] = [[] for _ in range(rows)]
     ended = [False] * rows
     end = torch.tensor(end_ids, dtype=torch.long, device=prompt_ids.device)
     for step in range(max_new_tokens):
         uniforms = torch.rand(rows, dtype=torch.float64)[running].to(logits.device)  # one per row and step
-        token, logprob = _draw(logits.float(), temperature, top_p, uniforms)
+        token, logprob, entropy = _draw(logits.float(), temperature, top_p, uniforms)
         is_end = torch.isin(token, end)
         keep: list[int] = []
-        for i, (row, tok, lp, stop) in enumerate(zip(running.tolist(), token.tolist(), logprob.tolist(), is_end.tolist())):
+        for i, (row, tok, lp, h, stop) in enumerate(zip(running.tolist(), token.tolist(), logprob.tolist(),
+                                                        entropy.tolist(), is_end.tolist())):
             tokens[row].append(tok)
             logprobs[row].append(lp)
+            entropies[row].append(h)
             if stop or (stopped is not None and stopped(row, tokens[row])):
                 ended[row] = True
             else:
@@ -81,7 +86,7 @@ def sample_with_cache(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: T
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
                        **cache_arg, use_cache=True).logits[:, -1]
         next_position = next_position + 1
-    return Decoded(tokens, logprobs, ended)
+    return Decoded(tokens, logprobs, entropies, ended)
 
 
 class GrowingLayer(DynamicLayer):
@@ -132,21 +137,23 @@ def _cache_argument(model: PreTrainedModel) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _draw(logits: Tensor, temperature: float, top_p: float, uniforms: Tensor) -> tuple[Tensor, Tensor]:
-    """One token per row and its log-prob under softmax(logits / temperature); `uniforms` (B,) in [0, 1)."""
-    if temperature == 0.0:
-        log_p = torch.log_softmax(logits, dim=-1)
-        token = logits.argmax(dim=-1)
-        return token, log_p.gather(-1, token[:, None]).squeeze(1)
-    log_p = torch.log_softmax(logits / temperature, dim=-1)
+def _draw(logits: Tensor, temperature: float, top_p: float, uniforms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One token per row, its log-prob under p = softmax(logits / temperature) and the entropy
+    H(p) = −Σ p log p; `uniforms` (B,) in [0, 1).  Temperature 0 takes the argmax and reports
+    log-prob and entropy at temperature 1 (as scoring does); top-p truncates the draw, not p."""
+    log_p = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
     probs = log_p.exp()
+    entropy = torch.special.entr(probs).sum(-1)
+    if temperature == 0.0:
+        token = logits.argmax(dim=-1)
+        return token, log_p.gather(-1, token[:, None]).squeeze(1), entropy
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the more likely tokens
         sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     token = _inverse_cdf(probs, uniforms)
-    return token, log_p.gather(-1, token[:, None]).squeeze(1)
+    return token, log_p.gather(-1, token[:, None]).squeeze(1), entropy
 
 
 def _inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:

@@ -56,6 +56,7 @@ class Generation:
     response_ids: list[list[int]]
     truncated: list[bool]
     logprobs: list[list[float]] | None = None  # of each sampled token, when the engine gives them
+    entropies: list[list[float]] | None = None  # of the distribution each token was drawn from, likewise
 
 
 @dataclass
@@ -112,7 +113,7 @@ class TransformersPolicy:
     def sample(self, prompt_ids: list[list[int]], n: int, cfg: SamplingConfig, seed: int) -> Generation:
         """n responses per prompt, rows prompt-major (prompt 0's n samples first)."""
         if not prompt_ids:
-            return Generation([], [], [], [])
+            return Generation([], [], [], [], [])
         if cfg.engine == "vllm":
             from creditrl.policy.vllm_engine import sample_with_vllm
 
@@ -130,7 +131,8 @@ class TransformersPolicy:
         self.model.train(was_training)
         return Generation([p for p in prompt_ids for _ in range(n)],
                           [r for g in parts for r in g.response_ids], [t for g in parts for t in g.truncated],
-                          None if parts[0].logprobs is None else [lp for g in parts for lp in g.logprobs])
+                          None if parts[0].logprobs is None else [lp for g in parts for lp in g.logprobs],
+                          None if parts[0].entropies is None else [h for g in parts for h in g.entropies])
 
     def _sample_cached(self, prompts: list[list[int]], n: int, cfg: SamplingConfig) -> Generation:
         ids, mask = left_pad(prompts, self.pad_id, self.device)
@@ -144,14 +146,15 @@ class TransformersPolicy:
         out = sample_with_cache(self.model, ids, mask, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                 self.eos_ids, stopped)
         rows = [p for p in prompts for _ in range(n)]
-        responses, truncated, logprobs = [], [], []
-        for tokens, lps, ended in zip(out.tokens, out.logprobs, out.ended):
+        responses, truncated, logprobs, entropies = [], [], [], []
+        for tokens, lps, hs, ended in zip(out.tokens, out.logprobs, out.entropies, out.ended):
             stopped_on_string = ended and cfg.stop and tokens[-1] not in self.eos_ids
             cut = _stop_string_end(self.tokenizer, tokens, cfg.stop) if stopped_on_string else None
             responses.append(tokens[:cut])
             logprobs.append(lps[:cut])
+            entropies.append(hs[:cut])
             truncated.append(not ended)
-        return Generation(rows, responses, truncated, logprobs)
+        return Generation(rows, responses, truncated, logprobs, entropies)
 
     def _generate(self, rows: list[list[int]], cfg: SamplingConfig) -> Generation:
         ids, mask = left_pad(rows, self.pad_id, self.device)
