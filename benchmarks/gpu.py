@@ -4,6 +4,8 @@
     python benchmarks/gpu.py                          # Qwen2.5-0.5B architecture, random weights, bf16 autocast
     python benchmarks/gpu.py --json gpu.json          # also write every number
     python benchmarks/gpu.py --smoke                  # CPU, a tiny model of the same architecture: checks the script
+    python benchmarks/gpu.py --device cpu --layers 2 --update-shapes 2x512 --parts update
+                                                      # the update's sides on a CPU: the vocabulary head dominates
 
 The model is the Qwen2.5-0.5B architecture (24 layers, hidden 896, 14 heads / 2 KV heads, MLP 4864,
 vocabulary 151,936, tied embeddings) with random weights, saved once to a temporary folder with
@@ -200,8 +202,9 @@ def new_lengths(folder: Path, args, device: torch.device) -> list[dict]:
 def update_only(folder: Path, args, device: torch.device, n_params: int, peak: float | None) -> list[dict]:
     """The trainer's update in both precisions, and beside them a plain transformers update of a bf16 model.
 
-    creditrl: `policy.score` (packed rows, log-probs and entropy in checkpointed vocabulary
-    chunks), `policy_loss`, backward, clipping, fused AdamW on the trainer's master weights; once
+    creditrl: `policy.score` (packed rows, log-probs in vocabulary chunks through the fused
+    projection; no entropy, which the trainer takes from the sampler), `policy_loss`, backward,
+    clipping, fused AdamW on the trainer's master weights; once
     with float32 weights under bf16 autocast, once with bf16 weights and float32 masters
     (`model.dtype=bfloat16`).  Plain: bf16 weights, one forward for full float32 logits,
     log-softmax, gather, the same loss shape, backward, clipping, fused AdamW on the bf16 weights
@@ -236,7 +239,7 @@ def _creditrl_updates(folder: Path, shapes, args, device: torch.device, n_params
 
     def loss_of(prompt, response, advantages):
         mask, r_mask = torch.ones_like(prompt, dtype=torch.bool), torch.ones_like(response, dtype=torch.bool)
-        scores = policy.score(prompt, mask, response, r_mask, with_entropy=True)
+        scores = policy.score(prompt, mask, response, r_mask)  # as the trainer: the entropy comes from the sampler
         loss, _ = policy_loss(scores.logprobs, scores.logprobs.detach(), advantages, r_mask, LossConfig(agg="token-mean"))
         return loss
 
@@ -437,6 +440,10 @@ def main() -> None:
                         default=["update", "sampling", "lengths", "steps"])
     parser.add_argument("--sides", nargs="+", choices=STEP_SIDES, default=list(STEP_SIDES),
                         help="the steps part's sides, in this order (roughly 1.5 minutes each on an H100)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: no MFU (default cuda)")
+    parser.add_argument("--layers", type=int, help="decoder layers of the Qwen2.5-0.5B shape (default 24)")
+    parser.add_argument("--update-shapes", nargs="+", metavar="BxT",
+                        help="the update part's batch × length shapes (default 8x1024 4x4096 16x2048)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     smoke = args.smoke
@@ -444,8 +451,11 @@ def main() -> None:
     args.group_size = args.group_size or (2 if smoke else 8)
     args.new_tokens = args.new_tokens or (8 if smoke else 256)
     args.update_iters = args.update_iters or (1 if smoke else 5)
-    args.update_shapes = [(2, 96), (1, 160)] if smoke else [(8, 1024), (4, 4096), (16, 2048)]
-    device = torch.device("cpu" if smoke else "cuda")
+    if args.update_shapes:
+        args.update_shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.update_shapes]
+    else:
+        args.update_shapes = [(2, 96), (1, 160)] if smoke else [(8, 1024), (4, 4096), (16, 2048)]
+    device = torch.device("cpu" if smoke else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu.py needs a GPU (or --smoke to check the script on the CPU)")
     peak = peak_flops(device, args.peak_tflops)
@@ -464,7 +474,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="creditrl_gpu_") as tmp:
         folder = Path(tmp) / "model"
-        n_params = build_model_folder(folder, TINY if smoke else QWEN25_05B)
+        shape = TINY if smoke else QWEN25_05B
+        n_params = build_model_folder(folder, {**shape, "num_hidden_layers": args.layers} if args.layers else shape)
         results["env"]["parameters"] = n_params
         if "update" in args.parts:
             results["update"] = update_only(folder, args, device, n_params, peak)

@@ -198,3 +198,17 @@ def test_logged_entropy_is_the_policy_entropy_and_only_a_bonus_recomputes_it(tin
     assert outcome.metrics["entropy"] == pytest.approx(expected, abs=1e-4)
     update_calls = [with_entropy for with_entropy, grad in asked if grad]
     assert update_calls == [entropy_coef > 0]
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tiny_lab_model_dir, tmp_path):
+    overrides = ["train.steps=2", "reward.overlong_max=12", "reward.overlong_buffer=8", "eval.before=false"]
+    Trainer(_cfg(tiny_lab_model_dir, tmp_path / "plain", *overrides), show_progress=False).train()
+    trainer = Trainer(_cfg(tiny_lab_model_dir, tmp_path / "ckpt", *overrides, "train.gradient_checkpointing=true"),
+                      show_progress=False)
+    assert trainer.policy.model.is_gradient_checkpointing
+    trainer.train()
+    plain, recomputed = _weights(tmp_path / "plain" / "final"), _weights(tmp_path / "ckpt" / "final")
+    start = _weights(tiny_lab_model_dir)
+    assert any(not torch.equal(start[k], plain[k]) for k in plain)
+    for key in plain:
+        torch.testing.assert_close(recomputed[key], plain[key])

@@ -85,6 +85,8 @@ class TrainConfig(_Section):
     logprob_batch_size: int = Field(64, ge=1, description="rows per forward when scoring rollouts")
     length_buckets: int = Field(4, ge=1, description="at most this many forwards per minibatch, rows sorted by "
                                                      "length (less padding; the count is chosen per batch)")
+    gradient_checkpointing: bool = Field(False, description="keep only each decoder layer's input for the backward "
+                                                            "and recompute the rest (less memory, about ⅓ more compute)")
     recompute_old_logprobs: bool = Field(False, description="score old log-probs with a forward even when the "
                                                             "sampler returned them (kv-cache engine)")
     max_bad_steps: int = Field(3, ge=1, description="stop after this many non-finite updates in a row")

@@ -246,9 +246,10 @@ class TransformersPolicy:
     def _short_sequence_attention(self, length: int):
         """On a CPU, sequences of at most EAGER_ON_CPU_UP_TO tokens are scored with eager attention
         instead of sdpa: sdpa's CPU flash kernel is slow in the backward at these lengths (SmolLM2,
-        8 rows of ~80 tokens, bf16: the update 11% faster), and eager's T × T probabilities stay small."""
+        8 rows of ~80 tokens, bf16: the update 11% faster), and eager's T × T probabilities stay small.
+        Not under gradient checkpointing, whose recompute in the backward runs after the switch is undone."""
         switch = (self.device.type == "cpu" and length <= EAGER_ON_CPU_UP_TO
-                  and self.model.config._attn_implementation == "sdpa")
+                  and self.model.config._attn_implementation == "sdpa" and not self.model.is_gradient_checkpointing)
         if switch:
             self.model.set_attn_implementation("eager")
         try:
