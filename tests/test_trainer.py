@@ -205,7 +205,7 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_lab_model_dir, t
     Trainer(_cfg(tiny_lab_model_dir, tmp_path / "plain", *overrides), show_progress=False).train()
     trainer = Trainer(_cfg(tiny_lab_model_dir, tmp_path / "ckpt", *overrides, "train.gradient_checkpointing=true"),
                       show_progress=False)
-    assert trainer.policy.model.is_gradient_checkpointing
+    assert trainer.policy.model.is_activation_checkpointing
     trainer.train()
     plain, recomputed = _weights(tmp_path / "plain" / "final"), _weights(tmp_path / "ckpt" / "final")
     start = _weights(tiny_lab_model_dir)

@@ -80,8 +80,8 @@ class Trainer:
             self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
         if cfg.model.lora is not None:
             self.policy.model = apply_lora(self.policy.model, cfg.model.lora)
-        if cfg.train.gradient_checkpointing:  # active in train mode only: sampling (eval mode) keeps its cache
-            self.policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.gradient_checkpointing:
+            self.policy.enable_activation_checkpointing()
         self.ratio_transform, self.token_weight = loss_hooks(self.method, cfg.method_params)
         if self.method.token_weight == "fipo":
             warning = fipo_config_warning(cfg.train.ppo_epochs, cfg.train.n_minibatches)

@@ -80,6 +80,16 @@ class TransformersPolicy:
         self.logits_chunk_elements = logits_chunk_elements  # float32 logits held at once when scoring
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.checkpointing_activations = False
+
+    def enable_activation_checkpointing(self) -> None:
+        """Keep each decoder layer's input for the backward and recompute the rest there (train mode only:
+        sampling runs in eval mode with its cache).  transformers 5 calls it activation checkpointing."""
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.checkpointing_activations = True
 
     @property
     def device(self) -> torch.device:
@@ -249,7 +259,7 @@ class TransformersPolicy:
         8 rows of ~80 tokens, bf16: the update 11% faster), and eager's T × T probabilities stay small.
         Not under gradient checkpointing, whose recompute in the backward runs after the switch is undone."""
         switch = (self.device.type == "cpu" and length <= EAGER_ON_CPU_UP_TO
-                  and self.model.config._attn_implementation == "sdpa" and not self.model.is_gradient_checkpointing)
+                  and self.model.config._attn_implementation == "sdpa" and not self.checkpointing_activations)
         if switch:
             self.model.set_attn_implementation("eager")
         try:
