@@ -47,8 +47,12 @@ def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targ
     divisor = temperature if temperature > 0 else 1.0
     chunks = list(zip(hidden.split(per_chunk), targets.split(per_chunk)))
     if isinstance(head, torch.nn.Linear):
-        results = [ProjectedLogprobs.apply(h, head.weight, head.bias, y, divisor, with_entropy, entropy_grad)
-                   for h, y in chunks]
+        # the matmuls' dtype: autocast's when it is on, else the weight's; the weight is cast once for all
+        # chunks (as autocast's own cache would), and its gradient flows back through the cast
+        on = torch.is_autocast_enabled(hidden.device.type)
+        dtype = torch.get_autocast_dtype(hidden.device.type) if on else head.weight.dtype
+        weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
+        results = [ProjectedLogprobs.apply(h, weight, bias, y, divisor, with_entropy, entropy_grad) for h, y in chunks]
     else:
         results = _checkpointed_chunks(chunks, head, divisor, with_entropy, entropy_grad)
     logprobs = torch.cat([lp for lp, _ in results])
@@ -59,8 +63,7 @@ def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targ
 class ProjectedLogprobs(torch.autograd.Function):
     """(log π(y | h), H) for one chunk of hidden states h (n, D) through the projection (W, b).
 
-    Matmuls run in the autocast dtype when autocast is on (else in W's dtype), the logits in
-    float32.  Each pass over the (n, vocabulary) logits costs about as much as the projection on
+    Matmuls run in W's dtype (h is cast to it), the logits in at least float32.  Each pass over the (n, vocabulary) logits costs about as much as the projection on
     a GPU, so the passes are few and in place: the forward reads the logits for the maximum,
     the exponentials, their sum and Σ e·z; the backward turns the rebuilt logits into the
     gradient in place.
@@ -69,9 +72,7 @@ class ProjectedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, divisor: float,
                 with_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor]:
-        compute_dtype = (torch.get_autocast_dtype(hidden.device.type)
-                         if torch.is_autocast_enabled(hidden.device.type) else weight.dtype)
-        z = _scaled_logits(hidden, weight, bias, divisor, compute_dtype)
+        z = _scaled_logits(hidden, weight, bias, divisor)
         chosen = z.gather(-1, targets[:, None]).squeeze(-1)
         if with_entropy:
             top = z.amax(-1, keepdim=True)
@@ -83,7 +84,7 @@ class ProjectedLogprobs(torch.autograd.Function):
         else:
             lse, entropy = torch.logsumexp(z, dim=-1), z.new_zeros(0)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.divisor, ctx.compute_dtype, ctx.entropy_grad = divisor, compute_dtype, with_entropy and entropy_grad
+        ctx.divisor, ctx.entropy_grad = divisor, with_entropy and entropy_grad
         if not ctx.entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return chosen - lse, entropy
@@ -92,7 +93,7 @@ class ProjectedLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logprob: Tensor, grad_entropy: Tensor | None):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         g = grad_logprob / ctx.divisor  # z = logits / τ: every gradient through z carries 1/τ
-        grad = _scaled_logits(hidden, weight, bias, ctx.divisor, ctx.compute_dtype).sub_(lse[:, None])  # log p
+        grad = _scaled_logits(hidden, weight, bias, ctx.divisor).sub_(lse[:, None])  # log p
         if ctx.entropy_grad and grad_entropy is not None:
             e = grad_entropy / ctx.divisor
             p = grad.exp()
@@ -101,20 +102,20 @@ class ProjectedLogprobs(torch.autograd.Function):
         else:
             grad.exp_().mul_(-g[:, None])  # −g·p
         grad.scatter_add_(-1, targets[:, None], g[:, None])  # + g at the chosen token
-        grad_logits = grad.to(ctx.compute_dtype)
+        grad_logits = grad.to(weight.dtype)
         del grad
-        grad_hidden = (grad_logits @ weight.to(ctx.compute_dtype)).to(hidden.dtype)
-        grad_weight = (grad_logits.T @ hidden.to(ctx.compute_dtype)).to(weight.dtype)
-        grad_bias = grad_logits.sum(0).to(bias.dtype) if bias is not None else None
+        grad_hidden = (grad_logits @ weight).to(hidden.dtype)
+        grad_weight = grad_logits.T @ hidden.to(weight.dtype)
+        grad_bias = grad_logits.sum(0) if bias is not None else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def _scaled_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, divisor: float, dtype: torch.dtype) -> Tensor:
-    """(W h + b) / τ in at least float32 (a fresh tensor), the matmul in `dtype` with autocast off."""
+def _scaled_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, divisor: float) -> Tensor:
+    """(W h + b) / τ in at least float32 (a fresh tensor), the matmul in W's dtype with autocast off."""
     with torch.autocast(hidden.device.type, enabled=False):
-        logits = hidden.to(dtype) @ weight.to(dtype).T
+        logits = hidden.to(weight.dtype) @ weight.T
         if bias is not None:
-            logits += bias.to(dtype)
+            logits += bias
     z = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
     return z.div_(divisor) if divisor != 1.0 else z
 
