@@ -83,3 +83,13 @@ def test_a_head_that_is_not_a_linear_layer_takes_the_checkpointed_path():
     for got, want in zip(torch.autograd.grad(lp.sum(), [hidden, head.weight]),
                          torch.autograd.grad(ref_lp.sum(), [hidden, head.weight])):
         torch.testing.assert_close(got, want)
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_still_do():
+    head, hidden, targets = _case()
+    head.requires_grad_(False)
+    ref_lp, _ = _reference(head, hidden, targets, 1.0)
+    lp, _ = chosen_token_logprobs(hidden, head, targets, chunk_elements=50 * 5)
+    lp.sum().backward()
+    assert head.weight.grad is None and head.bias.grad is None
+    torch.testing.assert_close(hidden.grad, torch.autograd.grad(ref_lp.sum(), hidden)[0])

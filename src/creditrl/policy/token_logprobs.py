@@ -63,10 +63,11 @@ def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targ
 class ProjectedLogprobs(torch.autograd.Function):
     """(log π(y | h), H) for one chunk of hidden states h (n, D) through the projection (W, b).
 
-    Matmuls run in W's dtype (h is cast to it), the logits in at least float32.  Each pass over the (n, vocabulary) logits costs about as much as the projection on
-    a GPU, so the passes are few and in place: the forward reads the logits for the maximum,
-    the exponentials, their sum and Σ e·z; the backward turns the rebuilt logits into the
-    gradient in place.
+    Matmuls run in W's dtype (h is cast to it), the logits in at least float32.  On a GPU each
+    pass over the (n, vocabulary) logits costs about as much as the projection, so the passes
+    are few and in place: the forward reads the logits for the maximum, the exponentials, their
+    sum and Σ e·z; the backward turns the rebuilt logits into the gradient in place.  Gradients
+    are formed only for the inputs that need them (a frozen head under LoRA gets none).
     """
 
     @staticmethod
@@ -104,9 +105,10 @@ class ProjectedLogprobs(torch.autograd.Function):
         grad.scatter_add_(-1, targets[:, None], g[:, None])  # + g at the chosen token
         grad_logits = grad.to(weight.dtype)
         del grad
-        grad_hidden = (grad_logits @ weight).to(hidden.dtype)
-        grad_weight = grad_logits.T @ hidden.to(weight.dtype)
-        grad_bias = grad_logits.sum(0) if bias is not None else None
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_hidden = (grad_logits @ weight).to(hidden.dtype) if needs_hidden else None
+        grad_weight = grad_logits.T @ hidden.to(weight.dtype) if needs_weight else None
+        grad_bias = grad_logits.sum(0) if needs_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
