@@ -92,6 +92,24 @@ def test_matches_the_slow_reference(G, T, D, W, alpha_c, alpha_w, beta, n_groups
     assert not torch.allclose(fast, grpo(make_rollouts(rewards, group_ids, lengths, hidden=hidden), params))  # w ≢ 1
 
 
+@pytest.mark.parametrize("rows_per_chunk", [1, 3])
+def test_rows_in_chunks_match_the_slow_reference(monkeypatch, rows_per_chunk):
+    import creditrl.methods.denser as denser_module
+
+    G, T, D = 8, 9, 4
+    monkeypatch.setattr(denser_module, "TEMPORARY_BYTES", 4 * T * D * G * rows_per_chunk)
+    gen = torch.Generator().manual_seed(7)
+    lengths = torch.randint(1, T + 1, (G,), generator=gen).tolist()
+    rewards = [0.0, 2.0, 1.0, 0.0, 2.0, 2.0, 0.0, 1.0]
+    hidden = torch.randn(G, T, D, generator=gen)
+    hidden[:, :, 0] += 1.5
+    fast = denser(make_rollouts(rewards, [0] * G, lengths, hidden=hidden), DenseRParams(alpha_w=0.3, beta=0.5))
+    slow = torch.tensor(ref_advantages(rewards, [0] * G, lengths, hidden.double().tolist(), 1.0, 0.3, 0.5, 5),
+                        dtype=torch.float64)
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    torch.testing.assert_close(fast.masked_fill(~mask, 0.0), slow, atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_states_are_used_in_float32():
     gen = torch.Generator().manual_seed(7)
     hidden = torch.randn(4, 6, 5, generator=gen).bfloat16()

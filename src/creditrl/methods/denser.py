@@ -14,6 +14,8 @@ from creditrl.methods import Method, register_advantage, register_method
 from creditrl.methods.grpo import GRPOParams, grpo
 from creditrl.rollouts import Rollouts
 
+TEMPORARY_BYTES = 2 ** 28  # the similarity search's float32 temporaries, per window offset
+
 
 class DenseRParams(GRPOParams):
     alpha_c: float = Field(1.0, ge=0.0, description="weight of the divergence from the opposite class")
@@ -30,7 +32,9 @@ def denser_weights(hidden: Tensor, mask: Tensor, negative: Tensor, params: Dense
     (0 if the window holds no token of j); Div_S(i,t) = (1 − mean_{j ∈ S} s_ij(t))·m_{i,t}, which is
     m_{i,t} when S is empty.  c = α_c·Div_cross + α_w·Div_within (S: the opposite class, the own
     class without i); ĉ = c / mean over i's tokens of c (ĉ = 1 where c ≡ 0); w = (1 − β) + β·ĉ.
-    Computed in float32; temporaries are (G, G, T, D) per window offset.
+    Computed in float32 for a few rows i at a time, so that the (rows, G, T, D) temporaries of
+    each window offset stay near TEMPORARY_BYTES (a whole group at once: 15 GiB for 16 rows of
+    4096 tokens at D = 3584).
     Shapes: hidden (G, T, D), mask (G, T), negative (G,) bool -> w (G, T) float32.
     """
     n_rows, width = mask.shape
@@ -40,16 +44,18 @@ def denser_weights(hidden: Tensor, mask: Tensor, negative: Tensor, params: Dense
     h = torch.nn.functional.normalize(hidden.float(), dim=-1)
     lengths = mask.sum(1)
     positions = torch.arange(width, device=mask.device)
-    centre = positions * lengths[None, :, None] // lengths[:, None, None].clamp(min=1)  # (G_i, G_j, T)
     other = torch.arange(n_rows, device=mask.device)[None, :, None]  # j, broadcast against centre
     sim = h.new_zeros(n_rows, n_rows, width)  # s_ij(t), starting from the clamp at 0
-    for offset in range(-params.window, params.window + 1):
-        u = centre + offset
-        valid = (u >= 0) & (u < width)
-        u = u.clamp(0, width - 1)
-        valid &= mask[other, u]
-        cos = (h[:, None] * h[other, u]).sum(-1)
-        sim = torch.maximum(sim, cos.masked_fill(~valid, 0.0))
+    per_chunk = max(1, TEMPORARY_BYTES // (4 * h[0].numel() * n_rows))
+    for rows in torch.arange(n_rows, device=mask.device).split(per_chunk):
+        centre = positions * lengths[None, :, None] // lengths[rows, None, None].clamp(min=1)  # (rows, G_j, T)
+        for offset in range(-params.window, params.window + 1):
+            u = centre + offset
+            valid = (u >= 0) & (u < width)
+            u = u.clamp(0, width - 1)
+            valid &= mask[other, u]
+            cos = (h[rows, None] * h[other, u]).sum(-1)
+            sim[rows] = torch.maximum(sim[rows], cos.masked_fill(~valid, 0.0))
 
     same = negative[:, None] == negative[None, :]
     within = same & ~torch.eye(n_rows, dtype=torch.bool, device=mask.device)
