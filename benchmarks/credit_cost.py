@@ -466,15 +466,18 @@ def bench_denser(args, threads: int) -> dict:
     # at full size one call takes seconds and allocates afresh each time, so it needs no warm-up call
     res = run_worker({"kind": "denser", "group": group, "length": length, "dim": dim,
                       "warmup": 1 if args.quick else 0, "repeats": 3 if args.quick else 2}, threads)
+    from creditrl.methods.denser import TEMPORARY_BYTES
+
+    rows_per_chunk = max(1, TEMPORARY_BYTES // (4 * group * length * dim))  # as denser_weights chunks its rows
     return {"group": group, "length": length, "dim": dim, "window": 5, **res,
-            "temporary_bytes": group * group * length * dim * 4}
+            "temporary_bytes": min(rows_per_chunk, group) * group * length * dim * 4}
 
 
 def table_denser(res: dict):
     from rich.table import Table
 
     table = Table(title=f"(c) denser_weights, G = {res['group']}, T = {res['length']:,}, D = {res['dim']}, W = {res['window']}")
-    for col in ("seconds (median)", "peak MiB", "one (G, G, T, D) float32 temporary, MiB"):
+    for col in ("seconds (median)", "peak MiB", "one (rows, G, T, D) float32 temporary, MiB"):
         table.add_column(col, justify="right")
     table.add_row(f"{res['seconds_median']:.3f}", f"{res['peak_mib']:.1f}", f"{res['temporary_bytes'] / 2**20:,.1f}")
     table.caption = ("random hidden states, ragged masks, half the group negative; peak = ru_maxrss growth in a fresh "
