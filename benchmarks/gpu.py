@@ -71,8 +71,8 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   tie_word_embeddings=True)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=1024, max_position_embeddings=1024, tie_word_embeddings=True)
-# creditrl GRPO, TRL GRPO, creditrl GRPO with bf16 weights, FIPO, DenseR, static-cache GRPO
-STEP_SIDES = ("grpo", "trl", "grpo-bf16", "fipo", "denser", "static")
+# creditrl GRPO, TRL GRPO, creditrl GRPO with bf16 weights, FIPO, DenseR, static-cache GRPO (float32 / bf16 weights)
+STEP_SIDES = ("grpo", "trl", "grpo-bf16", "fipo", "denser", "static", "static-bf16")
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0}
 
 
@@ -326,7 +326,9 @@ def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak:
              "fipo": ("creditrl fipo", "creditrl", replace(work, method="fipo")),
              "denser": ("creditrl denser", "creditrl", replace(work, method="denser")),
              "static": ("creditrl grpo, static-cache generate", "creditrl",
-                        replace(work, method="grpo", engine="generate-static"))}
+                        replace(work, method="grpo", engine="generate-static")),
+             "static-bf16": ("creditrl grpo, static-cache generate, bf16 weights", "creditrl",
+                             replace(work, method="grpo", engine="generate-static", bf16=False, bf16_weights=True))}
     sides = [sides[name] for name in args.sides]
     # the character-level prompts: the question and a newline, one token per character
     prompt_tokens = statistics.mean(len(p.prompt) + 1 for p in LabTask().train_problems()[: work.prompts * work.steps])

@@ -183,7 +183,8 @@ class TransformersPolicy:
                 raise RuntimeError(
                     f"sampling.static_cache=true with model.bf16_autocast=true failed in transformers "
                     f"{transformers.__version__} ({str(err).splitlines()[0]}): its static cache takes one dtype "
-                    f"for keys and values, which autocast mixes. transformers 5.24 runs it; or set "
+                    f"for keys and values, which autocast mixes. transformers 5.24 runs it, and bf16 weights "
+                    f"(model.dtype=bfloat16, model.bf16_autocast=false) need no autocast; or set "
                     f"sampling.static_cache=false") from err
             raise
         new = out[:, ids.shape[1]:].tolist()
