@@ -205,7 +205,9 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_lab_model_dir, t
     Trainer(_cfg(tiny_lab_model_dir, tmp_path / "plain", *overrides), show_progress=False).train()
     trainer = Trainer(_cfg(tiny_lab_model_dir, tmp_path / "ckpt", *overrides, "train.gradient_checkpointing=true"),
                       show_progress=False)
-    assert trainer.policy.model.is_activation_checkpointing
+    model = trainer.policy.model  # transformers 5 says activation checkpointing, earlier releases gradient checkpointing
+    assert trainer.policy.checkpointing_activations and any(
+        getattr(model, name, False) for name in ("is_activation_checkpointing", "is_gradient_checkpointing"))
     trainer.train()
     plain, recomputed = _weights(tmp_path / "plain" / "final"), _weights(tmp_path / "ckpt" / "final")
     start = _weights(tiny_lab_model_dir)
