@@ -74,7 +74,10 @@ def test_bf16_weights_get_bf16_gradients_close_to_float32():
 
 def test_a_head_that_is_not_a_linear_layer_takes_the_checkpointed_path():
     head, hidden, targets = _case()
-    capped = lambda h: 3.0 * torch.tanh(head(h) / 3.0)  # noqa: E731  (a soft-capped head)
+
+    def capped(h):  # a soft-capped head
+        return 3.0 * torch.tanh(head(h) / 3.0)
+
     log_p = torch.log_softmax(capped(hidden), -1)
     ref_lp = log_p.gather(-1, targets[:, None]).squeeze(-1)
     lp, h = chosen_token_logprobs(hidden, capped, targets, with_entropy=True, chunk_elements=50 * 5)
