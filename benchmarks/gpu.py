@@ -322,13 +322,13 @@ def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak:
     sides = {"grpo": ("creditrl grpo", "creditrl", replace(work, method="grpo")),
              "trl": ("TRL grpo", "trl", work),
              "grpo-bf16": ("creditrl grpo, bf16 weights", "creditrl",
-                           replace(work, method="grpo", bf16=False, bf16_weights=True)),
+                           replace(work, method="grpo", bf16_weights=True)),
              "fipo": ("creditrl fipo", "creditrl", replace(work, method="fipo")),
              "denser": ("creditrl denser", "creditrl", replace(work, method="denser")),
              "static": ("creditrl grpo, static-cache generate", "creditrl",
                         replace(work, method="grpo", engine="generate-static")),
              "static-bf16": ("creditrl grpo, static-cache generate, bf16 weights", "creditrl",
-                             replace(work, method="grpo", engine="generate-static", bf16=False, bf16_weights=True))}
+                             replace(work, method="grpo", engine="generate-static", bf16_weights=True))}
     sides = [sides[name] for name in args.sides]
     # the character-level prompts: the question and a newline, one token per character
     prompt_tokens = statistics.mean(len(p.prompt) + 1 for p in LabTask().train_problems()[: work.prompts * work.steps])

@@ -18,7 +18,8 @@ train.n_minibatches=1; TRL: num_iterations=1, steps_per_generation=1, gradient_a
 no KL term (loss.kl_coef=0 / beta=0), AdamW with the same lr, betas (0.9, 0.99), no weight decay,
 a constant schedule, gradients clipped at norm 1, clip ε = 0.2, loss averaged over all tokens of the
 batch (creditrl loss.agg=token-mean, TRL loss_type="dapo"), no gradient checkpointing, float32
-(`--bf16`: bf16 autocast on both sides over float32 weights, creditrl model.bf16_autocast=true, TRL bf16=True).
+(`--bf16`: bf16 autocast on both sides over float32 weights, creditrl model.bf16_autocast=true, TRL bf16=True;
+`--bf16-weights`: creditrl's bf16 weights with float32 masters, model.dtype=bfloat16, against TRL's bf16=True).
 Prompts: the question and a newline for the lab model; the chat template for SmolLM2 (creditrl's
 `encode_prompt`; TRL gets the conversational format).
 
@@ -90,7 +91,7 @@ class Work:
     threads: int = 2
     seed: int = 0
     bf16: bool = False  # creditrl model.bf16_autocast=true; TRL bf16=True (both: float32 weights, bf16 autocast)
-    bf16_weights: bool = False  # creditrl only: model.dtype=bfloat16 (float32 master weights in AdamW)
+    bf16_weights: bool = False  # creditrl only: model.dtype=bfloat16 (float32 master weights in AdamW), no autocast
     device: str = "cpu"  # "cuda": benchmarks/gpu.py
     method: str = "grpo"  # creditrl's method (TRL runs GRPO)
     engine: str = "kv-cache"  # creditrl's sampling.engine; "generate-static": generate with a static cache
@@ -122,7 +123,8 @@ def run_creditrl(work: Work) -> dict:
     with tempfile.TemporaryDirectory(prefix="vs_trl_creditrl_") as tmp:
         cfg = load_config(None, [
             f"method={work.method}", f"model.name={work.model}", f"model.device={work.device}",
-            f"model.bf16_autocast={str(work.bf16).lower()}", f"model.dtype={'bfloat16' if work.bf16_weights else 'float32'}",
+            f"model.bf16_autocast={str(work.bf16 and not work.bf16_weights).lower()}",
+            f"model.dtype={'bfloat16' if work.bf16_weights else 'float32'}",
             *_engine_overrides(work.engine), f"rollout.prompts_per_step={work.prompts}",
             f"rollout.group_size={work.group_size}", "rollout.dynamic_sampling=false",
             f"sampling.max_new_tokens={work.max_new_tokens}", "sampling.temperature=1.0", "sampling.top_p=1.0",
@@ -369,6 +371,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each worker (default 2)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--bf16", action="store_true", help="both sides under bfloat16 autocast (float32 weights)")
+    parser.add_argument("--bf16-weights", action="store_true",
+                        help="creditrl with bf16 weights (model.dtype=bfloat16, float32 masters in AdamW), TRL under "
+                             "bf16 autocast over float32 weights (its mixed precision); implies --bf16")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--scaling", action="store_true", help="creditrl alone: step cost against group size, "
                                                                "completion length and model")
@@ -388,7 +393,8 @@ def main() -> None:
     from rich.console import Console
 
     work = Work(model=args.model, prompts=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
-                steps=args.steps, lr=args.lr, threads=args.threads, bf16=args.bf16)
+                steps=args.steps, lr=args.lr, threads=args.threads, bf16=args.bf16 or args.bf16_weights,
+                bf16_weights=args.bf16_weights)
     console = Console(width=None if sys.stdout.isatty() else 120)
     versions = {name: version(name) for name in ("torch", "transformers", "trl", "creditrl")}
     env = {**versions, "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads}
