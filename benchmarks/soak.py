@@ -2,14 +2,16 @@
 """Soak: a lab run killed with SIGKILL at random moments and resumed ends where one clean run ends.
 
     python benchmarks/soak.py --steps 300 --kill-after 60 150 --out runs/soak
+    python benchmarks/soak.py --steps 120 --kill-after 30 60 --out runs/soak-bf16 model.dtype=bfloat16
 
 Trains the same configuration twice with `creditrl train`, side by side (one thread each): once
 without interruption, and once killed (SIGKILL, at a random moment between the two
 `--kill-after` bounds, in seconds) and restarted with `--resume` until it finishes by itself.
 Kills land anywhere: mid-step, mid-evaluation, mid-checkpoint write (the upper bound must leave
 time to reach the next checkpoint, or the run never gets past it). Prints the number of kills, the wall times, whether the
-final weights are bit-identical, and the final evaluation of both runs; `--json` keeps them.
-Exit status 1 if the weights differ.
+final weights (and, for bf16 weights, the float32 master weights of the last checkpoint) are
+bit-identical, and the final evaluation of both runs; `--json` keeps them. Settings after the
+options (`key=value`) go to both runs. Exit status 1 if the weights differ.
 """
 
 from __future__ import annotations
@@ -29,28 +31,30 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
 
-from creditrl.checkpoint import latest_checkpoint
+from creditrl.checkpoint import MASTER_WEIGHTS_FILE, latest_checkpoint
 
 
-def train_command(out: Path, steps: int, threads: int, resume: bool, checkpoint_every: int) -> list[str]:
+def train_command(out: Path, steps: int, threads: int, resume: bool, checkpoint_every: int,
+                  overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "creditrl", "train", "--quiet", *(["--resume"] if resume else []),
             f"train.steps={steps}", f"train.threads={threads}", "eval.before=false", "eval.every=0",
             "task.lab.eval_size=200",
-            f"output.checkpoint_every={checkpoint_every}", f"output.dir={out}"]
+            f"output.checkpoint_every={checkpoint_every}", f"output.dir={out}", *overrides]
 
 
-def start_clean_run(out: Path, steps: int, threads: int, checkpoint_every: int) -> subprocess.Popen:
-    return subprocess.Popen(train_command(out, steps, threads, False, checkpoint_every), stdout=subprocess.DEVNULL)
+def start_clean_run(out: Path, steps: int, threads: int, checkpoint_every: int, overrides: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(train_command(out, steps, threads, False, checkpoint_every, overrides),
+                            stdout=subprocess.DEVNULL)
 
 
 def killed_run(out: Path, steps: int, threads: int, checkpoint_every: int, kill_after: tuple[float, float],
-               rng: random.Random, console: Console) -> tuple[float, list[float]]:
+               rng: random.Random, console: Console, overrides: list[str]) -> tuple[float, list[float]]:
     """Train with kills until the run finishes; (wall seconds, the moments of the kills)."""
     start, kills, stuck = time.perf_counter(), [], 0
     while True:
         reached = latest_checkpoint(out / "checkpoints")
-        proc = subprocess.Popen(train_command(out, steps, threads, True, checkpoint_every), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(train_command(out, steps, threads, True, checkpoint_every, overrides),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         delay = rng.uniform(*kill_after)
         try:
             _, stderr = proc.communicate(timeout=delay)
@@ -69,6 +73,22 @@ def killed_run(out: Path, steps: int, threads: int, checkpoint_every: int, kill_
         return time.perf_counter() - start, kills
 
 
+def _compared_files(clean: Path) -> list[Path]:
+    """The final weights, and the last checkpoint's master weights where the run kept bf16 weights."""
+    files = [Path("final") / "model.safetensors"]
+    last = latest_checkpoint(clean / "checkpoints")
+    if last is not None and (last / MASTER_WEIGHTS_FILE).exists():
+        files.append(last.relative_to(clean) / MASTER_WEIGHTS_FILE)
+    return files
+
+
+def _same_tensors(a_file: Path, b_file: Path) -> bool:
+    if not b_file.exists():
+        return False
+    a, b = load_file(a_file), load_file(b_file)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def final_eval(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())["after"]
 
@@ -82,6 +102,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
     parser.add_argument("--out", type=Path, default=Path("runs/soak"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings for both runs")
     args = parser.parse_args()
     console = Console()
     for name in ("clean", "killed"):
@@ -90,15 +111,14 @@ def main() -> None:
     console.print(f"{args.steps} steps: a clean run, and beside it a run killed every "
                   f"{args.kill_after[0]:g}–{args.kill_after[1]:g} s ...")
     start = time.perf_counter()
-    clean = start_clean_run(args.out / "clean", args.steps, args.threads, args.checkpoint_every)
+    clean = start_clean_run(args.out / "clean", args.steps, args.threads, args.checkpoint_every, args.overrides)
     killed_seconds, kills = killed_run(args.out / "killed", args.steps, args.threads, args.checkpoint_every,
-                                       tuple(args.kill_after), random.Random(args.seed), console)
+                                       tuple(args.kill_after), random.Random(args.seed), console, args.overrides)
     if clean.wait() != 0:
         raise SystemExit(f"the clean run failed (exit {clean.returncode})")
     clean_seconds = time.perf_counter() - start
-    a = load_file(args.out / "clean" / "final" / "model.safetensors")
-    b = load_file(args.out / "killed" / "final" / "model.safetensors")
-    identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    identical = all(_same_tensors(args.out / "clean" / path, args.out / "killed" / path)
+                    for path in _compared_files(args.out / "clean"))
     evals = {"clean": final_eval(args.out / "clean"), "killed": final_eval(args.out / "killed")}
 
     table = Table(title=f"soak: {args.steps} lab steps, {len(kills)} kills")
@@ -109,7 +129,8 @@ def main() -> None:
     table.add_row("killed + resumed", f"{killed_seconds:.0f}", str(len(kills)), f"{evals['killed']['avg@k']:.4f}",
                   f"{evals['killed']['greedy']:.4f}")
     console.print(table)
-    console.print(f"final weights bit-identical: [bold]{identical}[/bold]")
+    console.print(f"final weights{' and master weights' if len(_compared_files(args.out / 'clean')) > 1 else ''} "
+                  f"bit-identical: [bold]{identical}[/bold]")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "kills_at_s": kills,
                                          "clean_seconds": clean_seconds, "killed_seconds": killed_seconds,
