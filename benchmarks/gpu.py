@@ -144,8 +144,13 @@ def sampling_engines(folder: Path, args, device: torch.device) -> list[dict]:
         for label, engine, static in engines:
             cfg = SamplingConfig(max_new_tokens=args.new_tokens, engine=engine, static_cache=static,
                                  batch_size=args.prompts * args.group_size)
-            _, warm_up = _timed_sample(policy, prompts, args.group_size, cfg, device, seed=0)
-            gen, seconds = _timed_sample(policy, prompts, args.group_size, cfg, device, seed=1)
+            try:  # an engine that fails here (e.g. a static cache under autocast in transformers 5.17) is a row
+                _, warm_up = _timed_sample(policy, prompts, args.group_size, cfg, device, seed=0)
+                gen, seconds = _timed_sample(policy, prompts, args.group_size, cfg, device, seed=1)
+            except RuntimeError as err:
+                rows.append({"engine": label, "error": str(err).splitlines()[0][:300]})
+                print(f"sampling {label}: failed: {rows[-1]['error']}", flush=True)
+                continue
             tokens = sum(len(r) for r in gen.response_ids)
             rows.append({"engine": label, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
                          "warm_up_seconds": warm_up})
@@ -372,12 +377,15 @@ def _sampling_table(rows: list[dict]):
     from rich.table import Table
 
     t = Table(title="sampling (tokens/s, after a warm-up call)")
-    for col in ("engine", "tokens", "tokens/s", "warm-up s", "× kv-cache"):
-        t.add_column(col, justify="left" if col == "engine" else "right")
-    base = rows[0]["tokens_per_s"]
+    for col in ("engine", "tokens", "tokens/s", "warm-up s", "× kv-cache", "note"):
+        t.add_column(col, justify="left" if col in ("engine", "note") else "right")
+    base = rows[0].get("tokens_per_s")
     for r in rows:
+        if "error" in r:
+            t.add_row(r["engine"], *["—"] * 4, r["error"][:60])
+            continue
         t.add_row(r["engine"], str(r["tokens"]), f"{r['tokens_per_s']:,.0f}", f"{r['warm_up_seconds']:.1f}",
-                  f"{r['tokens_per_s'] / base:.2f}")
+                  f"{r['tokens_per_s'] / base:.2f}" if base else "—", "")
     return t
 
 

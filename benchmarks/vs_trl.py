@@ -67,7 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -237,9 +237,12 @@ def run_trl(work: Work) -> dict:
         phases.completions(completion_ids, rewards)
         return rewards
 
+    # no activation checkpointing (GRPOConfig's default is on), under the name of the installed transformers
+    known = {f.name for f in fields(GRPOConfig)}
+    no_checkpointing = {"activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing": False}
     with tempfile.TemporaryDirectory(prefix="vs_trl_trl_") as tmp:
         args = GRPOConfig(
-            output_dir=tmp, use_cpu=work.device == "cpu", bf16=work.bf16, activation_checkpointing=False, seed=work.seed,
+            output_dir=tmp, use_cpu=work.device == "cpu", bf16=work.bf16, **no_checkpointing, seed=work.seed,
             per_device_train_batch_size=work.prompts * work.group_size, num_generations=work.group_size,
             steps_per_generation=1, gradient_accumulation_steps=1, num_iterations=1,
             max_completion_length=work.max_new_tokens, temperature=1.0, top_p=1.0,

@@ -57,3 +57,23 @@ def test_peak_flops_by_card_name(gpu, monkeypatch):
     assert gpu.peak_flops(cuda, None) == pytest.approx(989.4e12)
     assert gpu.peak_flops(cuda, 500.0) == 500e12
     assert gpu.peak_flops(torch.device("cpu"), None) is None
+
+
+def test_an_engine_that_fails_is_a_row_and_the_part_goes_on(gpu, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    gpu.build_model_folder(folder, gpu.TINY)
+    real = gpu._timed_sample
+
+    def static_cache_fails(policy, prompts, n, cfg, device, seed):
+        if cfg.static_cache:
+            raise RuntimeError("index_copy_(): self and source expected to have the same dtype\nmore")
+        return real(policy, prompts, n, cfg, device, seed)
+
+    monkeypatch.setattr(gpu, "_timed_sample", static_cache_fails)
+    args = SimpleNamespace(prompts=2, group_size=2, new_tokens=4)
+    rows = gpu.sampling_engines(folder, args, torch.device("cpu"))
+    assert [r["engine"] for r in rows] == ["kv-cache", "generate", "generate, static cache", "kv-cache, bf16 weights"]
+    assert rows[2] == {"engine": "generate, static cache",
+                       "error": "index_copy_(): self and source expected to have the same dtype"}
+    assert all("tokens_per_s" in r for r in rows[:2] + rows[3:])
+    gpu.tables({"update": [], "sampling": rows, "lengths": [], "steps": []})  # the table takes the error row
