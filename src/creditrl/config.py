@@ -44,7 +44,7 @@ class ModelConfig(_Section):
     device: str = Field("auto", description="where the policy runs: auto (cuda when available, else cpu), cpu, "
                                             "cuda, cuda:1, ...")
     logits_chunk_mib: int = Field(256, ge=1, description="scoring holds at most this much float32 logits at once "
-                                                         "(positions are chunked, and checkpointed under gradients)")
+                                                         "(positions are chunked; the backward rebuilds each chunk's)")
 
 
 class TaskConfig(_Section):
