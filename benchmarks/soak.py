@@ -117,8 +117,8 @@ def main() -> None:
     if clean.wait() != 0:
         raise SystemExit(f"the clean run failed (exit {clean.returncode})")
     clean_seconds = time.perf_counter() - start
-    identical = all(_same_tensors(args.out / "clean" / path, args.out / "killed" / path)
-                    for path in _compared_files(args.out / "clean"))
+    compared = _compared_files(args.out / "clean")
+    identical = all(_same_tensors(args.out / "clean" / path, args.out / "killed" / path) for path in compared)
     evals = {"clean": final_eval(args.out / "clean"), "killed": final_eval(args.out / "killed")}
 
     table = Table(title=f"soak: {args.steps} lab steps, {len(kills)} kills")
@@ -129,7 +129,7 @@ def main() -> None:
     table.add_row("killed + resumed", f"{killed_seconds:.0f}", str(len(kills)), f"{evals['killed']['avg@k']:.4f}",
                   f"{evals['killed']['greedy']:.4f}")
     console.print(table)
-    console.print(f"final weights{' and master weights' if len(_compared_files(args.out / 'clean')) > 1 else ''} "
+    console.print(f"final weights{' and master weights' if len(compared) > 1 else ''} "
                   f"bit-identical: [bold]{identical}[/bold]")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "kills_at_s": kills,

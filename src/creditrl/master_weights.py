@@ -26,6 +26,7 @@ class MasterWeights:
         self.names = [name for name, _ in trainable]
         self.weights = [weight for _, weight in trainable]
         self.masters = [w if w.dtype == torch.float32 else w.detach().float().requires_grad_() for w in self.weights]
+        self._low_precision = [(w, m) for w, m in zip(self.weights, self.masters) if m is not w]
 
     def parameters(self) -> list[Tensor]:
         """What the optimizer steps."""
@@ -33,14 +34,14 @@ class MasterWeights:
 
     def take_gradients(self) -> None:
         """Move each weight's gradient, in float32, to its master (call after `backward`)."""
-        for weight, master in self._pairs():
+        for weight, master in self._low_precision:
             master.grad = None if weight.grad is None else weight.grad.float()
             weight.grad = None
 
     @torch.no_grad()
     def write_back(self) -> None:
         """Round the masters into the weights (call after the optimizer's step)."""
-        for weight, master in self._pairs():
+        for weight, master in self._low_precision:
             weight.copy_(master)
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -59,6 +60,3 @@ class MasterWeights:
         for name, tensor in state.items():
             masters[name].copy_(tensor)  # the detached view shares the master's storage
         self.write_back()
-
-    def _pairs(self):
-        return [(w, m) for w, m in zip(self.weights, self.masters) if m is not w]

@@ -270,13 +270,13 @@ class Trainer:
         n_updates = 0
         bad = None
         self.policy.model.train()
+        # the logged entropy comes from the sampler when it gave one; an entropy bonus needs its gradient
+        bonus = self.cfg.loss.entropy_coef > 0
         for _ in range(t.ppo_epochs):
             order = torch.randperm(rollouts.batch_size, generator=generator)
             for rows in order.chunk(t.n_minibatches):
                 sub = _trimmed(rollouts.select(rows)).to(self.policy.device)
                 adv = advantages[rows][:, : sub.response_ids.shape[1]].to(self.policy.device)
-                # the logged entropy comes from the sampler when it gave one; an entropy bonus needs its gradient
-                bonus = self.cfg.loss.entropy_coef > 0
                 scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
                                            self.cfg.sampling.temperature, with_entropy=bonus or sub.old_entropy is None,
                                            entropy_grad=bonus, buckets=t.length_buckets)

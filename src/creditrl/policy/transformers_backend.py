@@ -80,7 +80,6 @@ class TransformersPolicy:
         self.logits_chunk_elements = logits_chunk_elements  # float32 logits held at once when scoring
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
-        self.checkpointing_activations = False
 
     def enable_activation_checkpointing(self) -> None:
         """Keep each decoder layer's input for the backward and recompute the rest there (train mode only:
@@ -89,7 +88,13 @@ class TransformersPolicy:
             self.model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.checkpointing_activations = True
+
+    @property
+    def checkpointing_activations(self) -> bool:
+        """Whether the model recomputes its layers in the backward (under either transformers name)."""
+        name = "is_activation_checkpointing" if hasattr(self.model, "activation_checkpointing_enable") \
+            else "is_gradient_checkpointing"
+        return bool(getattr(self.model, name, False))
 
     @property
     def device(self) -> torch.device:
