@@ -274,30 +274,33 @@ def _timed_updates(side: str, model, loss_of, shapes, args, device: torch.device
     """
     trained = masters.parameters() if masters is not None else list(model.parameters())
     optimizer = torch.optim.AdamW(trained, lr=1e-6, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
+
+    def update(prompt, response, advantages) -> None:
+        loss = loss_of(prompt, response, advantages)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if masters is not None:
+            masters.take_gradients()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        if masters is not None:
+            masters.write_back()
+
     rows = []
     for batch, length, prompt, response, advantages in shapes:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times, error, loss = [], None, None
+        times, error = [], None
         for _ in range(args.update_iters + 1):
             try:
                 _sync(device)
                 start = time.perf_counter()
-                loss = loss_of(prompt, response, advantages)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if masters is not None:
-                    masters.take_gradients()
-                torch.nn.utils.clip_grad_norm_(trained, 1.0)
-                optimizer.step()
-                if masters is not None:
-                    masters.write_back()
+                update(prompt, response, advantages)
                 _sync(device)
                 times.append(time.perf_counter() - start)
             except torch.OutOfMemoryError as err:
                 error = f"out of memory: {str(err).splitlines()[0]}"
                 break
-        del loss
         optimizer.zero_grad(set_to_none=True)
         gc.collect()
         if device.type == "cuda":
@@ -311,7 +314,23 @@ def _timed_updates(side: str, model, loss_of, shapes, args, device: torch.device
                        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
         rows.append(row)
         print(f"update, {side}, {batch} × {length}: " + (error or f"{row['tokens_per_s']:,.0f} tokens/s"), flush=True)
+        if args.profile and error is None and len(rows) == 1:
+            _profile_update(side, lambda: update(prompt, response, advantages), args.profile, device)
     return rows
+
+
+def _profile_update(side: str, update, folder: Path, device: torch.device) -> None:
+    """One more update under torch.profiler; its operators by device time go to `folder`/update-<side>.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        update()
+        _sync(device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "".join(c if c.isalnum() else "-" for c in side).strip("-")
+    (folder / f"update-{name}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60))
 
 
 # ---- part 3: training steps, creditrl against TRL ---------------------------------------------
@@ -455,6 +474,8 @@ def main() -> None:
     parser.add_argument("--update-shapes", nargs="+", metavar="BxT",
                         help="the update part's batch × length shapes (default 8x1024 4x4096 16x2048)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="also profile one update per update side at the first shape; kernel tables go to DIR")
     args = parser.parse_args()
     smoke = args.smoke
     args.prompts = args.prompts or (2 if smoke else 8)
