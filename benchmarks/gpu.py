@@ -58,6 +58,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,7 +73,7 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=1024, max_position_embeddings=1024, tie_word_embeddings=True)
 # creditrl GRPO, TRL GRPO, creditrl GRPO with bf16 weights, FIPO, DenseR, static-cache GRPO (float32 / bf16 weights)
-STEP_SIDES = ("grpo", "trl", "grpo-bf16", "fipo", "denser", "static", "static-bf16")
+STEP_SIDES = ("grpo", "trl", "grpo-bf16", "grpo-bf16-compiled", "fipo", "denser", "static", "static-bf16")
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0}
 
 
@@ -230,17 +231,19 @@ def update_only(folder: Path, args, device: torch.device, n_params: int, peak: f
     gc.collect()
     rows += _plain_updates(folder, shapes, args, device, n_params, peak)
     gc.collect()
+    rows += _creditrl_updates(folder, shapes, args, device, n_params, peak, "bfloat16", compiled=True)
+    gc.collect()
     return rows
 
 
 def _creditrl_updates(folder: Path, shapes, args, device: torch.device, n_params: int, peak: float | None,
-                      dtype: str):
+                      dtype: str, compiled: bool = False):
     from creditrl.master_weights import MasterWeights
     from creditrl.methods.loss import LossConfig, policy_loss
     from creditrl.policy.loading import load_policy
 
     policy = load_policy(str(folder), chat_template=False, bf16_autocast=dtype == "float32", device=str(device),
-                         dtype=dtype)
+                         dtype=dtype, compile_scoring=compiled)
 
     def loss_of(prompt, response, advantages):
         mask, r_mask = torch.ones_like(prompt, dtype=torch.bool), torch.ones_like(response, dtype=torch.bool)
@@ -249,6 +252,7 @@ def _creditrl_updates(folder: Path, shapes, args, device: torch.device, n_params
         return loss
 
     side = "creditrl, float32 weights, bf16 autocast" if dtype == "float32" else "creditrl, bf16 weights, float32 masters"
+    side += ", compiled" if compiled else ""
     return _timed_updates(side, policy.model, loss_of, shapes, args, device, n_params, peak,
                           MasterWeights(policy.model))
 
@@ -301,6 +305,10 @@ def _timed_updates(side: str, model, loss_of, shapes, args, device: torch.device
             except torch.OutOfMemoryError as err:
                 error = f"out of memory: {str(err).splitlines()[0]}"
                 break
+            except Exception as err:  # a side that fails (a compiler error, say) is a row; the run goes on
+                traceback.print_exc()
+                error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                break
         optimizer.zero_grad(set_to_none=True)
         gc.collect()
         if device.type == "cuda":
@@ -347,6 +355,8 @@ def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak:
              "trl": ("TRL grpo", "trl", work),
              "grpo-bf16": ("creditrl grpo, bf16 weights", "creditrl",
                            replace(work, method="grpo", bf16_weights=True)),
+             "grpo-bf16-compiled": ("creditrl grpo, bf16 weights, compiled scoring", "creditrl",
+                                    replace(work, method="grpo", bf16_weights=True, compile=True)),
              "fipo": ("creditrl fipo", "creditrl", replace(work, method="fipo")),
              "denser": ("creditrl denser", "creditrl", replace(work, method="denser")),
              "static": ("creditrl grpo, static-cache generate", "creditrl",
@@ -496,7 +506,7 @@ def main() -> None:
            else "cpu", "peak_tflops": peak / 1e12 if peak else None,
            **{name: version(name) for name in ("torch", "transformers", "trl", "creditrl")}}
     print("  ".join(f"{k} {v}" for k, v in env.items()), flush=True)
-    results: dict = {"env": env, "args": {k: v for k, v in vars(args).items() if k != "json"},
+    results: dict = {"env": env, "args": {k: v for k, v in vars(args).items() if k not in ("json", "profile")},
                       "update": [], "sampling": [], "lengths": [], "steps": []}
 
     def save() -> None:  # after every part and every side: a run cut short keeps what it measured

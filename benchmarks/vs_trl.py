@@ -95,6 +95,7 @@ class Work:
     device: str = "cpu"  # "cuda": benchmarks/gpu.py
     method: str = "grpo"  # creditrl's method (TRL runs GRPO)
     engine: str = "kv-cache"  # creditrl's sampling.engine; "generate-static": generate with a static cache
+    compile: bool = False  # creditrl only: model.compile (scoring through torch.compile)
 
 
 def _memory_mb(field: str) -> float:
@@ -124,7 +125,7 @@ def run_creditrl(work: Work) -> dict:
         cfg = load_config(None, [
             f"method={work.method}", f"model.name={work.model}", f"model.device={work.device}",
             f"model.bf16_autocast={str(work.bf16 and not work.bf16_weights).lower()}",
-            f"model.dtype={'bfloat16' if work.bf16_weights else 'float32'}",
+            f"model.dtype={'bfloat16' if work.bf16_weights else 'float32'}", f"model.compile={str(work.compile).lower()}",
             *_engine_overrides(work.engine), f"rollout.prompts_per_step={work.prompts}",
             f"rollout.group_size={work.group_size}", "rollout.dynamic_sampling=false",
             f"sampling.max_new_tokens={work.max_new_tokens}", "sampling.temperature=1.0", "sampling.top_p=1.0",

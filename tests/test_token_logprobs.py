@@ -23,12 +23,12 @@ def test_gradcheck_in_float64_with_the_entropy_gradient():
     head, hidden, targets = _case(torch.float64, n=6, d=4, vocab=7)
     weight = head.weight.detach().requires_grad_()
     bias = head.bias.detach().requires_grad_()
-    assert torch.autograd.gradcheck(lambda h, w, b: ProjectedLogprobs.apply(h, w, b, targets, 0.7, True, True),
+    assert torch.autograd.gradcheck(lambda h, w, b: ProjectedLogprobs.apply(h, w, b, targets, 0.7, True, True, False),
                                     (hidden, weight, bias))
 
 
-@pytest.mark.parametrize("entropy_grad", [False, True])
-def test_chunks_match_full_autograd(entropy_grad):
+@pytest.mark.parametrize(("entropy_grad", "compiled"), [(False, False), (True, False), (True, True)])
+def test_chunks_match_full_autograd(entropy_grad, compiled):
     head, hidden, targets = _case()
     params = [hidden, head.weight, head.bias]
     ref_lp, ref_h = _reference(head, hidden, targets, 0.8)
@@ -36,7 +36,7 @@ def test_chunks_match_full_autograd(entropy_grad):
     ref_loss = (weights[0] * ref_lp).sum() + ((weights[1] * ref_h).sum() if entropy_grad else 0)
     ref_grads = torch.autograd.grad(ref_loss, params)
     lp, h = chosen_token_logprobs(hidden, head, targets, 0.8, with_entropy=True, entropy_grad=entropy_grad,
-                                  chunk_elements=50 * 5)  # 5 positions per chunk: 8 chunks
+                                  chunk_elements=50 * 5, compiled=compiled)  # 5 positions per chunk: 8 chunks
     torch.testing.assert_close(lp, ref_lp)
     torch.testing.assert_close(h, ref_h.detach())
     assert h.requires_grad == entropy_grad

@@ -264,7 +264,7 @@ def credit_accuracy_table(spec: GridSpec, prompts: int = 8) -> dict:
 
     cfg = spec.run_config(BASELINE, spec.seeds[0])
     policy = load_policy(cfg.model.name, cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast,
-                         cfg.model.logits_chunk_mib, cfg.model.device, cfg.model.dtype)
+                         cfg.model.logits_chunk_mib, cfg.model.device, cfg.model.dtype, cfg.model.compile)
     task = build_task(cfg.task)
     problems = task.eval_problems()[:prompts]
     batch = collect_rollouts(policy, task, problems, cfg.rollout.group_size, cfg.sampling, cfg.reward,

@@ -45,6 +45,9 @@ class ModelConfig(_Section):
                                             "cuda, cuda:1, ...")
     logits_chunk_mib: int = Field(256, ge=1, description="scoring holds at most this much float32 logits at once "
                                                          "(positions are chunked; the backward rebuilds each chunk's)")
+    compile: bool = Field(False, description="score (the update's forward and backward) through torch.compile: "
+                                             "the decoder layers and the passes over the logits, fused; the first "
+                                             "update pays the compilation (tens of seconds)")
 
 
 class TaskConfig(_Section):

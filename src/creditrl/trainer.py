@@ -74,7 +74,7 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.policy = load_policy(cfg.model.name, cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast,
-                                  cfg.model.logits_chunk_mib, cfg.model.device, cfg.model.dtype)
+                                  cfg.model.logits_chunk_mib, cfg.model.device, cfg.model.dtype, cfg.model.compile)
         self.reference = None
         if cfg.loss.kl_coef > 0:
             self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False)

@@ -54,14 +54,14 @@ def load_model_and_tokenizer(name: str, gguf_file: str | None = None, dtype: str
 
 def load_policy(name: str = BUNDLED_NAME, gguf_file: str | None = None, chat_template: bool | None = None,
                 bf16_autocast: bool = False, logits_chunk_mib: int = 256, device: str = "cpu",
-                dtype: str = "float32") -> TransformersPolicy:
+                dtype: str = "float32", compile_scoring: bool = False) -> TransformersPolicy:
     model, tokenizer = load_model_and_tokenizer(name, gguf_file, dtype)
     model.to(resolve_device(device))
     if chat_template is None:
         chat_template = getattr(tokenizer, "chat_template", None) is not None
     return TransformersPolicy(model, tokenizer, use_chat_template=chat_template,
                               autocast_dtype=torch.bfloat16 if bf16_autocast else None,
-                              logits_chunk_elements=logits_chunk_mib * 2 ** 20 // 4)
+                              logits_chunk_elements=logits_chunk_mib * 2 ** 20 // 4, compile_scoring=compile_scoring)
 
 
 def resolve_device(device: str) -> torch.device:

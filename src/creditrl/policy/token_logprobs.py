@@ -21,6 +21,7 @@ for upstream gradients g (log-probs) and e (entropies, only with an entropy bonu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -28,16 +29,18 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from creditrl.methods.loss import token_entropy
+from creditrl.policy.compiling import compile_dynamic
 
 
 def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, temperature: float = 1.0,
                           with_entropy: bool = False, entropy_grad: bool = False,
-                          chunk_elements: int = 2 ** 26) -> tuple[Tensor, Tensor | None]:
+                          chunk_elements: int = 2 ** 26, compiled: bool = False) -> tuple[Tensor, Tensor | None]:
     """Per-position log-prob of `targets` (N,) given `hidden` (N, D), and optionally the entropy (N,).
 
     `head` maps hidden states to logits (the model's output projection).  `chunk_elements` bounds
     one chunk's logits (positions × vocabulary); the entropy carries gradients only with
-    `entropy_grad`.  Temperature 0 (greedy sampling) scores at temperature 1.
+    `entropy_grad`.  Temperature 0 (greedy sampling) scores at temperature 1.  `compiled` fuses a
+    linear head's passes over the logits with torch.compile.
     """
     vocab = head.out_features if isinstance(head, torch.nn.Linear) else head(hidden[:1]).shape[-1]
     per_chunk = max(1, chunk_elements // vocab)
@@ -52,7 +55,8 @@ def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targ
         on = torch.is_autocast_enabled(hidden.device.type)
         dtype = torch.get_autocast_dtype(hidden.device.type) if on else head.weight.dtype
         weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
-        results = [ProjectedLogprobs.apply(h, weight, bias, y, divisor, with_entropy, entropy_grad) for h, y in chunks]
+        results = [ProjectedLogprobs.apply(h, weight, bias, y, divisor, with_entropy, entropy_grad,
+                                           compiled) for h, y in chunks]
     else:
         results = _checkpointed_chunks(chunks, head, divisor, with_entropy, entropy_grad)
     logprobs = torch.cat([lp for lp, _ in results])
@@ -63,29 +67,21 @@ def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targ
 class ProjectedLogprobs(torch.autograd.Function):
     """(log π(y | h), H) for one chunk of hidden states h (n, D) through the projection (W, b).
 
-    Matmuls run in W's dtype (h is cast to it), the logits in at least float32.  On a GPU each
+    Matmuls run in W's dtype (h is cast to it), the logits' statistics in float32.  On a GPU each
     pass over the (n, vocabulary) logits costs about as much as the projection, so the passes
-    are few and in place: the forward reads the logits for the maximum, the exponentials, their
-    sum and Σ e·z; the backward turns the rebuilt logits into the gradient in place.  Gradients
-    are formed only for the inputs that need them (a frozen head under LoRA gets none).
+    are few and in place (`_log_normalizer`, `_logits_gradient`), or fused into one or two kernels
+    each when `compiled` (torch.compile).  Gradients are formed only for the inputs that need
+    them (a frozen head under LoRA gets none).
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, divisor: float,
-                with_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor]:
-        z = _scaled_logits(hidden, weight, bias, divisor)
-        chosen = z.gather(-1, targets[:, None]).squeeze(-1)
-        if with_entropy:
-            top = z.amax(-1, keepdim=True)
-            exps = (z - top).exp_()
-            total = exps.sum(-1)
-            lse = top.squeeze(-1) + total.log()
-            entropy = lse - (exps[:, None, :] @ z[:, :, None]).view(-1) / total  # H = lse − Σ p·z (a batched dot)
-            del exps
-        else:
-            lse, entropy = torch.logsumexp(z, dim=-1), z.new_zeros(0)
+                with_entropy: bool, entropy_grad: bool, compiled: bool) -> tuple[Tensor, Tensor]:
+        logits = _logits(hidden, weight, bias)
+        lse, entropy = _kernels(compiled)[0](logits, divisor, with_entropy)
+        chosen = logits.gather(-1, targets[:, None]).squeeze(-1).to(lse.dtype) / divisor
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.divisor, ctx.entropy_grad = divisor, with_entropy and entropy_grad
+        ctx.divisor, ctx.entropy_grad, ctx.compiled = divisor, with_entropy and entropy_grad, compiled
         if not ctx.entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return chosen - lse, entropy
@@ -93,33 +89,61 @@ class ProjectedLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprob: Tensor, grad_entropy: Tensor | None):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        g = grad_logprob / ctx.divisor  # z = logits / τ: every gradient through z carries 1/τ
-        grad = _scaled_logits(hidden, weight, bias, ctx.divisor).sub_(lse[:, None])  # log p
-        if ctx.entropy_grad and grad_entropy is not None:
-            e = grad_entropy / ctx.divisor
-            p = grad.exp()
-            grad.add_(entropy[:, None]).mul_(-e[:, None]).sub_(g[:, None]).mul_(p)  # −p·(g + e·(log p + H))
-            del p
-        else:
-            grad.exp_().mul_(-g[:, None])  # −g·p
-        grad.scatter_add_(-1, targets[:, None], g[:, None])  # + g at the chosen token
-        grad_logits = grad.to(weight.dtype)
-        del grad
+        # z = logits / τ: every gradient through z carries 1/τ
+        g = grad_logprob / ctx.divisor
+        e = grad_entropy / ctx.divisor if ctx.entropy_grad and grad_entropy is not None else None
+        grad_logits = _kernels(ctx.compiled)[1](_logits(hidden, weight, bias), lse, entropy, targets, g, e, ctx.divisor)
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_hidden = (grad_logits @ weight).to(hidden.dtype) if needs_hidden else None
         grad_weight = grad_logits.T @ hidden.to(weight.dtype) if needs_weight else None
         grad_bias = grad_logits.sum(0) if needs_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
-def _scaled_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, divisor: float) -> Tensor:
-    """(W h + b) / τ in at least float32 (a fresh tensor), the matmul in W's dtype with autocast off."""
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """W h + b in W's dtype, with autocast off."""
     with torch.autocast(hidden.device.type, enabled=False):
         logits = hidden.to(weight.dtype) @ weight.T
-        if bias is not None:
-            logits += bias
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
-    return z.div_(divisor) if divisor != 1.0 else z
+        return logits + bias if bias is not None else logits
+
+
+def _log_normalizer(logits: Tensor, divisor: float, with_entropy: bool) -> tuple[Tensor, Tensor]:
+    """(logsumexp z, H) per row, z = logits / τ in at least float32; H is empty without `with_entropy`."""
+    z = _at_least_float32(logits).div_(divisor)
+    if not with_entropy:
+        return torch.logsumexp(z, dim=-1), z.new_zeros(0)
+    top = z.amax(-1, keepdim=True)
+    exps = (z - top).exp_()
+    total = exps.sum(-1)
+    lse = top.squeeze(-1) + total.log()
+    return lse, lse - (exps[:, None, :] @ z[:, :, None]).view(-1) / total  # H = lse − Σ p·z (a batched dot)
+
+
+def _logits_gradient(logits: Tensor, lse: Tensor, entropy: Tensor, targets: Tensor, g: Tensor, e: Tensor | None,
+                     divisor: float) -> Tensor:
+    """∂/∂logits in the logits' dtype: g·(1[v = y] − p) − e·p·(log p + H), with g and e already divided by τ."""
+    grad = _at_least_float32(logits).div_(divisor).sub_(lse[:, None])  # log p
+    if e is not None:
+        p = grad.exp()
+        grad.add_(entropy[:, None]).mul_(-e[:, None]).sub_(g[:, None]).mul_(p)  # −p·(g + e·(log p + H))
+    else:
+        grad.exp_().mul_(-g[:, None])  # −g·p
+    grad.scatter_add_(-1, targets[:, None], g[:, None])  # + g at the chosen token
+    return grad.to(logits.dtype)
+
+
+def _at_least_float32(logits: Tensor) -> Tensor:
+    """A fresh copy in float32 (float64 stays float64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
+
+
+@functools.cache
+def _kernels(compiled: bool) -> tuple[Callable, Callable]:
+    """The two passes over a chunk's logits, eager or through torch.compile (dynamic shapes: the
+    last chunk and every bucket differ)."""
+    if not compiled:
+        return _log_normalizer, _logits_gradient
+    return compile_dynamic(_log_normalizer), compile_dynamic(_logits_gradient)
 
 
 def _checkpointed_chunks(chunks, head: Callable[[Tensor], Tensor], divisor: float, with_entropy: bool,

@@ -14,6 +14,8 @@ its lengths were new to the process and 28 ms when they were not).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -25,6 +27,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from creditrl.policy.compiling import compile_dynamic
 from creditrl.policy.decoding import sample_with_cache
 from creditrl.policy.token_logprobs import chosen_token_logprobs
 from creditrl.rollouts import pad_right
@@ -72,12 +75,14 @@ class TransformersPolicy:
     """A causal LM and its tokenizer, with the two operations RL needs."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool = False,
-                 autocast_dtype: torch.dtype | None = None, logits_chunk_elements: int = 2 ** 26):
+                 autocast_dtype: torch.dtype | None = None, logits_chunk_elements: int = 2 ** 26,
+                 compile_scoring: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.use_chat_template = use_chat_template
         self.autocast_dtype = autocast_dtype
         self.logits_chunk_elements = logits_chunk_elements  # float32 logits held at once when scoring
+        self.compile_scoring = compile_scoring  # score through torch.compile (`_compiled_layers`)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
 
@@ -221,7 +226,8 @@ class TransformersPolicy:
         order = (prompt_len + response_len).argsort(stable=True)
         longest = int((prompt_len + response_len).max()) if len(order) else 0
         # one autocast region for all buckets: autocast casts each weight once and reuses it
-        with self._autocast(), self._attention_kernels(), self._short_sequence_attention(longest):
+        with (self._autocast(), self._attention_kernels(), self._short_sequence_attention(longest),
+              self._compiled_layers()):
             parts = [self._score_packed(prompt_ids[rows], prompt_mask[rows], response_ids[rows], response_len[rows],
                                         temperature, with_entropy, with_hidden, entropy_grad)
                      for rows in order.tensor_split(_bucket_count((prompt_len + response_len)[order], buckets))]
@@ -253,7 +259,8 @@ class TransformersPolicy:
                 logits = self.model(input_ids=packed, position_ids=positions, use_cache=False).logits
                 picked, head = _take_positions(logits, where), _identity
             logprobs, entropy = chosen_token_logprobs(picked.flatten(0, 1), head, targets.flatten(), temperature,
-                                                      with_entropy, entropy_grad, self.logits_chunk_elements)
+                                                      with_entropy, entropy_grad, self.logits_chunk_elements,
+                                                      compiled=self.compile_scoring)
         shape = targets.shape
         hidden = _take_positions(captured[0], where) if with_hidden else None
         return logprobs.view(shape), None if entropy is None else entropy.view(shape), hidden
@@ -275,6 +282,25 @@ class TransformersPolicy:
                 self.model.set_attn_implementation("sdpa")
 
     @contextmanager
+    def _compiled_layers(self):
+        """With `compile_scoring`, each decoder layer's forward runs through torch.compile while scoring
+        (regional compilation: the layers share one class, so one graph, with dynamic shapes, serves
+        them all and every bucket); it fuses the norms, rotary embedding, activation and residual
+        adds that eager mode runs as separate kernels.  Sampling keeps the eager layers."""
+        if not self.compile_scoring:
+            yield
+            return
+        layers = self.model.get_decoder().layers
+        forward = _compiled_forward(type(layers[0]))
+        for layer in layers:
+            layer.forward = functools.partial(forward, layer)  # Module.__call__ finds the instance's forward first
+        try:
+            yield
+        finally:
+            for layer in layers:
+                del layer.forward
+
+    @contextmanager
     def _capture_last_layer(self, enabled: bool):
         captured: list[Tensor] = []
         if not enabled:
@@ -287,6 +313,11 @@ class TransformersPolicy:
             yield captured
         finally:
             handle.remove()
+
+
+@functools.cache
+def _compiled_forward(layer_class: type) -> Callable:
+    return compile_dynamic(layer_class.forward)
 
 
 EAGER_ON_CPU_UP_TO = 512  # tokens per row
