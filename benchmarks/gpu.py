@@ -28,15 +28,15 @@ decode step.
 
 Part 2, the update alone: random token batches of B rows × T tokens through the trainer's own
 update code (`policy.score` with gradients, `policy_loss`, backward, clipping, AdamW on the
-master weights), float32 weights with autocast and bf16 weights, at 8 × 1024, 4 × 4096 and
-16 × 2048, and beside them a plain transformers update of the model in bf16 weights (full float32
+master weights), float32 weights with autocast, bf16 weights, and bf16 weights with
+`model.compile` (scoring through torch.compile), at 8 × 1024, 4 × 4096 and 16 × 2048, and beside them a plain transformers update of the model in bf16 weights (full float32
 logits, log-softmax, gather, AdamW on the bf16 weights); tokens/s, MFU = 6 · N · tokens/s / peak (N: parameters
 without the embedding table counted twice; attention's own FLOPs left out, as is usual), the
 peak CUDA memory, and creditrl's ratio to plain.  16 × 2048 is the size whose float32 logits
 alone (18.5 GiB) break a plain forward.
 
 Part 3, whole training steps side by side: creditrl's Trainer for GRPO (kv-cache and static-cache
-generate engines; float32 and bf16 weights), FIPO and DenseR, and TRL's GRPOTrainer, each in its own process
+generate engines; float32 and bf16 weights; compiled scoring), FIPO and DenseR, and TRL's GRPOTrainer, each in its own process
 (benchmarks/vs_trl.py's workers, same prompts, group size, completion length, one update per
 step, no KL, token-mean loss); per step: sample and update seconds, sampling tokens/s, update
 tokens/s and MFU, full-step tokens/s, and the ratio to TRL.

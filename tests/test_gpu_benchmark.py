@@ -34,7 +34,8 @@ def test_sampling_lengths_and_update_parts_run_at_smoke_size(gpu, tmp_path):
     assert n_params == sum(p.numel() for p in model.parameters())
     assert len(AutoTokenizer.from_pretrained(folder)) == gpu.TINY["vocab_size"] == model.config.vocab_size
 
-    args = SimpleNamespace(prompts=2, group_size=2, new_tokens=4, update_iters=1, update_shapes=[(2, 80)])
+    args = SimpleNamespace(prompts=2, group_size=2, new_tokens=4, update_iters=1, update_shapes=[(2, 80)],
+                           profile=tmp_path / "profile")
     sampling = gpu.sampling_engines(folder, args, torch.device("cpu"))
     assert [r["engine"] for r in sampling] == ["kv-cache", "generate", "generate, static cache", "kv-cache, bf16 weights"]
     assert all(0 < r["tokens"] <= 2 * 2 * 4 and r["tokens_per_s"] > 0 for r in sampling)
@@ -43,9 +44,12 @@ def test_sampling_lengths_and_update_parts_run_at_smoke_size(gpu, tmp_path):
     assert len({r["prompt_tokens"] for r in lengths}) == 3  # the sets' lengths differ; a set's two calls share one
     assert lengths[1]["prompt_tokens"] == lengths[2]["prompt_tokens"] and all(r["seconds"] > 0 for r in lengths)
     update = gpu.update_only(folder, args, torch.device("cpu"), n_params, peak=1e12)
-    assert [r["side"] for r in update] == ["creditrl, float32 weights, bf16 autocast",
-                                           "creditrl, bf16 weights, float32 masters", "plain transformers, bf16 weights"]
+    sides = ["creditrl, float32 weights, bf16 autocast", "creditrl, bf16 weights, float32 masters",
+             "plain transformers, bf16 weights", "creditrl, bf16 weights, float32 masters, compiled"]
+    assert [r["side"] for r in update] == sides
     assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in update)
+    tables = sorted((tmp_path / "profile").iterdir())
+    assert len(tables) == len(sides) and all("aten::mm" in t.read_text() for t in tables)  # one operator table each
     assert update[0]["mfu"] == pytest.approx(6 * n_params * update[0]["tokens_per_s"] / 1e12)
 
 
