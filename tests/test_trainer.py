@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 
 from creditrl.config import load_config
 from creditrl.trainer import Trainer, TrainingStopped
@@ -200,15 +201,20 @@ def test_logged_entropy_is_the_policy_entropy_and_only_a_bonus_recomputes_it(tin
     assert update_calls == [entropy_coef > 0]
 
 
-def test_gradient_checkpointing_trains_to_the_same_weights(tiny_lab_model_dir, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gradient_checkpointing_trains_to_the_same_weights(tiny_lab_model_dir, tmp_path, compiled):
+    """With compiled scoring too: the checkpoint's recompute runs inside the compiled layers."""
     overrides = ["train.steps=2", "reward.overlong_max=12", "reward.overlong_buffer=8", "eval.before=false"]
     Trainer(_cfg(tiny_lab_model_dir, tmp_path / "plain", *overrides), show_progress=False).train()
-    trainer = Trainer(_cfg(tiny_lab_model_dir, tmp_path / "ckpt", *overrides, "train.gradient_checkpointing=true"),
-                      show_progress=False)
+    trainer = Trainer(_cfg(tiny_lab_model_dir, tmp_path / "ckpt", *overrides, "train.gradient_checkpointing=true",
+                           f"model.compile={str(compiled).lower()}"), show_progress=False)
     model = trainer.policy.model  # transformers 5 says activation checkpointing, earlier releases gradient checkpointing
     assert trainer.policy.checkpointing_activations and any(
         getattr(model, name, False) for name in ("is_activation_checkpointing", "is_gradient_checkpointing"))
+    torch._dynamo.reset()  # graphs an earlier test compiled would be reused, and not counted
+    graphs = counters["stats"]["unique_graphs"]
     trainer.train()
+    assert (counters["stats"]["unique_graphs"] > graphs) == compiled
     plain, recomputed = _weights(tmp_path / "plain" / "final"), _weights(tmp_path / "ckpt" / "final")
     start = _weights(tiny_lab_model_dir)
     assert any(not torch.equal(start[k], plain[k]) for k in plain)
