@@ -56,8 +56,38 @@ def test_a_resumed_lora_run_ends_like_an_uninterrupted_one(tiny_lab_model_dir, t
     assert all(torch.equal(clean[k], resumed[k]) for k in clean)
 
 
+def test_the_adapters_start_from_train_seed_whatever_ran_before(tiny_lab_model_dir, tmp_path):
+    """Two runs in one process (as `creditrl compare` makes them) start from the same adapters."""
+    def initial_adapters(run: str, seed: int):
+        trainer = Trainer(_cfg(tiny_lab_model_dir, tmp_path / run, f"train.seed={seed}"), show_progress=False)
+        return {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if "lora_A" in n}
+
+    first = initial_adapters("a", seed=0)
+    torch.rand(1000)  # whatever else used the global generator in between
+    again, other_seed = initial_adapters("b", seed=0), initial_adapters("c", seed=1)
+    assert first and all(torch.equal(first[n], again[n]) for n in first)
+    assert not all(torch.equal(first[n], other_seed[n]) for n in first)
+
+
 def test_bad_lora_settings_are_named(tiny_lab_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="model.lora.r"):
         load_config(None, ["model.lora.r=0"])
     with pytest.raises(ValueError, match="model.lora.target_modules"):
         Trainer(_cfg(tiny_lab_model_dir, tmp_path / "run", "model.lora.target_modules=[nope_proj]"), show_progress=False)
+
+
+def test_compiled_scoring_trains_the_adapters_as_eager_does(tiny_lab_model_dir, tmp_path):
+    """peft's adapter layers inside the compiled decoder layers: the same adapters after two steps."""
+    adapters = []
+    for compiled in (False, True):
+        trainer = Trainer(_cfg(tiny_lab_model_dir, tmp_path / str(compiled), "train.steps=2",
+                               f"model.compile={str(compiled).lower()}"), show_progress=False)
+        seen = {}
+        trainer.on_step = lambda step, seen=seen, trainer=trainer: seen.update(
+            {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if "lora_" in n})
+        trainer.train()
+        adapters.append(seen)
+    eager, compiled = adapters
+    assert eager.keys() == compiled.keys() and eager
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], atol=1e-4, rtol=1e-4)

@@ -79,7 +79,9 @@ class Trainer:
         if cfg.loss.kl_coef > 0:
             self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
         if cfg.model.lora is not None:
-            self.policy.model = apply_lora(self.policy.model, cfg.model.lora)
+            with torch.random.fork_rng():  # the adapters' initial values follow train.seed, not the process's history
+                torch.manual_seed(self._seed(zlib.crc32(b"lora")))
+                self.policy.model = apply_lora(self.policy.model, cfg.model.lora)
         if cfg.train.gradient_checkpointing:
             self.policy.enable_activation_checkpointing()
         self.ratio_transform, self.token_weight = loss_hooks(self.method, cfg.method_params)
