@@ -70,6 +70,27 @@ def test_float32_parameters_are_their_own_masters():
     assert masters.state_dict() == {}
 
 
+def test_weights_of_several_dtypes_get_their_own_gradients_and_roundings():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5).to(torch.bfloat16), torch.nn.Linear(5, 3).to(torch.float16),
+                                torch.nn.Linear(3, 2))
+    masters = MasterWeights(model)
+    x = torch.randn(6, 4)
+    out = model[2](model[1](model[0](x.to(torch.bfloat16)).to(torch.float16)).float())
+    out.square().sum().backward()
+    grads = [w.grad.clone() for w in masters.weights]
+    masters.take_gradients()
+    for weight, master, grad in zip(masters.weights, masters.masters, grads):
+        assert master.grad.dtype == torch.float32 and torch.equal(master.grad, grad.float())
+        assert weight.grad is None or master is weight  # a float32 weight keeps its own gradient
+    with torch.no_grad():
+        for master in masters.masters:
+            master.add_(torch.randn_like(master) * 1e-2)
+    masters.write_back()
+    for weight, master in zip(masters.weights, masters.masters):
+        assert torch.equal(weight, master.to(weight.dtype))
+
+
 def test_loading_masters_that_do_not_fit_names_the_source():
     masters = MasterWeights(_bf16_linear())
     with pytest.raises(ValueError, match=r"ckpt-7: does not match.*missing \['weight'\], unexpected \['bias'\]"):

@@ -26,7 +26,15 @@ class MasterWeights:
         self.names = [name for name, _ in trainable]
         self.weights = [weight for _, weight in trainable]
         self.masters = [w if w.dtype == torch.float32 else w.detach().float().requires_grad_() for w in self.weights]
-        self._low_precision = [(w, m) for w, m in zip(self.weights, self.masters) if m is not w]
+        # the pairs that need copies, by the weight's dtype: one multi-tensor copy per dtype (a list of
+        # mixed dtypes takes the slow path, and was wrong in some torch releases)
+        self._by_dtype: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
+        for weight, master in zip(self.weights, self.masters):
+            if master is weight:
+                continue
+            weights, masters = self._by_dtype.setdefault(weight.dtype, ([], []))
+            weights.append(weight)
+            masters.append(master)
 
     def parameters(self) -> list[Tensor]:
         """What the optimizer steps."""
@@ -34,15 +42,20 @@ class MasterWeights:
 
     def take_gradients(self) -> None:
         """Move each weight's gradient, in float32, to its master (call after `backward`)."""
-        for weight, master in self._low_precision:
-            master.grad = None if weight.grad is None else weight.grad.float()
-            weight.grad = None
+        for weights, masters in self._by_dtype.values():
+            pairs = [(w, m) for w, m in zip(weights, masters) if w.grad is not None]
+            for weight, master in zip(weights, masters):
+                master.grad = None if weight.grad is None else torch.empty_like(master)
+            if pairs:  # a few multi-tensor kernels where one cast per parameter made hundreds of launches
+                torch._foreach_copy_([m.grad for _, m in pairs], [w.grad for w, _ in pairs])
+            for weight in weights:
+                weight.grad = None
 
     @torch.no_grad()
     def write_back(self) -> None:
         """Round the masters into the weights (call after the optimizer's step)."""
-        for weight, master in self._low_precision:
-            weight.copy_(master)
+        for weights, masters in self._by_dtype.values():
+            torch._foreach_copy_(weights, masters)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The masters that are not the weights themselves, by parameter name (empty for a float32 model)."""
