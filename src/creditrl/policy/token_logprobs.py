@@ -109,7 +109,7 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def _log_normalizer(logits: Tensor, divisor: float, with_entropy: bool) -> tuple[Tensor, Tensor]:
     """(logsumexp z, H) per row, z = logits / τ in at least float32; H is empty without `with_entropy`."""
-    z = _at_least_float32(logits).div_(divisor)
+    z = _scaled(logits, divisor)
     if not with_entropy:
         return torch.logsumexp(z, dim=-1), z.new_zeros(0)
     top = z.amax(-1, keepdim=True)
@@ -122,7 +122,7 @@ def _log_normalizer(logits: Tensor, divisor: float, with_entropy: bool) -> tuple
 def _logits_gradient(logits: Tensor, lse: Tensor, entropy: Tensor, targets: Tensor, g: Tensor, e: Tensor | None,
                      divisor: float) -> Tensor:
     """∂/∂logits in the logits' dtype: g·(1[v = y] − p) − e·p·(log p + H), with g and e already divided by τ."""
-    grad = _at_least_float32(logits).div_(divisor).sub_(lse[:, None])  # log p
+    grad = _scaled(logits, divisor).sub_(lse[:, None])  # log p
     if e is not None:
         p = grad.exp()
         grad.add_(entropy[:, None]).mul_(-e[:, None]).sub_(g[:, None]).mul_(p)  # −p·(g + e·(log p + H))
@@ -132,9 +132,10 @@ def _logits_gradient(logits: Tensor, lse: Tensor, entropy: Tensor, targets: Tens
     return grad.to(logits.dtype)
 
 
-def _at_least_float32(logits: Tensor) -> Tensor:
-    """A fresh copy in float32 (float64 stays float64)."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
+def _scaled(logits: Tensor, divisor: float) -> Tensor:
+    """z = logits / τ as a fresh tensor in at least float32 (float64 stays float64)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
+    return z.div_(divisor) if divisor != 1.0 else z
 
 
 @functools.cache
