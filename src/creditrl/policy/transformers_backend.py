@@ -317,6 +317,7 @@ class TransformersPolicy:
 
 @functools.cache
 def _compiled_forward(layer_class: type) -> Callable:
+    """A decoder layer class's forward, compiled once for every layer of the class (`self` is an argument)."""
     return compile_dynamic(layer_class.forward)
 
 
