@@ -58,16 +58,20 @@ def build_rollouts(policy: TransformersPolicy, gen: Generation, verdicts: list[V
         n_steps = [max(s) + 1 if s else 0 for s in step_rows]
         step_labels = pad_right([aligned_step_labels(v.step_correct, n) for v, n in zip(verdicts, n_steps)], -1,
                                 width=max(max(n_steps, default=0), 1))
+
+    def per_token(values: list[list[float]] | None) -> torch.Tensor | None:
+        """The sampler's per-token numbers as (B, T) float32, zero past each response."""
+        if values is None:
+            return None
+        return pad_right([torch.tensor(v, dtype=torch.float32) for v in values], 0.0, width=response_ids.shape[1])
+
     return Rollouts(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask.bool(), response_ids=response_ids,
         response_mask=response_mask, group_ids=torch.tensor(problem_index) + first_group_id, step_ids=step_ids,
         rewards=rewards, correct=correct, truncated=torch.tensor(gen.truncated),
         step_labels=step_labels,
         step_rewards=None if step_labels is None else torch.where(step_labels >= 0, step_labels.float(), torch.nan),
-        old_logprobs=None if gen.logprobs is None else pad_right(
-            [torch.tensor(lp, dtype=torch.float32) for lp in gen.logprobs], 0.0, width=response_ids.shape[1]),
-        old_entropy=None if gen.entropies is None else pad_right(
-            [torch.tensor(h, dtype=torch.float32) for h in gen.entropies], 0.0, width=response_ids.shape[1]),
+        old_logprobs=per_token(gen.logprobs), old_entropy=per_token(gen.entropies),
         response_texts=texts, problem_index=problem_index,
         problems=None if problems is None else [problems[i] for i in problem_index],
     )

@@ -47,15 +47,17 @@ def denser_weights(hidden: Tensor, mask: Tensor, negative: Tensor, params: Dense
     other = torch.arange(n_rows, device=mask.device)[None, :, None]  # j, broadcast against centre
     sim = h.new_zeros(n_rows, n_rows, width)  # s_ij(t), starting from the clamp at 0
     per_chunk = max(1, TEMPORARY_BYTES // (4 * h[0].numel() * n_rows))
-    for rows in torch.arange(n_rows, device=mask.device).split(per_chunk):
+    for start in range(0, n_rows, per_chunk):
+        rows = slice(start, start + per_chunk)
         centre = positions * lengths[None, :, None] // lengths[rows, None, None].clamp(min=1)  # (rows, G_j, T)
+        part = sim[rows]  # a view: the maximum is taken in place
         for offset in range(-params.window, params.window + 1):
             u = centre + offset
             valid = (u >= 0) & (u < width)
             u = u.clamp(0, width - 1)
             valid &= mask[other, u]
             cos = (h[rows, None] * h[other, u]).sum(-1)
-            sim[rows] = torch.maximum(sim[rows], cos.masked_fill(~valid, 0.0))
+            torch.maximum(part, cos.masked_fill(~valid, 0.0), out=part)
 
     same = negative[:, None] == negative[None, :]
     within = same & ~torch.eye(n_rows, dtype=torch.bool, device=mask.device)
