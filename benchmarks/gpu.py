@@ -30,8 +30,10 @@ Part 2, the update alone: random token batches of B rows × T tokens through the
 update code (`policy.score` with gradients, `policy_loss`, backward, clipping, AdamW on the
 master weights), float32 weights with autocast, bf16 weights, and bf16 weights with
 `model.compile` (scoring through torch.compile), at 8 × 1024, 4 × 4096 and 16 × 2048, and beside them a plain transformers update of the model in bf16 weights (full float32
-logits, log-softmax, gather, AdamW on the bf16 weights); tokens/s, MFU = 6 · N · tokens/s / peak (N: parameters
-without the embedding table counted twice; attention's own FLOPs left out, as is usual), the
+logits, log-softmax, gather, AdamW on the bf16 weights); tokens/s, MFU (`ModelFlops`: PaLM's count,
+6·N + 12·L·H·Q·T FLOPs per token for N parameters, L layers, H heads of width Q and rows of T
+tokens, as nanoGPT's `estimate_mfu`; the issue's facts were measured with it), the same without
+the attention term (6·N alone, as earlier runs reported it), the
 peak CUDA memory, and creditrl's ratio to plain.  16 × 2048 is the size whose float32 logits
 alone (18.5 GiB) break a plain forward.
 
@@ -59,7 +61,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -74,11 +76,27 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             vocab_size=1024, max_position_embeddings=1024, tie_word_embeddings=True)
 # creditrl GRPO, TRL GRPO, creditrl GRPO with bf16 weights, FIPO, DenseR, static-cache GRPO (float32 / bf16 weights)
 STEP_SIDES = ("grpo", "trl", "grpo-bf16", "grpo-bf16-compiled", "fipo", "denser", "static", "static-bf16")
+# creditrl float32 weights + autocast, bf16 weights + float32 masters, plain transformers, bf16 compiled
+UPDATE_SIDES = ("float32", "bf16", "plain", "compiled")
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0}
 
 
-def build_model_folder(folder: Path, shape: dict) -> int:
-    """A random Qwen2 model and a padded character-level tokenizer; returns the parameter count N."""
+@dataclass(frozen=True)
+class ModelFlops:
+    """Training FLOPs per token, as PaLM counts them (Chowdhery et al. 2022, appendix B): 6·N for the
+    weights' forward and backward matmuls, plus 12·L·H·Q·T for attention's scores and weighted sum
+    over a row of T tokens (counted in full, as if not causal)."""
+
+    n_params: int  # the embedding table once: with tied embeddings it is also the output projection
+    layers: int
+    attention_width: int  # heads × head dimension
+
+    def per_token(self, row_length: float, attention: bool = True) -> float:
+        return 6 * self.n_params + (12 * self.layers * self.attention_width * row_length if attention else 0)
+
+
+def build_model_folder(folder: Path, shape: dict) -> ModelFlops:
+    """A random Qwen2 model and a padded character-level tokenizer; returns its FLOP count."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -96,10 +114,12 @@ def build_model_folder(folder: Path, shape: dict) -> int:
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    n_params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    flops = ModelFlops(n_params=sum(p.numel() for p in model.parameters()),  # tied embeddings counted once
+                       layers=config.num_hidden_layers, attention_width=config.num_attention_heads * head_dim)
     del model
     gc.collect()
-    return n_params
+    return flops
 
 
 def peak_flops(device: torch.device, override: float | None) -> float | None:
@@ -205,7 +225,7 @@ def new_lengths(folder: Path, args, device: torch.device) -> list[dict]:
 
 # ---- part 2: the update alone -------------------------------------------------------------------
 
-def update_only(folder: Path, args, device: torch.device, n_params: int, peak: float | None) -> list[dict]:
+def update_only(folder: Path, args, device: torch.device, flops: ModelFlops, peak: float | None) -> list[dict]:
     """The trainer's update in both precisions, and beside them a plain transformers update of a bf16 model.
 
     creditrl: `policy.score` (packed rows, log-probs in vocabulary chunks through the fused
@@ -225,18 +245,18 @@ def update_only(folder: Path, args, device: torch.device, n_params: int, peak: f
         prompt = torch.randint(3, vocab, (batch, prompt_len), generator=generator).to(device)
         response = torch.randint(3, vocab, (batch, length - prompt_len), generator=generator).to(device)
         shapes.append((batch, length, prompt, response, torch.randn(response.shape, generator=generator).to(device)))
-    rows = _creditrl_updates(folder, shapes, args, device, n_params, peak, "float32")
-    gc.collect()  # each model and its optimizer state go before the next loads
-    rows += _creditrl_updates(folder, shapes, args, device, n_params, peak, "bfloat16")
-    gc.collect()
-    rows += _plain_updates(folder, shapes, args, device, n_params, peak)
-    gc.collect()
-    rows += _creditrl_updates(folder, shapes, args, device, n_params, peak, "bfloat16", compiled=True)
-    gc.collect()
+    sides = {"float32": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "float32"),
+             "bf16": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16"),
+             "plain": lambda: _plain_updates(folder, shapes, args, device, flops, peak),
+             "compiled": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16", compiled=True)}
+    rows = []
+    for name in args.update_sides:
+        rows += sides[name]()
+        gc.collect()  # each model and its optimizer state go before the next loads
     return rows
 
 
-def _creditrl_updates(folder: Path, shapes, args, device: torch.device, n_params: int, peak: float | None,
+def _creditrl_updates(folder: Path, shapes, args, device: torch.device, flops: ModelFlops, peak: float | None,
                       dtype: str, compiled: bool = False):
     from creditrl.master_weights import MasterWeights
     from creditrl.methods.loss import LossConfig, policy_loss
@@ -253,11 +273,11 @@ def _creditrl_updates(folder: Path, shapes, args, device: torch.device, n_params
 
     side = "creditrl, float32 weights, bf16 autocast" if dtype == "float32" else "creditrl, bf16 weights, float32 masters"
     side += ", compiled" if compiled else ""
-    return _timed_updates(side, policy.model, loss_of, shapes, args, device, n_params, peak,
+    return _timed_updates(side, policy.model, loss_of, shapes, args, device, flops, peak,
                           MasterWeights(policy.model))
 
 
-def _plain_updates(folder: Path, shapes, args, device: torch.device, n_params: int, peak: float | None):
+def _plain_updates(folder: Path, shapes, args, device: torch.device, flops: ModelFlops, peak: float | None):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
@@ -267,10 +287,10 @@ def _plain_updates(folder: Path, shapes, args, device: torch.device, n_params: i
         logprobs = logits.float().log_softmax(-1).gather(-1, response[..., None]).squeeze(-1)
         return -(torch.exp(logprobs - logprobs.detach()) * advantages).mean()
 
-    return _timed_updates("plain transformers, bf16 weights", model, loss_of, shapes, args, device, n_params, peak)
+    return _timed_updates("plain transformers, bf16 weights", model, loss_of, shapes, args, device, flops, peak)
 
 
-def _timed_updates(side: str, model, loss_of, shapes, args, device: torch.device, n_params: int,
+def _timed_updates(side: str, model, loss_of, shapes, args, device: torch.device, flops: ModelFlops,
                    peak: float | None, masters=None) -> list[dict]:
     """Median seconds of `args.update_iters` updates after a warm-up, per shape; out of memory is a row too.
 
@@ -318,7 +338,9 @@ def _timed_updates(side: str, model, loss_of, shapes, args, device: torch.device
             seconds = sorted(times[1:])[len(times[1:]) // 2]  # median after the first
             tokens_per_s = batch * length / seconds
             row.update(seconds=seconds, tokens_per_s=tokens_per_s,
-                       mfu=6 * n_params * tokens_per_s / peak if peak else None,
+                       mfu=flops.per_token(length) * tokens_per_s / peak if peak else None,
+                       mfu_without_attention=flops.per_token(length, attention=False) * tokens_per_s / peak
+                       if peak else None,
                        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
         rows.append(row)
         print(f"update, {side}, {batch} × {length}: " + (error or f"{row['tokens_per_s']:,.0f} tokens/s"), flush=True)
@@ -343,7 +365,7 @@ def _profile_update(side: str, update, folder: Path, device: torch.device) -> No
 
 # ---- part 3: training steps, creditrl against TRL ---------------------------------------------
 
-def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak: float | None,
+def trainer_steps(folder: Path, args, device: torch.device, flops: ModelFlops, peak: float | None,
                   rows: list[dict], save) -> None:
     """Appends one row per side to `rows`, calling `save()` after each."""
     from creditrl.tasks.lab import LabTask
@@ -382,7 +404,8 @@ def trainer_steps(folder: Path, args, device: torch.device, n_params: int, peak:
             "side": label, **{k: summary[k] for k in ("sample", "update", "step", "completion_tokens")},
             "sampling_tokens_per_s": completion / summary["sample"],
             "update_tokens_per_s": update_tokens / summary["update"],
-            "update_mfu": 6 * n_params * update_tokens / summary["update"] / peak if peak else None,
+            "update_mfu": flops.per_token(prompt_tokens + summary["completion_tokens"]) * update_tokens
+            / summary["update"] / peak if peak else None,
             "step_tokens_per_s": completion / summary["step"],
         })
         save()
@@ -433,7 +456,7 @@ def _update_table(rows: list[dict]):
     from rich.table import Table
 
     t = Table(title="the update alone (log-probs with gradients, loss, backward, clip, AdamW)")
-    for col in ("side", "batch × length", "tokens/s", "MFU", "peak GiB", "× plain", "note"):
+    for col in ("side", "batch × length", "tokens/s", "MFU", "MFU, 6·N only", "peak GiB", "× plain", "note"):
         t.add_column(col, justify="left" if col in ("side", "batch × length", "note") else "right")
     plain = {(r["batch"], r["length"]): r for r in rows if r["side"].startswith("plain") and r["error"] is None}
     for r in rows:
@@ -441,6 +464,7 @@ def _update_table(rows: list[dict]):
         base = plain.get((r["batch"], r["length"]))
         t.add_row(r["side"], f"{r['batch']} × {r['length']}", f"{r['tokens_per_s']:,.0f}" if ok else "—",
                   f"{r['mfu']:.1%}" if ok and r["mfu"] else "—",
+                  f"{r['mfu_without_attention']:.1%}" if ok and r["mfu"] else "—",
                   f"{r['peak_mem_gib']:.1f}" if ok and r["peak_mem_gib"] else "—",
                   f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if ok and base else "—", r["error"] or "")
     return t
@@ -481,6 +505,8 @@ def main() -> None:
                         help="the steps part's sides, in this order (roughly 1.5 minutes each on an H100)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: no MFU (default cuda)")
     parser.add_argument("--layers", type=int, help="decoder layers of the Qwen2.5-0.5B shape (default 24)")
+    parser.add_argument("--update-sides", nargs="+", choices=UPDATE_SIDES, default=list(UPDATE_SIDES),
+                        help="the update part's sides, in this order")
     parser.add_argument("--update-shapes", nargs="+", metavar="BxT",
                         help="the update part's batch × length shapes (default 8x1024 4x4096 16x2048)")
     parser.add_argument("--json", type=Path)
@@ -516,10 +542,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="creditrl_gpu_") as tmp:
         folder = Path(tmp) / "model"
         shape = TINY if smoke else QWEN25_05B
-        n_params = build_model_folder(folder, {**shape, "num_hidden_layers": args.layers} if args.layers else shape)
-        results["env"]["parameters"] = n_params
+        flops = build_model_folder(folder, {**shape, "num_hidden_layers": args.layers} if args.layers else shape)
+        results["env"]["parameters"] = flops.n_params
         if "update" in args.parts:
-            results["update"] = update_only(folder, args, device, n_params, peak)
+            results["update"] = update_only(folder, args, device, flops, peak)
             save()
         if "sampling" in args.parts:
             results["sampling"] = sampling_engines(folder, args, device)
@@ -528,7 +554,7 @@ def main() -> None:
             results["lengths"] = new_lengths(folder, args, device)
             save()
         if "steps" in args.parts:
-            trainer_steps(folder, args, device, n_params, peak, results["steps"], save)
+            trainer_steps(folder, args, device, flops, peak, results["steps"], save)
     tables(results)
     if args.json:
         print(f"raw numbers written to {args.json}")
