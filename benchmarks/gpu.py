@@ -391,7 +391,8 @@ def trainer_steps(folder: Path, args, device: torch.device, flops: ModelFlops, p
     for label, side, w in sides:
         print(f"steps: {label}", flush=True)
         try:
-            summary = summarize([run_in_process(side, w)])
+            run = run_in_process(side, w)
+            summary = summarize([run])
         except RuntimeError as err:
             rows.append({"side": label, "error": str(err)[-2000:]})
             print(f"  failed: {str(err)[-400:]}", flush=True)
@@ -407,6 +408,7 @@ def trainer_steps(folder: Path, args, device: torch.device, flops: ModelFlops, p
             "update_mfu": flops.per_token(prompt_tokens + summary["completion_tokens"]) * update_tokens
             / summary["update"] / peak if peak else None,
             "step_tokens_per_s": completion / summary["step"],
+            "update_s_per_step": [step["update"] for step in run["steps"]],  # the first included: it compiles
         })
         save()
 

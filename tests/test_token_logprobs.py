@@ -23,11 +23,11 @@ def test_gradcheck_in_float64_with_the_entropy_gradient():
     head, hidden, targets = _case(torch.float64, n=6, d=4, vocab=7)
     weight = head.weight.detach().requires_grad_()
     bias = head.bias.detach().requires_grad_()
-    assert torch.autograd.gradcheck(lambda h, w, b: ProjectedLogprobs.apply(h, w, b, targets, 0.7, True, True, False),
-                                    (hidden, weight, bias))
+    assert torch.autograd.gradcheck(lambda h, w, b: ProjectedLogprobs.apply(h, w, b, targets, 0.7, True, True, False, 4),
+                                    (hidden, weight, bias))  # two chunks: 4 positions and 2
 
 
-@pytest.mark.parametrize(("entropy_grad", "compiled"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(("entropy_grad", "compiled"), [(False, False), (True, False), (False, True), (True, True)])
 def test_chunks_match_full_autograd(entropy_grad, compiled):
     head, hidden, targets = _case()
     params = [hidden, head.weight, head.bias]

@@ -8,9 +8,9 @@ computed over chunks of positions, so at most one chunk of (positions × vocabul
 logits is alive at a time: for a 152k vocabulary that is what lets 16 × 2048 tokens fit on a GPU
 at all (the whole batch's logits alone would take 18.5 GiB).
 
-When the head is a linear layer (the usual output projection), each chunk goes through one
-autograd function that keeps only its hidden states and logsumexp for the backward and rebuilds
-the logits there, with the gradient written out by hand (the fused linear log-softmax of Liger
+When the head is a linear layer (the usual output projection), the chunks go through one
+autograd function that keeps only the hidden states and logsumexps for the backward and rebuilds
+each chunk's logits there, with the gradient written out by hand (the fused linear log-softmax of Liger
 Kernel and Cut Cross-Entropy, here in plain torch):
 
     ∂/∂z_k[v]:   g_k · (1[v = y_k] − p_k[v])  −  e_k · p_k[v] · (z_k[v] − logsumexp(z_k) + H_k)
@@ -48,43 +48,52 @@ def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targ
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, (empty if with_entropy else None)
     divisor = temperature if temperature > 0 else 1.0
-    chunks = list(zip(hidden.split(per_chunk), targets.split(per_chunk)))
     if isinstance(head, torch.nn.Linear):
         # the matmuls' dtype: autocast's when it is on, else the weight's; the weight is cast once for all
         # chunks (as autocast's own cache would), and its gradient flows back through the cast
         on = torch.is_autocast_enabled(hidden.device.type)
         dtype = torch.get_autocast_dtype(hidden.device.type) if on else head.weight.dtype
         weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
-        results = [ProjectedLogprobs.apply(h, weight, bias, y, divisor, with_entropy, entropy_grad,
-                                           compiled) for h, y in chunks]
-    else:
-        results = _checkpointed_chunks(chunks, head, divisor, with_entropy, entropy_grad)
+        logprobs, entropy = ProjectedLogprobs.apply(hidden, weight, bias, targets, divisor, with_entropy, entropy_grad,
+                                                    compiled, per_chunk)
+        return logprobs, entropy if with_entropy else None
+    results = _checkpointed_chunks(list(zip(hidden.split(per_chunk), targets.split(per_chunk))), head, divisor,
+                                   with_entropy, entropy_grad)
     logprobs = torch.cat([lp for lp, _ in results])
     entropy = torch.cat([e for _, e in results]) if with_entropy else None
     return logprobs, entropy
 
 
 class ProjectedLogprobs(torch.autograd.Function):
-    """(log π(y | h), H) for one chunk of hidden states h (n, D) through the projection (W, b).
+    """(log π(y | h), H) for hidden states h (N, D) through the projection (W, b), `per_chunk` positions at a time.
 
     Matmuls run in W's dtype (h is cast to it), the logits' statistics in float32.  On a GPU each
     pass over the (n, vocabulary) logits costs about as much as the projection, so the passes
-    are few and in place (`_log_normalizer`, `_logits_gradient`), or fused into one or two kernels
-    each when `compiled` (torch.compile).  Gradients are formed only for the inputs that need
-    them (a frozen head under LoRA gets none).
+    are few and in place (`_log_normalizer`, `_logits_gradient`), or fused into one kernel
+    each when `compiled` (torch.compile).  The backward adds each chunk's ∂W into one buffer
+    inside the matmul (`addmm_`), where one autograd node per chunk would leave autograd a
+    separate (vocabulary × D) addition per chunk.  Gradients are formed only for the inputs that
+    need them (a frozen head under LoRA gets none).  H is empty without `with_entropy`.
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, divisor: float,
-                with_entropy: bool, entropy_grad: bool, compiled: bool) -> tuple[Tensor, Tensor]:
-        logits = _logits(hidden, weight, bias)
-        lse, entropy = _kernels(compiled)[0](logits, divisor, with_entropy)
-        chosen = logits.gather(-1, targets[:, None]).squeeze(-1).to(lse.dtype) / divisor
+                with_entropy: bool, entropy_grad: bool, compiled: bool, per_chunk: int) -> tuple[Tensor, Tensor]:
+        log_normalizer = _kernels(compiled)[0]
+        lse, entropy, chosen = [], [], []
+        for rows in _chunks(len(hidden), per_chunk):
+            logits = _logits(hidden[rows], weight, bias)
+            chunk_lse, chunk_entropy = log_normalizer(logits, divisor, with_entropy)
+            lse.append(chunk_lse)
+            entropy.append(chunk_entropy)
+            chosen.append(logits.gather(-1, targets[rows, None]).squeeze(-1).to(chunk_lse.dtype) / divisor)
+        lse, entropy = torch.cat(lse), torch.cat(entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.divisor, ctx.entropy_grad, ctx.compiled = divisor, with_entropy and entropy_grad, compiled
+        ctx.divisor, ctx.entropy_grad, ctx.compiled, ctx.per_chunk = (divisor, with_entropy and entropy_grad,
+                                                                      compiled, per_chunk)
         if not ctx.entropy_grad:
             ctx.mark_non_differentiable(entropy)
-        return chosen - lse, entropy
+        return torch.cat(chosen) - lse, entropy
 
     @staticmethod
     def backward(ctx, grad_logprob: Tensor, grad_entropy: Tensor | None):
@@ -92,12 +101,26 @@ class ProjectedLogprobs(torch.autograd.Function):
         # z = logits / τ: every gradient through z carries 1/τ
         g = grad_logprob / ctx.divisor
         e = grad_entropy / ctx.divisor if ctx.entropy_grad and grad_entropy is not None else None
-        grad_logits = _kernels(ctx.compiled)[1](_logits(hidden, weight, bias), lse, entropy, targets, g, e, ctx.divisor)
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_hidden = (grad_logits @ weight).to(hidden.dtype) if needs_hidden else None
-        grad_weight = grad_logits.T @ hidden.to(weight.dtype) if needs_weight else None
-        grad_bias = grad_logits.sum(0) if needs_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros_like(weight) if needs_weight else None
+        grad_bias = torch.zeros_like(bias) if needs_bias else None
+        logits_gradient = _kernels(ctx.compiled)[1]
+        for rows in _chunks(len(hidden), ctx.per_chunk):
+            h = hidden[rows]
+            grad_logits = logits_gradient(_logits(h, weight, bias), lse[rows], entropy[rows], targets[rows], g[rows],
+                                          None if e is None else e[rows], ctx.divisor)  # entropy: empty, or N
+            if needs_hidden:
+                grad_hidden[rows] = grad_logits @ weight
+            if needs_weight:
+                grad_weight.addmm_(grad_logits.T, h.to(weight.dtype))
+            if needs_bias:
+                grad_bias += grad_logits.sum(0)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _chunks(n: int, per_chunk: int) -> list[slice]:
+    return [slice(start, start + per_chunk) for start in range(0, n, per_chunk)]
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -132,6 +155,20 @@ def _logits_gradient(logits: Tensor, lse: Tensor, entropy: Tensor, targets: Tens
     return grad.to(logits.dtype)
 
 
+def _logits_gradient_pointwise(logits: Tensor, lse: Tensor, entropy: Tensor, targets: Tensor, g: Tensor,
+                               e: Tensor | None, divisor: float) -> Tensor:
+    """`_logits_gradient` as one pointwise expression, the chosen token found by comparing indices: what
+    torch.compile fuses into a single kernel that writes the logits' dtype (a scatter would split it in
+    two, with a float32 gradient written and read between them).  Eager, it would make more passes."""
+    log_p = _scaled(logits, divisor) - lse[:, None]
+    p = log_p.exp()
+    chosen = torch.arange(logits.shape[-1], device=logits.device) == targets[:, None]
+    grad = g[:, None] * (chosen.to(p.dtype) - p)
+    if e is not None:
+        grad = grad - e[:, None] * p * (log_p + entropy[:, None])
+    return grad.to(logits.dtype)
+
+
 def _scaled(logits: Tensor, divisor: float) -> Tensor:
     """z = logits / τ as a fresh tensor in at least float32 (float64 stays float64)."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
@@ -140,11 +177,11 @@ def _scaled(logits: Tensor, divisor: float) -> Tensor:
 
 @functools.cache
 def _kernels(compiled: bool) -> tuple[Callable, Callable]:
-    """The two passes over a chunk's logits, eager or through torch.compile (dynamic shapes: the
-    last chunk and every bucket differ)."""
+    """The two passes over a chunk's logits, eager (in place) or through torch.compile (pointwise;
+    dynamic shapes: the last chunk and every bucket differ)."""
     if not compiled:
         return _log_normalizer, _logits_gradient
-    return compile_dynamic(_log_normalizer), compile_dynamic(_logits_gradient)
+    return compile_dynamic(_log_normalizer), compile_dynamic(_logits_gradient_pointwise)
 
 
 def _checkpointed_chunks(chunks, head: Callable[[Tensor], Tensor], divisor: float, with_entropy: bool,
