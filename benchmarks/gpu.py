@@ -263,7 +263,7 @@ def _creditrl_updates(folder: Path, shapes, args, device: torch.device, flops: M
     from creditrl.policy.loading import load_policy
 
     policy = load_policy(str(folder), chat_template=False, bf16_autocast=dtype == "float32", device=str(device),
-                         dtype=dtype, compile_scoring=compiled)
+                         dtype=dtype, compile_scoring=compiled, logits_chunk_mib=args.logits_chunk_mib)
 
     def loss_of(prompt, response, advantages):
         mask, r_mask = torch.ones_like(prompt, dtype=torch.bool), torch.ones_like(response, dtype=torch.bool)
@@ -497,7 +497,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default 8; smoke 2)")
     parser.add_argument("--group-size", type=int, default=None, help="samples per prompt (default 8; smoke 2)")
     parser.add_argument("--new-tokens", type=int, default=None, help="completion length (default 256; smoke 8)")
-    parser.add_argument("--steps", type=int, default=3, help="training steps per side, the first a warm-up")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="training steps per side, the first a warm-up (default 5: on an H100 the second step "
+                             "still carried one-off costs on both sides)")
     parser.add_argument("--update-iters", type=int, default=None, help="timed update iterations (default 5; smoke 1)")
     parser.add_argument("--threads", type=int, default=4, help="CPU threads in each worker")
     parser.add_argument("--peak-tflops", type=float, help="the card's peak bf16 dense TFLOP/s (default: by name)")
@@ -511,6 +513,8 @@ def main() -> None:
                         help="the update part's sides, in this order")
     parser.add_argument("--update-shapes", nargs="+", metavar="BxT",
                         help="the update part's batch × length shapes (default 8x1024 4x4096 16x2048)")
+    parser.add_argument("--logits-chunk-mib", type=int, default=256,
+                        help="the update part's creditrl sides: model.logits_chunk_mib (default 256, the config's)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="also profile one update per update side at the first shape; kernel tables go to DIR")

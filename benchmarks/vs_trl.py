@@ -183,10 +183,12 @@ class _TRLPhases(TrainerCallback):
             # log-probs computed while the batch is prepared are old/reference log-probs, later ones the update's
             name = "score" if key == "logps" and "prepare" in self._running else key
             self._running.add(name)
+            _finish_gpu_work()
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                _finish_gpu_work()
                 self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
                 self._running.discard(name)
 
@@ -202,15 +204,25 @@ class _TRLPhases(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._seconds, self._lengths, self._rewards = {}, [], []
+        _finish_gpu_work()
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        _finish_gpu_work()  # TRL logs nothing here, so the backward and AdamW may still be running on a GPU
         step = time.perf_counter() - self._start
         seconds = {key: self._seconds.get(key, 0.0) for key in ("generate", "rewards", "score", "prepare")}
         sample, score, prepare = seconds["generate"] + seconds["rewards"], seconds["score"], seconds["prepare"]
         self.steps.append({"sample": sample, "score": score, "advantage": prepare - sample - score,
                            "update": step - prepare, "step": step, "completion_tokens": statistics.mean(self._lengths),
                            "accuracy": statistics.mean(self._rewards)})
+
+
+def _finish_gpu_work() -> None:
+    """Wait for queued GPU kernels, so wall-clock timers count them in the phase that launched them."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def run_trl(work: Work) -> dict:
