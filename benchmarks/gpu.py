@@ -385,13 +385,13 @@ def trainer_steps(folder: Path, args, device: torch.device, flops: ModelFlops, p
                         replace(work, method="grpo", engine="generate-static")),
              "static-bf16": ("creditrl grpo, static-cache generate, bf16 weights", "creditrl",
                              replace(work, method="grpo", engine="generate-static", bf16_weights=True))}
-    sides = [sides[name] for name in args.sides]
+    sides = [(name, *sides[name]) for name in args.sides]
     # the character-level prompts: the question and a newline, one token per character
     prompt_tokens = statistics.mean(len(p.prompt) + 1 for p in LabTask().train_problems()[: work.prompts * work.steps])
-    for label, side, w in sides:
+    for name, label, side, w in sides:
         print(f"steps: {label}", flush=True)
         try:
-            run = run_in_process(side, w)
+            run = run_in_process(side, w, args.worker_logs / f"{name}.log" if args.worker_logs else None)
             summary = summarize([run])
         except RuntimeError as err:
             rows.append({"side": label, "error": str(err)[-2000:]})
@@ -515,6 +515,9 @@ def main() -> None:
                         help="the update part's batch × length shapes (default 8x1024 4x4096 16x2048)")
     parser.add_argument("--logits-chunk-mib", type=int, default=256,
                         help="the update part's creditrl sides: model.logits_chunk_mib (default 256, the config's)")
+    parser.add_argument("--worker-logs", type=Path, metavar="DIR",
+                        help="the steps part: each side's worker stderr to DIR/<side>.log (with TORCH_LOGS=recompiles, "
+                             "say)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="also profile one update per update side at the first shape; kernel tables go to DIR")
@@ -538,7 +541,8 @@ def main() -> None:
            else "cpu", "peak_tflops": peak / 1e12 if peak else None,
            **{name: version(name) for name in ("torch", "transformers", "trl", "creditrl")}}
     print("  ".join(f"{k} {v}" for k, v in env.items()), flush=True)
-    results: dict = {"env": env, "args": {k: v for k, v in vars(args).items() if k not in ("json", "profile")},
+    results: dict = {"env": env, "args": {k: v for k, v in vars(args).items()
+                                          if k not in ("json", "profile", "worker_logs")},
                       "update": [], "sampling": [], "lengths": [], "steps": []}
 
     def save() -> None:  # after every part and every side: a run cut short keeps what it measured

@@ -278,14 +278,18 @@ WORKERS = {"creditrl": run_creditrl, "trl": run_trl}
 # the launching process
 # ---------------------------------------------------------------------------------------------
 
-def run_in_process(side: str, work: Work) -> dict:
-    """One repetition of one side in a fresh Python process (so its peak memory is its own)."""
+def run_in_process(side: str, work: Work, log: Path | None = None) -> dict:
+    """One repetition of one side in a fresh Python process (so its peak memory is its own); its
+    stderr goes to `log` when given (e.g. what TORCH_LOGS asks torch to report)."""
     with tempfile.TemporaryDirectory(prefix="vs_trl_") as tmp:
         result = Path(tmp) / "result.json"
         env = {**os.environ, "OMP_NUM_THREADS": str(work.threads), "MKL_NUM_THREADS": str(work.threads)}
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", side,
                    "--work", json.dumps(asdict(work)), "--result", str(result)]
         proc = subprocess.run(command, check=False, env=env, capture_output=True, text=True)
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(proc.stderr)
         if proc.returncode != 0:
             raise RuntimeError(f"{side} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         return json.loads(result.read_text())
