@@ -120,6 +120,7 @@ class ProjectedLogprobs(torch.autograd.Function):
 
 
 def _chunks(n: int, per_chunk: int) -> list[slice]:
+    """Consecutive row ranges of at most `per_chunk` rows covering n rows."""
     return [slice(start, start + per_chunk) for start in range(0, n, per_chunk)]
 
 
