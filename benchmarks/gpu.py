@@ -76,8 +76,10 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             vocab_size=1024, max_position_embeddings=1024, tie_word_embeddings=True)
 # creditrl GRPO, TRL GRPO, creditrl GRPO with bf16 weights, FIPO, DenseR, static-cache GRPO (float32 / bf16 weights)
 STEP_SIDES = ("grpo", "trl", "grpo-bf16", "grpo-bf16-compiled", "fipo", "denser", "static", "static-bf16")
-# creditrl float32 weights + autocast, bf16 weights + float32 masters, plain transformers, bf16 compiled
+# creditrl float32 weights + autocast, bf16 weights + float32 masters, plain transformers, bf16 compiled; and
+# on request bf16 compiled with 1 GiB logits chunks (a quarter of the chunks: fewer passes over the head's gradient)
 UPDATE_SIDES = ("float32", "bf16", "plain", "compiled")
+EXTRA_UPDATE_SIDES = ("compiled-1gib",)
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0}
 
 
@@ -248,7 +250,9 @@ def update_only(folder: Path, args, device: torch.device, flops: ModelFlops, pea
     sides = {"float32": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "float32"),
              "bf16": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16"),
              "plain": lambda: _plain_updates(folder, shapes, args, device, flops, peak),
-             "compiled": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16", compiled=True)}
+             "compiled": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16", compiled=True),
+             "compiled-1gib": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16",
+                                                        compiled=True, logits_chunk_mib=1024)}
     rows = []
     for name in args.update_sides:
         rows += sides[name]()
@@ -257,13 +261,13 @@ def update_only(folder: Path, args, device: torch.device, flops: ModelFlops, pea
 
 
 def _creditrl_updates(folder: Path, shapes, args, device: torch.device, flops: ModelFlops, peak: float | None,
-                      dtype: str, compiled: bool = False):
+                      dtype: str, compiled: bool = False, logits_chunk_mib: int = 256):
     from creditrl.master_weights import MasterWeights
     from creditrl.methods.loss import LossConfig, policy_loss
     from creditrl.policy.loading import load_policy
 
     policy = load_policy(str(folder), chat_template=False, bf16_autocast=dtype == "float32", device=str(device),
-                         dtype=dtype, compile_scoring=compiled, logits_chunk_mib=args.logits_chunk_mib)
+                         dtype=dtype, compile_scoring=compiled, logits_chunk_mib=logits_chunk_mib)
 
     def loss_of(prompt, response, advantages):
         mask, r_mask = torch.ones_like(prompt, dtype=torch.bool), torch.ones_like(response, dtype=torch.bool)
@@ -273,6 +277,7 @@ def _creditrl_updates(folder: Path, shapes, args, device: torch.device, flops: M
 
     side = "creditrl, float32 weights, bf16 autocast" if dtype == "float32" else "creditrl, bf16 weights, float32 masters"
     side += ", compiled" if compiled else ""
+    side += f", logits chunks {logits_chunk_mib} MiB" if logits_chunk_mib != 256 else ""
     return _timed_updates(side, policy.model, loss_of, shapes, args, device, flops, peak,
                           MasterWeights(policy.model))
 
@@ -509,12 +514,11 @@ def main() -> None:
                         help="the steps part's sides, in this order (roughly 1.5 minutes each on an H100)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: no MFU (default cuda)")
     parser.add_argument("--layers", type=int, help="decoder layers of the Qwen2.5-0.5B shape (default 24)")
-    parser.add_argument("--update-sides", nargs="+", choices=UPDATE_SIDES, default=list(UPDATE_SIDES),
-                        help="the update part's sides, in this order")
+    parser.add_argument("--update-sides", nargs="+", choices=UPDATE_SIDES + EXTRA_UPDATE_SIDES,
+                        default=list(UPDATE_SIDES), help="the update part's sides, in this order (default: all but "
+                        "compiled-1gib, bf16 compiled with model.logits_chunk_mib=1024)")
     parser.add_argument("--update-shapes", nargs="+", metavar="BxT",
                         help="the update part's batch × length shapes (default 8x1024 4x4096 16x2048)")
-    parser.add_argument("--logits-chunk-mib", type=int, default=256,
-                        help="the update part's creditrl sides: model.logits_chunk_mib (default 256, the config's)")
     parser.add_argument("--worker-logs", type=Path, metavar="DIR",
                         help="the steps part: each side's worker stderr to DIR/<side>.log (with TORCH_LOGS=recompiles, "
                              "say)")

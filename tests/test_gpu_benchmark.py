@@ -36,7 +36,7 @@ def test_sampling_lengths_and_update_parts_run_at_smoke_size(gpu, tmp_path):
     assert len(AutoTokenizer.from_pretrained(folder)) == gpu.TINY["vocab_size"] == model.config.vocab_size
 
     args = SimpleNamespace(prompts=2, group_size=2, new_tokens=4, update_iters=1, update_shapes=[(2, 80)],
-                           update_sides=list(gpu.UPDATE_SIDES), logits_chunk_mib=256, profile=tmp_path / "profile")
+                           update_sides=[*gpu.UPDATE_SIDES, *gpu.EXTRA_UPDATE_SIDES], profile=tmp_path / "profile")
     sampling = gpu.sampling_engines(folder, args, torch.device("cpu"))
     assert [r["engine"] for r in sampling] == ["kv-cache", "generate", "generate, static cache", "kv-cache, bf16 weights"]
     assert all(0 < r["tokens"] <= 2 * 2 * 4 and r["tokens_per_s"] > 0 for r in sampling)
@@ -46,7 +46,8 @@ def test_sampling_lengths_and_update_parts_run_at_smoke_size(gpu, tmp_path):
     assert lengths[1]["prompt_tokens"] == lengths[2]["prompt_tokens"] and all(r["seconds"] > 0 for r in lengths)
     update = gpu.update_only(folder, args, torch.device("cpu"), flops, peak=1e12)
     sides = ["creditrl, float32 weights, bf16 autocast", "creditrl, bf16 weights, float32 masters",
-             "plain transformers, bf16 weights", "creditrl, bf16 weights, float32 masters, compiled"]
+             "plain transformers, bf16 weights", "creditrl, bf16 weights, float32 masters, compiled",
+             "creditrl, bf16 weights, float32 masters, compiled, logits chunks 1024 MiB"]
     assert [r["side"] for r in update] == sides
     assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in update)
     tables = sorted((tmp_path / "profile").iterdir())
