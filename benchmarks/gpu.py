@@ -29,8 +29,9 @@ decode step.
 Part 2, the update alone: random token batches of B rows × T tokens through the trainer's own
 update code (`policy.score` with gradients, `policy_loss`, backward, clipping, AdamW on the
 master weights), float32 weights with autocast, bf16 weights, and bf16 weights with
-`model.compile` (scoring through torch.compile), at 8 × 1024, 4 × 4096 and 16 × 2048, and beside them a plain transformers update of the model in bf16 weights (full float32
-logits, log-softmax, gather, AdamW on the bf16 weights); tokens/s, MFU (`ModelFlops`: PaLM's count,
+`model.compile` (scoring through torch.compile; on request also with 1 GiB logits chunks), at
+8 × 1024, 4 × 4096 and 16 × 2048, and beside them a plain transformers update of the model in bf16
+weights (full float32 logits, log-softmax, gather, AdamW on the bf16 weights); tokens/s, MFU (`ModelFlops`: PaLM's count,
 6·N + 12·L·H·Q·T FLOPs per token for N parameters, L layers, H heads of width Q and rows of T
 tokens, as nanoGPT's `estimate_mfu`; the issue's facts were measured with it), the same without
 the attention term (6·N alone, as earlier runs reported it), the
@@ -41,7 +42,7 @@ Part 3, whole training steps side by side: creditrl's Trainer for GRPO (kv-cache
 generate engines; float32 and bf16 weights; compiled scoring), FIPO and DenseR, and TRL's GRPOTrainer, each in its own process
 (benchmarks/vs_trl.py's workers, same prompts, group size, completion length, one update per
 step, no KL, token-mean loss); per step: sample and update seconds, sampling tokens/s, update
-tokens/s and MFU, full-step tokens/s, and the ratio to TRL.
+tokens/s and MFU, full-step tokens/s, and the ratio to TRL; every step's update seconds in the JSON.
 
 The parts run in the order update, sampling, lengths, steps (the steps' sides with TRL second), and
 `--json` is rewritten after each part and each side, so a run cut short keeps what it measured.
