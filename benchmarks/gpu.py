@@ -31,11 +31,11 @@ update code (`policy.score` with gradients, `policy_loss`, backward, clipping, A
 master weights), float32 weights with autocast, bf16 weights, and bf16 weights with
 `model.compile` (scoring through torch.compile; on request also with 1 GiB logits chunks), at
 8 × 1024, 4 × 4096 and 16 × 2048, and beside them a plain transformers update of the model in bf16
-weights (full float32 logits, log-softmax, gather, AdamW on the bf16 weights); tokens/s, MFU (`ModelFlops`: PaLM's count,
-6·N + 12·L·H·Q·T FLOPs per token for N parameters, L layers, H heads of width Q and rows of T
-tokens, as nanoGPT's `estimate_mfu`; the issue's facts were measured with it), the same without
-the attention term (6·N alone, as earlier runs reported it), the
-peak CUDA memory, and creditrl's ratio to plain.  16 × 2048 is the size whose float32 logits
+weights (full float32 logits, log-softmax, gather, AdamW on the bf16 weights); tokens/s, MFU
+(`ModelFlops`: PaLM's count, 6·N + 12·L·H·Q·T FLOPs per token for N parameters, L layers, H heads
+of width Q and rows of T tokens, as nanoGPT's `estimate_mfu`; the issue's facts were measured with
+it), the same without the attention term (6·N alone, as earlier runs reported it), the peak CUDA
+memory, and creditrl's ratio to plain.  16 × 2048 is the size whose float32 logits
 alone (18.5 GiB) break a plain forward.
 
 Part 3, whole training steps side by side: creditrl's Trainer for GRPO (kv-cache and static-cache
