@@ -107,13 +107,13 @@ class ProjectedLogprobs(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias) if needs_bias else None
         logits_gradient = _kernels(ctx.compiled)[1]
         for rows in _chunks(len(hidden), ctx.per_chunk):
-            h = hidden[rows]
+            h = hidden[rows].to(weight.dtype)  # cast once for both of the chunk's matmuls with W
             grad_logits = logits_gradient(_logits(h, weight, bias), lse[rows], entropy[rows], targets[rows], g[rows],
                                           None if e is None else e[rows], ctx.divisor)  # entropy: empty, or N
             if needs_hidden:
                 grad_hidden[rows] = grad_logits @ weight
             if needs_weight:
-                grad_weight.addmm_(grad_logits.T, h.to(weight.dtype))
+                grad_weight.addmm_(grad_logits.T, h)
             if needs_bias:
                 grad_bias += grad_logits.sum(0)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
