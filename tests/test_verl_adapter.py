@@ -270,3 +270,35 @@ def test_recipes_name_registered_pieces(recipe):
     command = "VERL_USE_EXTERNAL_MODULES=creditrl.integrations.verl python -m verl.trainer.main_ppo"
     assert command in (folder / "run.sh").read_text()
     assert command in (folder / "README.md").read_text() and "verl 0.9.1" in (folder / "README.md").read_text()
+
+
+def _leaf_keys(node, prefix: str = "") -> set[str]:
+    if not isinstance(node, dict):
+        return {prefix}
+    return set().union(*(_leaf_keys(value, f"{prefix}.{key}" if prefix else key) for key, value in node.items()))
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "fipo", "grpo_lambda", "capo", "prm"])
+def test_recipes_compose_and_pass_verls_own_config_checks(recipe, monkeypatch):
+    """Hydra composes each recipe as `run.sh` launches it (verl's `ppo_trainer` below the recipe's
+    overrides), every key the recipe sets exists in verl's config (Hydra itself would add a misspelt
+    key silently), and verl's `validate_config` accepts the result, as `main_ppo` calls it."""
+    hydra = pytest.importorskip("hydra")
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+    monkeypatch.setenv("HOME", "/home/someone")
+    folder = RECIPES / recipe
+    overrides = ["reward.custom_reward_function.path=/abs/reward_fn.py"] if "REWARD_FN" in (folder / "run.sh").read_text() else []
+    with hydra.initialize_config_dir(config_dir=str(folder), version_base=None):
+        config = hydra.compose(config_name="config", overrides=overrides)
+    with hydra.initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        verl_keys = _leaf_keys(OmegaConf.to_container(hydra.compose(config_name="ppo_trainer")))
+    recipe_keys = _leaf_keys(yaml.safe_load((folder / "config.yaml").read_text())) - {"hydra.searchpath", "defaults"}
+    assert recipe_keys <= verl_keys, f"not in verl's ppo_trainer: {sorted(recipe_keys - verl_keys)}"
+    resolved = OmegaConf.to_container(config, resolve=True)
+    assert resolved["data"]["train_files"] == "/home/someone/data/gsm8k/train.parquet"
+    validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    algorithm = omega_conf_to_dataclass(config.algorithm)
+    assert core_algos.get_adv_estimator_fn(algorithm.adv_estimator)
