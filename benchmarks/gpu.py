@@ -29,7 +29,8 @@ decode step.
 Part 2, the update alone: random token batches of B rows × T tokens through the trainer's own
 update code (`policy.score` with gradients, `policy_loss`, backward, clipping, AdamW on the
 master weights), float32 weights with autocast, bf16 weights, and bf16 weights with
-`model.compile` (scoring through torch.compile; on request also with 1 GiB logits chunks), at
+`model.compile` (scoring through torch.compile; on request also with 1 GiB logits chunks, with
+cuDNN's attention kernel (`model.scoring_attention=cudnn`), or with both), at
 8 × 1024, 4 × 4096 and 16 × 2048, and beside them a plain transformers update of the model in bf16
 weights (full float32 logits, log-softmax, gather, AdamW on the bf16 weights); tokens/s, MFU
 (`ModelFlops`: PaLM's count, 6·N + 12·L·H·Q·T FLOPs per token for N parameters, L layers, H heads
@@ -39,7 +40,7 @@ memory, and creditrl's ratio to plain.  16 × 2048 is the size whose float32 log
 alone (18.5 GiB) break a plain forward.
 
 Part 3, whole training steps side by side: creditrl's Trainer for GRPO (kv-cache and static-cache
-generate engines; float32 and bf16 weights; compiled scoring), FIPO and DenseR, and TRL's GRPOTrainer, each in its own process
+generate engines; float32 and bf16 weights; compiled scoring, with flash or cuDNN attention), FIPO and DenseR, and TRL's GRPOTrainer, each in its own process
 (benchmarks/vs_trl.py's workers, same prompts, group size, completion length, one update per
 step, no KL, token-mean loss); per step: sample and update seconds, sampling tokens/s, update
 tokens/s and MFU, full-step tokens/s, and the ratio to TRL; every step's update seconds in the JSON.
@@ -76,11 +77,14 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=1024, max_position_embeddings=1024, tie_word_embeddings=True)
 # creditrl GRPO, TRL GRPO, creditrl GRPO with bf16 weights, FIPO, DenseR, static-cache GRPO (float32 / bf16 weights)
-STEP_SIDES = ("grpo", "trl", "grpo-bf16", "grpo-bf16-compiled", "fipo", "denser", "static", "static-bf16")
+# (and the compiled one with cuDNN's attention in scoring)
+STEP_SIDES = ("grpo", "trl", "grpo-bf16", "grpo-bf16-compiled", "grpo-bf16-compiled-cudnn", "fipo", "denser", "static",
+              "static-bf16")
 # creditrl float32 weights + autocast, bf16 weights + float32 masters, plain transformers, bf16 compiled; and
-# on request bf16 compiled with 1 GiB logits chunks (a quarter of the chunks: fewer passes over the head's gradient)
+# on request bf16 compiled with 1 GiB logits chunks (a quarter of the chunks: fewer passes over the head's gradient),
+# with cuDNN's attention (`model.scoring_attention=cudnn`), and with both
 UPDATE_SIDES = ("float32", "bf16", "plain", "compiled")
-EXTRA_UPDATE_SIDES = ("compiled-1gib",)
+EXTRA_UPDATE_SIDES = ("compiled-1gib", "compiled-cudnn", "compiled-1gib-cudnn")
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0}
 
 
@@ -253,7 +257,12 @@ def update_only(folder: Path, args, device: torch.device, flops: ModelFlops, pea
              "plain": lambda: _plain_updates(folder, shapes, args, device, flops, peak),
              "compiled": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16", compiled=True),
              "compiled-1gib": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16",
-                                                        compiled=True, logits_chunk_mib=1024)}
+                                                        compiled=True, logits_chunk_mib=1024),
+             "compiled-cudnn": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16",
+                                                         compiled=True, scoring_attention="cudnn"),
+             "compiled-1gib-cudnn": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16",
+                                                              compiled=True, logits_chunk_mib=1024,
+                                                              scoring_attention="cudnn")}
     rows = []
     for name in args.update_sides:
         rows += sides[name]()
@@ -262,13 +271,14 @@ def update_only(folder: Path, args, device: torch.device, flops: ModelFlops, pea
 
 
 def _creditrl_updates(folder: Path, shapes, args, device: torch.device, flops: ModelFlops, peak: float | None,
-                      dtype: str, compiled: bool = False, logits_chunk_mib: int = 256):
+                      dtype: str, compiled: bool = False, logits_chunk_mib: int = 256, scoring_attention: str = "flash"):
     from creditrl.master_weights import MasterWeights
     from creditrl.methods.loss import LossConfig, policy_loss
     from creditrl.policy.loading import load_policy
 
     policy = load_policy(str(folder), chat_template=False, bf16_autocast=dtype == "float32", device=str(device),
-                         dtype=dtype, compile_scoring=compiled, logits_chunk_mib=logits_chunk_mib)
+                         dtype=dtype, compile_scoring=compiled, logits_chunk_mib=logits_chunk_mib,
+                         scoring_attention=scoring_attention)
 
     def loss_of(prompt, response, advantages):
         mask, r_mask = torch.ones_like(prompt, dtype=torch.bool), torch.ones_like(response, dtype=torch.bool)
@@ -279,6 +289,7 @@ def _creditrl_updates(folder: Path, shapes, args, device: torch.device, flops: M
     side = "creditrl, float32 weights, bf16 autocast" if dtype == "float32" else "creditrl, bf16 weights, float32 masters"
     side += ", compiled" if compiled else ""
     side += f", logits chunks {logits_chunk_mib} MiB" if logits_chunk_mib != 256 else ""
+    side += ", cuDNN attention" if scoring_attention == "cudnn" else ""
     return _timed_updates(side, policy.model, loss_of, shapes, args, device, flops, peak,
                           MasterWeights(policy.model))
 
@@ -385,6 +396,9 @@ def trainer_steps(folder: Path, args, device: torch.device, flops: ModelFlops, p
                            replace(work, method="grpo", bf16_weights=True)),
              "grpo-bf16-compiled": ("creditrl grpo, bf16 weights, compiled scoring", "creditrl",
                                     replace(work, method="grpo", bf16_weights=True, compile=True)),
+             "grpo-bf16-compiled-cudnn": ("creditrl grpo, bf16 weights, compiled scoring, cuDNN attention", "creditrl",
+                                          replace(work, method="grpo", bf16_weights=True, compile=True,
+                                                  scoring_attention="cudnn")),
              "fipo": ("creditrl fipo", "creditrl", replace(work, method="fipo")),
              "denser": ("creditrl denser", "creditrl", replace(work, method="denser")),
              "static": ("creditrl grpo, static-cache generate", "creditrl",

@@ -96,6 +96,7 @@ class Work:
     method: str = "grpo"  # creditrl's method (TRL runs GRPO)
     engine: str = "kv-cache"  # creditrl's sampling.engine; "generate-static": generate with a static cache
     compile: bool = False  # creditrl only: model.compile (scoring through torch.compile)
+    scoring_attention: str = "flash"  # creditrl only: model.scoring_attention (sdpa kernel of scoring on a GPU)
 
 
 def _memory_mb(field: str) -> float:
@@ -126,6 +127,7 @@ def run_creditrl(work: Work) -> dict:
             f"method={work.method}", f"model.name={work.model}", f"model.device={work.device}",
             f"model.bf16_autocast={str(work.bf16 and not work.bf16_weights).lower()}",
             f"model.dtype={'bfloat16' if work.bf16_weights else 'float32'}", f"model.compile={str(work.compile).lower()}",
+            f"model.scoring_attention={work.scoring_attention}",
             *_engine_overrides(work.engine), f"rollout.prompts_per_step={work.prompts}",
             f"rollout.group_size={work.group_size}", "rollout.dynamic_sampling=false",
             f"sampling.max_new_tokens={work.max_new_tokens}", "sampling.temperature=1.0", "sampling.top_p=1.0",

@@ -2,7 +2,9 @@
 
 import torch
 from torch._dynamo.utils import counters
+from torch.nn.attention import SDPBackend
 
+import creditrl.policy.transformers_backend as backend
 from creditrl.policy.loading import load_policy
 
 
@@ -48,3 +50,21 @@ def test_a_first_bucket_as_wide_as_the_head_dimension_fixes_no_sizes(tiny_lab_mo
         scores = policy.score(*_batch(rows, prompt_len, response_len, seed=rows))
         assert scores.logprobs.shape == (rows, response_len)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_each_policy_in_a_process_gets_the_attention_kernels_it_chose(tiny_lab_model_dir, monkeypatch):
+    """A compiled graph keeps the sdpa kernel it was traced with, whatever context it is called in;
+    the policy chooses inside the compiled layer, so a second choice in the same process holds too.
+    (A CPU has no cuDNN: math against flash stand in for a GPU's flash against cuDNN.)"""
+    monkeypatch.setattr(backend, "EAGER_ON_CPU_UP_TO", 0)  # sdpa at any length, as on a GPU
+    batch = _batch(3, 6, 8, seed=3)
+    kernels = {}
+    for choice in ((SDPBackend.MATH,), (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)):
+        policy = load_policy(str(tiny_lab_model_dir), compile_scoring=True)
+        monkeypatch.setattr(policy, "_sdpa_backends", lambda scoring, choice=choice: choice)
+        policy.score(*batch)  # compiles
+        with torch.profiler.profile() as profile:
+            policy.score(*batch)
+        names = {event.key for event in profile.key_averages()}
+        kernels[choice[0]] = ("aten::_scaled_dot_product_flash_attention_for_cpu" in names, "aten::bmm" in names)
+    assert kernels == {SDPBackend.MATH: (False, True), SDPBackend.FLASH_ATTENTION: (True, False)}

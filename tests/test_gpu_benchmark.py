@@ -47,7 +47,9 @@ def test_sampling_lengths_and_update_parts_run_at_smoke_size(gpu, tmp_path):
     update = gpu.update_only(folder, args, torch.device("cpu"), flops, peak=1e12)
     sides = ["creditrl, float32 weights, bf16 autocast", "creditrl, bf16 weights, float32 masters",
              "plain transformers, bf16 weights", "creditrl, bf16 weights, float32 masters, compiled",
-             "creditrl, bf16 weights, float32 masters, compiled, logits chunks 1024 MiB"]
+             "creditrl, bf16 weights, float32 masters, compiled, logits chunks 1024 MiB",
+             "creditrl, bf16 weights, float32 masters, compiled, cuDNN attention",
+             "creditrl, bf16 weights, float32 masters, compiled, logits chunks 1024 MiB, cuDNN attention"]
     assert [r["side"] for r in update] == sides
     assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in update)
     tables = sorted((tmp_path / "profile").iterdir())

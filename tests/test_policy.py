@@ -3,6 +3,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from torch.nn.attention import SDPBackend
+
 from creditrl.policy.transformers_backend import SamplingConfig, left_pad, right_pad
 
 PROMPTS = ["Start 7. Add 5.", "Start 13. Times 2. Minus 30. Add 1.", "Start 1."]
@@ -124,27 +126,60 @@ def test_gpu_attention_leaves_out_cudnn_and_restores_the_flags(tiny_policy, monk
     assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == before
 
 
+def test_scoring_may_put_cudnn_first_and_sampling_still_leaves_it_out(tiny_policy, monkeypatch):
+    monkeypatch.setattr(type(tiny_policy), "device", property(lambda self: torch.device("cuda")))
+    with tiny_policy._attention_kernels(scoring=True):  # the default, "flash"
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    monkeypatch.setattr(tiny_policy, "scoring_attention", "cudnn")
+    with tiny_policy._attention_kernels(scoring=True):
+        assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+    with tiny_policy._attention_kernels():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_cudnn_scoring_rounds_bucket_widths_up_and_scores_the_same(tiny_policy, monkeypatch):
+    gen = tiny_policy.sample(_encode(tiny_policy), 2, SamplingConfig(max_new_tokens=5), seed=0)
+    batch = (*left_pad(gen.prompt_ids, tiny_policy.pad_id), *right_pad(gen.response_ids, tiny_policy.pad_id))
+    widths = []
+    decoder = tiny_policy.model.get_decoder()  # what scoring calls (it applies the head itself)
+    handle = decoder.register_forward_pre_hook(lambda _m, _args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                               with_kwargs=True)
+    try:
+        flash = tiny_policy.score(*batch, buckets=2)
+        monkeypatch.setattr(tiny_policy, "scoring_attention", "cudnn")
+        cudnn = tiny_policy.score(*batch, buckets=2)
+    finally:
+        handle.remove()
+    longest_row = max(len(p) + len(r) for p, r in zip(gen.prompt_ids, gen.response_ids))
+    assert max(widths[: len(widths) // 2]) == longest_row < 128
+    assert widths[len(widths) // 2 :] == [128] * (len(widths) // 2)
+    torch.testing.assert_close(cudnn.logprobs * batch[3], flash.logprobs * batch[3])
+
+
 def test_every_forward_of_sampling_and_scoring_runs_under_the_attention_choice(tiny_policy, monkeypatch):
-    inside, seen = [False], []
+    inside, seen = [None], []
 
     @contextmanager
-    def recording():
-        inside[0] = True
+    def recording(scoring=False):
+        inside[0] = "scoring" if scoring else "sampling"
         try:
             yield
         finally:
-            inside[0] = False
+            inside[0] = None
 
     monkeypatch.setattr(tiny_policy, "_attention_kernels", recording)
-    handle = tiny_policy.model.register_forward_pre_hook(lambda *_: seen.append(inside[0]))
+    handle = tiny_policy.model.get_decoder().register_forward_pre_hook(lambda *_: seen.append(inside[0]))
     try:
         gen = tiny_policy.sample(_encode(tiny_policy), 2, SamplingConfig(max_new_tokens=3), seed=0)
+        sampled = len(seen)
         p_ids, p_mask = left_pad(gen.prompt_ids, tiny_policy.pad_id)
         r_ids, r_mask = right_pad(gen.response_ids, tiny_policy.pad_id)
         tiny_policy.score(p_ids, p_mask, r_ids, r_mask)
     finally:
         handle.remove()
-    assert len(seen) >= 2 and all(seen)
+    assert 0 < sampled < len(seen)
+    assert seen == ["sampling"] * sampled + ["scoring"] * (len(seen) - sampled)
 
 
 def test_a_static_cache_that_cannot_take_autocast_says_what_to_change(tiny_policy, monkeypatch):

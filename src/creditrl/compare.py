@@ -258,13 +258,12 @@ def credit_accuracy_table(spec: GridSpec, prompts: int = 8) -> dict:
     from creditrl.collect import collect_rollouts
     from creditrl.credit import compute_credit
     from creditrl.credit_metrics import credit_accuracy
-    from creditrl.policy.loading import load_policy
+    from creditrl.policy.loading import load_configured_policy
     from creditrl.resources import build_resources
     from creditrl.tasks import build_task
 
     cfg = spec.run_config(BASELINE, spec.seeds[0])
-    policy = load_policy(cfg.model.name, cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast,
-                         cfg.model.logits_chunk_mib, cfg.model.device, cfg.model.dtype, cfg.model.compile)
+    policy = load_configured_policy(cfg.model)
     task = build_task(cfg.task)
     problems = task.eval_problems()[:prompts]
     batch = collect_rollouts(policy, task, problems, cfg.rollout.group_size, cfg.sampling, cfg.reward,

@@ -48,6 +48,11 @@ class ModelConfig(_Section):
     compile: bool = Field(False, description="score (the update's forward and backward) through torch.compile: "
                                              "the decoder layers and the passes over the logits, fused; the first "
                                              "update pays the compilation (tens of seconds)")
+    scoring_attention: Literal["flash", "cudnn"] = Field(
+        "flash", description="sdpa kernel of the scoring forwards (update, recomputed old and reference "
+                             "log-probs) on a GPU: torch's flash kernel, or cuDNN's (an H100 ran its forward+backward "
+                             "1.5× faster at 16×2048, but it plans every new batch shape once, ~0.1–0.15 s, so "
+                             "scoring widths are rounded up to a multiple of 128 tokens); sampling never uses cuDNN")
 
 
 class TaskConfig(_Section):

@@ -44,7 +44,7 @@ from creditrl.master_weights import MasterWeights
 from creditrl.methods import compute_advantages, get_method, loss_hooks
 from creditrl.methods.fipo import fipo_config_warning
 from creditrl.methods.loss import masked_mean, policy_loss
-from creditrl.policy.loading import load_policy
+from creditrl.policy.loading import load_configured_policy
 from creditrl.policy.lora import apply_lora, is_lora, load_adapter_state, merged
 from creditrl.resources import build_resources
 from creditrl.rollouts import Rollouts, concat
@@ -73,8 +73,7 @@ class Trainer:
         self.task = build_task(cfg.task)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.policy = load_policy(cfg.model.name, cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast,
-                                  cfg.model.logits_chunk_mib, cfg.model.device, cfg.model.dtype, cfg.model.compile)
+        self.policy = load_configured_policy(cfg.model)
         self.reference = None
         if cfg.loss.kl_coef > 0:
             self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from creditrl.config import ModelConfig
 from creditrl.lab.model import BUNDLED_NAME, bundled_lab_dir
 from creditrl.policy.transformers_backend import TransformersPolicy
 
@@ -54,14 +55,22 @@ def load_model_and_tokenizer(name: str, gguf_file: str | None = None, dtype: str
 
 def load_policy(name: str = BUNDLED_NAME, gguf_file: str | None = None, chat_template: bool | None = None,
                 bf16_autocast: bool = False, logits_chunk_mib: int = 256, device: str = "cpu",
-                dtype: str = "float32", compile_scoring: bool = False) -> TransformersPolicy:
+                dtype: str = "float32", compile_scoring: bool = False,
+                scoring_attention: str = "flash") -> TransformersPolicy:
     model, tokenizer = load_model_and_tokenizer(name, gguf_file, dtype)
     model.to(resolve_device(device))
     if chat_template is None:
         chat_template = getattr(tokenizer, "chat_template", None) is not None
     return TransformersPolicy(model, tokenizer, use_chat_template=chat_template,
                               autocast_dtype=torch.bfloat16 if bf16_autocast else None,
-                              logits_chunk_elements=logits_chunk_mib * 2 ** 20 // 4, compile_scoring=compile_scoring)
+                              logits_chunk_elements=logits_chunk_mib * 2 ** 20 // 4, compile_scoring=compile_scoring,
+                              scoring_attention=scoring_attention)
+
+
+def load_configured_policy(model: ModelConfig) -> TransformersPolicy:
+    """The policy a run's `model` section describes, every setting applied (LoRA aside: the trainer adds it)."""
+    return load_policy(model.name, model.gguf_file, model.chat_template, model.bf16_autocast, model.logits_chunk_mib,
+                       model.device, model.dtype, model.compile, model.scoring_attention)
 
 
 def resolve_device(device: str) -> torch.device:

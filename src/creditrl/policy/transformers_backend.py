@@ -9,7 +9,10 @@ On a GPU both run with cuDNN's attention kernel switched off (`_attention_kernel
 it first on Hopper and newer cards, and it builds an execution plan for every new (batch, query
 length, key length) it meets, which in RL, where prompt and response lengths change every step,
 is nearly every call (on an H100 with torch 2.11, a decode step of a 64-row batch took 96 ms when
-its lengths were new to the process and 28 ms when they were not).
+its lengths were new to the process and 28 ms when they were not).  Scoring may ask for cuDNN
+(`scoring_attention="cudnn"`): its forward and backward are faster at training lengths, and
+scoring then rounds each bucket's width up to a multiple of `CUDNN_WIDTH_MULTIPLE` tokens, so
+that the shapes it plans for repeat from step to step.
 """
 
 from __future__ import annotations
@@ -76,13 +79,14 @@ class TransformersPolicy:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool = False,
                  autocast_dtype: torch.dtype | None = None, logits_chunk_elements: int = 2 ** 26,
-                 compile_scoring: bool = False):
+                 compile_scoring: bool = False, scoring_attention: str = "flash"):
         self.model = model
         self.tokenizer = tokenizer
         self.use_chat_template = use_chat_template
         self.autocast_dtype = autocast_dtype
         self.logits_chunk_elements = logits_chunk_elements  # float32 logits held at once when scoring
         self.compile_scoring = compile_scoring  # score through torch.compile (`_compiled_layers`)
+        self.scoring_attention = scoring_attention  # "flash" or "cudnn" (`_attention_kernels`)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
 
@@ -110,11 +114,17 @@ class TransformersPolicy:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _attention_kernels(self):
-        """sdpa without cuDNN's kernel on a GPU (see the module docstring); a CPU keeps torch's choice."""
+    def _sdpa_backends(self, scoring: bool) -> tuple[SDPBackend, ...] | None:
+        """sdpa's kernels in priority order on a GPU: without cuDNN's, or with it first when `scoring` and
+        the policy asks for it (see the module docstring).  None on a CPU: torch's own choice."""
         if self.device.type != "cuda":
-            return nullcontext()
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+            return None
+        return (SDPBackend.CUDNN_ATTENTION, *WITHOUT_CUDNN) if scoring and self.scoring_attention == "cudnn" \
+            else WITHOUT_CUDNN
+
+    def _attention_kernels(self, scoring: bool = False):
+        backends = self._sdpa_backends(scoring)
+        return nullcontext() if backends is None else sdpa_kernel(list(backends), set_priority=True)
 
     # ---- prompts ---------------------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
@@ -226,7 +236,7 @@ class TransformersPolicy:
         order = (prompt_len + response_len).argsort(stable=True)
         longest = int((prompt_len + response_len).max()) if len(order) else 0
         # one autocast region for all buckets: autocast casts each weight once and reuses it
-        with (self._autocast(), self._attention_kernels(), self._short_sequence_attention(longest),
+        with (self._autocast(), self._attention_kernels(scoring=True), self._short_sequence_attention(longest),
               self._compiled_layers()):
             parts = [self._score_packed(prompt_ids[rows], prompt_mask[rows], response_ids[rows], response_len[rows],
                                         temperature, with_entropy, with_hidden, entropy_grad)
@@ -244,7 +254,10 @@ class TransformersPolicy:
         """One bucket: (logprobs, entropy, hidden), each (b, longest response in the bucket, ...)."""
         rows = [torch.cat([p[m.bool()], r[:n]]) for p, m, r, n in zip(prompt_ids, prompt_mask, response_ids,
                                                                      response_len.tolist())]
-        packed = pad_right(rows, self.pad_id).to(self.device)
+        packed_width = max(len(r) for r in rows)
+        if self.scoring_attention == "cudnn":  # widths from a short list, so cuDNN plans each shape once
+            packed_width += -packed_width % CUDNN_WIDTH_MULTIPLE
+        packed = pad_right(rows, self.pad_id, packed_width).to(self.device)
         width = int(response_len.max()) if len(rows) else 0
         # position plen − 1 + k predicts response token k
         offsets = torch.arange(width, device=prompt_mask.device)
@@ -291,7 +304,7 @@ class TransformersPolicy:
             yield
             return
         layers = self.model.get_decoder().layers
-        forward = _compiled_forward(type(layers[0]))
+        forward = _compiled_forward(type(layers[0]), self._sdpa_backends(scoring=True))
         for layer in layers:
             layer.forward = functools.partial(forward, layer)  # Module.__call__ finds the instance's forward first
         try:
@@ -316,12 +329,25 @@ class TransformersPolicy:
 
 
 @functools.cache
-def _compiled_forward(layer_class: type) -> Callable:
-    """A decoder layer class's forward, compiled once for every layer of the class (`self` is an argument)."""
-    return compile_dynamic(layer_class.forward)
+def _compiled_forward(layer_class: type, attention: tuple[SDPBackend, ...] | None) -> Callable:
+    """A decoder layer class's forward, compiled once for every layer of the class (`self` is an argument).
+
+    The sdpa kernels (`attention`, in priority order; None: torch's choice) are chosen inside the
+    compiled function: a compiled graph keeps the kernel it was traced with whatever context it is
+    called in, so a choice made outside would only hold for the first policy of a process."""
+    forward = layer_class.forward
+    if attention is None:
+        return compile_dynamic(forward)
+
+    def forward_with_kernels(self, *args, **kwargs):
+        with sdpa_kernel(list(attention), set_priority=True):
+            return forward(self, *args, **kwargs)
+    return compile_dynamic(forward_with_kernels)
 
 
 EAGER_ON_CPU_UP_TO = 512  # tokens per row
+WITHOUT_CUDNN = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+CUDNN_WIDTH_MULTIPLE = 128  # scoring widths with scoring_attention="cudnn" (a 2,048-token limit: 16 shapes per row count)
 FORWARD_COST_TOKENS = 64  # what one more forward costs, in padded tokens (weight casts, gradient sums, launches)
 
 
