@@ -29,8 +29,8 @@ decode step.
 Part 2, the update alone: random token batches of B rows × T tokens through the trainer's own
 update code (`policy.score` with gradients, `policy_loss`, backward, clipping, AdamW on the
 master weights), float32 weights with autocast, bf16 weights, and bf16 weights with
-`model.compile` (scoring through torch.compile; on request also with 1 GiB logits chunks, with
-cuDNN's attention kernel (`model.scoring_attention=cudnn`), or with both), at
+`model.compile` (scoring through torch.compile), each on request with more model settings
+(`SIDE_OPTIONS`: 1 GiB logits chunks, cuDNN's attention, logit gradients kept), at
 8 × 1024, 4 × 4096 and 16 × 2048, and beside them a plain transformers update of the model in bf16
 weights (full float32 logits, log-softmax, gather, AdamW on the bf16 weights); tokens/s, MFU
 (`ModelFlops`: PaLM's count, 6·N + 12·L·H·Q·T FLOPs per token for N parameters, L layers, H heads
@@ -40,7 +40,8 @@ memory, and creditrl's ratio to plain.  16 × 2048 is the size whose float32 log
 alone (18.5 GiB) break a plain forward.
 
 Part 3, whole training steps side by side: creditrl's Trainer for GRPO (kv-cache and static-cache
-generate engines; float32 and bf16 weights; compiled scoring, with flash or cuDNN attention), FIPO and DenseR, and TRL's GRPOTrainer, each in its own process
+generate engines; float32 and bf16 weights; compiled scoring; the same model settings on request), FIPO and DenseR,
+and TRL's GRPOTrainer, each in its own process
 (benchmarks/vs_trl.py's workers, same prompts, group size, completion length, one update per
 step, no KL, token-mean loss); per step: sample and update seconds, sampling tokens/s, update
 tokens/s and MFU, full-step tokens/s, and the ratio to TRL; every step's update seconds in the JSON.
@@ -63,6 +64,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -77,14 +79,37 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=1024, max_position_embeddings=1024, tie_word_embeddings=True)
 # creditrl GRPO, TRL GRPO, creditrl GRPO with bf16 weights, FIPO, DenseR, static-cache GRPO (float32 / bf16 weights)
-# (and the compiled one with cuDNN's attention in scoring)
-STEP_SIDES = ("grpo", "trl", "grpo-bf16", "grpo-bf16-compiled", "grpo-bf16-compiled-cudnn", "fipo", "denser", "static",
-              "static-bf16")
-# creditrl float32 weights + autocast, bf16 weights + float32 masters, plain transformers, bf16 compiled; and
-# on request bf16 compiled with 1 GiB logits chunks (a quarter of the chunks: fewer passes over the head's gradient),
-# with cuDNN's attention (`model.scoring_attention=cudnn`), and with both
+STEP_SIDES = ("grpo", "trl", "grpo-bf16", "grpo-bf16-compiled", "fipo", "denser", "static", "static-bf16")
+# creditrl float32 weights + autocast, bf16 weights + float32 masters, plain transformers, bf16 compiled
 UPDATE_SIDES = ("float32", "bf16", "plain", "compiled")
-EXTRA_UPDATE_SIDES = ("compiled-1gib", "compiled-cudnn", "compiled-1gib-cudnn")
+# model settings a creditrl side of either part takes on request, as `<side>+<option>...` (compiled+cudnn+keep):
+# option: (setting, value, what the side's label says)
+SIDE_OPTIONS = {
+    "1gib": ("logits_chunk_mib", 1024, "logits chunks 1024 MiB"),  # a quarter of the chunks: fewer passes over ∂W
+    "cudnn": ("scoring_attention", "cudnn", "cuDNN attention"),
+    "keep": ("keep_logit_gradients", True, "logit gradients kept"),
+}
+
+
+def side_options(name: str) -> tuple[str, dict, str]:
+    """`base+option+...` → (base, {setting: value}, the label's suffix)."""
+    base, *options = name.split("+")
+    settings = {SIDE_OPTIONS[o][0]: SIDE_OPTIONS[o][1] for o in options}
+    return base, settings, "".join(f", {SIDE_OPTIONS[o][2]}" for o in options)
+
+
+def _side_names(bases: tuple[str, ...], without_options: tuple[str, ...]) -> Callable[[str], str]:
+    """An argparse type: a base side, with `+option`s unless it is one of `without_options`."""
+    def check(name: str) -> str:
+        base, *options = name.split("+")
+        if base not in bases:
+            raise argparse.ArgumentTypeError(f"{base!r} is not a side: {', '.join(bases)}")
+        unknown = [o for o in options if o not in SIDE_OPTIONS]
+        if unknown or (options and base in without_options):
+            raise argparse.ArgumentTypeError(
+                f"{name!r}: options are {', '.join('+' + o for o in SIDE_OPTIONS)}, on the creditrl sides only")
+        return name
+    return check
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0}
 
 
@@ -252,33 +277,27 @@ def update_only(folder: Path, args, device: torch.device, flops: ModelFlops, pea
         prompt = torch.randint(3, vocab, (batch, prompt_len), generator=generator).to(device)
         response = torch.randint(3, vocab, (batch, length - prompt_len), generator=generator).to(device)
         shapes.append((batch, length, prompt, response, torch.randn(response.shape, generator=generator).to(device)))
-    sides = {"float32": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "float32"),
-             "bf16": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16"),
-             "plain": lambda: _plain_updates(folder, shapes, args, device, flops, peak),
-             "compiled": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16", compiled=True),
-             "compiled-1gib": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16",
-                                                        compiled=True, logits_chunk_mib=1024),
-             "compiled-cudnn": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16",
-                                                         compiled=True, scoring_attention="cudnn"),
-             "compiled-1gib-cudnn": lambda: _creditrl_updates(folder, shapes, args, device, flops, peak, "bfloat16",
-                                                              compiled=True, logits_chunk_mib=1024,
-                                                              scoring_attention="cudnn")}
     rows = []
     for name in args.update_sides:
-        rows += sides[name]()
+        base, settings, label = side_options(name)
+        if base == "plain":
+            rows += _plain_updates(folder, shapes, args, device, flops, peak)
+        else:
+            rows += _creditrl_updates(folder, shapes, args, device, flops, peak, "float32" if base == "float32"
+                                      else "bfloat16", compiled=base == "compiled", settings=settings, label=label)
         gc.collect()  # each model and its optimizer state go before the next loads
     return rows
 
 
 def _creditrl_updates(folder: Path, shapes, args, device: torch.device, flops: ModelFlops, peak: float | None,
-                      dtype: str, compiled: bool = False, logits_chunk_mib: int = 256, scoring_attention: str = "flash"):
+                      dtype: str, compiled: bool = False, settings: dict | None = None, label: str = ""):
+    """`settings`: more of `load_policy`'s model settings (SIDE_OPTIONS), named in `label`."""
     from creditrl.master_weights import MasterWeights
     from creditrl.methods.loss import LossConfig, policy_loss
     from creditrl.policy.loading import load_policy
 
     policy = load_policy(str(folder), chat_template=False, bf16_autocast=dtype == "float32", device=str(device),
-                         dtype=dtype, compile_scoring=compiled, logits_chunk_mib=logits_chunk_mib,
-                         scoring_attention=scoring_attention)
+                         dtype=dtype, compile_scoring=compiled, **(settings or {}))
 
     def loss_of(prompt, response, advantages):
         mask, r_mask = torch.ones_like(prompt, dtype=torch.bool), torch.ones_like(response, dtype=torch.bool)
@@ -287,9 +306,7 @@ def _creditrl_updates(folder: Path, shapes, args, device: torch.device, flops: M
         return loss
 
     side = "creditrl, float32 weights, bf16 autocast" if dtype == "float32" else "creditrl, bf16 weights, float32 masters"
-    side += ", compiled" if compiled else ""
-    side += f", logits chunks {logits_chunk_mib} MiB" if logits_chunk_mib != 256 else ""
-    side += ", cuDNN attention" if scoring_attention == "cudnn" else ""
+    side += (", compiled" if compiled else "") + label
     return _timed_updates(side, policy.model, loss_of, shapes, args, device, flops, peak,
                           MasterWeights(policy.model))
 
@@ -389,23 +406,23 @@ def trainer_steps(folder: Path, args, device: torch.device, flops: ModelFlops, p
 
     work = Work(model=str(folder), prompts=args.prompts, group_size=args.group_size, max_new_tokens=args.new_tokens,
                 steps=args.steps, threads=args.threads, bf16=True, device=device.type)
-    # the pair that answers the target first, so a run cut short still has it
-    sides = {"grpo": ("creditrl grpo", "creditrl", replace(work, method="grpo")),
+    bases = {"grpo": ("creditrl grpo", "creditrl", replace(work, method="grpo")),
              "trl": ("TRL grpo", "trl", work),
              "grpo-bf16": ("creditrl grpo, bf16 weights", "creditrl",
                            replace(work, method="grpo", bf16_weights=True)),
              "grpo-bf16-compiled": ("creditrl grpo, bf16 weights, compiled scoring", "creditrl",
                                     replace(work, method="grpo", bf16_weights=True, compile=True)),
-             "grpo-bf16-compiled-cudnn": ("creditrl grpo, bf16 weights, compiled scoring, cuDNN attention", "creditrl",
-                                          replace(work, method="grpo", bf16_weights=True, compile=True,
-                                                  scoring_attention="cudnn")),
              "fipo": ("creditrl fipo", "creditrl", replace(work, method="fipo")),
              "denser": ("creditrl denser", "creditrl", replace(work, method="denser")),
              "static": ("creditrl grpo, static-cache generate", "creditrl",
                         replace(work, method="grpo", engine="generate-static")),
              "static-bf16": ("creditrl grpo, static-cache generate, bf16 weights", "creditrl",
                              replace(work, method="grpo", engine="generate-static", bf16_weights=True))}
-    sides = [(name, *sides[name]) for name in args.sides]
+    sides = []
+    for name in args.sides:
+        base, settings, suffix = side_options(name)
+        label, side, side_work = bases[base]
+        sides.append((name, label + suffix, side, replace(side_work, **settings)))
     # the character-level prompts: the question and a newline, one token per character
     prompt_tokens = statistics.mean(len(p.prompt) + 1 for p in LabTask().train_problems()[: work.prompts * work.steps])
     for name, label, side, w in sides:
@@ -525,13 +542,15 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="the card's peak bf16 dense TFLOP/s (default: by name)")
     parser.add_argument("--parts", nargs="+", choices=("update", "sampling", "lengths", "steps"),
                         default=["update", "sampling", "lengths", "steps"])
-    parser.add_argument("--sides", nargs="+", choices=STEP_SIDES, default=list(STEP_SIDES),
-                        help="the steps part's sides, in this order (roughly 1.5 minutes each on an H100)")
+    options = ", ".join(f"+{name} ({setting}={value})" for name, (setting, value, _) in SIDE_OPTIONS.items())
+    parser.add_argument("--sides", nargs="+", type=_side_names(STEP_SIDES, ("trl",)), default=list(STEP_SIDES),
+                        help=f"the steps part's sides, in this order (roughly 1.5 minutes each on an H100): "
+                             f"{', '.join(STEP_SIDES)}; a creditrl side may add options: {options}")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: no MFU (default cuda)")
     parser.add_argument("--layers", type=int, help="decoder layers of the Qwen2.5-0.5B shape (default 24)")
-    parser.add_argument("--update-sides", nargs="+", choices=UPDATE_SIDES + EXTRA_UPDATE_SIDES,
-                        default=list(UPDATE_SIDES), help="the update part's sides, in this order (default: all but "
-                        "compiled-1gib, bf16 compiled with model.logits_chunk_mib=1024)")
+    parser.add_argument("--update-sides", nargs="+", type=_side_names(UPDATE_SIDES, ("plain",)),
+                        default=list(UPDATE_SIDES), help=f"the update part's sides, in this order: "
+                        f"{', '.join(UPDATE_SIDES)}; a creditrl side may add options: {options}")
     parser.add_argument("--update-shapes", nargs="+", metavar="BxT",
                         help="the update part's batch × length shapes (default 8x1024 4x4096 16x2048)")
     parser.add_argument("--worker-logs", type=Path, metavar="DIR",

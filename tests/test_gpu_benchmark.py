@@ -1,6 +1,8 @@
 """benchmarks/gpu.py on the CPU (--smoke sizes): the model folder, the sampling and update parts, the peak lookup."""
 
+import argparse
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,7 +38,7 @@ def test_sampling_lengths_and_update_parts_run_at_smoke_size(gpu, tmp_path):
     assert len(AutoTokenizer.from_pretrained(folder)) == gpu.TINY["vocab_size"] == model.config.vocab_size
 
     args = SimpleNamespace(prompts=2, group_size=2, new_tokens=4, update_iters=1, update_shapes=[(2, 80)],
-                           update_sides=[*gpu.UPDATE_SIDES, *gpu.EXTRA_UPDATE_SIDES], profile=tmp_path / "profile")
+                           update_sides=[*gpu.UPDATE_SIDES, "compiled+1gib+cudnn+keep"], profile=tmp_path / "profile")
     sampling = gpu.sampling_engines(folder, args, torch.device("cpu"))
     assert [r["engine"] for r in sampling] == ["kv-cache", "generate", "generate, static cache", "kv-cache, bf16 weights"]
     assert all(0 < r["tokens"] <= 2 * 2 * 4 and r["tokens_per_s"] > 0 for r in sampling)
@@ -47,9 +49,8 @@ def test_sampling_lengths_and_update_parts_run_at_smoke_size(gpu, tmp_path):
     update = gpu.update_only(folder, args, torch.device("cpu"), flops, peak=1e12)
     sides = ["creditrl, float32 weights, bf16 autocast", "creditrl, bf16 weights, float32 masters",
              "plain transformers, bf16 weights", "creditrl, bf16 weights, float32 masters, compiled",
-             "creditrl, bf16 weights, float32 masters, compiled, logits chunks 1024 MiB",
-             "creditrl, bf16 weights, float32 masters, compiled, cuDNN attention",
-             "creditrl, bf16 weights, float32 masters, compiled, logits chunks 1024 MiB, cuDNN attention"]
+             "creditrl, bf16 weights, float32 masters, compiled, logits chunks 1024 MiB, cuDNN attention, "
+             "logit gradients kept"]
     assert [r["side"] for r in update] == sides
     assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in update)
     tables = sorted((tmp_path / "profile").iterdir())
@@ -99,3 +100,29 @@ def test_an_engine_that_fails_is_a_row_and_the_part_goes_on(gpu, tmp_path, monke
                        "error": "index_copy_(): self and source expected to have the same dtype"}
     assert all("tokens_per_s" in r for r in rows[:2] + rows[3:])
     gpu.tables({"update": [], "sampling": rows, "lengths": [], "steps": []})  # the table takes the error row
+
+
+def test_side_names_take_model_options_and_refuse_what_they_cannot(gpu):
+    assert gpu.side_options("compiled+cudnn+keep") == (
+        "compiled", {"scoring_attention": "cudnn", "keep_logit_gradients": True}, ", cuDNN attention, logit gradients kept")
+    assert gpu.side_options("grpo-bf16") == ("grpo-bf16", {}, "")
+    steps = gpu._side_names(gpu.STEP_SIDES, ("trl",))
+    assert steps("grpo-bf16-compiled+1gib") == "grpo-bf16-compiled+1gib"
+    for bad, says in (("grpo+fast", "options are +1gib, +cudnn, +keep"), ("trl+cudnn", "creditrl sides only"),
+                      ("ppo", "'ppo' is not a side")):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(says)):
+            steps(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="creditrl sides only"):
+        gpu._side_names(gpu.UPDATE_SIDES, ("plain",))("plain+keep")
+
+
+def test_side_options_are_settings_of_the_model_config(gpu):
+    """Each option names a `model.` field the trainer's workers set (vs_trl.Work) and `load_policy` takes."""
+    import inspect
+
+    from creditrl.config import ModelConfig
+    from creditrl.policy.loading import load_policy
+
+    for setting, value, _ in gpu.SIDE_OPTIONS.values():
+        assert setting in ModelConfig.model_fields and setting in inspect.signature(load_policy).parameters
+        assert hasattr(gpu.Work(), setting) and ModelConfig(**{setting: value})

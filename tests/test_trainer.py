@@ -220,3 +220,15 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_lab_model_dir, t
     assert any(not torch.equal(start[k], plain[k]) for k in plain)
     for key in plain:
         torch.testing.assert_close(recomputed[key], plain[key])
+
+
+def test_logit_gradients_kept_from_the_forward_train_to_the_same_weights(tiny_lab_model_dir, tmp_path):
+    overrides = ["train.steps=2", "reward.overlong_max=12", "reward.overlong_buffer=8", "eval.before=false"]
+    Trainer(_cfg(tiny_lab_model_dir, tmp_path / "rebuilt", *overrides), show_progress=False).train()
+    Trainer(_cfg(tiny_lab_model_dir, tmp_path / "kept", *overrides, "model.keep_logit_gradients=true"),
+            show_progress=False).train()
+    rebuilt, kept = _weights(tmp_path / "rebuilt" / "final"), _weights(tmp_path / "kept" / "final")
+    start = _weights(tiny_lab_model_dir)
+    assert any(not torch.equal(start[k], rebuilt[k]) for k in rebuilt)
+    for key in rebuilt:
+        torch.testing.assert_close(kept[key], rebuilt[key])

@@ -53,6 +53,11 @@ class ModelConfig(_Section):
                              "log-probs) on a GPU: torch's flash kernel, or cuDNN's (an H100 ran its forward+backward "
                              "1.5× faster at 16×2048, but it plans every new batch shape once, ~0.1–0.15 s, so "
                              "scoring widths are rounded up to a multiple of 128 tokens); sampling never uses cuDNN")
+    keep_logit_gradients: bool = Field(
+        False, description="the update's forward writes ∂log π/∂logits (1[v = y] − p, in the matmuls' dtype) and "
+                           "keeps it for the backward, which then neither projects the hidden states again nor "
+                           "passes over the logits: positions × vocabulary × 2 bytes held in bf16 (9.3 GiB at "
+                           "16 × 2048 tokens and a 152k vocabulary); not with an entropy bonus")
 
 
 class TaskConfig(_Section):

@@ -16,7 +16,11 @@ Kernel and Cut Cross-Entropy, here in plain torch):
     ∂/∂z_k[v]:   g_k · (1[v = y_k] − p_k[v])  −  e_k · p_k[v] · (z_k[v] − logsumexp(z_k) + H_k)
 
 for upstream gradients g (log-probs) and e (entropies, only with an entropy bonus), divided by
-τ, then through W.  Any other head (a callable) runs its chunks under `torch.utils.checkpoint`.
+τ, then through W.  With `keep_gradients` (and no entropy bonus) the forward writes each chunk's
+1[v = y_k] − p_k[v] instead and keeps it, and the backward scales the two matmuls' small sides by
+g (∂h_k = g_k · (D W)_k, ∂W = Dᵀ (g ⊙ h)): one projection and one pass over the logits fewer, for
+positions × vocabulary values held from the forward to the backward.  Any other head (a callable)
+runs its chunks under `torch.utils.checkpoint`.
 """
 
 from __future__ import annotations
@@ -34,13 +38,16 @@ from creditrl.policy.compiling import compile_dynamic
 
 def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, temperature: float = 1.0,
                           with_entropy: bool = False, entropy_grad: bool = False,
-                          chunk_elements: int = 2 ** 26, compiled: bool = False) -> tuple[Tensor, Tensor | None]:
+                          chunk_elements: int = 2 ** 26, compiled: bool = False,
+                          keep_gradients: bool = False) -> tuple[Tensor, Tensor | None]:
     """Per-position log-prob of `targets` (N,) given `hidden` (N, D), and optionally the entropy (N,).
 
     `head` maps hidden states to logits (the model's output projection).  `chunk_elements` bounds
     one chunk's logits (positions × vocabulary); the entropy carries gradients only with
     `entropy_grad`.  Temperature 0 (greedy sampling) scores at temperature 1.  `compiled` fuses a
-    linear head's passes over the logits with torch.compile.
+    linear head's passes over the logits with torch.compile; `keep_gradients` keeps a linear head's
+    ∂log π/∂logits from the forward for the backward (N × vocabulary values in the matmuls' dtype)
+    instead of rebuilding the logits there.
     """
     vocab = head.out_features if isinstance(head, torch.nn.Linear) else head(hidden[:1]).shape[-1]
     per_chunk = max(1, chunk_elements // vocab)
@@ -55,7 +62,7 @@ def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targ
         dtype = torch.get_autocast_dtype(hidden.device.type) if on else head.weight.dtype
         weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
         logprobs, entropy = ProjectedLogprobs.apply(hidden, weight, bias, targets, divisor, with_entropy, entropy_grad,
-                                                    compiled, per_chunk)
+                                                    compiled, per_chunk, keep_gradients)
         return logprobs, entropy if with_entropy else None
     results = _checkpointed_chunks(list(zip(hidden.split(per_chunk), targets.split(per_chunk))), head, divisor,
                                    with_entropy, entropy_grad)
@@ -73,31 +80,38 @@ class ProjectedLogprobs(torch.autograd.Function):
     each when `compiled` (torch.compile).  The backward adds each chunk's ∂W into one buffer
     inside the matmul (`addmm_`), where one autograd node per chunk would leave autograd a
     separate (vocabulary × D) addition per chunk.  Gradients are formed only for the inputs that
-    need them (a frozen head under LoRA gets none).  H is empty without `with_entropy`.
+    need them (a frozen head under LoRA gets none).  H is empty without `with_entropy`.  With
+    `keep_gradients`, when gradients are wanted and the entropy takes none, each chunk's
+    ∂log π/∂z is kept from the forward (see the module docstring).
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, divisor: float,
-                with_entropy: bool, entropy_grad: bool, compiled: bool, per_chunk: int) -> tuple[Tensor, Tensor]:
-        log_normalizer = _kernels(compiled)[0]
-        lse, entropy, chosen = [], [], []
+                with_entropy: bool, entropy_grad: bool, compiled: bool, per_chunk: int,
+                keep_gradients: bool = False) -> tuple[Tensor, Tensor]:
+        log_normalizer, logits_gradient = _kernels(compiled)
+        entropy_grad = with_entropy and entropy_grad
+        keep = keep_gradients and not entropy_grad and any(ctx.needs_input_grad[:3])
+        lse, entropy, chosen, kept = [], [], [], []
         for rows in _chunks(len(hidden), per_chunk):
             logits = _logits(hidden[rows], weight, bias)
             chunk_lse, chunk_entropy = log_normalizer(logits, divisor, with_entropy)
             lse.append(chunk_lse)
             entropy.append(chunk_entropy)
             chosen.append(logits.gather(-1, targets[rows, None]).squeeze(-1).to(chunk_lse.dtype) / divisor)
+            if keep:  # 1[v = y] − p: the gradient for an upstream gradient of one
+                kept.append(logits_gradient(logits, chunk_lse, chunk_entropy, targets[rows],
+                                            torch.ones_like(chunk_lse), None, divisor))
         lse, entropy = torch.cat(lse), torch.cat(entropy)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.divisor, ctx.entropy_grad, ctx.compiled, ctx.per_chunk = (divisor, with_entropy and entropy_grad,
-                                                                      compiled, per_chunk)
-        if not ctx.entropy_grad:
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, *kept)
+        ctx.divisor, ctx.entropy_grad, ctx.compiled, ctx.per_chunk = divisor, entropy_grad, compiled, per_chunk
+        if not entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return torch.cat(chosen) - lse, entropy
 
     @staticmethod
     def backward(ctx, grad_logprob: Tensor, grad_entropy: Tensor | None):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, entropy, *kept = ctx.saved_tensors
         # z = logits / τ: every gradient through z carries 1/τ
         g = grad_logprob / ctx.divisor
         e = grad_entropy / ctx.divisor if ctx.entropy_grad and grad_entropy is not None else None
@@ -106,8 +120,17 @@ class ProjectedLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if needs_weight else None
         grad_bias = torch.zeros_like(bias) if needs_bias else None
         logits_gradient = _kernels(ctx.compiled)[1]
-        for rows in _chunks(len(hidden), ctx.per_chunk):
+        for i, rows in enumerate(_chunks(len(hidden), ctx.per_chunk)):
             h = hidden[rows].to(weight.dtype)  # cast once for both of the chunk's matmuls with W
+            if kept:  # g · (1[v = y] − p) through W, g applied on the matmuls' small sides
+                d_logp, g_rows = kept[i], g[rows, None]
+                if needs_hidden:
+                    grad_hidden[rows] = (d_logp @ weight) * g_rows
+                if needs_weight:
+                    grad_weight.addmm_(d_logp.T, h * g_rows.to(h.dtype))
+                if needs_bias:
+                    grad_bias += g[rows].to(d_logp.dtype) @ d_logp
+                continue
             grad_logits = logits_gradient(_logits(h, weight, bias), lse[rows], entropy[rows], targets[rows], g[rows],
                                           None if e is None else e[rows], ctx.divisor)  # entropy: empty, or N
             if needs_hidden:
@@ -116,7 +139,7 @@ class ProjectedLogprobs(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.T, h)
             if needs_bias:
                 grad_bias += grad_logits.sum(0)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _chunks(n: int, per_chunk: int) -> list[slice]:
