@@ -57,7 +57,7 @@ class ModelConfig(_Section):
         False, description="the update's forward writes ∂log π/∂logits (1[v = y] − p, in the matmuls' dtype) and "
                            "keeps it for the backward, which then neither projects the hidden states again nor "
                            "passes over the logits: positions × vocabulary × 2 bytes held in bf16 (9.3 GiB at "
-                           "16 × 2048 tokens and a 152k vocabulary); not with an entropy bonus")
+                           "16 × 2048 tokens and a 152k vocabulary); refused with an entropy bonus")
 
 
 class TaskConfig(_Section):
@@ -177,6 +177,9 @@ class RunConfig(BaseModel):
                                        for e in err.errors())) from None
         if self.loss.agg == "seq-mean-token-sum-norm" and self.loss.norm_length is None:
             self.loss.norm_length = self.sampling.max_new_tokens
+        if self.model.keep_logit_gradients and self.loss.entropy_coef > 0:
+            raise ValueError("model.keep_logit_gradients: an entropy bonus (loss.entropy_coef > 0) needs the logits "
+                             "again in the backward; set one of them back")
         return self
 
     def run_dir(self) -> Path:
