@@ -130,11 +130,12 @@ def test_a_head_that_is_not_a_linear_layer_takes_the_checkpointed_path():
         torch.testing.assert_close(got, want)
 
 
-def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_still_do():
+@pytest.mark.parametrize("keep_gradients", [False, True])
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_still_do(keep_gradients):
     head, hidden, targets = _case()
     head.requires_grad_(False)
     ref_lp, _ = _reference(head, hidden, targets, 1.0)
-    lp, _ = chosen_token_logprobs(hidden, head, targets, chunk_elements=50 * 5)
+    lp, _ = chosen_token_logprobs(hidden, head, targets, chunk_elements=50 * 5, keep_gradients=keep_gradients)
     lp.sum().backward()
     assert head.weight.grad is None and head.bias.grad is None
     torch.testing.assert_close(hidden.grad, torch.autograd.grad(ref_lp.sum(), hidden)[0])
