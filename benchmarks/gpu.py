@@ -44,7 +44,8 @@ generate engines; float32 and bf16 weights; compiled scoring; the same model set
 and TRL's GRPOTrainer, each in its own process
 (benchmarks/vs_trl.py's workers, same prompts, group size, completion length, one update per
 step, no KL, token-mean loss); per step: sample and update seconds, sampling tokens/s, update
-tokens/s and MFU, full-step tokens/s, and the ratio to TRL; every step's update seconds in the JSON.
+tokens/s and MFU, full-step tokens/s, and the ratio to TRL; every step's update seconds
+and (creditrl) the graphs torch.compile made in it in the JSON.
 
 The parts run in the order update, sampling, lengths, steps (the steps' sides with TRL second), and
 `--json` is rewritten after each part and each side, so a run cut short keeps what it measured.
@@ -446,6 +447,7 @@ def trainer_steps(folder: Path, args, device: torch.device, flops: ModelFlops, p
             / summary["update"] / peak if peak else None,
             "step_tokens_per_s": completion / summary["step"],
             "update_s_per_step": [step["update"] for step in run["steps"]],  # the first included: it compiles
+            "graphs_compiled_per_step": [step.get("graphs_compiled") for step in run["steps"]],  # creditrl's only
         })
         save()
 

@@ -121,6 +121,8 @@ def _problems(work: Work):
 
 def run_creditrl(work: Work) -> dict:
     """`work.steps` steps of creditrl's Trainer (GRPO); per step the phase seconds of its own timers."""
+    from torch._dynamo.utils import counters as compile_counters
+
     from creditrl.config import load_config
     from creditrl.trainer import Trainer
 
@@ -145,6 +147,7 @@ def run_creditrl(work: Work) -> dict:
         setup_rss = _memory_mb("VmRSS")
         steps = []
         for _ in range(work.steps):
+            graphs = compile_counters["stats"]["unique_graphs"]
             outcome = trainer.train_step()
             trainer.step += 1
             m = outcome.metrics
@@ -152,7 +155,8 @@ def run_creditrl(work: Work) -> dict:
                 raise RuntimeError(f"creditrl step {trainer.step} ended early: {outcome.bad}")
             steps.append({"sample": m["time_sample"], "score": m["time_score"], "advantage": m["time_advantage"],
                           "update": m["time_update"], "step": m["time_step"],
-                          "completion_tokens": m["response_length"], "accuracy": m["accuracy"]})
+                          "completion_tokens": m["response_length"], "accuracy": m["accuracy"],
+                          "graphs_compiled": compile_counters["stats"]["unique_graphs"] - graphs})  # model.compile
     return {"side": "creditrl", "steps": steps, "setup_rss_mb": setup_rss, "peak_rss_mb": _memory_mb("VmHWM")}
 
 

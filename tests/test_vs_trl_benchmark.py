@@ -43,3 +43,15 @@ def test_worker_reports_every_phase(vs_trl, side):
     assert 1 <= step["completion_tokens"] <= 8
     assert 0 <= step["accuracy"] <= 1
     assert 0 < result["setup_rss_mb"] <= result["peak_rss_mb"]
+
+
+@pytest.mark.slow
+def test_the_creditrl_worker_counts_the_graphs_each_step_compiles(vs_trl):
+    """Compiled scoring compiles in its first step and, with every size symbolic, not in the next;
+    eager scoring compiles nothing."""
+    torch._dynamo.reset()  # graphs an earlier test compiled would be reused, and not counted
+    for compile, expect_first in ((True, True), (False, False)):
+        work = vs_trl.Work(model="lab", prompts=2, group_size=2, max_new_tokens=8, steps=2, compile=compile,
+                           threads=torch.get_num_threads())
+        first, second = [step["graphs_compiled"] for step in vs_trl.run_creditrl(work)["steps"]]
+        assert (first > 0) == expect_first and second == 0
