@@ -30,7 +30,7 @@ Part 2, the update alone: random token batches of B rows × T tokens through the
 update code (`policy.score` with gradients, `policy_loss`, backward, clipping, AdamW on the
 master weights), float32 weights with autocast, bf16 weights, and bf16 weights with
 `model.compile` (scoring through torch.compile), each on request with more model settings
-(`SIDE_OPTIONS`: 1 GiB logits chunks, cuDNN's attention, logit gradients kept), at
+(`SIDE_OPTIONS`: 1 GiB logits chunks, cuDNN's attention, logits kept), at
 8 × 1024, 4 × 4096 and 16 × 2048, and beside them a plain transformers update of the model in bf16
 weights (full float32 logits, log-softmax, gather, AdamW on the bf16 weights); tokens/s, MFU
 (`ModelFlops`: PaLM's count, 6·N + 12·L·H·Q·T FLOPs per token for N parameters, L layers, H heads
@@ -88,7 +88,7 @@ UPDATE_SIDES = ("float32", "bf16", "plain", "compiled")
 SIDE_OPTIONS = {
     "1gib": ("logits_chunk_mib", 1024, "logits chunks 1024 MiB"),  # a quarter of the chunks: fewer passes over ∂W
     "cudnn": ("scoring_attention", "cudnn", "cuDNN attention"),
-    "keep": ("keep_logit_gradients", True, "logit gradients kept"),
+    "keep": ("keep_logits", True, "logits kept"),
 }
 
 

@@ -97,7 +97,7 @@ class Work:
     engine: str = "kv-cache"  # creditrl's sampling.engine; "generate-static": generate with a static cache
     compile: bool = False  # creditrl only: model.compile (scoring through torch.compile)
     scoring_attention: str = "flash"  # creditrl only: model.scoring_attention (sdpa kernel of scoring on a GPU)
-    keep_logit_gradients: bool = False  # creditrl only: model.keep_logit_gradients
+    keep_logits: bool = False  # creditrl only: model.keep_logits
     logits_chunk_mib: int = 256  # creditrl only: model.logits_chunk_mib
 
 
@@ -132,7 +132,7 @@ def run_creditrl(work: Work) -> dict:
             f"model.bf16_autocast={str(work.bf16 and not work.bf16_weights).lower()}",
             f"model.dtype={'bfloat16' if work.bf16_weights else 'float32'}", f"model.compile={str(work.compile).lower()}",
             f"model.scoring_attention={work.scoring_attention}",
-            f"model.keep_logit_gradients={str(work.keep_logit_gradients).lower()}",
+            f"model.keep_logits={str(work.keep_logits).lower()}",
             f"model.logits_chunk_mib={work.logits_chunk_mib}",
             *_engine_overrides(work.engine), f"rollout.prompts_per_step={work.prompts}",
             f"rollout.group_size={work.group_size}", "rollout.dynamic_sampling=false",

@@ -49,12 +49,6 @@ def test_bad_value_is_named():
         load_config(None, ["rollout.group_size=many"])
 
 
-def test_kept_logit_gradients_and_an_entropy_bonus_are_refused_together():
-    assert load_config(None, ["model.keep_logit_gradients=true"]).model.keep_logit_gradients
-    with pytest.raises(ConfigError, match=r"model\.keep_logit_gradients: an entropy bonus"):
-        load_config(None, ["model.keep_logit_gradients=true", "loss.entropy_coef=0.01"])
-
-
 def test_unknown_method_lists_the_known_ones():
     with pytest.raises(ConfigError, match=r"unknown method 'ppo'.*dapo.*grpo"):
         load_config(None, ["method=ppo"])

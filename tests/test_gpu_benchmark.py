@@ -50,7 +50,7 @@ def test_sampling_lengths_and_update_parts_run_at_smoke_size(gpu, tmp_path):
     sides = ["creditrl, float32 weights, bf16 autocast", "creditrl, bf16 weights, float32 masters",
              "plain transformers, bf16 weights", "creditrl, bf16 weights, float32 masters, compiled",
              "creditrl, bf16 weights, float32 masters, compiled, logits chunks 1024 MiB, cuDNN attention, "
-             "logit gradients kept"]
+             "logits kept"]
     assert [r["side"] for r in update] == sides
     assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in update)
     tables = sorted((tmp_path / "profile").iterdir())
@@ -104,7 +104,7 @@ def test_an_engine_that_fails_is_a_row_and_the_part_goes_on(gpu, tmp_path, monke
 
 def test_side_names_take_model_options_and_refuse_what_they_cannot(gpu):
     assert gpu.side_options("compiled+cudnn+keep") == (
-        "compiled", {"scoring_attention": "cudnn", "keep_logit_gradients": True}, ", cuDNN attention, logit gradients kept")
+        "compiled", {"scoring_attention": "cudnn", "keep_logits": True}, ", cuDNN attention, logits kept")
     assert gpu.side_options("grpo-bf16") == ("grpo-bf16", {}, "")
     steps = gpu._side_names(gpu.STEP_SIDES, ("trl",))
     assert steps("grpo-bf16-compiled+1gib") == "grpo-bf16-compiled+1gib"

@@ -1,7 +1,8 @@
-"""Scoring's GPU-only settings against the defaults, on a GPU (skipped elsewhere).
+"""Scoring's speed settings against the defaults on a GPU (skipped elsewhere).
 
-`model.scoring_attention=cudnn` must give flash's log-probs and gradients, and run cuDNN's kernel;
-`model.keep_logit_gradients=true` must give the rebuilt logits' gradients; both eager and compiled.
+`model.scoring_attention=cudnn` must be as close to float32's log-probs and gradients as flash is,
+and run cuDNN's kernel; `model.keep_logits=true` must give the same log-probs as rebuilding the
+logits and gradients as close to float32's; both eager and compiled.
 On a CPU the kernel choice is torch's and these comparisons say nothing, so they run where CUDA is.
 """
 
@@ -81,8 +82,8 @@ def test_cudnn_scoring_is_as_close_to_float32_as_flash_and_runs_cudnn(model_dir,
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_kept_logit_gradients_are_as_close_to_float32_as_rebuilt_ones(model_dir, float32_reference, compiled):
+def test_kept_logits_give_gradients_as_close_to_float32_as_rebuilt_ones(model_dir, float32_reference, compiled):
     rebuilt_lp, rebuilt_grads, _ = _scores_and_gradients(model_dir, compile_scoring=compiled)
-    kept_lp, kept_grads, _ = _scores_and_gradients(model_dir, compile_scoring=compiled, keep_logit_gradients=True)
+    kept_lp, kept_grads, _ = _scores_and_gradients(model_dir, compile_scoring=compiled, keep_logits=True)
     torch.testing.assert_close(kept_lp, rebuilt_lp)  # the forward is the same
     _assert_as_close_as_bf16_allows(kept_lp, kept_grads, float32_reference, rebuilt_grads)

@@ -27,8 +27,9 @@ def test_gradcheck_in_float64_with_the_entropy_gradient():
                                     (hidden, weight, bias))  # two chunks: 4 positions and 2
 
 
+@pytest.mark.parametrize("keep_logits", [False, True])
 @pytest.mark.parametrize(("entropy_grad", "compiled"), [(False, False), (True, False), (False, True), (True, True)])
-def test_chunks_match_full_autograd(entropy_grad, compiled):
+def test_chunks_match_full_autograd(entropy_grad, compiled, keep_logits):
     head, hidden, targets = _case()
     params = [hidden, head.weight, head.bias]
     ref_lp, ref_h = _reference(head, hidden, targets, 0.8)
@@ -36,7 +37,7 @@ def test_chunks_match_full_autograd(entropy_grad, compiled):
     ref_loss = (weights[0] * ref_lp).sum() + ((weights[1] * ref_h).sum() if entropy_grad else 0)
     ref_grads = torch.autograd.grad(ref_loss, params)
     lp, h = chosen_token_logprobs(hidden, head, targets, 0.8, with_entropy=True, entropy_grad=entropy_grad,
-                                  chunk_elements=50 * 5, compiled=compiled)  # 5 positions per chunk: 8 chunks
+                                  chunk_elements=50 * 5, compiled=compiled, keep_logits=keep_logits)  # 8 chunks of ≤ 5
     torch.testing.assert_close(lp, ref_lp)
     torch.testing.assert_close(h, ref_h.detach())
     assert h.requires_grad == entropy_grad
@@ -45,43 +46,27 @@ def test_chunks_match_full_autograd(entropy_grad, compiled):
         torch.testing.assert_close(got, want)
 
 
-def test_gradcheck_in_float64_with_the_gradients_kept_from_the_forward():
+def test_gradcheck_in_float64_with_the_logits_kept_from_the_forward():
     head, hidden, targets = _case(torch.float64, n=6, d=4, vocab=7)
     weight = head.weight.detach().requires_grad_()
     bias = head.bias.detach().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda h, w, b: ProjectedLogprobs.apply(h, w, b, targets, 0.7, True, False, False, 4, True)[0],
-        (hidden, weight, bias))
+        lambda h, w, b: ProjectedLogprobs.apply(h, w, b, targets, 0.7, True, True, False, 4, True), (hidden, weight, bias))
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_gradients_kept_from_the_forward_match_full_autograd(compiled):
-    head, hidden, targets = _case()
-    params = [hidden, head.weight, head.bias]
-    ref_lp, ref_h = _reference(head, hidden, targets, 0.8)
-    weights = torch.randn(37)
-    ref_grads = torch.autograd.grad((weights * ref_lp).sum(), params)
-    lp, h = chosen_token_logprobs(hidden, head, targets, 0.8, with_entropy=True, chunk_elements=50 * 5,
-                                  compiled=compiled, keep_gradients=True)
-    torch.testing.assert_close(lp, ref_lp)
-    torch.testing.assert_close(h, ref_h.detach())
-    for got, want in zip(torch.autograd.grad((weights * lp).sum(), params), ref_grads):
-        torch.testing.assert_close(got, want)
-
-
-def test_gradients_are_kept_only_when_a_backward_can_use_them():
-    """Kept: one (positions × vocabulary) tensor per chunk in the graph.  Not kept under no_grad, nor
-    with an entropy bonus (its gradient needs the rebuilt logits)."""
+def test_logits_are_kept_only_when_a_backward_can_use_them():
+    """Kept: each chunk's (positions × vocabulary) logits in the graph, with or without the entropy's
+    gradient; nothing under no_grad, nor without `keep_logits`."""
     head, hidden, targets = _case()
 
-    def kept_elements(**kwargs) -> int:
+    def kept_elements(keep_logits: bool = True, **kwargs) -> int:
         shapes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
-            chosen_token_logprobs(hidden, head, targets, chunk_elements=50 * 5, keep_gradients=True, **kwargs)
+            chosen_token_logprobs(hidden, head, targets, chunk_elements=50 * 5, keep_logits=keep_logits, **kwargs)
         return sum(rows * width for rows, width in (s for s in shapes if len(s) == 2) if width == 50)  # (n, vocab)
 
-    assert kept_elements() == 37 * 50
-    assert kept_elements(with_entropy=True, entropy_grad=True) == 0
+    assert kept_elements() == kept_elements(with_entropy=True, entropy_grad=True) == 37 * 50
+    assert kept_elements(keep_logits=False) == 0
     with torch.no_grad():
         assert kept_elements() == 0
 
@@ -99,14 +84,14 @@ def test_bf16_autocast_over_float32_weights_matches_autograd_under_autocast():
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)  # both sides round the matmul inputs to bf16
 
 
-@pytest.mark.parametrize("keep_gradients", [False, True])
-def test_bf16_weights_get_bf16_gradients_close_to_float32(keep_gradients):
+@pytest.mark.parametrize("keep_logits", [False, True])
+def test_bf16_weights_get_bf16_gradients_close_to_float32(keep_logits):
     head, hidden, targets = _case(bias=False, d=32, vocab=300)
     ref_lp, _ = _reference(head, hidden, targets, 1.0)
     ref_grads = torch.autograd.grad(ref_lp.sum(), [hidden, head.weight])
     head16 = head.to(torch.bfloat16)
     hidden16 = hidden.detach().to(torch.bfloat16).requires_grad_()
-    lp, _ = chosen_token_logprobs(hidden16, head16, targets, chunk_elements=300 * 8, keep_gradients=keep_gradients)
+    lp, _ = chosen_token_logprobs(hidden16, head16, targets, chunk_elements=300 * 8, keep_logits=keep_logits)
     assert lp.dtype == torch.float32
     grads = torch.autograd.grad(lp.sum(), [hidden16, head16.weight])
     for got, want in zip(grads, ref_grads):
@@ -130,12 +115,12 @@ def test_a_head_that_is_not_a_linear_layer_takes_the_checkpointed_path():
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("keep_gradients", [False, True])
-def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_still_do(keep_gradients):
+@pytest.mark.parametrize("keep_logits", [False, True])
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_still_do(keep_logits):
     head, hidden, targets = _case()
     head.requires_grad_(False)
     ref_lp, _ = _reference(head, hidden, targets, 1.0)
-    lp, _ = chosen_token_logprobs(hidden, head, targets, chunk_elements=50 * 5, keep_gradients=keep_gradients)
+    lp, _ = chosen_token_logprobs(hidden, head, targets, chunk_elements=50 * 5, keep_logits=keep_logits)
     lp.sum().backward()
     assert head.weight.grad is None and head.bias.grad is None
     torch.testing.assert_close(hidden.grad, torch.autograd.grad(ref_lp.sum(), hidden)[0])

@@ -222,10 +222,13 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_lab_model_dir, t
         torch.testing.assert_close(recomputed[key], plain[key])
 
 
-def test_logit_gradients_kept_from_the_forward_train_to_the_same_weights(tiny_lab_model_dir, tmp_path):
-    overrides = ["train.steps=2", "reward.overlong_max=12", "reward.overlong_buffer=8", "eval.before=false"]
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
+def test_logits_kept_from_the_forward_train_to_the_same_weights(tiny_lab_model_dir, tmp_path, entropy_coef):
+    """With an entropy bonus too, whose gradient reads the logits as well."""
+    overrides = ["train.steps=2", "reward.overlong_max=12", "reward.overlong_buffer=8", "eval.before=false",
+                 f"loss.entropy_coef={entropy_coef}"]
     Trainer(_cfg(tiny_lab_model_dir, tmp_path / "rebuilt", *overrides), show_progress=False).train()
-    Trainer(_cfg(tiny_lab_model_dir, tmp_path / "kept", *overrides, "model.keep_logit_gradients=true"),
+    Trainer(_cfg(tiny_lab_model_dir, tmp_path / "kept", *overrides, "model.keep_logits=true"),
             show_progress=False).train()
     rebuilt, kept = _weights(tmp_path / "rebuilt" / "final"), _weights(tmp_path / "kept" / "final")
     start = _weights(tiny_lab_model_dir)

@@ -56,7 +56,7 @@ def load_model_and_tokenizer(name: str, gguf_file: str | None = None, dtype: str
 def load_policy(name: str = BUNDLED_NAME, gguf_file: str | None = None, chat_template: bool | None = None,
                 bf16_autocast: bool = False, logits_chunk_mib: int = 256, device: str = "cpu",
                 dtype: str = "float32", compile_scoring: bool = False,
-                scoring_attention: str = "flash", keep_logit_gradients: bool = False) -> TransformersPolicy:
+                scoring_attention: str = "flash", keep_logits: bool = False) -> TransformersPolicy:
     model, tokenizer = load_model_and_tokenizer(name, gguf_file, dtype)
     model.to(resolve_device(device))
     if chat_template is None:
@@ -64,13 +64,13 @@ def load_policy(name: str = BUNDLED_NAME, gguf_file: str | None = None, chat_tem
     return TransformersPolicy(model, tokenizer, use_chat_template=chat_template,
                               autocast_dtype=torch.bfloat16 if bf16_autocast else None,
                               logits_chunk_elements=logits_chunk_mib * 2 ** 20 // 4, compile_scoring=compile_scoring,
-                              scoring_attention=scoring_attention, keep_logit_gradients=keep_logit_gradients)
+                              scoring_attention=scoring_attention, keep_logits=keep_logits)
 
 
 def load_configured_policy(model: ModelConfig) -> TransformersPolicy:
     """The policy a run's `model` section describes, every setting applied (LoRA aside: the trainer adds it)."""
     return load_policy(model.name, model.gguf_file, model.chat_template, model.bf16_autocast, model.logits_chunk_mib,
-                       model.device, model.dtype, model.compile, model.scoring_attention, model.keep_logit_gradients)
+                       model.device, model.dtype, model.compile, model.scoring_attention, model.keep_logits)
 
 
 def resolve_device(device: str) -> torch.device:

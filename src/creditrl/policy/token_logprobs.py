@@ -16,11 +16,10 @@ Kernel and Cut Cross-Entropy, here in plain torch):
     ∂/∂z_k[v]:   g_k · (1[v = y_k] − p_k[v])  −  e_k · p_k[v] · (z_k[v] − logsumexp(z_k) + H_k)
 
 for upstream gradients g (log-probs) and e (entropies, only with an entropy bonus), divided by
-τ, then through W.  With `keep_gradients` (and no entropy bonus) the forward writes each chunk's
-1[v = y_k] − p_k[v] instead and keeps it, and the backward scales the two matmuls' small sides by
-g (∂h_k = g_k · (D W)_k, ∂W = Dᵀ (g ⊙ h)): one projection and one pass over the logits fewer, for
-positions × vocabulary values held from the forward to the backward.  Any other head (a callable)
-runs its chunks under `torch.utils.checkpoint`.
+τ, then through W.  With `keep_logits` the forward's chunks of logits stay alive for the
+backward instead of being rebuilt there: three matmuls through the head instead of four, for
+positions × vocabulary values held from the forward to the backward.  Any other head (a
+callable) runs its chunks under `torch.utils.checkpoint`.
 """
 
 from __future__ import annotations
@@ -39,15 +38,15 @@ from creditrl.policy.compiling import compile_dynamic
 def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, temperature: float = 1.0,
                           with_entropy: bool = False, entropy_grad: bool = False,
                           chunk_elements: int = 2 ** 26, compiled: bool = False,
-                          keep_gradients: bool = False) -> tuple[Tensor, Tensor | None]:
+                          keep_logits: bool = False) -> tuple[Tensor, Tensor | None]:
     """Per-position log-prob of `targets` (N,) given `hidden` (N, D), and optionally the entropy (N,).
 
     `head` maps hidden states to logits (the model's output projection).  `chunk_elements` bounds
     one chunk's logits (positions × vocabulary); the entropy carries gradients only with
     `entropy_grad`.  Temperature 0 (greedy sampling) scores at temperature 1.  `compiled` fuses a
-    linear head's passes over the logits with torch.compile; `keep_gradients` keeps a linear head's
-    ∂log π/∂logits from the forward for the backward (N × vocabulary values in the matmuls' dtype)
-    instead of rebuilding the logits there.
+    linear head's passes over the logits with torch.compile; `keep_logits` keeps a linear head's
+    logits (N × vocabulary, in the matmuls' dtype) from the forward for the backward instead of
+    rebuilding them there.
     """
     vocab = head.out_features if isinstance(head, torch.nn.Linear) else head(hidden[:1]).shape[-1]
     per_chunk = max(1, chunk_elements // vocab)
@@ -62,7 +61,7 @@ def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targ
         dtype = torch.get_autocast_dtype(hidden.device.type) if on else head.weight.dtype
         weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
         logprobs, entropy = ProjectedLogprobs.apply(hidden, weight, bias, targets, divisor, with_entropy, entropy_grad,
-                                                    compiled, per_chunk, keep_gradients)
+                                                    compiled, per_chunk, keep_logits)
         return logprobs, entropy if with_entropy else None
     results = _checkpointed_chunks(list(zip(hidden.split(per_chunk), targets.split(per_chunk))), head, divisor,
                                    with_entropy, entropy_grad)
@@ -81,17 +80,16 @@ class ProjectedLogprobs(torch.autograd.Function):
     inside the matmul (`addmm_`), where one autograd node per chunk would leave autograd a
     separate (vocabulary × D) addition per chunk.  Gradients are formed only for the inputs that
     need them (a frozen head under LoRA gets none).  H is empty without `with_entropy`.  With
-    `keep_gradients`, when gradients are wanted and the entropy takes none, each chunk's
-    ∂log π/∂z is kept from the forward (see the module docstring).
+    `keep_logits`, when gradients are wanted, the backward takes each chunk's logits from the
+    forward instead of projecting again.
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, divisor: float,
                 with_entropy: bool, entropy_grad: bool, compiled: bool, per_chunk: int,
-                keep_gradients: bool = False) -> tuple[Tensor, Tensor]:
-        log_normalizer, logits_gradient = _kernels(compiled)
-        entropy_grad = with_entropy and entropy_grad
-        keep = keep_gradients and not entropy_grad and any(ctx.needs_input_grad[:3])
+                keep_logits: bool = False) -> tuple[Tensor, Tensor]:
+        log_normalizer = _kernels(compiled)[0]
+        keep = keep_logits and any(ctx.needs_input_grad[:3])
         lse, entropy, chosen, kept = [], [], [], []
         for rows in _chunks(len(hidden), per_chunk):
             logits = _logits(hidden[rows], weight, bias)
@@ -99,13 +97,13 @@ class ProjectedLogprobs(torch.autograd.Function):
             lse.append(chunk_lse)
             entropy.append(chunk_entropy)
             chosen.append(logits.gather(-1, targets[rows, None]).squeeze(-1).to(chunk_lse.dtype) / divisor)
-            if keep:  # 1[v = y] − p: the gradient for an upstream gradient of one
-                kept.append(logits_gradient(logits, chunk_lse, chunk_entropy, targets[rows],
-                                            torch.ones_like(chunk_lse), None, divisor))
+            if keep:
+                kept.append(logits)
         lse, entropy = torch.cat(lse), torch.cat(entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, *kept)
-        ctx.divisor, ctx.entropy_grad, ctx.compiled, ctx.per_chunk = divisor, entropy_grad, compiled, per_chunk
-        if not entropy_grad:
+        ctx.divisor, ctx.entropy_grad, ctx.compiled, ctx.per_chunk = (divisor, with_entropy and entropy_grad,
+                                                                      compiled, per_chunk)
+        if not ctx.entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return torch.cat(chosen) - lse, entropy
 
@@ -122,16 +120,8 @@ class ProjectedLogprobs(torch.autograd.Function):
         logits_gradient = _kernels(ctx.compiled)[1]
         for i, rows in enumerate(_chunks(len(hidden), ctx.per_chunk)):
             h = hidden[rows].to(weight.dtype)  # cast once for both of the chunk's matmuls with W
-            if kept:  # g · (1[v = y] − p) through W, g applied on the matmuls' small sides
-                d_logp, g_rows = kept[i], g[rows, None]
-                if needs_hidden:
-                    grad_hidden[rows] = (d_logp @ weight) * g_rows
-                if needs_weight:
-                    grad_weight.addmm_(d_logp.T, h * g_rows.to(h.dtype))
-                if needs_bias:
-                    grad_bias += g[rows].to(d_logp.dtype) @ d_logp
-                continue
-            grad_logits = logits_gradient(_logits(h, weight, bias), lse[rows], entropy[rows], targets[rows], g[rows],
+            logits = kept[i] if kept else _logits(h, weight, bias)
+            grad_logits = logits_gradient(logits, lse[rows], entropy[rows], targets[rows], g[rows],
                                           None if e is None else e[rows], ctx.divisor)  # entropy: empty, or N
             if needs_hidden:
                 grad_hidden[rows] = grad_logits @ weight

@@ -79,7 +79,7 @@ class TransformersPolicy:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, use_chat_template: bool = False,
                  autocast_dtype: torch.dtype | None = None, logits_chunk_elements: int = 2 ** 26,
-                 compile_scoring: bool = False, scoring_attention: str = "flash", keep_logit_gradients: bool = False):
+                 compile_scoring: bool = False, scoring_attention: str = "flash", keep_logits: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.use_chat_template = use_chat_template
@@ -87,7 +87,7 @@ class TransformersPolicy:
         self.logits_chunk_elements = logits_chunk_elements  # float32 logits held at once when scoring
         self.compile_scoring = compile_scoring  # score through torch.compile (`_compiled_layers`)
         self.scoring_attention = scoring_attention  # "flash" or "cudnn" (`_attention_kernels`)
-        self.keep_logit_gradients = keep_logit_gradients  # ∂log π/∂logits from the forward (`ProjectedLogprobs`)
+        self.keep_logits = keep_logits  # the backward takes the forward's logits (`ProjectedLogprobs`)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
 
@@ -274,7 +274,7 @@ class TransformersPolicy:
                 picked, head = _take_positions(logits, where), _identity
             logprobs, entropy = chosen_token_logprobs(picked.flatten(0, 1), head, targets.flatten(), temperature,
                                                       with_entropy, entropy_grad, self.logits_chunk_elements,
-                                                      self.compile_scoring, self.keep_logit_gradients)
+                                                      self.compile_scoring, self.keep_logits)
         shape = targets.shape
         hidden = _take_positions(captured[0], where) if with_hidden else None
         return logprobs.view(shape), None if entropy is None else entropy.view(shape), hidden
