@@ -83,6 +83,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 STEP_SIDES = ("grpo", "trl", "grpo-bf16", "grpo-bf16-compiled", "fipo", "denser", "static", "static-bf16")
 # creditrl float32 weights + autocast, bf16 weights + float32 masters, plain transformers, bf16 compiled
 UPDATE_SIDES = ("float32", "bf16", "plain", "compiled")
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0}
 # model settings a creditrl side of either part takes on request, as `<side>+<option>...` (compiled+cudnn+keep):
 # option: (setting, value, what the side's label says)
 SIDE_OPTIONS = {
@@ -111,7 +112,6 @@ def _side_names(bases: tuple[str, ...], without_options: tuple[str, ...]) -> Cal
                 f"{name!r}: options are {', '.join('+' + o for o in SIDE_OPTIONS)}, on the creditrl sides only")
         return name
     return check
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0}
 
 
 @dataclass(frozen=True)
