@@ -52,7 +52,8 @@ class ModelConfig(_Section):
         "flash", description="sdpa kernel of the scoring forwards (update, recomputed old and reference "
                              "log-probs) on a GPU: torch's flash kernel, or cuDNN's (an H100 ran its forward+backward "
                              "1.5× faster at 16×2048, but it plans every new batch shape once, ~0.1–0.15 s, so "
-                             "scoring widths are rounded up to a multiple of 128 tokens); sampling never uses cuDNN")
+                             "scoring widths are rounded up to a multiple of 128 tokens; on a CPU that rounding is all it "
+                             "does); sampling never uses cuDNN")
     keep_logits: bool = Field(
         False, description="the update's backward takes the logits its forward computed (in the matmuls' dtype) "
                            "instead of projecting the hidden states through the vocabulary again: three matmuls "
