@@ -1,4 +1,4 @@
-"""Hand-made rollout batches for method tests (no model, no sampling)."""
+"""Hand-made rollout batches for method tests (no model, no sampling), and small model folders."""
 
 import torch
 
@@ -21,3 +21,13 @@ def make_rollouts(rewards, group_ids, lengths, T=None, step_ids=None, step_rewar
         step_rewards=torch.tensor(step_rewards, dtype=torch.float64) if step_rewards is not None else None,
         hidden_states=hidden,
     )
+
+
+def save_lab_model(folder, **sizes):
+    """A randomly initialised lab-architecture model of these sizes, saved with its tokenizer as a model folder."""
+    from creditrl.lab.model import new_lab_model
+    from creditrl.lab.tokenizer import build_char_tokenizer
+
+    new_lab_model(seed=0, **sizes).save_pretrained(folder)
+    build_char_tokenizer().save_pretrained(folder)
+    return folder

@@ -8,6 +8,7 @@ On a CPU the kernel choice is torch's and these comparisons say nothing, so they
 
 import pytest
 import torch
+from factories import save_lab_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -15,13 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A lab-architecture model with heads of width 64 (what cuDNN's and flash's kernels take)."""
-    from creditrl.lab.model import new_lab_model
-    from creditrl.lab.tokenizer import build_char_tokenizer
-
-    folder = tmp_path_factory.mktemp("gpu_lab")
-    new_lab_model(seed=0, hidden=256, layers=2, heads=4, ffn=512).save_pretrained(folder)
-    build_char_tokenizer().save_pretrained(folder)
-    return folder
+    return save_lab_model(tmp_path_factory.mktemp("gpu_lab"), hidden=256, layers=2, heads=4, ffn=512)
 
 
 def _batch(rows: int = 6, prompt_len: int = 20, response_len: int = 90):
