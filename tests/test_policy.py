@@ -194,3 +194,17 @@ def test_a_static_cache_that_cannot_take_autocast_says_what_to_change(tiny_polic
         tiny_policy.sample(_encode(tiny_policy), 1, cfg, seed=0)
     with pytest.raises(RuntimeError, match="^index_copy_"):  # anything else passes through unchanged
         tiny_policy.sample(_encode(tiny_policy), 1, cfg.model_copy(update={"static_cache": False}), seed=0)
+
+
+def test_a_configured_policy_takes_every_model_setting_and_a_command_may_swap_the_model(monkeypatch):
+    import creditrl.policy.loading as loading
+    from creditrl.config import ModelConfig
+
+    calls = []
+    monkeypatch.setattr(loading, "load_policy", lambda *args: calls.append(args))
+    section = ModelConfig(name="run-model", gguf_file="q8.gguf", device="cpu", dtype="bfloat16", compile=True,
+                          scoring_attention="cudnn", keep_logits=True, logits_chunk_mib=64)
+    loading.load_configured_policy(section)
+    loading.load_configured_policy(section, "other-model")  # `creditrl eval --model other-model`
+    settings = (None, False, 64, "cpu", "bfloat16", True, "cudnn", True)
+    assert calls == [("run-model", "q8.gguf", *settings), ("other-model", None, *settings)]

@@ -112,14 +112,13 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
 
     def run():
         from creditrl.evaluate import evaluate
-        from creditrl.policy.loading import load_policy
+        from creditrl.policy.loading import load_configured_policy
         from creditrl.tasks import build_task
 
         cfg = _config(args)
         task = build_task(cfg.task)
         name = model or cfg.model.name
-        policy = load_policy(name, None if model else cfg.model.gguf_file, cfg.model.chat_template, cfg.model.bf16_autocast,
-                             dtype=cfg.model.dtype)
+        policy = load_configured_policy(cfg.model, model)
         problems = task.eval_problems()[:limit] if limit else task.eval_problems()
         start = time.time()
         metrics = evaluate(policy, task, problems, k or cfg.eval.k, cfg.sampling, seed=cfg.train.seed, greedy=greedy,
@@ -164,7 +163,7 @@ def credit(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         from creditrl.credit import compute_credit, credit_table, load_rollouts, save_rollouts
         from creditrl.credit_metrics import credit_accuracy
         from creditrl.methods import get_method, known_methods
-        from creditrl.policy.loading import load_policy
+        from creditrl.policy.loading import load_configured_policy
         from creditrl.report import write_heatmap
         from creditrl.resources import build_resources
         from creditrl.tasks import build_task
@@ -174,8 +173,7 @@ def credit(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         for name in names or []:
             get_method(name)  # an unknown name fails here, listing the known ones
         model_name = model or cfg.model.name
-        policy = load_policy(model_name, None if model else cfg.model.gguf_file, cfg.model.chat_template,
-                             cfg.model.bf16_autocast, dtype=cfg.model.dtype)
+        policy = load_configured_policy(cfg.model, model)
         task = build_task(cfg.task)
         if rollouts_file:
             batch, texts = load_rollouts(rollouts_file)

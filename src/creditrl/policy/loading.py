@@ -67,10 +67,12 @@ def load_policy(name: str = BUNDLED_NAME, gguf_file: str | None = None, chat_tem
                               scoring_attention=scoring_attention, keep_logits=keep_logits)
 
 
-def load_configured_policy(model: ModelConfig) -> TransformersPolicy:
-    """The policy a run's `model` section describes, every setting applied (LoRA aside: the trainer adds it)."""
-    return load_policy(model.name, model.gguf_file, model.chat_template, model.bf16_autocast, model.logits_chunk_mib,
-                       model.device, model.dtype, model.compile, model.scoring_attention, model.keep_logits)
+def load_configured_policy(model: ModelConfig, name: str | None = None) -> TransformersPolicy:
+    """The policy a run's `model` section describes, every setting applied (LoRA aside: the trainer adds it).
+    `name` (a command's --model) replaces the section's model, and its `gguf_file` with it."""
+    return load_policy(name or model.name, None if name else model.gguf_file, model.chat_template, model.bf16_autocast,
+                       model.logits_chunk_mib, model.device, model.dtype, model.compile, model.scoring_attention,
+                       model.keep_logits)
 
 
 def resolve_device(device: str) -> torch.device:
