@@ -139,6 +139,34 @@ def test_registered_losses_match_creditrl_policy_loss_with_hooks(method, agg):
     assert not torch.isclose(plain, ours)
 
 
+@pytest.mark.parametrize("method", ["vanilla", "creditrl_fipo", "creditrl_grpo_lambda"])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("dp_size", [1, 2])
+def test_micro_batches_on_data_parallel_ranks_add_up_to_the_whole_batch_loss(method, agg, dp_size):
+    """verl's actor splits a mini-batch over `dp_size` ranks and each rank's share into micro-batches.
+
+    Its `ppo_loss` puts the global batch's size and token count in `config.global_batch_info`; every
+    micro-batch loss is backpropagated and the ranks' gradients are averaged.  The sum over micro-batches,
+    averaged over ranks, must be creditrl's loss on the whole batch (hooks act row by row).
+    """
+    old, new, adv, mask = loss_batch(7, n_rows=8)
+    config = actor_config(agg)
+    config.global_batch_info.update(dp_size=dp_size, batch_num_tokens=mask.sum(), global_batch_size=mask.shape[0],
+                                    loss_scale_factor=None)
+    loss_fn = core_algos.get_policy_loss_fn(method)
+    micro_losses = [loss_fn(old_log_prob=old[rows], log_prob=new[rows], advantages=adv[rows], response_mask=mask[rows],
+                            loss_agg_mode=agg, config=config)[0]
+                    for rows in torch.arange(mask.shape[0]).split(2)]
+    verl_loss = torch.stack(micro_losses).sum() / dp_size
+    verl_grad, = torch.autograd.grad(verl_loss, new)
+    ratio_transform, token_weight = loss_hooks(method.removeprefix("creditrl_")) if method != "vanilla" else (None, None)
+    ours, _ = policy_loss(new, old, adv, mask, loss_config(agg, mask.shape[1]),
+                          ratio_transform=ratio_transform, token_weight=token_weight)
+    our_grad, = torch.autograd.grad(ours, new)
+    torch.testing.assert_close(verl_loss, ours, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(verl_grad, our_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_method_params_come_from_the_environment(monkeypatch):
     old, new, adv, mask = loss_batch(6)
     fipo = core_algos.get_policy_loss_fn("creditrl_fipo")
