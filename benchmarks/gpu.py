@@ -331,19 +331,20 @@ def _timed_updates(side: str, model, loss_of, shapes, args, device: torch.device
 
     AdamW steps `masters` (the trainer's `MasterWeights`) when given, else the model's own weights.
     """
+    from creditrl.master_weights import descend
+
     trained = masters.parameters() if masters is not None else list(model.parameters())
     optimizer = torch.optim.AdamW(trained, lr=1e-6, betas=(0.9, 0.99), weight_decay=0.0, fused=True)
 
     def update(prompt, response, advantages) -> None:
         loss = loss_of(prompt, response, advantages)
+        if masters is not None:  # the trainer's own step
+            descend(loss, optimizer, masters, 1.0)
+            return
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if masters is not None:
-            masters.take_gradients()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
-        if masters is not None:
-            masters.write_back()
 
     rows = []
     for batch, length, prompt, response, advantages in shapes:

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from creditrl.config import ConfigError, load_config
-from creditrl.master_weights import MasterWeights
+from creditrl.master_weights import MasterWeights, descend
 from creditrl.trainer import Trainer
 
 
@@ -61,6 +61,30 @@ def test_updates_below_bf16_resolution_accumulate_only_in_the_masters():
     # while 40 of them (≈ 4e-3) add up to more than half a step in the masters
     assert torch.equal(plain.weight, start)
     assert (mixed.weight != start).all()
+
+
+def test_descend_clips_the_float32_gradient_steps_the_masters_and_skips_a_non_finite_one():
+    layer, lr, max_norm = _bf16_linear(), 1e-2, 0.5
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    masters = MasterWeights(layer)
+    optimizer = torch.optim.AdamW(masters.parameters(), lr=lr, weight_decay=0.0)
+    # by hand: the bf16 gradient in float32, scaled to norm max_norm, one AdamW step, rounded to bf16
+    grad, = torch.autograd.grad(layer(x).float().square().sum(), layer.weight)
+    grad = grad.float()
+    reference = layer.weight.detach().float().clone().requires_grad_()
+    reference.grad = grad * (max_norm / (grad.norm() + 1e-6))
+    torch.optim.AdamW([reference], lr=lr, weight_decay=0.0).step()
+    norm = descend(layer(x).float().square().sum(), optimizer, masters, max_norm)
+    torch.testing.assert_close(norm, grad.norm())
+    assert norm > max_norm  # the clipping acted
+    torch.testing.assert_close(masters.parameters()[0], reference)
+    assert torch.equal(layer.weight, masters.parameters()[0].detach().to(torch.bfloat16))
+    # a non-finite gradient: nothing moves, no gradient is left behind
+    before = layer.weight.detach().clone(), masters.parameters()[0].detach().clone()
+    norm = descend(layer(x).float().sum() * float("nan"), optimizer, masters, max_norm)
+    assert not torch.isfinite(norm)
+    assert torch.equal(layer.weight, before[0]) and torch.equal(masters.parameters()[0], before[1])
+    assert masters.parameters()[0].grad is None and layer.weight.grad is None
 
 
 def test_float32_parameters_are_their_own_masters():

@@ -73,3 +73,22 @@ class MasterWeights:
         for name, tensor in state.items():
             masters[name].copy_(tensor)  # the detached view shares the master's storage
         self.write_back()
+
+
+def descend(loss: Tensor, optimizer: torch.optim.Optimizer, masters: MasterWeights, max_norm: float | None) -> Tensor:
+    """One optimizer step of the trainer, on the weights' float32 masters.
+
+    g = ∇L(w_bf16) moved to the masters, clipped to ‖g‖ ≤ max_norm (None or 0: no clipping), then
+    `optimizer` steps the masters and they are rounded back into the weights.  Returns ‖g‖ before
+    clipping; when it is not finite, nothing is stepped and the gradients are dropped.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    masters.take_gradients()
+    norm = torch.nn.utils.clip_grad_norm_(masters.parameters(), max_norm or float("inf"))
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+    optimizer.step()
+    masters.write_back()
+    return norm

@@ -40,7 +40,7 @@ from creditrl.checkpoint import (latest_checkpoint, load_master_weights, load_op
 from creditrl.collect import collect_rollouts
 from creditrl.config import RunConfig, save_config
 from creditrl.evaluate import evaluate
-from creditrl.master_weights import MasterWeights
+from creditrl.master_weights import MasterWeights, descend
 from creditrl.methods import compute_advantages, get_method, loss_hooks
 from creditrl.methods.fipo import fipo_config_warning
 from creditrl.methods.loss import masked_mean, policy_loss
@@ -289,16 +289,10 @@ class Trainer:
                 if not torch.isfinite(loss):
                     bad = "non-finite loss"
                     continue
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.masters.take_gradients()
-                norm = torch.nn.utils.clip_grad_norm_(self.masters.parameters(), t.grad_clip or float("inf"))
+                norm = descend(loss, self.optimizer, self.masters, t.grad_clip)
                 if not torch.isfinite(norm):
-                    self.optimizer.zero_grad(set_to_none=True)
                     bad = "non-finite gradient norm"
                     continue
-                self.optimizer.step()
-                self.masters.write_back()
                 n_updates += 1
                 for key, value in {**m, "loss": loss.detach(), "grad_norm": norm}.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
