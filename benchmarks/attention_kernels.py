@@ -9,8 +9,9 @@ heads of width 64 (as transformers calls it for Qwen2.5-0.5B: `enable_gqa`), and
 heads repeated to 14, through one backend at a time (flash, memory-efficient, cuDNN, math): the first
 call (a cuDNN plan is built there) and the median of `--iters` more, forward and backward, in bf16;
 "× 24 layers" is what the model's attention would take per update.  Then cuDNN at lengths the
-process has not met, which is what every RL step brings (`creditrl`'s policy leaves cuDNN out on a
-GPU for that reason).
+process has not met, which is what every RL step brings (`creditrl`'s policy leaves cuDNN out of
+scoring unless `model.scoring_attention=cudnn`, which rounds widths up to multiples of 128 so that
+the plans are reused).
 """
 
 from __future__ import annotations

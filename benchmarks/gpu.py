@@ -72,7 +72,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_trl import Work, run_in_process, summarize  # noqa: E402  (the benchmark's own workers)
+from vs_trl import Work, finish_gpu_work, run_in_process, summarize  # noqa: E402  (the benchmark's own workers)
 
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
@@ -167,17 +167,12 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
     return None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_sample(policy, prompts: list[list[int]], n: int, cfg, device: torch.device, seed: int):
+def _timed_sample(policy, prompts: list[list[int]], n: int, cfg, seed: int):
     """`policy.sample` and its wall seconds, the device's queue drained on both sides."""
-    _sync(device)
+    finish_gpu_work()
     start = time.perf_counter()
     gen = policy.sample(prompts, n, cfg, seed=seed)
-    _sync(device)
+    finish_gpu_work()
     return gen, time.perf_counter() - start
 
 
@@ -199,8 +194,8 @@ def sampling_engines(folder: Path, args, device: torch.device) -> list[dict]:
             cfg = SamplingConfig(max_new_tokens=args.new_tokens, engine=engine, static_cache=static,
                                  batch_size=args.prompts * args.group_size)
             try:  # an engine that fails here (e.g. a static cache under autocast in transformers 5.17) is a row
-                _, warm_up = _timed_sample(policy, prompts, args.group_size, cfg, device, seed=0)
-                gen, seconds = _timed_sample(policy, prompts, args.group_size, cfg, device, seed=1)
+                _, warm_up = _timed_sample(policy, prompts, args.group_size, cfg, seed=0)
+                gen, seconds = _timed_sample(policy, prompts, args.group_size, cfg, seed=1)
             except RuntimeError as err:
                 rows.append({"engine": label, "error": str(err).splitlines()[0][:300]})
                 print(f"sampling {label}: failed: {rows[-1]['error']}", flush=True)
@@ -247,7 +242,7 @@ def new_lengths(folder: Path, args, device: torch.device) -> list[dict]:
     rows = []
     for label, prompts, attention in calls:
         policy._attention_kernels = attention
-        _, seconds = _timed_sample(policy, prompts, args.group_size, cfg, device, seed=0)
+        _, seconds = _timed_sample(policy, prompts, args.group_size, cfg, seed=0)
         rows.append({"call": label, "prompt_tokens": len(prompts[0]), "seconds": seconds,
                      "ms_per_decode_step": 1000 * seconds / cfg.max_new_tokens})
         print(f"lengths: {label}: {rows[-1]['ms_per_decode_step']:.1f} ms per decode step", flush=True)
@@ -353,10 +348,10 @@ def _timed_updates(side: str, model, loss_of, shapes, args, device: torch.device
         times, error = [], None
         for _ in range(args.update_iters + 1):
             try:
-                _sync(device)
+                finish_gpu_work()
                 start = time.perf_counter()
                 update(prompt, response, advantages)
-                _sync(device)
+                finish_gpu_work()
                 times.append(time.perf_counter() - start)
             except torch.OutOfMemoryError as err:
                 error = f"out of memory: {str(err).splitlines()[0]}"
@@ -392,7 +387,7 @@ def _profile_update(side: str, update, folder: Path, device: torch.device) -> No
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         update()
-        _sync(device)
+        finish_gpu_work()
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     folder.mkdir(parents=True, exist_ok=True)
     name = "".join(c if c.isalnum() else "-" for c in side).strip("-")

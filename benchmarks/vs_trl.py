@@ -193,12 +193,12 @@ class _TRLPhases(TrainerCallback):
             # log-probs computed while the batch is prepared are old/reference log-probs, later ones the update's
             name = "score" if key == "logps" and "prepare" in self._running else key
             self._running.add(name)
-            _finish_gpu_work()
+            finish_gpu_work()
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                _finish_gpu_work()
+                finish_gpu_work()
                 self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
                 self._running.discard(name)
 
@@ -214,11 +214,11 @@ class _TRLPhases(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._seconds, self._lengths, self._rewards = {}, [], []
-        _finish_gpu_work()
+        finish_gpu_work()
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        _finish_gpu_work()  # TRL logs nothing here, so the backward and AdamW may still be running on a GPU
+        finish_gpu_work()  # TRL logs nothing here, so the backward and AdamW may still be running on a GPU
         step = time.perf_counter() - self._start
         seconds = {key: self._seconds.get(key, 0.0) for key in ("generate", "rewards", "score", "prepare")}
         sample, score, prepare = seconds["generate"] + seconds["rewards"], seconds["score"], seconds["prepare"]
@@ -227,7 +227,7 @@ class _TRLPhases(TrainerCallback):
                            "accuracy": statistics.mean(self._rewards)})
 
 
-def _finish_gpu_work() -> None:
+def finish_gpu_work() -> None:
     """Wait for queued GPU kernels, so wall-clock timers count them in the phase that launched them."""
     import torch
 

@@ -87,10 +87,10 @@ def test_an_engine_that_fails_is_a_row_and_the_part_goes_on(gpu, tmp_path, monke
     gpu.build_model_folder(folder, gpu.TINY)
     real = gpu._timed_sample
 
-    def static_cache_fails(policy, prompts, n, cfg, device, seed):
+    def static_cache_fails(policy, prompts, n, cfg, seed):
         if cfg.static_cache:
             raise RuntimeError("index_copy_(): self and source expected to have the same dtype\nmore")
-        return real(policy, prompts, n, cfg, device, seed)
+        return real(policy, prompts, n, cfg, seed)
 
     monkeypatch.setattr(gpu, "_timed_sample", static_cache_fails)
     args = SimpleNamespace(prompts=2, group_size=2, new_tokens=4)
