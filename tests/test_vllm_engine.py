@@ -5,6 +5,7 @@ the weights pushed, the prefix-cache resets) and answers in vLLM's output shape
 (`RequestOutput.outputs[i].token_ids` / `.finish_reason`); the real vLLM is not exercised here.
 """
 
+import os
 import sys
 import types
 
@@ -15,11 +16,16 @@ from creditrl.policy.transformers_backend import SamplingConfig
 
 
 class _StandInLLM:
+    """vLLM ≥ 0.10's `LLM`: its `llm_engine` has a `model_executor` (the model in this process) only when
+    VLLM_ENABLE_V1_MULTIPROCESSING is 0 as the engine is built; by default the model runs in a child process."""
+
     def __init__(self, **kwargs):
         self.kwargs, self.pushes, self.resets, self.calls = kwargs, [], 0, []
         runner = types.SimpleNamespace(model=types.SimpleNamespace(load_weights=self._load_weights))
-        self.llm_engine = types.SimpleNamespace(
-            model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(model_runner=runner)))
+        self.llm_engine = types.SimpleNamespace()
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0":
+            self.llm_engine.model_executor = types.SimpleNamespace(
+                driver_worker=types.SimpleNamespace(model_runner=runner))
 
     def _load_weights(self, weights):
         self.pushes.append({name: tensor.clone() for name, tensor in weights})
@@ -37,6 +43,7 @@ class _StandInLLM:
 
 @pytest.fixture()
 def stand_in_vllm(monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # vLLM's default (restored after the test)
     module = types.ModuleType("vllm")
     module.LLM = _StandInLLM
     module.SamplingParams = lambda **kwargs: types.SimpleNamespace(**kwargs)
@@ -81,4 +88,15 @@ def test_rows_params_and_weight_pushes(tiny_policy, stand_in_vllm):
 def test_a_missing_vllm_names_the_setting_and_the_alternative(tiny_policy, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import fails as when it is not installed
     with pytest.raises(ImportError, match=r"sampling.engine=vllm needs the vllm package.*sampling.engine=kv-cache"):
+        tiny_policy.sample([[5, 6]], 2, SamplingConfig(engine="vllm"), seed=0)
+
+
+def test_a_vllm_that_keeps_its_model_in_another_process_is_named(tiny_policy, stand_in_vllm, monkeypatch):
+    class ChildProcessLLM(_StandInLLM):  # a vLLM that ignores VLLM_ENABLE_V1_MULTIPROCESSING
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.llm_engine = types.SimpleNamespace()
+
+    monkeypatch.setattr(stand_in_vllm, "LLM", ChildProcessLLM)
+    with pytest.raises(RuntimeError, match=r"sampling.engine=vllm: vLLM runs its model in another process"):
         tiny_policy.sample([[5, 6]], 2, SamplingConfig(engine="vllm"), seed=0)

@@ -1,7 +1,9 @@
 """Optional sampling through vLLM (`sampling.engine: vllm`), for users who have it on a GPU.
 
 One `vllm.LLM` per policy, built from the model's folder with prefix caching on, so VinePPO's
-K continuations of one prefix share its KV blocks.  Before each call the policy's current
+K continuations of one prefix share its KV blocks.  The engine runs in this process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`; by default vLLM's V1 engine runs its model in a child
+process, out of reach of the weight push below).  Before each call the policy's current
 weights are pushed into the engine when they have changed since the last push (torch bumps a
 tensor's `_version` on every in-place update, so the optimizer's steps are seen), and the
 prefix cache is reset, since blocks computed by older weights are stale.  vLLM's log-probs come
@@ -10,6 +12,7 @@ from other kernels than training's, so the trainer recomputes the old log-probs 
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -62,6 +65,7 @@ def _engine(policy: TransformersPolicy, vllm):
         if not source:
             raise ValueError("sampling.engine=vllm: the policy's model has no folder to load from "
                              "(model.config._name_or_path is empty); save it with save_pretrained first")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the engine is built
         engine = vllm.LLM(model=source, tokenizer=source, enable_prefix_caching=True, dtype="bfloat16",
                           gpu_memory_utilization=0.4)
         policy._vllm_engine, policy._vllm_weights = engine, None
@@ -72,7 +76,12 @@ def _push_weights_if_changed(policy: TransformersPolicy, engine) -> None:
     fingerprint = sum(p._version for p in policy.model.parameters())
     if policy._vllm_weights == fingerprint:
         return
-    target = engine.llm_engine.model_executor.driver_worker.model_runner.model
+    executor = getattr(engine.llm_engine, "model_executor", None)
+    if executor is None:
+        raise RuntimeError("sampling.engine=vllm: vLLM runs its model in another process, where the policy's "
+                           "weights cannot be pushed; creditrl builds the engine with "
+                           "VLLM_ENABLE_V1_MULTIPROCESSING=0, which this vLLM version did not honour")
+    target = executor.driver_worker.model_runner.model
     target.load_weights((name, param.data) for name, param in policy.model.named_parameters())
     engine.reset_prefix_cache()
     policy._vllm_weights = fingerprint
