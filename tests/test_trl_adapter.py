@@ -6,6 +6,7 @@ the loss; (3) CAPO with the oracle critic uses, and logs, the per-token advantag
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -117,11 +118,24 @@ def test_fipo_token_weights_are_applied(tiny_lab_model_dir, tmp_path):
     assert second["loss"] != pytest.approx(differs_second["loss"], rel=1e-6)
 
 
-def test_fipo_warns_when_the_weights_cannot_act(tiny_lab_model_dir, tmp_path):
+@pytest.mark.parametrize(("num_iterations", "steps_per_generation", "accumulation", "warns"), [
+    (1, 1, 1, True),
+    (2, 1, 2, True),  # both passes over the batch fall in one optimizer step
+    (2, 1, 1, False),
+    (1, 2, 3, False),  # some micro-batches are trained after an optimizer step: TRL keeps old log-probs
+])
+def test_fipo_warns_exactly_when_trl_keeps_no_old_logprobs(tiny_lab_model_dir, tmp_path, num_iterations,
+                                                          steps_per_generation, accumulation, warns):
+    """TRL computes old log-probs only when gradient_accumulation_steps % (steps_per_generation ×
+    num_iterations) != 0; otherwise Δ = 0 in the loss and FIPO's weights are all 1."""
     model, tokenizer = load_model_and_tokenizer(str(tiny_lab_model_dir))
-    with pytest.warns(UserWarning, match="every FIPO weight is 1"):
-        CreditGRPOTrainer(model=model, reward_funcs=lab_reward, args=make_args(tmp_path, num_iterations=1),
-                          train_dataset=DATASET, processing_class=tokenizer, method="fipo")
+    args = make_args(tmp_path, num_iterations=num_iterations, steps_per_generation=steps_per_generation,
+                     gradient_accumulation_steps=accumulation)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CreditGRPOTrainer(model=model, reward_funcs=lab_reward, args=args, train_dataset=DATASET,
+                          processing_class=tokenizer, method="fipo")
+    assert any("every FIPO weight is 1" in str(w.message) for w in caught) == warns
 
 
 # ---- (3) CAPO with the oracle critic: the advantages used and logged are creditrl's -----------------
@@ -197,16 +211,33 @@ def test_unsupported_methods_say_why(method, resources, reason):
         CreditGRPOTrainer(method=method, resources=resources)
 
 
-@pytest.mark.parametrize(("options", "reason"), [
-    ({"loss_type": "sapo"}, "supports loss_type"),
-    ({"beta": 0.04}, "use_bias_correction_kl=False"),  # TRL's default multiplies the KL term by the ratio
-    ({"top_entropy_quantile": 0.5}, "top_entropy_quantile"),
+def test_a_method_on_step_rewards_needs_a_task_before_any_model_is_loaded():
+    with pytest.raises(ValueError, match=re.escape("method 'process_grpo' needs step rewards: give task and problem_of")):
+        CreditGRPOTrainer(method="process_grpo")
+
+
+@pytest.mark.parametrize(("options", "trainer_options", "reason"), [
+    ({"loss_type": "sapo"}, {}, "supports loss_type"),
+    ({"beta": 0.04}, {}, "use_bias_correction_kl=False"),  # TRL's default multiplies the KL term by the ratio
+    ({"top_entropy_quantile": 0.5}, {}, "top_entropy_quantile"),
+    ({"delta": 1.1}, {}, "delta < 1 + epsilon_high"),  # TRL would also cap the ratio of positive advantages
+    ({}, {"rollout_func": lambda prompts, trainer: {}}, "rollout_func"),
 ])
-def test_unsupported_trl_options_are_refused(tiny_lab_model_dir, tmp_path, options, reason):
+def test_unsupported_trl_options_are_refused(tiny_lab_model_dir, tmp_path, options, trainer_options, reason):
     model, tokenizer = load_model_and_tokenizer(str(tiny_lab_model_dir))
     with pytest.raises(ValueError, match=re.escape(reason)):
         CreditGRPOTrainer(model=model, reward_funcs=lab_reward, args=make_args(tmp_path, **options),
-                          train_dataset=DATASET, processing_class=tokenizer, method="grpo")
+                          train_dataset=DATASET, processing_class=tokenizer, method="grpo", **trainer_options)
+
+
+def test_an_eval_batch_larger_than_the_generation_batch_logs_its_advantages(tiny_lab_model_dir, tmp_path):
+    """TRL's advantage log holds one generation batch (4 here); an eval batch of 8 overfills it."""
+    model, tokenizer = load_model_and_tokenizer(str(tiny_lab_model_dir))
+    trainer = CreditGRPOTrainer(model=model, reward_funcs=lab_reward, train_dataset=DATASET, eval_dataset=DATASET,
+                                args=make_args(tmp_path, per_device_eval_batch_size=8), processing_class=tokenizer,
+                                method="grpo")
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and len(trainer._logs["advantages"]) == 4
 
 
 # ---- (4) LoRA through TRL's own peft_config --------------------------------------------------------

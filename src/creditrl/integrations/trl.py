@@ -78,6 +78,9 @@ class CreditGRPOTrainer(GRPOTrainer):
         if (task is None) != (problem_of is None):
             raise ValueError("give both task and problem_of (a function from a dataset row to its creditrl Problem), "
                              "or neither")
+        if self.method.needs_step_rewards and task is None:
+            raise ValueError(f"method {self.method.name!r} needs step rewards: give task and problem_of, with a "
+                             "verifier that labels steps (e.g. the lab task)")
         self.task, self.problem_of = task, problem_of
         self.step_splitter = task.step_splitter if task is not None else step_splitter
         split_steps("", self.step_splitter)  # an unknown splitter fails here, not at the first batch
@@ -88,10 +91,11 @@ class CreditGRPOTrainer(GRPOTrainer):
                                       agg=AGGREGATION[self.loss_type], norm_length=self.max_completion_length,
                                       kl_coef=self.beta, kl_estimator="k3")
         self._rewards_per_func: Tensor | None = None
-        if self.method.token_weight == "fipo" and self.num_iterations == 1 \
-                and self.args.steps_per_generation <= self.args.gradient_accumulation_steps:
-            warnings.warn("FIPO with num_iterations=1 and steps_per_generation <= gradient_accumulation_steps "
-                          "updates at π_θ = π_old, so Δ = 0 and every FIPO weight is 1: this run is its base method. "
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self.method.token_weight == "fipo" and self.args.gradient_accumulation_steps % generate_every == 0:
+            warnings.warn("FIPO with gradient_accumulation_steps a multiple of steps_per_generation × num_iterations "
+                          "never steps the optimizer between generating a batch and training on it (TRL then keeps "
+                          "no old log-probs), so Δ = 0 and every FIPO weight is 1: this run is its base method. "
                           "Raise num_iterations or steps_per_generation (the paper: 8 minibatches per rollout batch).",
                           UserWarning, stacklevel=2)
 
@@ -111,6 +115,11 @@ class CreditGRPOTrainer(GRPOTrainer):
             "use_bias_correction_kl=False)": bool(args.use_bias_correction_kl and self.beta != 0.0),
             "a router auxiliary loss (MoE)": self.aux_loss_enabled,
             "tools or environments": bool(self.tools) or self.environment_factories is not None,
+            "rollout_func (its env_mask would not reach the loss)": self.rollout_func is not None,
+            "vision-language models (the loss's forward would not get the images)": self._is_vlm,
+            f"delta < 1 + epsilon_high (TRL's delta then also caps positive-advantage ratios; creditrl's dual clip "
+            f"bounds negative-advantage terms only): delta={args.delta}":
+                args.delta is not None and args.delta < 1 + self.epsilon_high,
             "several processes": self.accelerator.num_processes > 1,
         }
         refused = [name for name, on in unsupported.items() if on]
@@ -184,7 +193,7 @@ class CreditGRPOTrainer(GRPOTrainer):
         the `advantage` column gets each completion's mean over its tokens, the `token_advantages`
         column every token's advantage."""
         logged = self._logs["advantages"]
-        for _ in range(advantages.shape[0]):
+        for _ in range(min(advantages.shape[0], len(logged))):  # an eval batch can outgrow the deque's maxlen
             logged.pop()
         lengths = mask.sum(dim=1)
         logged.extend((advantages.sum(dim=1) / lengths.clamp(min=1)).tolist())
