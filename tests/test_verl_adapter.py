@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 
+from omegaconf import OmegaConf
 from verl import DataProto
 from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls
 from verl.trainer.config import AlgoConfig
@@ -253,32 +255,76 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids if not (skip_special_tokens and i == 0))
 
 
-def test_reward_manager_writes_step_rewards_on_step_ends():
-    texts = ["One.\nTwo.\n", "Only\n"]
-    width = 12
-    responses = torch.zeros(2, width, dtype=torch.long)
-    attention = torch.zeros(2, 3 + width, dtype=torch.long)
+def step_reward_batch(texts: list[str], width: int = 12, with_dataset_fields: bool = True) -> DataProto:
+    """What verl's legacy trainer hands the reward manager: char-token responses of `texts` after 3 prompt tokens."""
+    responses = torch.zeros(len(texts), width, dtype=torch.long)
+    attention = torch.zeros(len(texts), 3 + width, dtype=torch.long)
     attention[:, :3] = 1
     for row, text in enumerate(texts):
         responses[row, : len(text)] = torch.tensor([ord(c) for c in text])
         attention[row, 3 : 3 + len(text)] = 1
-    data = DataProto.from_dict(
-        tensors={"prompts": torch.ones(2, 3, dtype=torch.long), "responses": responses, "attention_mask": attention},
-        non_tensors={"data_source": np.array(["lab"] * 2, dtype=object),
-                     "reward_model": np.array([{"ground_truth": "x"}] * 2, dtype=object)})
+    fields = {"data_source": np.array(["lab"] * len(texts), dtype=object),
+              "reward_model": np.array([{"ground_truth": "x"}] * len(texts), dtype=object)}
+    return DataProto.from_dict(
+        tensors={"prompts": torch.ones(len(texts), 3, dtype=torch.long), "responses": responses,
+                 "attention_mask": attention},
+        non_tensors=fields if with_dataset_fields else {"raw_prompt": np.array([[]] * len(texts), dtype=object)})
+
+
+def step_reward_manager(compute_score) -> verl_adapter.CreditrlStepRewardManager:
+    config = OmegaConf.create({"reward": {"custom_reward_function": {"path": "my_reward.py"}}})
+    manager = verl_adapter.CreditrlStepRewardManager(config, CharTokenizer(), compute_score)
+    manager.splitter = "newline"
+    return manager
+
+
+def score_all(manager, data: DataProto) -> list[dict]:
+    async def all_rows():  # as verl's reward loop: the rows concurrently, in one event loop
+        return await asyncio.gather(*(manager.run_single(data[i : i + 1]) for i in range(len(data))))
+    return asyncio.run(all_rows())
+
+
+def test_reward_manager_writes_step_rewards_on_step_ends():
+    data = step_reward_batch(["One.\nTwo.\n", "Only\n"])
 
     def compute_score(data_source, solution_str, ground_truth, extra_info, steps):
-        return {"score": 1.0, "step_rewards": [float(i + 1) for i in range(len(steps))]}
+        return {"score": np.float32(1.0), "step_rewards": [float(i + 1) for i in range(len(steps))],
+                "note": "text" if len(steps) > 1 else 3}
 
-    os.environ.pop(verl_adapter.SPLITTER_ENV, None)
-    manager = verl_adapter.CreditrlStepRewardManager(None, CharTokenizer(), compute_score)
-    manager.splitter = "newline"
-    outputs = [asyncio.run(manager.run_single(data[i : i + 1])) for i in range(2)]
+    outputs = score_all(step_reward_manager(compute_score), data)
     scores = verl_adapter.CreditrlStepRewardManager.assemble_rm_scores(data, [o["reward_score"] for o in outputs])
-    expected = torch.zeros(2, width)
+    expected = torch.zeros(2, 12)
     expected[0, 4], expected[0, 9], expected[1, 4] = 1.0, 2.0, 1.0  # "One.\n" ends at 4, "Two.\n" at 9
     torch.testing.assert_close(scores, expected)
-    assert outputs[0]["reward_extra_info"] == {"score": 1.0, "n_steps": 2}
+    # every response logs the same keys (verl takes them from the first), numbers as floats
+    assert outputs[0]["reward_extra_info"] == {"score": 1.0, "note": None, "n_steps": 2}
+    assert outputs[1]["reward_extra_info"] == {"score": 1.0, "note": 3.0, "n_steps": 1}
+
+
+def test_reward_manager_awaits_an_async_reward_function():
+    async def compute_score(data_source, solution_str, ground_truth, extra_info, steps):
+        await asyncio.sleep(0)
+        return {"score": 0.0, "step_rewards": [0.5] * len(steps)}
+
+    outputs = score_all(step_reward_manager(compute_score), step_reward_batch(["One.\nTwo.\n"]))
+    assert outputs[0]["reward_score"][4] == outputs[0]["reward_score"][9] == 0.5
+
+
+@pytest.mark.parametrize(("step_rewards", "batch_options", "message"), [
+    ([1.0, float("nan")], {}, "step rewards must be finite"),
+    ([1.0], {}, "2 steps but 1 step rewards"),
+    ([1.0, 1.0], {"with_dataset_fields": False}, "set trainer.use_v1=false"),  # what the V1 trainer hands it
+])
+def test_reward_manager_refuses_what_it_cannot_lay_out(step_rewards, batch_options, message):
+    manager = step_reward_manager(lambda **_: {"score": 1.0, "step_rewards": step_rewards})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        score_all(manager, step_reward_batch(["One.\nTwo.\n"], **batch_options))
+
+
+def test_reward_manager_needs_a_custom_reward_function():
+    config = OmegaConf.create({"reward": {"custom_reward_function": {"path": None}}})
+    with pytest.raises(ValueError, match=re.escape("needs reward.custom_reward_function.path")):
+        verl_adapter.CreditrlStepRewardManager(config, CharTokenizer(), lambda **_: 0.0)
 
 
 # ---- recipes ----------------------------------------------------------------------------------------

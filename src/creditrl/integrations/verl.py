@@ -37,6 +37,7 @@ cluster.  Shapes: B responses, T padded response length (right-padded), S steps.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
@@ -397,14 +398,17 @@ class CreditrlStepRewardManager(RewardManagerBase):
     `CREDITRL_STEP_SPLITTER`, default `math`) and calls the configured reward function as
     `compute_score(data_source=, solution_str=, ground_truth=, extra_info=, steps=[str, ...])`,
     which must return a dict with `score` (the outcome reward, logged) and `step_rewards` (one
-    float per step); other scalar keys are logged too.  `run_single` returns the per-token rewards
-    (L,) of the response; `assemble_rm_scores` pads them into verl's `rm_scores` (B, T).
+    finite float per step); its other keys are logged (as floats, None where not a number).
+    `run_single` returns the per-token rewards (L,) of the response; `assemble_rm_scores` pads
+    them into verl's `rm_scores` (B, T).  Needs verl's legacy trainer (`trainer.use_v1=false`).
     """
 
     def __init__(self, config, tokenizer, compute_score, reward_router_address=None, reward_model_tokenizer=None):
         super().__init__(config, tokenizer, compute_score)
-        if compute_score is None:
-            raise ValueError("creditrl_step_rewards needs reward.custom_reward_function (a function returning "
+        # without a custom function verl substitutes its default scorer, and with a reward model it then
+        # bypasses run_single altogether (one float per response from the model)
+        if config.reward.custom_reward_function.path is None:
+            raise ValueError("creditrl_step_rewards needs reward.custom_reward_function.path (a function returning "
                              "{'score': ..., 'step_rewards': [...]}); verl's default scorer gives no step rewards")
         self.splitter = os.environ.get(SPLITTER_ENV) or DEFAULT_SPLITTER
         self.router_kwargs = {}
@@ -414,31 +418,40 @@ class CreditrlStepRewardManager(RewardManagerBase):
 
     async def run_single(self, data) -> dict:
         item = data[-1:][0]  # multi-sequence outputs: only the last sequence is scored, as verl's naive manager does
+        missing = [key for key in ("data_source", "reward_model") if key not in item.non_tensor_batch]
+        if missing:
+            raise ValueError(f"creditrl_step_rewards: the batch has no {missing}; verl 0.9.1's V1 trainer hands a "
+                             "colocated reward model's manager only prompts and responses: set trainer.use_v1=false")
         response_ids = item.batch["responses"]
         n_valid = int(item.batch["attention_mask"][-response_ids.shape[-1]:].sum())
         ids = response_ids[:n_valid].tolist()
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        loop = asyncio.get_running_loop()
+        text = await loop.run_in_executor(None, lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
         spans = split_steps(text, self.splitter) or [(0, len(text))]
-        extra_info = dict(item.non_tensor_batch.get("extra_info", None) or {})
-        result = self.compute_score(
-            data_source=item.non_tensor_batch["data_source"],
-            solution_str=text,
-            ground_truth=item.non_tensor_batch["reward_model"]["ground_truth"],
-            extra_info=extra_info,
-            steps=[text[start:end] for start, end in spans],
-            **self.router_kwargs,
-        )
+        score_kwargs = dict(data_source=item.non_tensor_batch["data_source"], solution_str=text,
+                            ground_truth=item.non_tensor_batch["reward_model"]["ground_truth"],
+                            extra_info=dict(item.non_tensor_batch.get("extra_info", None) or {}),
+                            steps=[text[start:end] for start, end in spans], **self.router_kwargs)
+        if inspect.iscoroutinefunction(self.compute_score):
+            result = await self.compute_score(**score_kwargs)
+        else:  # off the event loop, so that the batch's other responses are scored meanwhile
+            result = await loop.run_in_executor(None, lambda: self.compute_score(**score_kwargs))
         if inspect.isawaitable(result):
             result = await result
         if not isinstance(result, dict) or "step_rewards" not in result or "score" not in result:
             raise ValueError("creditrl_step_rewards: the reward function must return a dict with 'score' and "
                              f"'step_rewards' (one float per step), got {result!r}")
-        if len(result["step_rewards"]) != len(spans):
-            raise ValueError(f"creditrl_step_rewards: {len(spans)} steps but {len(result['step_rewards'])} step rewards")
-        step_of_token = token_step_ids(token_end_offsets(self.tokenizer, ids, skip_special_tokens=True), spans)
-        extra = {k: v for k, v in result.items() if k != "step_rewards" and isinstance(v, (int, float, bool))}
+        step_rewards = [float(r) for r in result["step_rewards"]]
+        if len(step_rewards) != len(spans):
+            raise ValueError(f"creditrl_step_rewards: {len(spans)} steps but {len(step_rewards)} step rewards")
+        if not all(np.isfinite(step_rewards)):
+            raise ValueError(f"creditrl_step_rewards: step rewards must be finite, got {step_rewards}")
+        offsets = await loop.run_in_executor(
+            None, lambda: token_end_offsets(self.tokenizer, ids, skip_special_tokens=True))
+        # the same keys for every response: verl takes the batch's keys from its first response
+        extra = {key: _loggable(value) for key, value in result.items() if key != "step_rewards"}
         extra["n_steps"] = len(spans)
-        return {"reward_score": token_rewards_from_steps(result["step_rewards"], step_of_token),
+        return {"reward_score": token_rewards_from_steps(step_rewards, token_step_ids(offsets, spans)),
                 "reward_extra_info": extra}
 
     @classmethod
@@ -448,3 +461,11 @@ class CreditrlStepRewardManager(RewardManagerBase):
         for row, token_rewards in enumerate(scores):
             rm_scores[row, : len(token_rewards)] = torch.tensor(token_rewards, dtype=torch.float32)
         return rm_scores
+
+
+def _loggable(value: Any) -> float | None:
+    """A reward function's extra value as a float for verl's logs (numpy and torch scalars too), else None."""
+    try:
+        return float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        return None
