@@ -69,11 +69,54 @@ def test_the_adapters_start_from_train_seed_whatever_ran_before(tiny_lab_model_d
     assert not all(torch.equal(first[n], other_seed[n]) for n in first)
 
 
+def test_a_bf16_model_merges_into_float32_weights_that_keep_the_small_updates(tiny_lab_model_dir, tmp_path):
+    trainer = Trainer(_cfg(tiny_lab_model_dir, tmp_path / "run", "model.dtype=bfloat16", "train.lr=1e-6"),
+                      show_progress=False)
+    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p.detach().clone()
+            for n, p in trainer.policy.model.named_parameters() if "lora_" not in n}
+    adapters = {}
+    trainer.on_step = lambda step: adapters.update(
+        {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if "lora_" in n})
+    trainer.train()
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    weight = base[f"{name}.weight"]
+    assert weight.dtype == torch.bfloat16 and final[f"{name}.weight"].dtype == torch.float32
+    update = (16.0 / 4) * adapters[f"base_model.model.{name}.lora_B.default.weight"] \
+        @ adapters[f"base_model.model.{name}.lora_A.default.weight"]
+    torch.testing.assert_close(final[f"{name}.weight"], weight.float() + update)
+    # at an RL learning rate, bf16 weights would have rounded nearly all of these updates away
+    kept_in_bf16 = ((weight.float() + update).to(torch.bfloat16) != weight).float().mean()
+    kept = (final[f"{name}.weight"] != weight.float()).float().mean()
+    assert kept > 0.9 and kept_in_bf16 < 0.1
+
+
+def test_old_logprobs_are_scored_without_the_adapters_dropout(tiny_lab_model_dir, tmp_path):
+    trainer = Trainer(_cfg(tiny_lab_model_dir, tmp_path / "run", "model.lora.dropout=0.5"), show_progress=False)
+    with torch.no_grad():  # B = 0 at the start would hide the dropout on the adapter's input
+        for name, param in trainer.policy.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    rollouts, _ = trainer.collect()
+    trainer.policy.model.train()
+    trainer._score_old(rollouts, old=True)
+    first = rollouts.old_logprobs.clone()
+    trainer._score_old(rollouts, old=True)
+    assert torch.equal(first, rollouts.old_logprobs)  # no dropout noise
+    assert trainer.policy.model.training  # the mode it had
+
+
 def test_bad_lora_settings_are_named(tiny_lab_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="model.lora.r"):
         load_config(None, ["model.lora.r=0"])
-    with pytest.raises(ValueError, match="model.lora.target_modules"):
-        Trainer(_cfg(tiny_lab_model_dir, tmp_path / "run", "model.lora.target_modules=[nope_proj]"), show_progress=False)
+    with pytest.raises(ConfigError, match="sampling.engine=vllm does not take LoRA adapters"):
+        load_config(None, ["model.lora.r=4", "sampling.engine=vllm"])
+    for targets, message in [("[nope_proj]", "model.lora.target_modules"),
+                             ("[q_proj,nope_proj]", r"\['nope_proj'\] match no layer"),
+                             ("[lm_head]", "input and output embeddings are one tensor")]:
+        with pytest.raises(ValueError, match=message):
+            Trainer(_cfg(tiny_lab_model_dir, tmp_path / "run", f"model.lora.target_modules={targets}"),
+                    show_progress=False)
 
 
 def test_compiled_scoring_trains_the_adapters_as_eager_does(tiny_lab_model_dir, tmp_path):

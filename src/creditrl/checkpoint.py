@@ -2,7 +2,8 @@
 
 A checkpoint is written into `step-NNNNNN.tmp/` and renamed to `step-NNNNNN/` as the last act,
 so a run killed mid-write leaves at most a `.tmp` folder that is never loaded.  Weights are
-safetensors (a normal transformers model folder, usable by `creditrl eval --model`), beside
+safetensors (a normal transformers model folder, usable by `creditrl eval --model`; under LoRA
+the adapters alone, which transformers loads over the base model's recorded path), beside
 them the float32 master weights of a bf16 model (`master_weights.safetensors`); optimizer and
 scheduler states load with `weights_only=True`, so nothing is ever unpickled.
 """

@@ -18,6 +18,7 @@ from creditrl.behaviour import VERIFY_PHRASES
 from creditrl.methods import get_method, method_params_model
 from creditrl.methods.loss import LossConfig
 from creditrl.policy.lora import LoRAConfig
+from creditrl.policy.vllm_engine import NO_LORA
 from creditrl.policy.transformers_backend import SamplingConfig
 from creditrl.prm import PRMConfig
 from creditrl.rewards import RewardConfig
@@ -178,6 +179,12 @@ class RunConfig(BaseModel):
                                        for e in err.errors())) from None
         if self.loss.agg == "seq-mean-token-sum-norm" and self.loss.norm_length is None:
             self.loss.norm_length = self.sampling.max_new_tokens
+        return self
+
+    @model_validator(mode="after")
+    def _engine_takes_the_model(self) -> "RunConfig":
+        if self.sampling.engine == "vllm" and self.model.lora is not None:
+            raise ValueError(NO_LORA)
         return self
 
     def run_dir(self) -> Path:

@@ -46,6 +46,7 @@ from creditrl.methods.fipo import fipo_config_warning
 from creditrl.methods.loss import masked_mean, policy_loss
 from creditrl.policy.loading import load_configured_policy
 from creditrl.policy.lora import apply_lora, is_lora, load_adapter_state, merged
+from creditrl.policy.transformers_backend import evaluation_mode
 from creditrl.resources import build_resources
 from creditrl.rollouts import Rollouts, concat
 from creditrl.tasks import build_task
@@ -243,9 +244,10 @@ class Trainer:
         for rows in chunks:
             sub = _trimmed(rollouts.select(rows)).to(device)
             if old:
-                scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
-                                           self.cfg.sampling.temperature, with_hidden=hidden,
-                                           buckets=self.cfg.train.length_buckets)
+                with evaluation_mode(self.policy.model):  # as the sampler: no dropout
+                        scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
+                                               self.cfg.sampling.temperature, with_hidden=hidden,
+                                               buckets=self.cfg.train.length_buckets)
                 chunks_old.append(_pad_cols(scores.logprobs.cpu(), width))
                 if hidden:
                     sub.hidden_states = scores.hidden_states

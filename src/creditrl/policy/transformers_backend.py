@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 import transformers
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -150,16 +150,13 @@ class TransformersPolicy:
 
             return sample_with_vllm(self, prompt_ids, n, cfg, seed)
         torch.manual_seed(seed)
-        was_training = self.model.training
-        self.model.eval()
         parts: list[Generation] = []
         prompts_per_call = max(1, cfg.batch_size // n)
         for start in range(0, len(prompt_ids), prompts_per_call):
             chunk = prompt_ids[start:start + prompts_per_call]
-            with self._autocast(), self._attention_kernels():
+            with evaluation_mode(self.model), self._autocast(), self._attention_kernels():
                 parts.append(self._sample_cached(chunk, n, cfg) if cfg.engine == "kv-cache"
                              else self._generate([p for p in chunk for _ in range(n)], cfg))
-        self.model.train(was_training)
         return Generation([p for p in prompt_ids for _ in range(n)],
                           [r for g in parts for r in g.response_ids], [t for g in parts for t in g.truncated],
                           None if parts[0].logprobs is None else [lp for g in parts for lp in g.logprobs],
@@ -327,6 +324,17 @@ class TransformersPolicy:
             yield captured
         finally:
             handle.remove()
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module):
+    """`model` in eval mode inside (no dropout: what the sampler samples from), its own mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @functools.cache

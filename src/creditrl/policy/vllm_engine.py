@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 MISSING = ("sampling.engine=vllm needs the vllm package (pip install vllm, on a machine with a GPU); "
            "sampling.engine=kv-cache samples without it")
+NO_LORA = ("sampling.engine=vllm does not take LoRA adapters (model.lora): their parameter names are not the base "
+           "model's; use sampling.engine=kv-cache")
 
 
 def sample_with_vllm(policy: TransformersPolicy, prompt_ids: list[list[int]], n: int, cfg: SamplingConfig,
@@ -59,8 +61,7 @@ def _engine(policy: TransformersPolicy, vllm):
     engine = getattr(policy, "_vllm_engine", None)
     if engine is None:
         if hasattr(policy.model, "peft_config"):
-            raise ValueError("sampling.engine=vllm does not take LoRA adapters (model.lora): their parameter names "
-                             "are not the base model's; use sampling.engine=kv-cache")
+            raise ValueError(NO_LORA)
         source = policy.model.config._name_or_path
         if not source:
             raise ValueError("sampling.engine=vllm: the policy's model has no folder to load from "
