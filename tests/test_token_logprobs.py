@@ -1,5 +1,7 @@
 """The fused projection + log-softmax against plain autograd over the full logits, and torch's gradcheck."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -67,8 +69,30 @@ def test_logits_are_kept_only_when_a_backward_can_use_them():
 
     assert kept_elements() == kept_elements(with_entropy=True, entropy_grad=True) == 37 * 50
     assert kept_elements(keep_logits=False) == 0
+
+
+def test_without_gradients_one_chunk_of_logits_is_alive_at_a_time(monkeypatch):
+    """Under no_grad (old and reference log-probs, evaluation) `keep_logits` must not hold the chunks:
+    that would bring back the whole batch's logits the chunking exists to avoid."""
+    import creditrl.policy.token_logprobs as module
+
+    head, hidden, targets = _case()
+    alive, most_alive = [], []
+    real_logits = module._logits
+
+    def counting_logits(*args):
+        most_alive.append(sum(ref() is not None for ref in alive))  # earlier chunks still held at this call
+        out = real_logits(*args)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(module, "_logits", counting_logits)
     with torch.no_grad():
-        assert kept_elements() == 0
+        chosen_token_logprobs(hidden, head, targets, chunk_elements=50 * 5, keep_logits=True)  # 8 chunks
+    assert len(most_alive) == 8 and max(most_alive) <= 1  # only the loop's previous chunk
+    alive.clear(), most_alive.clear()
+    chosen_token_logprobs(hidden, head, targets, chunk_elements=50 * 5, keep_logits=True)
+    assert most_alive[-1] == 7  # with gradients every chunk is kept for the backward
 
 
 def test_bf16_autocast_over_float32_weights_matches_autograd_under_autocast():
@@ -82,6 +106,21 @@ def test_bf16_autocast_over_float32_weights_matches_autograd_under_autocast():
     for got, want in zip(grads, ref_grads):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)  # both sides round the matmul inputs to bf16
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_entropy_of_bf16_logits_is_summed_in_float32_under_autocast(compiled):
+    """Only the projection runs in bf16: H = lse − Σ p·z over its logits is float32 arithmetic."""
+    from creditrl.policy.token_logprobs import _kernels
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(37, 300)).to(torch.bfloat16)
+    log_p = torch.log_softmax(logits.float(), -1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lse, entropy = _kernels(compiled)[0](logits, 1.0, True)
+    torch.testing.assert_close(lse, torch.logsumexp(logits.float(), -1))
+    # two float32 forms of H (lse − Σ p·z against −Σ p log p); a bf16 dot is off by up to 2.5e-2 here
+    torch.testing.assert_close(entropy, -(log_p.exp() * log_p).sum(-1), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("keep_logits", [False, True])

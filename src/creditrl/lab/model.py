@@ -21,11 +21,12 @@ def bundled_lab_dir() -> Path:
 
 
 def lab_model_config(vocab_size: int, hidden: int = 128, layers: int = 3, heads: int = 4, ffn: int = 512,
-                     max_positions: int = 256) -> LlamaConfig:
+                     max_positions: int = 256, kv_heads: int | None = None) -> LlamaConfig:
+    """`kv_heads` below `heads`: grouped-query attention (None: as many as the query heads)."""
     tok = build_char_tokenizer()
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+        num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=max_positions,
         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         bos_token_id=None,
     )

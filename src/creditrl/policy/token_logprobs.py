@@ -60,8 +60,10 @@ def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targ
         on = torch.is_autocast_enabled(hidden.device.type)
         dtype = torch.get_autocast_dtype(hidden.device.type) if on else head.weight.dtype
         weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
+        # grad mode is off inside forward (and needs_input_grad ignores it): keep only where a backward can come
+        keep = keep_logits and torch.is_grad_enabled()
         logprobs, entropy = ProjectedLogprobs.apply(hidden, weight, bias, targets, divisor, with_entropy, entropy_grad,
-                                                    compiled, per_chunk, keep_logits)
+                                                    compiled, per_chunk, keep)
         return logprobs, entropy if with_entropy else None
     results = _checkpointed_chunks(list(zip(hidden.split(per_chunk), targets.split(per_chunk))), head, divisor,
                                    with_entropy, entropy_grad)
@@ -153,7 +155,8 @@ def _log_normalizer(logits: Tensor, divisor: float, with_entropy: bool) -> tuple
     exps = (z - top).exp_()
     total = exps.sum(-1)
     lse = top.squeeze(-1) + total.log()
-    return lse, lse - (exps[:, None, :] @ z[:, :, None]).view(-1) / total  # H = lse − Σ p·z (a batched dot)
+    with torch.autocast(z.device.type, enabled=False):  # autocast would run the batched dot in bf16
+        return lse, lse - (exps[:, None, :] @ z[:, :, None]).view(-1) / total  # H = lse − Σ p·z
 
 
 def _logits_gradient(logits: Tensor, lse: Tensor, entropy: Tensor, targets: Tensor, g: Tensor, e: Tensor | None,
