@@ -159,3 +159,21 @@ def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_mass():
     counts = torch.bincount(_inverse_cdf(probs, torch.rand(60000)), minlength=5).float() / 60000
     assert counts[0] == 0 and counts[2] == 0
     torch.testing.assert_close(counts, torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3]), atol=0.01, rtol=0)
+
+
+def test_the_growing_cache_doubles_up_to_the_longest_row_and_no_further():
+    from creditrl.policy.decoding import GrowingLayer
+
+    layer = GrowingLayer(max_length=40)
+    keys = torch.randn(2, 3, 30, 4)
+    layer.update(keys, -keys)  # a prompt of 30 positions: the buffer holds exactly those
+    assert layer._keys.shape[-2] == 30
+    step = torch.randn(2, 3, 1, 4)
+    layer.update(step, -step)  # full: it would double to 60, but no row gets past 40
+    assert layer._keys.shape[-2] == 40
+    torch.testing.assert_close(layer.keys, torch.cat([keys, step], dim=-2))
+    torch.testing.assert_close(layer.values, -torch.cat([keys, step], dim=-2))
+    unbounded = GrowingLayer()
+    unbounded.update(keys, keys)
+    unbounded.update(step, step)
+    assert unbounded._keys.shape[-2] == 60

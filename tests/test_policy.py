@@ -77,15 +77,68 @@ def test_sampling_is_seeded_and_grouped(tiny_policy):
     assert all(t == (len(r) == 10 and tiny_policy.eos_ids[0] not in r) for r, t in zip(a.response_ids, a.truncated))
 
 
-def test_stop_strings_end_the_response(tiny_policy):
+@pytest.mark.parametrize("engine", ["kv-cache", "generate"])
+def test_stop_strings_end_the_response(tiny_policy, engine):
     prompts = _encode(tiny_policy)
-    free = tiny_policy.sample(prompts, 2, SamplingConfig(max_new_tokens=30), seed=1)
-    stopped = tiny_policy.sample(prompts, 2, SamplingConfig(max_new_tokens=30, stop=["1"]), seed=1)
+    free = tiny_policy.sample(prompts, 2, SamplingConfig(engine=engine, max_new_tokens=30), seed=1)
+    stopped = tiny_policy.sample(prompts, 2, SamplingConfig(engine=engine, max_new_tokens=30, stop=["1"]), seed=1)
+    assert any("1" in tiny_policy.decode(full) for full in free.response_ids)  # the check below does act
     for full, cut in zip(free.response_ids, stopped.response_ids):
         text = tiny_policy.decode(full)
         if "1" in text:
             assert tiny_policy.decode(cut).endswith("1") and tiny_policy.decode(cut).count("1") == 1
             assert cut == full[: len(cut)]
+        else:
+            assert cut == full
+
+
+def test_the_generate_engine_looks_for_stop_strings_in_the_response_alone(tiny_policy):
+    """A prompt ending in "\n" and a response starting with "\n": transformers' own stop-string criterion
+    sees "\n\n" across the boundary; the engine's (as the kv-cache engine) waits for the response's own."""
+    from transformers import StopStringCriteria
+
+    from creditrl.policy.transformers_backend import _ResponseStopStrings
+
+    prompt = tiny_policy.encode_prompt("1+1=")
+    assert tiny_policy.decode(prompt).endswith("\n")
+    newline = tiny_policy.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    ours = _ResponseStopStrings(tiny_policy.tokenizer, ["\n\n"], len(prompt))
+    theirs = StopStringCriteria(tiny_policy.tokenizer, ["\n\n"])
+    one, two = torch.tensor([prompt + newline]), torch.tensor([prompt + newline * 2])
+    assert theirs(one, None).item() and not ours(one, None).item()
+    assert ours(two, None).item()
+
+
+def test_the_shortest_prefix_holding_a_stop_string_is_found(tiny_policy):
+    from creditrl.policy.transformers_backend import _stop_string_end
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = tiny_policy.tokenizer("0123456789+=\n", add_special_tokens=False)["input_ids"]
+    for _ in range(50):
+        row = [vocab[int(i)] for i in torch.randint(0, len(vocab), (20,), generator=gen)]
+        stops = ["12", "\n="]
+        by_hand = next((k for k in range(1, len(row) + 1)
+                        if any(s in tiny_policy.tokenizer.decode(row[:k]) for s in stops)), None)
+        assert _stop_string_end(tiny_policy.tokenizer, row, stops) == by_hand
+
+
+def test_generate_samples_softmax_with_temperature_and_top_p_only(tiny_policy, monkeypatch):
+    """The model's own generation_config (top_k=1, a repetition penalty, min_p here) and transformers'
+    default top_k=50 must not reach the sampler: the distribution scored is softmax(z/τ) cut at top_p."""
+    own = tiny_policy.model.generation_config
+    own.top_k, own.repetition_penalty, own.min_p = 1, 2.0, 0.5
+    used = []
+    real = type(tiny_policy.model)._get_logits_processor
+
+    def spy(self, *args, **kwargs):
+        used.append(real(self, *args, **kwargs))
+        return used[-1]
+
+    monkeypatch.setattr(type(tiny_policy.model), "_get_logits_processor", spy)
+    tiny_policy.sample(_encode(tiny_policy), 2, SamplingConfig(engine="generate", temperature=0.7, top_p=0.9,
+                                                               max_new_tokens=4), seed=0)
+    assert [type(p).__name__ for p in used[0]] == ["TemperatureLogitsWarper", "TopPLogitsWarper"]
+    assert tiny_policy.model.generation_config is own and own.top_k == 1  # the model's own config is back
 
 
 def test_bf16_autocast_scores_close_to_float32(tiny_policy):

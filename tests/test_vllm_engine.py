@@ -34,11 +34,13 @@ class _StandInLLM:
         self.resets += 1
 
     def generate(self, prompts, sampling_params, use_tqdm):
+        """vLLM takes one SamplingParams for all prompts, or a list of one per prompt."""
         self.calls.append((prompts, sampling_params))
-        p = sampling_params
+        per_prompt = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        assert len(per_prompt) == len(prompts)
         return [types.SimpleNamespace(outputs=[
             types.SimpleNamespace(token_ids=[prompt["prompt_token_ids"][-1], j], finish_reason="length" if j else "stop")
-            for j in range(p.n)]) for prompt in prompts]
+            for j in range(p.n)]) for prompt, p in zip(prompts, per_prompt)]
 
 
 @pytest.fixture()
@@ -60,8 +62,8 @@ def test_rows_params_and_weight_pushes(tiny_policy, stand_in_vllm):
     assert engine.kwargs["model"] == tiny_policy.model.config._name_or_path
     sent, params = engine.calls[0]
     assert sent == [{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [7, 8, 9]}]
-    assert (params.n, params.temperature, params.top_p, params.max_tokens, params.stop, params.seed) == \
-           (3, 0.6, 0.9, 7, ["\n"], 11)
+    assert [(p.n, p.temperature, p.top_p, p.max_tokens, p.stop, p.seed) for p in params] == \
+           [(3, 0.6, 0.9, 7, ["\n"], 11), (3, 0.6, 0.9, 7, ["\n"], 12)]  # a seed of its own for each prompt
     assert gen.prompt_ids == [[5, 6]] * 3 + [[7, 8, 9]] * 3
     assert gen.response_ids == [[6, 0], [6, 1], [6, 2], [9, 0], [9, 1], [9, 2]]
     assert gen.truncated == [False, True, True] * 2

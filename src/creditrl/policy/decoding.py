@@ -45,7 +45,8 @@ def sample_with_cache(model: PreTrainedModel, prompt_ids: Tensor, prompt_mask: T
     `torch.manual_seed` and its own place, not on when the other rows ended.
     """
     cache = DynamicCache(config=model.config)
-    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    longest = prompt_ids.shape[1] + max_new_tokens  # the cache never holds more
+    cache.layers = [GrowingLayer(longest) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     cache_arg = {_cache_argument(model): cache}
     mask = prompt_mask.long()
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -93,8 +94,13 @@ class GrowingLayer(DynamicLayer):
     """A full-attention cache layer that appends in place into spare capacity.
 
     `DynamicLayer` concatenates on every token, copying the whole cache each step (O(T²) traffic
-    over a response); here the buffer doubles when full, and keys/values are views of its filled part.
+    over a response); here the buffer doubles when full, up to `max_length` positions, and
+    keys/values are views of its filled part.
     """
+
+    def __init__(self, max_length: int | None = None):
+        super().__init__()
+        self.max_length = max_length
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
@@ -102,7 +108,8 @@ class GrowingLayer(DynamicLayer):
             self._keys = self._values = None
         new = key_states.shape[-2]
         if self._keys is None or self.length + new > self._keys.shape[-2]:
-            capacity = max(2 * self.length, self.length + new, 16)
+            doubled = max(2 * self.length, 16)
+            capacity = max(self.length + new, min(doubled, self.max_length or doubled))
             self._keys = _grown(self._keys, key_states, self.length, capacity)
             self._values = _grown(self._values, value_states, self.length, capacity)
         self._keys[..., self.length:self.length + new, :] = key_states

@@ -17,6 +17,7 @@ that the shapes it plans for repeat from step to step.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -28,7 +29,7 @@ import transformers
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
 from creditrl.policy.compiling import compile_dynamic
 from creditrl.policy.decoding import sample_with_cache
@@ -166,11 +167,8 @@ class TransformersPolicy:
         ids, mask = left_pad(prompts, self.pad_id, self.device)
         stopped = None
         if cfg.stop:
-            window = max(len(s) for s in cfg.stop) + 4  # tokens: each decodes to at least one character, mostly
-
             def stopped(_row: int, tokens: list[int]) -> bool:
-                tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=True)
-                return any(s in tail for s in cfg.stop)
+                return _tail_has_stop(self.tokenizer, tokens, cfg.stop)
         out = sample_with_cache(self.model, ids, mask, n, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                 self.eos_ids, stopped)
         rows = [p for p in prompts for _ in range(n)]
@@ -189,13 +187,20 @@ class TransformersPolicy:
         greedy = cfg.temperature == 0.0
         gen_cfg = GenerationConfig(
             do_sample=not greedy, temperature=None if greedy else cfg.temperature,
-            top_p=None if greedy else cfg.top_p, top_k=None, max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, stop_strings=cfg.stop or None,
+            top_p=None if greedy else cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
             cache_implementation="static" if cfg.static_cache else None,
         )
+        # the response alone is searched for stop strings, as in the kv-cache engine (transformers' own
+        # stop_strings also match across the prompt's end)
+        stopping = [_ResponseStopStrings(self.tokenizer, cfg.stop, ids.shape[1])] if cfg.stop else None
+        # generate fills every setting left unset from the model's generation_config (top_k, min_p,
+        # repetition_penalty, ...), and then top_k=50 from its own defaults: with a bare one for the
+        # call and top_k=0, it samples from exactly softmax(z/τ) with top_p, the distribution scored
+        model_defaults, self.model.generation_config = self.model.generation_config, GenerationConfig()
         try:
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
-                                      tokenizer=self.tokenizer if cfg.stop else None)
+                                      stopping_criteria=stopping)
         except RuntimeError as err:
             if cfg.static_cache and self.autocast_dtype is not None and "same dtype" in str(err):
                 raise RuntimeError(
@@ -205,12 +210,16 @@ class TransformersPolicy:
                     f"(model.dtype=bfloat16, model.bf16_autocast=false) need no autocast; or set "
                     f"sampling.static_cache=false") from err
             raise
+        finally:
+            self.model.generation_config = model_defaults
         new = out[:, ids.shape[1]:].tolist()
         responses, truncated = [], []
         for row in new:
-            cut = next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), None)
-            if cut is None and cfg.stop:
-                cut = _stop_string_end(self.tokenizer, row, cfg.stop)
+            # a row stopped by a stop string is filled with the pad token, which may be an end token too:
+            # the earlier of the two cuts is where the row ended
+            cuts = [next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), None),
+                    _stop_string_end(self.tokenizer, row, cfg.stop) if cfg.stop else None]
+            cut = min((c for c in cuts if c is not None), default=None)
             responses.append(row[:cut] if cut is not None else row)
             truncated.append(cut is None and len(row) >= cfg.max_new_tokens)
         return Generation(rows, responses, truncated)
@@ -418,10 +427,31 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list
 
 
 def _stop_string_end(tokenizer: PreTrainedTokenizerBase, row: list[int], stops: list[str]) -> int | None:
-    """Number of tokens up to and including the first token that completes a stop string."""
-    text = ""
-    for i, tok in enumerate(row):
-        text = tokenizer.decode(row[: i + 1], skip_special_tokens=True)
-        if any(s in text for s in stops):
-            return i + 1
-    return None
+    """Number of tokens up to and including the first token that completes a stop string.
+
+    A prefix that holds a stop string stays one as it grows, so the shortest is found by bisection."""
+    def holds_stop(length: int) -> bool:
+        return any(s in tokenizer.decode(row[:length], skip_special_tokens=True) for s in stops)
+    if not row or not holds_stop(len(row)):
+        return None
+    return bisect.bisect_left(range(1, len(row) + 1), True, key=holds_stop) + 1
+
+
+def _tail_has_stop(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stops: list[str]) -> bool:
+    """Whether the last tokens of a response hold a stop string (enough tokens for the longest string,
+    with characters of several tokens each)."""
+    window = 4 * max(len(s) for s in stops) + 8
+    tail = tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+    return any(s in tail for s in stops)
+
+
+class _ResponseStopStrings(StoppingCriteria):
+    """generate's stopping criterion: a row stops when its response (after `prompt_width` columns) ends
+    in a stop string."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str], prompt_width: int):
+        self.tokenizer, self.stops, self.prompt_width = tokenizer, stops, prompt_width
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+        done = [_tail_has_stop(self.tokenizer, row, self.stops) for row in input_ids[:, self.prompt_width:].tolist()]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

@@ -36,8 +36,10 @@ def sample_with_vllm(policy: TransformersPolicy, prompt_ids: list[list[int]], n:
     vllm = _import_vllm()
     engine = _engine(policy, vllm)
     _push_weights_if_changed(policy, engine)
-    params = vllm.SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                                 stop=cfg.stop or None, include_stop_str_in_output=True, seed=seed)
+    # one seed per prompt: with one seed for all, every prompt's samples would draw the same random numbers
+    params = [vllm.SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                                  stop=cfg.stop or None, include_stop_str_in_output=True, seed=seed + i)
+              for i in range(len(prompt_ids))]
     outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=params,
                               use_tqdm=False)
     rows, responses, truncated = [], [], []
