@@ -100,7 +100,7 @@ def test_dynamic_sampling_keeps_only_groups_with_spread(tiny_lab_model_dir, tmp_
     rollouts, info = trainer.collect()
     assert 1 <= info["gen_rounds"] <= 3 and info["kept_groups"] <= 3
     for g in torch.unique(rollouts.group_ids):
-        assert rollouts.rewards[rollouts.group_ids == g].unique().numel() == 2
+        assert rollouts.rewards[rollouts.group_ids == g].unique().numel() > 1  # spread (±1, and overlong shaping)
     assert rollouts.batch_size == 4 * len(torch.unique(rollouts.group_ids))
 
 

@@ -179,6 +179,9 @@ class RunConfig(BaseModel):
                                        for e in err.errors())) from None
         if self.loss.agg == "seq-mean-token-sum-norm" and self.loss.norm_length is None:
             self.loss.norm_length = self.sampling.max_new_tokens
+        if method.overlong_shaping and self.reward.overlong_max is None:  # DAPO's 20480 / 4096, scaled
+            self.reward.overlong_max = self.sampling.max_new_tokens
+            self.reward.overlong_buffer = self.sampling.max_new_tokens // 5
         return self
 
     @model_validator(mode="after")

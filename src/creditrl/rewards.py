@@ -22,7 +22,8 @@ class RewardConfig(BaseModel):
     - `overlong_max` (L_max), `overlong_buffer` (L_cache), `overlong_penalty` (scale): DAPO's soft
       overlong punishment, off while `overlong_max` is None.  DAPO used L_max = 20480 with
       L_cache = 4096 (expected length 16384), i.e. L_max = the max new tokens and a buffer of a
-      fifth of it; recipes set both explicitly.
+      fifth of it: what `dapo` and `fipo` get when `overlong_max` is unset (`overlong_penalty=0`
+      turns it off).
     """
 
     model_config = ConfigDict(extra="forbid")

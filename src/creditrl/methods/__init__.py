@@ -77,6 +77,7 @@ class Method:
     defaults: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
     needs_step_rewards: bool = False
+    overlong_shaping: bool = False  # DAPO's: with reward.overlong_max unset, L_max = max new tokens, L_cache = a fifth
     needs_hidden_states: bool = False  # the trainer captures rollouts.hidden_states in the old-log-prob forward
 
     def pieces(self) -> list[tuple[str, str]]:

@@ -119,10 +119,13 @@ register_method(
             "loss.agg": "token-mean",
             "rollout.dynamic_sampling": True,
             "rollout.max_num_gen_batches": 10,
+            "train.n_minibatches": 8,  # the paper's 8 updates per rollout batch: π_θ ≠ π_old from the second on
         },
+        overlong_shaping=True,
         summary=(
             "FIPO (arXiv 2603.19835): DAPO with each token's advantage scaled by clip(exp(discounted future Δ)); "
-            "needs several minibatches or epochs per rollout batch (otherwise Δ = 0 and it is DAPO)."
+            "needs several minibatches or epochs per rollout batch (otherwise Δ = 0 and it is DAPO): 8 minibatches "
+            "by default, as the paper."
         ),
     )
 )

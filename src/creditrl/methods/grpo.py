@@ -156,9 +156,11 @@ register_method(
             "rollout.dynamic_sampling": True,
             "rollout.max_num_gen_batches": 10,
         },
+        overlong_shaping=True,
         summary=(
-            "DAPO (arXiv 2503.14476): ±1 rewards, clip-higher, token-mean loss, dynamic sampling; overlong "
-            "shaping is on once the config sets reward.overlong_max and reward.overlong_buffer (paper: 20480 / 4096)."
+            "DAPO (arXiv 2503.14476): ±1 rewards, clip-higher, token-mean loss, dynamic sampling, overlong "
+            "shaping (paper: L_max 20480, L_cache 4096; here by default L_max = sampling.max_new_tokens and a "
+            "buffer of a fifth of it; reward.overlong_penalty=0 turns it off)."
         ),
     )
 )

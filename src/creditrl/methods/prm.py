@@ -51,7 +51,7 @@ def with_outcome(scores: Tensor, rollouts: Rollouts, weight: float) -> Tensor:
 
     A last step the PRM left unscored (NaN) gets w·R_i alone.
     """
-    if weight == 0:
+    if weight == 0 or scores.shape[1] == 0:  # no steps anywhere in the batch: nothing to add w·R to
         return scores
     last = (rollouts.num_steps - 1).clamp(0, scores.shape[1] - 1)
     rows = torch.arange(scores.shape[0])
