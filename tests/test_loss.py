@@ -105,6 +105,25 @@ def test_empty_mask_gives_zero_not_nan(agg):
     assert torch.equal(logp.grad, torch.zeros_like(logp))
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_nan_off_the_mask_reaches_neither_the_loss_nor_the_gradient(agg):
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    logp = torch.randn(2, 5, requires_grad=True)
+    old, adv, ref = torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5)
+    cfg = LossConfig(agg=agg, norm_length=5, kl_coef=0.1)
+    clean, _ = policy_loss(logp, old, adv, mask, cfg, ref_logprobs=ref)
+    clean_grad, = torch.autograd.grad(clean, logp)
+    for which in range(3):  # one input at a time (a NaN log-ratio would hide the others' NaN behind its clamp)
+        inputs = [old.clone(), adv.clone(), ref.clone()]
+        inputs[which][~mask] = float("nan")
+        dirty, metrics = policy_loss(logp, inputs[0], inputs[1], mask, cfg, ref_logprobs=inputs[2])
+        dirty_grad, = torch.autograd.grad(dirty, logp)
+        torch.testing.assert_close(dirty, clean)
+        torch.testing.assert_close(dirty_grad, clean_grad)  # finite, and zero off the mask
+        assert all(torch.isfinite(v) for v in metrics.values())
+
+
 def test_kl_estimators_closed_forms():
     logp = torch.tensor([-1.0, 0.0, -30.0, 0.0])
     ref = torch.tensor([-2.0, 0.0, 0.0, -30.0])

@@ -85,6 +85,36 @@ def test_half_written_checkpoint_is_never_loaded(tiny_lab_model_dir, tmp_path):
     assert trainer.step == 3
 
 
+def test_skipped_steps_in_a_row_are_counted_across_a_resume(tiny_lab_model_dir, tmp_path):
+    """A run that skips steps 1 and 2 (NaN rewards), checkpoints, dies and resumes stops at step 3, as the
+    unbroken run does (the count of skips in a row is saved with the checkpoint)."""
+    run, bad = tmp_path / "run", ["reward.wrong=.nan", "train.max_bad_steps=3", "eval.before=false",
+                                  "output.checkpoint_every=1"]
+    Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=2", *bad), show_progress=False).train()
+    with pytest.raises(TrainingStopped, match=r"stopping at step 3: 3 skipped updates in a row"):
+        Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=4", *bad), show_progress=False).train(resume=True)
+
+
+def test_the_lr_schedule_moves_on_a_skipped_step_and_logs_the_lr_used(tiny_lab_model_dir, tmp_path):
+    cfg = _cfg(tiny_lab_model_dir, tmp_path / "run", "train.warmup_steps=4", "train.steps=8", "reward.wrong=.nan",
+               "train.max_bad_steps=8")
+    trainer = Trainer(cfg, show_progress=False)
+    trainer._build_optimizer()
+    first = trainer.train_step()  # skipped: non-finite advantages
+    assert first.bad is not None and first.metrics["lr"] == pytest.approx(1e-3 * 1 / 4)  # warm-up, step 1 of 4
+    assert trainer.train_step().metrics["lr"] == pytest.approx(1e-3 * 2 / 4)
+
+
+def test_n_minibatches_is_the_number_of_updates_even_when_it_does_not_divide_the_batch(tiny_lab_model_dir, tmp_path):
+    cfg = _cfg(tiny_lab_model_dir, tmp_path / "run", "rollout.prompts_per_step=5", "rollout.group_size=2",
+               "train.n_minibatches=4", "eval.before=false")
+    trainer = Trainer(cfg, show_progress=False)
+    trainer.task.verify = lambda p, r, verdict=trainer.task.verify: verdict(p, r).__class__(correct=len(r) % 2 == 0)
+    trainer._build_optimizer()
+    outcome = trainer.train_step()  # 10 rows in 4 minibatches of 3, 3, 2, 2 (chunk would make 3, 3, 3, 1)
+    assert outcome.bad is None and outcome.metrics["updates"] == 4
+
+
 def test_non_finite_rewards_stop_the_run_with_the_cause(tiny_lab_model_dir, tmp_path):
     cfg = _cfg(tiny_lab_model_dir, tmp_path / "run", "reward.wrong=.nan", "train.max_bad_steps=2", "eval.before=false")
     with pytest.raises(TrainingStopped, match=r"2 skipped updates in a row.*non-finite advantages"):

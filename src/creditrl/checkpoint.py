@@ -40,6 +40,7 @@ def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, schedu
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync(folder)  # the rename itself survives a power loss
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -75,6 +76,16 @@ def load_optimizer_state(path: Path, optimizer, scheduler) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
-    for item in folder.iterdir():
-        with open(item, "rb") as fh:
-            os.fsync(fh.fileno())
+    """Every file under `folder`, and the folders holding them, on disk."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

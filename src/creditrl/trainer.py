@@ -29,6 +29,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -136,6 +137,7 @@ class Trainer:
         trainer_state = load_trainer_state(ckpt)
         self.step, self.position = trainer_state["step"], trainer_state["position"]
         self.skipped_updates = trainer_state.get("skipped_updates", 0)
+        self.bad_in_a_row = trainer_state.get("bad_in_a_row", 0)
         _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
         _truncate_jsonl(self.run_dir / "eval.jsonl", self.step)
         self.console.print(f"resumed from {ckpt} (step {self.step})")
@@ -190,6 +192,15 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------
     def train_step(self) -> StepOutcome:
+        """One step: sample, score, advantages, update.  The lr schedule moves on whether or not the step
+        updated (a skipped step still counts in `train.steps`); the logged lr is the one this step used."""
+        lr = self.scheduler.get_last_lr()[0]
+        outcome = self._sample_and_update()
+        self.scheduler.step()
+        outcome.metrics["lr"] = lr
+        return outcome
+
+    def _sample_and_update(self) -> StepOutcome:
         t0 = time.perf_counter()
         rollouts, extra = self.collect()
         t_sample = time.perf_counter() - t0
@@ -221,7 +232,7 @@ class Trainer:
         t_update = time.perf_counter() - t3
         elapsed = time.perf_counter() - t0
         metrics.update(time_sample=t_sample, time_score=t_score, time_advantage=t_adv, time_update=t_update,
-                       time_step=elapsed, tokens_per_s=mask.sum().item() / elapsed, lr=self.scheduler.get_last_lr()[0],
+                       time_step=elapsed, tokens_per_s=mask.sum().item() / elapsed,
                        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # process peak so far (Linux: KiB)
         return StepOutcome(metrics, bad)
 
@@ -277,7 +288,7 @@ class Trainer:
         bonus = self.cfg.loss.entropy_coef > 0
         for _ in range(t.ppo_epochs):
             order = torch.randperm(rollouts.batch_size, generator=generator)
-            for rows in order.chunk(t.n_minibatches):
+            for rows in order.tensor_split(min(t.n_minibatches, rollouts.batch_size)):  # sizes differ by ≤ 1
                 sub = _trimmed(rollouts.select(rows)).to(self.policy.device)
                 adv = advantages[rows][:, : sub.response_ids.shape[1]].to(self.policy.device)
                 scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
@@ -298,7 +309,6 @@ class Trainer:
                 n_updates += 1
                 for key, value in {**m, "loss": loss.detach(), "grad_norm": norm}.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
-        self.scheduler.step()
         metrics.update({k: v / max(n_updates, 1) for k, v in sums.items()})
         metrics["updates"] = float(n_updates)
         return bad if n_updates == 0 else None
@@ -322,9 +332,10 @@ class Trainer:
             self._clear_earlier_run(overwrite or (resume and _same_or_no_config(self.run_dir / "config.yaml", cfg)))
         save_config(cfg, self.run_dir / "config.yaml")
         started = time.time()
-        self.tensorboard = _tensorboard_writer(self.run_dir) if cfg.output.tensorboard else None
+        # a resumed run's events after its checkpoint are dropped, as the jsonl logs are cut back to it
+        self.tensorboard = _tensorboard_writer(self.run_dir, self.step + 1) if cfg.output.tensorboard else None
         evals = _read_jsonl(self.run_dir / "eval.jsonl")
-        if cfg.eval.before and not evals:
+        if cfg.eval.before and not evals and self.step == 0:
             self.console.print("evaluating the starting policy ...")
             evals.append(self._log_eval(0))
         with self._progress() as progress:
@@ -398,7 +409,8 @@ class Trainer:
         folder = self.run_dir / "checkpoints"
         try:
             save_checkpoint(folder, self.step, self.policy.model, self.policy.tokenizer, self.optimizer, self.scheduler,
-                            {"position": self.position, "skipped_updates": self.skipped_updates},
+                            {"position": self.position, "skipped_updates": self.skipped_updates,
+                             "bad_in_a_row": self.bad_in_a_row},
                             keep=self.cfg.output.keep_checkpoints, master_weights=self.masters.state_dict())
         except OSError as err:
             shutil.rmtree(folder / f"step-{self.step:06d}.tmp", ignore_errors=True)
@@ -424,10 +436,15 @@ def _check_same_run(saved: Path, cfg: RunConfig) -> None:
         return
     before, now = _flatten(yaml.safe_load(saved.read_text())), _flatten(cfg.model_dump(mode="json"))
     changed = sorted(k for k in before.keys() | now.keys()
-                     if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES))
+                     if not _same_value(before.get(k), now.get(k)) and not k.startswith(RESUMABLE_CHANGES))
     if changed:
         raise TrainingStopped(f"cannot resume: the configuration differs from {saved} in "
                               + ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed))
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal config values, a NaN (a deliberate `.nan` setting) equal to itself."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 def _same_or_no_config(saved: Path, cfg: RunConfig) -> bool:
@@ -448,12 +465,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _tensorboard_writer(run_dir: Path):
+def _tensorboard_writer(run_dir: Path, first_step: int):
+    """Events from `first_step` on; those an earlier writer logged there (a killed run's) are purged."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ImportError("output.tensorboard needs the tensorboard package: pip install 'creditrl[tensorboard]'") from None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=first_step)
 
 
 @functools.lru_cache(maxsize=2)

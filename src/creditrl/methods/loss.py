@@ -131,7 +131,9 @@ def policy_loss(
             f"advantages {tuple(advantages.shape)}, mask {tuple(mask.shape)}"
         )
     mask = mask.bool()
-    delta = logprobs - old_logprobs
+    # off the mask every input is replaced, not just left out: a NaN there would still reach the
+    # gradient (0 · NaN) through the masked aggregation's backward
+    delta = torch.where(mask, logprobs - old_logprobs, 0.0)
     delta_t = ratio_transform(delta, mask) if ratio_transform is not None else delta
     ratio = torch.exp(delta_t.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
@@ -140,7 +142,7 @@ def policy_loss(
             weight = token_weight(advantages, delta.detach(), mask)
     else:
         weight = torch.ones_like(advantages)
-    adv = advantages * weight
+    adv = torch.where(mask, advantages * weight, 0.0)
 
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
@@ -157,7 +159,7 @@ def policy_loss(
     if cfg.kl_coef > 0:
         if ref_logprobs is None:
             raise ValueError("loss.kl_coef > 0 needs ref_logprobs (log-probs of the frozen reference policy)")
-        kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator)
+        kl = kl_penalty(logprobs, torch.where(mask, ref_logprobs, logprobs.detach()), cfg.kl_estimator)
         loss = loss + cfg.kl_coef * aggregate(kl, mask, cfg.agg, cfg.norm_length)
         metrics["kl"] = masked_mean(kl.detach(), mask)
     if entropy is not None:
