@@ -104,7 +104,8 @@ class TrainConfig(_Section):
                                                             "and recompute the rest (less memory, about ⅓ more compute)")
     recompute_old_logprobs: bool = Field(False, description="score old log-probs with a forward even when the "
                                                             "sampler returned them (kv-cache engine)")
-    max_bad_steps: int = Field(3, ge=1, description="stop after this many steps in a row without an update (non-finite loss, gradients or advantages, or no group with reward spread)")
+    max_bad_steps: int = Field(3, ge=1, description="stop after this many steps in a row without an update "
+                               "(non-finite loss, gradients or advantages, or no group with reward spread)")
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
 

@@ -252,24 +252,24 @@ class Trainer:
         chunks = _group_chunks(rollouts.group_ids, size) if hidden else torch.arange(rollouts.batch_size).split(size)
         chunks_old, chunks_ref, chunks_adv = [], [], []
         device = self.policy.device
-        for rows in chunks:
-            sub = _trimmed(rollouts.select(rows)).to(device)
-            if old:
-                with evaluation_mode(self.policy.model):  # as the sampler: no dropout
-                        scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
-                                               self.cfg.sampling.temperature, with_hidden=hidden,
+        with evaluation_mode(self.policy.model):  # as the sampler samples: no dropout
+            for rows in chunks:
+                sub = _trimmed(rollouts.select(rows)).to(device)
+                if old:
+                    scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids,
+                                               sub.response_mask, self.cfg.sampling.temperature, with_hidden=hidden,
                                                buckets=self.cfg.train.length_buckets)
-                chunks_old.append(_pad_cols(scores.logprobs.cpu(), width))
-                if hidden:
-                    sub.hidden_states = scores.hidden_states
-                    chunks_adv.append(_pad_cols(compute_advantages(self.method, sub, self.cfg.method_params,
-                                                                   **self.resources).cpu(), width))
-            if self.reference is not None:
-                ref_policy = copy.copy(self.policy)
-                ref_policy.model = self.reference
-                chunks_ref.append(_pad_cols(ref_policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids,
-                                                             sub.response_mask, self.cfg.sampling.temperature,
-                                                             buckets=self.cfg.train.length_buckets).logprobs.cpu(), width))
+                    chunks_old.append(_pad_cols(scores.logprobs.cpu(), width))
+                    if hidden:
+                        sub.hidden_states = scores.hidden_states
+                        chunks_adv.append(_pad_cols(compute_advantages(self.method, sub, self.cfg.method_params,
+                                                                       **self.resources).cpu(), width))
+                if self.reference is not None:
+                    ref_policy = copy.copy(self.policy)
+                    ref_policy.model = self.reference
+                    ref_scores = ref_policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
+                                                  self.cfg.sampling.temperature, buckets=self.cfg.train.length_buckets)
+                    chunks_ref.append(_pad_cols(ref_scores.logprobs.cpu(), width))
         order = torch.cat(chunks).argsort()  # chunk rows back to batch order
         if old:
             rollouts.old_logprobs = torch.cat(chunks_old)[order]
