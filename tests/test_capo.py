@@ -48,8 +48,15 @@ PARSED = [
     ("wrong steps = [5]", {4}),
     ("WRONG STEPS:\n[2]", {1}),
     ("Wrong steps: [1, 99]", {0}),  # out of range: dropped
-    ("Wrong steps: [0, 6, 7]", set()),  # only out-of-range numbers: an empty verdict
-    ("Wrong steps: 99999999999999999999", set()),
+    ("Wrong steps: [0, 6, 7]", None),  # only out-of-range numbers: no verdict (not "all steps right")
+    ("Wrong steps: 99999999999999999999", None),
+    ("Wrong steps:\n- Step 2\n- Step 4", {1, 3}),  # a bulleted list below the marker
+    ("Wrong steps: - Step 3", {2}),
+    ("Wrong steps:\n1. Step 3 (arithmetic)\n2. Step 5\nThe rest is right.", {2, 4}),  # a numbered one
+    ("Wrong steps: -", set()),
+    ("Wrong steps: [2, 3]\nIn summary there are no wrong steps besides these.", {1, 2}),  # a list beats a phrase
+    ("<think>Maybe wrong steps: [2]. No, wait.</think>\nStep 3 is wrong.\nWrong steps: [3]", {2}),
+    ("<think>hmm, wrong steps: 2? let me check", None),  # cut off while thinking
     ("Wrong steps: [2]\n...on second thought, Wrong steps: [3]", {2}),  # the last verdict counts
     ("Wrong steps: [3]\nI listed the wrong steps: above", {2}),  # a later marker without a list is skipped
     ("Analysis ...\n[2, 3]", {1, 2}),  # a bare list as the last line
@@ -165,6 +172,18 @@ def test_a_wrong_step_inside_a_right_solution_beats_a_right_step_inside_a_wrong_
     assert adv[0, 0] > adv[1, 0] and adv[0, 0] < adv[0, 1]
 
 
+def test_a_response_no_critique_judged_gains_nothing_over_its_judged_siblings():
+    """Both right; row 0's step 0 is flagged, row 1's critiques all failed.  Penalising row 0 alone would
+    rank row 1 above it for the critic's failure: the group is credited on the verdict only (all equal)."""
+    batch = make_rollouts(rewards=[1.0, 1.0, 1.0, 0.0], group_ids=[0, 0, 1, 1], lengths=[2, 2, 2, 2],
+                          step_ids=[[0, 1]] * 4)
+    critic = FixedVerdicts([[{0}] * 2, [None] * 2, [{0}] * 2, [set()] * 2])
+    adv = compute_advantages("capo", batch, {"k": 2, "std_normalize": False}, critic=critic)
+    assert torch.equal(adv[:2], torch.zeros(2, 2))
+    # the fully judged group keeps its step penalty: R = [1, 2] and [0, 0], mean 0.75
+    assert torch.allclose(adv[2:], torch.tensor([[0.25, 1.25], [-0.75, -0.75]]))
+
+
 def test_capo_without_a_critic_says_what_is_missing():
     with pytest.raises(ValueError, match="needs critic"):
         compute_advantages("capo", _hand_batch(), {})
@@ -206,7 +225,7 @@ def _text_batch(policy, texts, steps, group_ids):
 def test_identical_responses_share_critiques_and_failures_are_counted(tiny_policy):
     texts = ["7+5=12\nAnswer: 12", "7+5=12\nAnswer: 12", "7+5=13\nAnswer: 13"]
     steps = [[0] * 7 + [1] * 10] * 3
-    batch = _text_batch(tiny_policy, texts, steps, [0, 0, 0])
+    batch = _text_batch(tiny_policy, texts, steps, [0, 0, 1])  # row 2, never judged, in a group of its own
     script = lambda p, i: None if "13" in p else ("Wrong steps: [2]" if i == 0 else "hmm")
     critic = StepCritic(Scripted(script), tiny_policy.decode, seed=5)
     verdicts = critic.wrong_steps(batch, 3)

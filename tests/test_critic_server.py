@@ -78,6 +78,31 @@ def test_bad_requests_get_400_naming_the_field(server, body, field):
     assert status == 400 and field in reply["error"]["message"] and reply["error"]["type"] == "invalid_request_error"
 
 
+def test_unseeded_requests_sample_afresh(server):
+    """The client sends no seed: a prompt's k critiques must not all be the same sample."""
+    body = ask(max_tokens=16)
+    del body["seed"]
+    texts = {post(server.url + "/chat/completions", body)[1]["choices"][0]["message"]["content"] for _ in range(4)}
+    assert len(texts) > 1
+
+
+@pytest.mark.parametrize("length", ["abc", "-1", None])
+def test_a_bad_content_length_gets_an_error_reply_not_a_hang(server, length):
+    import http.client
+    from urllib.parse import urlparse
+
+    where = urlparse(server.url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=10)
+    connection.putrequest("POST", "/v1/chat/completions")
+    if length is not None:
+        connection.putheader("Content-Length", length)
+    connection.endheaders()
+    reply = connection.getresponse()
+    assert reply.status == (411 if length is None else 400)
+    assert "Content-Length" in json.loads(reply.read())["error"]["message"]
+    connection.close()
+
+
 def test_unknown_routes_get_404(server):
     assert post(server.url + "/completions", ask())[0] == 404
 

@@ -93,7 +93,7 @@ class OpenAICompatibleCritic:
     """Critiques from an OpenAI-compatible chat-completions endpoint, `{base_url}/chat/completions`.
 
     Each of the k critiques of a prompt is its own request (sample index i), so each is cached
-    and fails alone.  The cache key is sha256 of (model, prompt, i, temperature): a rerun, or a
+    and fails alone.  The cache key is sha256 of (model, prompt, i, temperature, max_tokens): a rerun, or a
     prompt seen again, reuses the critique instead of paying for it; with `cache_path` the cache
     is also a jsonl file (key and text per line) read at start and appended to.  The endpoint's
     sampling is not seeded (the cache is what makes reruns reproducible), so `seed` is unused.
@@ -123,7 +123,9 @@ class OpenAICompatibleCritic:
                 f"cache_path={self.cache_path!r})")
 
     def cache_key(self, prompt: str, index: int) -> str:
-        return hashlib.sha256(json.dumps([self.model, prompt, index, self.temperature]).encode()).hexdigest()
+        # max_tokens too: a critique cut short is asked again once the limit is raised
+        return hashlib.sha256(json.dumps([self.model, prompt, index, self.temperature, self.max_tokens]).encode()
+                              ).hexdigest()
 
     def critique(self, prompts: Sequence[str], k: int, seed: int) -> list[list[str | None]]:
         start = time.perf_counter()
@@ -176,25 +178,26 @@ class OpenAICompatibleCritic:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
                     payload = reply.read()
             except urllib.error.HTTPError as err:
-                err.close()
-                error = f"HTTP {err.code}"
+                with err:  # the server's own words name the field it refused
+                    error = f"HTTP {err.code}: {err.read(500).decode(errors='replace').strip()}"
                 if err.code == 429 or err.code >= 500:
                     continue
                 return None, attempt + 1, error
             except (OSError, http.client.HTTPException) as err:  # timeouts, refused or dropped connections
                 error = type(err).__name__
                 continue
-            text = _message_content(payload)
-            return text, attempt + 1, "" if text is not None else "reply without choices[0].message.content"
+            text, why = _message_content(payload)
+            return text, attempt + 1, why
         return None, self.max_retries + 1, error
 
 
-def _message_content(payload: bytes) -> str | None:
+def _message_content(payload: bytes) -> tuple[str | None, str]:
+    """The reply's `choices[0].message.content`, or None and why not."""
     try:
         content = json.loads(payload)["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
-        return None
-    return content if isinstance(content, str) else None
+        content = None
+    return (content, "") if isinstance(content, str) else (None, "reply without choices[0].message.content")
 
 
 def _read_cache(path: Path) -> dict[str, str]:

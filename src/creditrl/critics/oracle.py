@@ -48,6 +48,7 @@ class OracleLabCritic:
         if labels is None:
             raise ValueError("critic.backend 'oracle' needs rollouts.step_labels (a task whose verifier labels "
                              "steps, e.g. lab); for other tasks set critic.backend to transformers or openai")
+        labels = labels.cpu()  # the draws come from a CPU generator (rows may live on a GPU, as under TRL)
         wrong, right = labels == 0, labels == 1
         rate = torch.where(wrong, self.recall, self.false_flag_rate(int(wrong.sum()), int(right.sum())))
         flags = (torch.rand((k, *labels.shape), generator=self.generator) < rate) & (labels >= 0)

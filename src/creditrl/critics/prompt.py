@@ -34,7 +34,9 @@ _MARKER = re.compile(  # "[no ]wrong step(s)[ (note)][ are|is][:|=]", then space
     r"(\bno\s+)?wrong\s+steps?[^\S\n]*(?:\([^)\n]*\)[^\S\n]*)?(?:(?:are|is)\b[^\S\n]*)?[:=]?[^\S\n]*\n?", re.IGNORECASE)
 _ITEM = re.compile(r"(?:step\s*)?(\d{1,9})(?:\s*(?:-|–|—|to)\s*(?:step\s*)?(\d{1,9}))?", re.IGNORECASE)
 _LIST = re.compile(rf"{_ITEM.pattern}(?:(?:\s*(?:,|;|&|\band\b)\s*|\s+){_ITEM.pattern})*", re.IGNORECASE)
-_NONE = re.compile(r"(?:none|no\b|nothing|n/?a\b|nil\b|null\b|empty\b|-|—)", re.IGNORECASE)
+_NONE = re.compile(r"(?:none|no\b|nothing|n/?a\b|nil\b|null\b|empty\b|[-—]\s*$)", re.IGNORECASE)
+_BULLET = re.compile(r"^\s*(?:[-*•]|\d{1,3}[.)])\s+")  # "- ", "• ", "1. ", "2) " before a list item
+_THINKING = re.compile(r"<think>.*?(?:</think>|$)", re.IGNORECASE | re.DOTALL)
 _BARE_LIST = re.compile(rf"\[\s*(?:{_LIST.pattern}\s*)?\]", re.IGNORECASE)
 
 
@@ -64,24 +66,46 @@ def parse_wrong_steps(text: str | None, n_steps: int) -> set[int] | None:
 
     The verdict is the last `wrong step(s)` marker (any case, markdown `*`/`_`/backticks
     ignored, optional `are`/`:`/`=`) followed, on its line or the next, by a list: `[1, 3]`,
-    `1, 3`, `Step 2 and Step 4`, ranges `2-4` / `2 to 4`, or a "none" word (`none`, `no ...`,
-    `n/a`, `[]`) for the empty set; text after the list is ignored.  `no wrong steps` with no list
-    after it is the empty set too; a marker followed by anything else is skipped.  Without a
-    marker, a bare bracketed list (`[2]`, `[]`) as the last line counts.  Numbers outside
-    1..n_steps are dropped (a list of only such numbers is an empty verdict).  Never raises.
+    `1, 3`, `Step 2 and Step 4`, ranges `2-4` / `2 to 4`, a bulleted or numbered list of such
+    items on the lines that follow, or a "none" word (`none`, `no ...`, `n/a`, `[]`) for the
+    empty set; text after the list is ignored.  `no wrong steps` with no list after it is the
+    empty set, unless an earlier marker has a list; a marker followed by anything else is skipped.
+    Without a marker, a bare bracketed list (`[2]`, `[]`) as the last line counts.  A reasoning
+    model's `<think>` block (closed or cut off) is not read.  Numbers outside 1..n_steps are
+    dropped; a list of only such numbers is no verdict (None).  Never raises.
     """
     if not text:
         return None
-    clean = re.sub(r"[*_`]", "", text)
+    clean = re.sub(r"[*_`]", "", _THINKING.sub("", text))
+    said_none = False
     for marker in reversed(list(_MARKER.finditer(clean))):
-        tail = clean[marker.end():marker.end() + MAX_LIST_CHARS].split("\n", 1)[0]
-        verdict = _read_list(tail, n_steps)
-        if verdict is not None or marker[1]:
-            return verdict or set()
+        verdict = _read_list(_list_text(clean[marker.end():marker.end() + MAX_LIST_CHARS]), n_steps)
+        if verdict is not None:
+            return verdict
+        said_none = said_none or bool(marker[1])
+    if said_none:
+        return set()
     lines = clean.strip().splitlines()
     if lines and _BARE_LIST.fullmatch(lines[-1].strip()):
         return _read_list(lines[-1], n_steps)
     return None
+
+
+def _list_text(after_marker: str) -> str:
+    """The list after a marker: the rest of its line, or, when that is a list item ("- Step 2",
+    "1. Step 3 (a slip)"), it and the item lines right below it, each cut to its leading steps
+    and joined with commas."""
+    lines = after_marker.split("\n")
+    if not _BULLET.match(lines[0]):
+        return lines[0]
+    items = []
+    for line in lines:
+        if not _BULLET.match(line):
+            break
+        item = _BULLET.sub("", line).strip()
+        listed = _LIST.match(item)  # "Step 3 (arithmetic)": the step, without the note after it
+        items.append(listed[0] if listed else item)
+    return ", ".join(items)
 
 
 def _read_list(tail: str, n_steps: int) -> set[int] | None:
@@ -104,4 +128,4 @@ def _read_list(tail: str, n_steps: int) -> set[int] | None:
     for item in _ITEM.finditer(listed[0]):
         first, last = sorted((int(item[1]), int(item[2] or item[1])))
         steps.update(range(max(first, 1) - 1, min(last, n_steps)))
-    return steps
+    return steps or None  # numbers, but none of them a step of this solution: no verdict

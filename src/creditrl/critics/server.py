@@ -16,6 +16,7 @@ Only the standard library's `http.server` is used; it is meant for loopback and 
 from __future__ import annotations
 
 import hmac
+import secrets
 import json
 import logging
 import os
@@ -76,7 +77,8 @@ def parse_request(body: bytes, max_tokens_cap: int) -> dict[str, Any]:
             number("max_completion_tokens" if "max_completion_tokens" in request else "max_tokens",
                    max_tokens_cap, 1, max_tokens_cap, int),
             "n": number("n", 1, 1, 16, int),
-            "seed": number("seed", 0, 0, 2**31 - 1, int)}
+            # unseeded requests draw their own seed: one fixed default would make a prompt's k critiques one
+            "seed": number("seed", secrets.randbits(31), 0, 2**31 - 1, int)}
 
 
 class ChatCompletionsServer:
@@ -141,6 +143,7 @@ def _handler(server: ChatCompletionsServer) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
+            self.close_connection = True  # any body left unread would be taken for the next request
             if self.path.rstrip("/") != "/v1/models":
                 return self._send(404, _error(f"no route {self.path}; try /v1/models or /v1/chat/completions",
                                               "not_found"))
@@ -148,11 +151,17 @@ def _handler(server: ChatCompletionsServer) -> type[BaseHTTPRequestHandler]:
                                                          "owned_by": "creditrl"}]})
 
         def do_POST(self) -> None:
+            self.close_connection = True  # a reply sent before the body is read must not leave it for the next request
             if self.path.rstrip("/") != "/v1/chat/completions":
                 return self._send(404, _error(f"no route {self.path}; try /v1/chat/completions", "not_found"))
             if not server.authorised(self.headers.get("Authorization")):
                 return self._send(401, _error("missing or wrong API key", "authentication_error"))
-            length = int(self.headers.get("Content-Length") or 0)
+            declared = self.headers.get("Content-Length")
+            if declared is None or not declared.strip().isdigit():
+                return self._send(411 if declared is None else 400,
+                                  _error(f"Content-Length must be the body's size in bytes, got {declared!r}",
+                                         "invalid_request_error"))
+            length = int(declared)
             if length > MAX_BODY_BYTES:
                 return self._send(413, _error(f"the body is over {MAX_BODY_BYTES} bytes", "invalid_request_error"))
             try:

@@ -90,7 +90,8 @@ def capo_token_advantages(correct: Tensor, penalties: Tensor, step_ids: Tensor, 
 def capo(rollouts: Rollouts, params: CAPOParams, critic: StepCritic | OracleLabCritic) -> Tensor:
     """CAPO advantages (Xie et al., arXiv 2508.02298): k critiques per response, voted per step.
 
-    r_v is `rollouts.correct` (the verifier's verdict, not the shaped reward).  Shapes:
+    r_v is `rollouts.correct` (the verifier's verdict, not the shaped reward).  A group holding a
+    response that no critique judged gets no step penalties (outcome credit only).  Shapes:
     step_ids (B, T), correct (B,) -> (B, T), 0 off the response mask.
     """
     verdicts = critic.wrong_steps(rollouts, params.k)
@@ -99,6 +100,11 @@ def capo(rollouts: Rollouts, params: CAPOParams, critic: StepCritic | OracleLabC
     penalties = torch.zeros(rollouts.batch_size, width)
     for b, (row, n) in enumerate(zip(verdicts, n_steps)):
         penalties[b, :n] = step_penalties(row, n, params.voting)
+    # a response no critique judged (the critic failed, or its verdicts did not parse) would look flawless beside
+    # its critiqued siblings: its whole group goes without the process term, on the verdict r_v alone
+    unjudged = torch.tensor([all(v is None for v in row) and n > 0 for row, n in zip(verdicts, n_steps)])
+    group_ids = rollouts.group_ids.cpu()
+    penalties[torch.isin(group_ids, group_ids[unjudged])] = 0.0
     device = rollouts.response_mask.device
     return capo_token_advantages(rollouts.correct, penalties.to(device), rollouts.step_ids, rollouts.response_mask,
                                  rollouts.group_ids, params)

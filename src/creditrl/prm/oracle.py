@@ -33,11 +33,12 @@ class OracleLabPRM:
         labels = rollouts.step_labels
         if labels is None:
             raise ValueError("the oracle PRM needs rollouts.step_labels (a task whose verifier labels steps, e.g. lab)")
+        device, labels = labels.device, labels.cpu()  # the draws come from a CPU generator
         rate = torch.where(labels == 1, self.false_negative, self.false_positive)
         flip = torch.rand(labels.shape, generator=self.generator) < rate
         scores = torch.where(flip, 1 - labels, labels).float()
         self.forward_passes += rollouts.batch_size
-        return torch.where(labels >= 0, scores, torch.nan)
+        return torch.where(labels >= 0, scores, torch.nan).to(device)
 
     def metrics(self) -> dict[str, float]:
         return {"prm_forward_passes": float(self.forward_passes)}
