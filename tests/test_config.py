@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,21 @@ def test_lab_grpo_yaml_is_the_default_run():
     assert shipped.model_dump() == load_config().model_dump()
 
 
-def test_an_override_value_that_is_not_yaml_names_the_override():
-    with pytest.raises(ConfigError, match=r"override 'train.lr=:': the value is not valid YAML"):
+def test_an_override_value_of_the_wrong_type_names_the_field():
+    with pytest.raises(ConfigError, match=r"train.lr"):
         load_config(None, ["train.lr=:"])
+
+
+@pytest.mark.parametrize(("raw", "value"), [
+    ("3e-5", 3e-5), ("true", True), ("null", None), ("[0.9, 0.99]", [0.9, 0.99]), ("-3", -3),
+    ("Solve {question} # carefully", "Solve {question} # carefully"),  # not a YAML comment
+    ("Q: {question}", "Q: {question}"),  # not a mapping
+    ("{question} Answer=", "{question} Answer="),  # a template, not a flow mapping
+    ("1:30", "1:30"),  # not YAML's base 60
+    ("on", "on"),  # not YAML 1.1's true
+])
+def test_override_values_are_read_as_written(raw, value):
+    assert parse_overrides([f"key={raw}"]) == {"key": value}
+    assert math.isnan(parse_overrides(["key=.nan"])["key"])
+    assert load_config(None, ["task.prompt_template=Solve {question} # carefully"]).task.prompt_template \
+        == "Solve {question} # carefully"

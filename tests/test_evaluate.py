@@ -23,3 +23,13 @@ def test_majority_vote():
     assert not majority_correct(["4", "4", "3"], [False, False, True])
     assert not majority_correct([None, None], [False, False])
     assert majority_correct([None, "7"], [False, True])
+
+
+def test_difficulty_values_of_mixed_types_are_reported_not_a_crash():
+    from creditrl.evaluate import by_difficulty
+    from creditrl.tasks.base import Problem, Verdict
+
+    problems = [Problem(str(i), "q", "1", meta={"level": level}) for i, level in enumerate([2, "Level 3", 1, None])]
+    verdicts = [[Verdict(correct=True)], [Verdict(correct=False)], [Verdict(correct=False)], [Verdict(correct=True)]]
+    report = by_difficulty(problems, verdicts)
+    assert [report[f"avg@k_level={v}"] for v in (1, 2, "Level 3", None)] == [0.0, 1.0, 0.0, 1.0]

@@ -48,6 +48,10 @@ SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
         ("Answer: $42$.", "42"),
         ("The final answer is 18 dollars", "18 dollars"),
         ("answer: 1\nAnswer: 2", "2"),
+        ("The answer is 7, since 3+4=7.", "7"),  # to the end of its clause
+        ("Final Answer: The final answer is $5$. I hope it is correct.", "5"),  # the last phrase, $...$ whole
+        ("The answer is $\\frac{1}{2}$, as shown.", "\\frac{1}{2}"),
+        ("the answer is\n5", None),  # not across lines
         ("no answer here", None),
         ("the answer isn't obvious", None),
         ("\\boxed{} and nothing else", None),
@@ -80,6 +84,8 @@ def test_extract_answer(text: str, answer: str | None):
         ("x = 5", "5"),
         ("\\text{Evelyn}", "Evelyn"),
         ("\\begin{pmatrix}11\\\\4\\end{pmatrix}", "\\begin{pmatrix} 11 \\\\ 4 \\end{pmatrix}"),
+        ("60\\%", "60"),  # a percent question's reference is the number
+        ("60%", "60"),
     ],
 )
 def test_answers_match(predicted: str, reference: str):
@@ -89,10 +95,22 @@ def test_answers_match(predicted: str, reference: str):
 @pytest.mark.parametrize(
     ("predicted", "reference"),
     [("3", "4"), ("1,2", "12"), ("1233", "1,234"), ("\\frac{1}{3}", "0.5"), ("(0,1]", "[0,1)"),
-     ("", "1"), ("}{", "1"), ("\\boxed{", "1"), ("2x", "2")],
+     ("", "1"), ("}{", "1"), ("\\boxed{", "1"), ("2x", "2"), ("10%", "0.1"), ("0,100", "100")],
 )
 def test_answers_differ(predicted: str, reference: str):
     assert not answers_match(predicted, reference)
+
+
+def test_majority_voting_counts_each_number_once_whatever_its_form():
+    """maj@k on a math task: the verdicts carry the extracted answer, in the form votes are counted in."""
+    from creditrl.evaluate import sampled_accuracy
+
+    task = JsonlTask(eval_path=FIXTURES / "gsm8k_mini.jsonl", train_path=FIXTURES / "gsm8k_mini.jsonl")
+    problem = Problem("p", "How many?", "2125")
+    texts = ["\\boxed{2,125}", "#### 2125.0", "The answer is 17.", "The answer is 17.", "The answer is 2125"]
+    verdicts = [task.verify(problem, t) for t in texts]
+    assert [v.answer for v in verdicts] == ["2125", "2125", "17", "17", "2125"]
+    assert sampled_accuracy([verdicts])["maj@k"] == 1.0  # 2125 three times against 17 twice
 
 
 def test_answers_match_in_worker_threads():
@@ -156,6 +174,13 @@ def test_gsm8k_fixture_loads():
     assert problems[0].id == "gsm8k_mini:1"
     assert problems[0].prompt.startswith("Mia buys 3 packs") and problems[0].prompt.endswith("\\boxed{}.")
     assert task.verify(problems[3], "24 * 50 = 1200\nThe answer is 1200").correct
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path: Path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (FIXTURES / "gsm8k_mini.jsonl").read_bytes())
+    task = JsonlTask(train_path=path, eval_path=path, answer_is_solution=True)
+    assert len(task.train_problems()) == 8 and task.skipped_rows == []
 
 
 def test_gsm8k_factory(tmp_path: Path):

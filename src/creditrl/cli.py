@@ -104,9 +104,9 @@ def _print_summary(s: dict) -> None:
 @app.command("eval")
 def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
           model: Optional[str] = typer.Option(None, help="model to evaluate (a run's final/ or checkpoint folder; default: the config's)"),
-          k: Optional[int] = typer.Option(None, help="samples per problem (default: eval.k)"),
+          k: Optional[int] = typer.Option(None, min=1, help="samples per problem (default: eval.k)"),
           greedy: bool = typer.Option(True, help="also report greedy accuracy"),
-          limit: Optional[int] = typer.Option(None, help="evaluate on the first N held-out problems only"),
+          limit: Optional[int] = typer.Option(None, min=1, help="evaluate on the first N held-out problems only"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics to this JSON file")) -> None:
     """Evaluate a policy on the task's held-out split: avg@k, pass@1, pass@k, maj@k, greedy."""
 
@@ -119,9 +119,9 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         task = build_task(cfg.task)
         name = model or cfg.model.name
         policy = load_configured_policy(cfg.model, model)
-        problems = task.eval_problems()[:limit] if limit else task.eval_problems()
+        problems = task.eval_problems()[:limit] if limit is not None else task.eval_problems()
         start = time.time()
-        metrics = evaluate(policy, task, problems, k or cfg.eval.k, cfg.sampling, seed=cfg.train.seed, greedy=greedy,
+        metrics = evaluate(policy, task, problems, k if k is not None else cfg.eval.k, cfg.sampling, seed=cfg.train.seed, greedy=greedy,
                            behaviour=cfg.eval.behaviour, verify_phrases=cfg.eval.verify_phrases)
         return name, len(problems), metrics, time.time() - start
 
@@ -313,9 +313,6 @@ def lab_pretrain(out: Path = typer.Option(..., help="folder to write the model, 
     console.print(f"lab model written to {out}: {summary['parameters']:,} parameters; last evaluation {summary['history'][-1]}")
 
 
-if __name__ == "__main__":
-    app()
-
 
 def _parsed(model_cls, overrides: list[str] | None):
     """A pydantic model from dotted key=value overrides; a bad key is a ConfigError naming it."""
@@ -428,3 +425,7 @@ def critic_serve(model: str = typer.Option("smollm2", help="the model to serve: 
         server.serve_forever()
     except KeyboardInterrupt:
         server.httpd.server_close()
+
+
+if __name__ == "__main__":  # after every command is defined
+    app()

@@ -7,6 +7,7 @@ keys, so a typo is an error that names the key instead of a setting silently ign
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -196,29 +197,39 @@ class RunConfig(BaseModel):
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["train.lr=3e-5", "loss.agg=token-mean"]` -> nested dict; values parsed as YAML scalars."""
+    """`["train.lr=3e-5", "loss.agg=token-mean"]` -> nested dict; each value read by `_scalar`."""
     nested: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {pair!r} is not of the form key=value")
-        try:
-            value = _scalar(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {pair!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
-        _set_dotted(nested, key.strip(), value)
+        _set_dotted(nested, key.strip(), _scalar(raw))
     return nested
 
 
 def _scalar(raw: str) -> Any:
-    """A YAML value, reading `3e-5` as a number (YAML 1.1 alone would keep it a string)."""
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str):
+    """An override's value: a list or mapping (`[0.9, 0.99]`) as YAML; a JSON scalar (`3e-5`, `true`,
+    `null`, `"quoted"`) or a float (`nan`, `.nan`, `inf`) as such; anything else as the string written,
+    a prompt template such as `{question} Answer:` included.  Plain YAML would also read `#` as a
+    comment, `a: b` as a mapping, `010` as octal 8 and `1:30` as 90."""
+    text = raw.strip()
+    if not text:
+        return None
+    if text[0] in "[{":
         try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return raw
+        placeholders = isinstance(value, dict) and None in value.values()  # `{question}` is text, not a mapping
+        return raw if placeholders else value
+    for read in (json.loads, float, yaml.safe_load):
+        try:
+            value = read(text)
+        except (ValueError, yaml.YAMLError):
+            continue
+        if read is not yaml.safe_load or isinstance(value, float):  # YAML only for `.nan` / `.inf`
+            return value
+    return raw
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -56,7 +56,7 @@ def by_difficulty(problems: Sequence[Problem], per_problem: Sequence[Sequence[Ve
     for problem, vs in zip(problems, per_problem):
         if key in problem.meta:
             groups.setdefault(problem.meta[key], []).append(vs)
-    return {f"{name}_{key}={value}": x for value in sorted(groups)
+    return {f"{name}_{key}={value}": x for value in sorted(groups, key=lambda v: (type(v).__name__, v))
             for name, x in sampled_accuracy(groups[value]).items()}
 
 

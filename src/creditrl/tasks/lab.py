@@ -17,6 +17,7 @@ happens, not again on every later line). The answer line is right when it repeat
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -54,6 +55,9 @@ class LabTaskConfig(BaseModel):
             raise ValueError(f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})")
         if not self.operations or set(self.operations) - set(OPERATIONS):
             raise ValueError(f"operations must be a non-empty subset of '+-*', got {self.operations!r}")
+        if self.start_max > self.value_max:
+            raise ValueError(f"start_max ({self.start_max}) must not exceed value_max ({self.value_max}): every "
+                             "value stays in 0..value_max")
         return self
 
 
@@ -95,6 +99,9 @@ def sample_chain(rng: random.Random, cfg: LabTaskConfig) -> Chain:
             top = min(cfg.multiply_max, cfg.value_max // value)
             if top >= 2:
                 choices.append(("*", rng.randint(2, top)))
+        if not choices:
+            raise ValueError(f"task.lab: no operation of {cfg.operations!r} can follow the value {value} (value_max "
+                             f"{cfg.value_max}, multiply_below {cfg.multiply_below}); allow more operations")
         op, x = rng.choice(choices)
         ops.append((op, x))
         value = apply(value, op, x)
@@ -155,7 +162,13 @@ class LabTask:
         """n problems from a seeded stream, skipping any question in `exclude` (the held-out set)."""
         rng = random.Random(seed)
         out = []
-        while len(out) < n:
+        for draws in itertools.count(1):
+            if len(out) == n:
+                break
+            if draws > 100 * n:
+                raise ValueError(f"task.lab: {len(out)} problems outside the held-out set after {draws - 1} draws, "
+                                 f"{n} wanted: these settings allow too few distinct problems (raise max_steps, "
+                                 "start_max or operand_max, or lower train_size / eval_size)")
             chain = sample_chain(rng, self.cfg)
             if chain.question() not in exclude:
                 out.append(Problem(id=f"lab-{seed}-{len(out)}", prompt=chain.question(),

@@ -8,6 +8,7 @@ or, when asked, a skipped row that is counted and logged.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import random
@@ -35,7 +36,8 @@ VERIFY_TIMEOUT_S = 5  # math_verify's limit per parse and per comparison, in the
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _HASHES = re.compile(r"####\s*(.*)")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is\b\s*:?|:)\s*(\S.*)", re.IGNORECASE)
+_ANSWER_PHRASE = re.compile(r"\banswer[^\S\n]*(?:is\b[^\S\n]*:?|:)[^\S\n]*(?=\S)", re.IGNORECASE)
+_PHRASE_END = re.compile(r"[.,;](?:\s|$)|\s(?:since|because|as|so|which)\b", re.IGNORECASE)
 
 
 def last_boxed(text: str) -> str | None:
@@ -61,6 +63,19 @@ def _last(pattern: re.Pattern[str], text: str) -> str | None:
     return found[-1] if found else None
 
 
+def _answer_phrase(text: str) -> str | None:
+    """What follows the last `answer is` / `answer:` on its line, up to the end of its sentence or
+    clause (`The answer is 7, since ...` gives `7`); `$...$` is kept whole."""
+    found = list(_ANSWER_PHRASE.finditer(text))
+    if not found:
+        return None
+    rest = text[found[-1].end():].split("\n", 1)[0]
+    if rest.startswith("$") and "$" in rest[1:]:
+        return rest[:rest.index("$", 1) + 1]
+    end = _PHRASE_END.search(rest)
+    return rest[:end.start()] if end else rest
+
+
 def _clean(answer: str) -> str:
     """Drop the wrapping a final answer often carries: whitespace, a full stop, `$...$`."""
     return answer.strip().rstrip(".").strip().strip("$").strip()
@@ -70,24 +85,32 @@ def extract_answer(text: str) -> str | None:
     """The final answer of a response or reference solution, or None if it gives none.
 
     Tried in order, each taking its last occurrence: `\\boxed{...}`, `#### N`,
-    `<answer>...</answer>`, `Answer: ...` / `The answer is ...` (to the end of the line).
+    `<answer>...</answer>`, `Answer: ...` / `The answer is ...` (to the end of its clause).
     When the text has a `</think>`, only what follows the last one is searched.
     """
     text = text.rsplit("</think>", 1)[-1]
-    candidates = (last_boxed(text), _last(_HASHES, text), _last(_ANSWER_TAG, text),
-                  _last(_ANSWER_PHRASE, text))
+    candidates = (last_boxed(text), _last(_HASHES, text), _last(_ANSWER_TAG, text), _answer_phrase(text))
     return next((_clean(c) for c in candidates if c is not None and _clean(c)), None)
 
 
 # ---------------------------------------------------------------- comparing answers
 
-_PLAIN_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_PLAIN_NUMBER = re.compile(r"-?(?:[1-9]\d{0,2}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_PERCENT = re.compile(r"\s*\\?%\s*$")  # a trailing percent sign, plain or LaTeX-escaped
 
 
 def _plain_number(answer: str) -> Decimal | None:
     """`answer` as a number if it is written as one (`1,234`, `-0.5`, `\\$18`), else None."""
     text = answer.strip().removeprefix("\\$").removeprefix("$").strip()
     return Decimal(text.replace(",", "")) if _PLAIN_NUMBER.fullmatch(text) else None
+
+
+def vote_key(answer: str) -> str:
+    """The form majority voting counts an answer under: a plain number as a decimal (`2,125` and
+    `2125.0` are one vote), anything else with its whitespace and trailing percent sign evened out."""
+    answer = _PERCENT.sub("", answer)
+    number = _plain_number(answer)
+    return format(number.normalize(), "f") if number is not None else " ".join(answer.split())
 
 
 def _timeout() -> int | None:
@@ -111,6 +134,7 @@ def answers_match(predicted: str, reference: str) -> bool:
     Two plain numbers compare as decimals (`1,234` equals `1234.0`); anything else goes to
     math_verify (fractions, LaTeX, sets, intervals, matrices, equations).
     """
+    predicted, reference = _PERCENT.sub("", predicted), _PERCENT.sub("", reference)  # 10% is 10, not 0.1
     if " ".join(predicted.split()) == " ".join(reference.split()):
         return bool(predicted.strip())
     predicted_number, reference_number = _plain_number(predicted), _plain_number(reference)
@@ -233,7 +257,8 @@ class JsonlTask:
         answer = extract_answer(response)
         format_ok = check_format(response) if self.require_format else answer is not None
         correct = format_ok and answer is not None and answers_match(answer, problem.answer)
-        return Verdict(correct=correct, step_correct=None, format_ok=format_ok)
+        return Verdict(correct=correct, step_correct=None, format_ok=format_ok,
+                       answer=None if answer is None else vote_key(answer))
 
     # ------------------------------------------------------------ loading
 
@@ -243,7 +268,7 @@ class JsonlTask:
             raise DatasetError(path, None, "no such file")
         problems: list[Problem] = []
         skipped: list[tuple[int, str]] = []
-        lines = path.read_bytes().split(b"\n")
+        lines = path.read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n")  # a BOM is not part of row 1
         rows = [(line, raw) for line, raw in enumerate(lines, start=1) if raw.strip()]
         if not rows:
             raise DatasetError(path, None, "the file has no rows")
