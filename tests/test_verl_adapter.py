@@ -161,7 +161,8 @@ def test_micro_batches_on_data_parallel_ranks_add_up_to_the_whole_batch_loss(met
                     for rows in torch.arange(mask.shape[0]).split(2)]
     verl_loss = torch.stack(micro_losses).sum() / dp_size
     verl_grad, = torch.autograd.grad(verl_loss, new)
-    ratio_transform, token_weight = loss_hooks(method.removeprefix("creditrl_")) if method != "vanilla" else (None, None)
+    hooks = loss_hooks(method.removeprefix("creditrl_")) if method != "vanilla" else (None, None)
+    ratio_transform, token_weight = hooks
     ours, _ = policy_loss(new, old, adv, mask, loss_config(agg, mask.shape[1]),
                           ratio_transform=ratio_transform, token_weight=token_weight)
     our_grad, = torch.autograd.grad(ours, new)

@@ -121,7 +121,8 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         policy = load_configured_policy(cfg.model, model)
         problems = task.eval_problems()[:limit] if limit is not None else task.eval_problems()
         start = time.time()
-        metrics = evaluate(policy, task, problems, k if k is not None else cfg.eval.k, cfg.sampling, seed=cfg.train.seed, greedy=greedy,
+        samples = k if k is not None else cfg.eval.k
+        metrics = evaluate(policy, task, problems, samples, cfg.sampling, seed=cfg.train.seed, greedy=greedy,
                            behaviour=cfg.eval.behaviour, verify_phrases=cfg.eval.verify_phrases)
         return name, len(problems), metrics, time.time() - start
 
