@@ -158,7 +158,8 @@ def test_prm800k_fixture_rows():
     assert first.steps[1] == "Hmm, let me think about the order of operations."  # the chosen completion, not the −1 one
     assert first.labels == (1, 1, 1, 1)  # the neutral step counts as right by default
     assert error.labels == (1, 0) and error.steps[1] == "So the count is $(2)(1) = 2$."  # stops at the first error
-    assert human.labels == (1,)  # the human-written step has no rating: the labelled part ends before it
+    # the labeller rewrote step 2 after rating a completion −1: that error is the last labelled step
+    assert human.labels == (1, 0) and human.steps[1] == "$2^4 = 14$."
     assert load_prm800k(FIXTURE, neutral="negative", finish_reasons=ALL_REASONS)[0].labels == (1, 0, 1, 1)
     assert [e.finish_reason for e in load_prm800k(FIXTURE)] == ["solution", "found_error", "solution"]
 
@@ -346,10 +347,10 @@ def test_prm_trains_on_prm800k_examples(tmp_path):
 
     examples = load_prm800k(FIXTURE)
     data = examples_to_rollouts(examples, build_char_tokenizer())
-    assert data.step_labels.tolist() == [[1, 1, 1, 1], [1, 0, -1, -1], [1, -1, -1, -1]]
-    assert data.num_steps.tolist() == [4, 2, 1] and data.group_ids.tolist() == [0, 1, 2]
+    assert data.step_labels.tolist() == [[1, 1, 1, 1], [1, 0, -1, -1], [1, 0, -1, -1]]
+    assert data.num_steps.tolist() == [4, 2, 2] and data.group_ids.tolist() == [0, 1, 2]
     last = data.response_mask.sum(1) - 1
-    assert data.step_ids[torch.arange(3), last].tolist() == [3, 1, 0]  # each response ends with its last step
+    assert data.step_ids[torch.arange(3), last].tolist() == [3, 1, 1]  # each response ends with its last step
     out = tmp_path / "prm"
     result = CliRunner().invoke(app, ["prm", "train", "--out", str(out), "--prm800k", str(FIXTURE), "heldout=0.3",
                                       "epochs=1", "--threads", "1"])

@@ -10,8 +10,9 @@ One JSON object per line; the fields read here:
     label.steps[i].human_completion        a step the labeller wrote instead (or null)
 
 The solution is the chain of chosen steps (the human completion where there is one).  Where a
-step has no chosen completion, the labelling stopped there: its first −1-rated completion is
-taken as the solution's last step (the first error), or, with none, the solution ends before it.
+step has no chosen completion, or an unrated human rewrite, the labelling stopped there: its
+first −1-rated completion is taken as the solution's last step (the first error, which the
+rewrite replaced), or, with none, the solution ends before it.
 Labels: +1 → 1, −1 → 0, and 0 → 1 under `neutral="positive"` (the common convention) or 0 under
 `neutral="negative"`.  A step with a null rating (a human completion, usually) ends the labelled
 part.  Each error names file:line: and the field.
@@ -99,6 +100,10 @@ def _step_completion(step: Any, where: str, error) -> tuple[dict | None, str]:
     if human is not None:
         if not isinstance(human, dict):
             raise error(f"{where}.human_completion: expected an object or null, got {type(human).__name__}")
+        if human.get("rating") is None:  # the labeller rewrote the step: the completion it rejected is the error
+            for k in range(len(completions)):
+                if _rating(_completion(completions, k, where, error), f"{where}.completions[{k}]", error) == -1:
+                    return completions[k], f"{where}.completions[{k}]"
         return human, f"{where}.human_completion"
     if chosen is not None:
         if isinstance(chosen, bool) or not isinstance(chosen, int) or not 0 <= chosen < len(completions):
