@@ -275,6 +275,12 @@ class StubServer:
                 if kind == "busy" or (kind == "flaky" and first):
                     self.send_error(429 if kind == "busy" else 500)
                     return
+                if kind == "later" and first:  # a rate limit that says when to come back
+                    self.send_response(429)
+                    self.send_header("Retry-After", "0.4")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 reply = b"{not json" if kind == "garbage" else json.dumps(
                     {"choices": [{"message": {"role": "assistant", "content": f"{prompt} -> Wrong steps: [1]"}}]}).encode()
                 self.send_response(200)
@@ -344,6 +350,23 @@ def test_each_endpoint_failure_gives_none_and_is_counted(stub, caplog):
     assert (body["model"], body["temperature"], body["max_tokens"]) == ("judge-70b", 0.7, 64)
     assert {r["auth"] for r in stub.requests} == {f"Bearer {SECRET}"}  # the key is sent ...
     assert SECRET not in caplog.text  # ... and never logged
+
+
+def test_a_dead_endpoint_costs_one_round_of_failures_not_one_per_critique(stub):
+    client = _client(stub, concurrency=2, max_retries=2)
+    texts = client.critique([f"drop solution {i}" for i in range(20)], k=1, seed=0)
+    assert all(t == [None] for t in texts) and client.stats.failures == 20
+    # 2·concurrency = 4 critiques fail (3 requests each) before the rest are not sent; threads already
+    # under way may add a few
+    assert 12 <= stub.count("drop") <= 12 + 2 * 3
+
+
+def test_the_servers_retry_after_is_waited_for(stub):
+    client = _client(stub, backoff_s=0.0)
+    start = time.perf_counter()
+    texts = client.critique(["later solution"], k=1, seed=0)
+    assert texts == [["later solution -> Wrong steps: [1]"]] and stub.count("later") == 2
+    assert time.perf_counter() - start >= 0.4
 
 
 def test_critiques_are_cached_in_memory_and_on_disk(stub, tmp_path):

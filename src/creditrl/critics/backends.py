@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -97,11 +99,14 @@ class OpenAICompatibleCritic:
     prompt seen again, reuses the critique instead of paying for it; with `cache_path` the cache
     is also a jsonl file (key and text per line) read at start and appended to.  The endpoint's
     sampling is not seeded (the cache is what makes reruns reproducible), so `seed` is unused.
-    A request is retried up to `max_retries` times, after backoff_s, 2·backoff_s, 4·backoff_s, ...,
-    on HTTP 429, 5xx, a timeout (`timeout_s` per socket operation) or a connection error; any other
-    HTTP error and a reply without `choices[0].message.content` give None at once.  At most `concurrency`
-    requests run at a time.  The API key is read from the environment variable `api_key_env` at
-    each request (no header when it is unset) and is never stored on the object.
+    A request is retried up to `max_retries` times, after backoff_s, 2·backoff_s, 4·backoff_s, ...
+    (±50% jitter; the server's `Retry-After` instead, up to a minute), on HTTP 429, 5xx, a timeout
+    (`timeout_s` per socket operation) or a connection error; any other HTTP error and a reply without
+    `choices[0].message.content` give None at once.  At most `concurrency` requests run at a time, and
+    once 2·concurrency critiques in a row have failed, the call's remaining ones are not sent (an
+    endpoint that is down costs one round of timeouts, not one per critique).  The API key is read
+    from the environment variable `api_key_env` at each request (no header when it is unset) and
+    is never stored on the object.
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.7,
@@ -134,8 +139,9 @@ class OpenAICompatibleCritic:
         missing = [(r, i) for r, row in enumerate(texts) for i, text in enumerate(row) if text is None]
         errors: list[str] = []
         if missing:
+            breaker = _Breaker(limit=2 * self.concurrency)
             with ThreadPoolExecutor(max_workers=min(self.concurrency, len(missing))) as pool:
-                replies = list(pool.map(lambda ri: self._complete(prompts[ri[0]]), missing))
+                replies = list(pool.map(lambda ri: self._complete(prompts[ri[0]], breaker), missing))
             new = {}
             for (r, i), (text, requests, error) in zip(missing, replies):
                 texts[r][i] = text
@@ -161,18 +167,27 @@ class OpenAICompatibleCritic:
             with open(self.cache_path, "a") as fh:
                 fh.writelines(json.dumps({"key": key, "text": text}) + "\n" for key, text in new.items())
 
-    def _complete(self, prompt: str) -> tuple[str | None, int, str]:
-        """(text or None, requests sent, why it failed) for one chat completion."""
+    def _complete(self, prompt: str, breaker: _Breaker) -> tuple[str | None, int, str]:
+        """(text or None, requests sent, why it failed) for one chat completion; none is sent once
+        `breaker` has seen its limit of failed completions in a row (an endpoint that is down)."""
+        text, sent, error = self._request(prompt, breaker)
+        breaker.record(text is not None, error)
+        return text, sent, error
+
+    def _request(self, prompt: str, breaker: _Breaker) -> tuple[str | None, int, str]:
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
                            "temperature": self.temperature, "max_tokens": self.max_tokens}).encode()
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        error = ""
+        error, wait = "", None
         for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            if breaker.tripped:
+                return None, attempt, (f"not sent: {breaker.limit} critiques in a row failed "
+                                       f"(last: {breaker.last_error})")
+            if attempt:  # the server's Retry-After (up to a minute), else exponential backoff with jitter
+                time.sleep(wait if wait is not None else self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
@@ -180,15 +195,41 @@ class OpenAICompatibleCritic:
             except urllib.error.HTTPError as err:
                 with err:  # the server's own words name the field it refused
                     error = f"HTTP {err.code}: {err.read(500).decode(errors='replace').strip()}"
+                    wait = _retry_after(err.headers.get("Retry-After"))
                 if err.code == 429 or err.code >= 500:
                     continue
                 return None, attempt + 1, error
             except (OSError, http.client.HTTPException) as err:  # timeouts, refused or dropped connections
-                error = type(err).__name__
+                error, wait = type(err).__name__, None
                 continue
             text, why = _message_content(payload)
             return text, attempt + 1, why
         return None, self.max_retries + 1, error
+
+
+class _Breaker:
+    """Counts failed completions in a row across a call's threads; `tripped` after `limit` of them."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.last_error = limit, 0, ""
+        self.lock = threading.Lock()
+
+    @property
+    def tripped(self) -> bool:
+        return self.in_a_row >= self.limit
+
+    def record(self, ok: bool, error: str) -> None:
+        with self.lock:
+            self.in_a_row = 0 if ok else self.in_a_row + 1
+            self.last_error = error or self.last_error
+
+
+def _retry_after(value: str | None, cap_s: float = 60.0) -> float | None:
+    """A Retry-After header's seconds (capped), or None when absent or not a number of seconds."""
+    try:
+        return min(max(float(value), 0.0), cap_s) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _message_content(payload: bytes) -> tuple[str | None, str]:
