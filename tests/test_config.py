@@ -103,3 +103,19 @@ def test_override_values_are_read_as_written(raw, value):
     assert math.isnan(parse_overrides(["key=.nan"])["key"])
     assert load_config(None, ["task.prompt_template=Solve {question} # carefully"]).task.prompt_template \
         == "Solve {question} # carefully"
+
+
+@pytest.mark.parametrize(("overrides", "ignored"), [
+    (["task.name=gsm8k", "task.data_dir=/d", "task.train_path=/t.jsonl"], "task.train_path"),
+    (["task.name=lab", "task.hub_name=gsm8k"], "task.hub_name"),
+    (["task.name=math500", "task.eval_path=/e.jsonl", "task.question_field=q"], "task.question_field"),
+])
+def test_a_task_setting_the_task_does_not_read_is_an_error(overrides, ignored):
+    with pytest.raises(ConfigError, match=f"does not read {ignored}"):
+        load_config(None, overrides)
+    load_config(None, ["task.name=math500", "task.eval_path=/e.jsonl", "task.train_path=/t.jsonl"])  # read
+
+
+def test_a_number_given_to_a_text_setting_is_that_text():
+    cfg = load_config(None, ["task.name=hub", "task.hub_name=2024", "model.name=123"])
+    assert (cfg.task.hub_name, cfg.model.name) == ("2024", "123")

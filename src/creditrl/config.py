@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # a text setting given as a number on the command line (`task.hub_name=2024`) is that text
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class ModelConfig(_Section):
@@ -78,6 +79,19 @@ class TaskConfig(_Section):
     on_bad_row: Literal["error", "skip"] = "error"
     require_format: bool = Field(False, description="R1-Zero style: reasoning in <think> tags before the answer")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _settings_the_task_reads(self) -> "TaskConfig":
+        """A setting the chosen task does not read is an error, not silently ignored."""
+        reads = {"data_dir": {"gsm8k"}, "train_path": {"math500", "jsonl"}, "eval_path": {"math500", "jsonl"},
+                 "hub_name": {"hub"}, "question_field": {"jsonl", "hub"}, "answer_field": {"jsonl", "hub"},
+                 "answer_is_solution": {"jsonl", "hub"}}
+        ignored = [name for name, tasks in reads.items()
+                   if name in self.model_fields_set and self.name not in tasks
+                   and getattr(self, name) != type(self).model_fields[name].default]
+        if ignored:
+            raise ValueError(f"task.name={self.name} does not read task.{', task.'.join(ignored)}")
+        return self
 
 
 class RolloutConfig(_Section):

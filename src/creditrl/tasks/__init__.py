@@ -28,7 +28,7 @@ def build_task(cfg: "TaskConfig") -> Task:
     if cfg.name == "math500":
         if cfg.eval_path is None:
             raise ValueError("task.eval_path: math500 needs the path of its test.jsonl")
-        return math_tasks.math500_task(cfg.eval_path, **common)
+        return math_tasks.math500_task(cfg.eval_path, train_path=cfg.train_path, **common)
     if cfg.name == "hub":
         if cfg.hub_name is None:
             raise ValueError("task.hub_name: name the hub dataset to load")
