@@ -226,6 +226,9 @@ def test_trained_prm_round_trip_and_cli(tmp_path):
     scores = prm.score_steps(r)
     assert scores.shape == (2, 3) and torch.isnan(scores[1, 2]) and not torch.isnan(scores[:, :2]).any()
     assert ((scores[:, :2] > 0) & (scores[:, :2] < 1)).all() and prm.metrics() == {"prm_forward_passes": 2.0}
+    half = TrainedPRM(out, dtype=torch.bfloat16).score_steps(r)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, scores, atol=0.05, rtol=0.05, equal_nan=True)
 
     result = runner.invoke(app, ["prm", "score", "--prm", str(out), "--n", "3", "--problems", "2",
                                  "--max-new-tokens", "48", "--threads", "1"])
@@ -336,6 +339,12 @@ def test_published_prm_scores_rollouts_from_config(tmp_path, kind):
     assert scores.shape == (2, 2) and torch.isnan(scores[1, 1]) and not torch.isnan(scores[0]).any()
     assert torch.allclose(scores[0], torch.tensor(prm.reader.score("3*4+5?", ["3*4=12\n", "12+5=17"])))
     assert prm.metrics() == {"prm_forward_passes": 2.0}
+    # the same PRM with bf16 weights: its weights are bf16, its scores close to float32's
+    half = build_prm(PRMConfig(kind=kind, path=str(tmp_path), device="cpu", dtype="bfloat16"), decode)
+    assert next(half.reader.model.parameters()).dtype == torch.bfloat16
+    torch.testing.assert_close(half.score_steps(r), scores, atol=0.05, rtol=0.05, equal_nan=True)
+    with pytest.raises(ValueError, match="prm.device: 'nowhere' is not a torch device"):
+        build_prm(PRMConfig(kind=kind, path=str(tmp_path), device="nowhere"), decode)
 
 
 def test_prm_trains_on_prm800k_examples(tmp_path):

@@ -75,14 +75,15 @@ def load_configured_policy(model: ModelConfig, name: str | None = None) -> Trans
                        model.keep_logits)
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` is cuda when torch sees a GPU, else cpu; anything else must name a device torch has."""
+def resolve_device(device: str, setting: str = "model.device") -> torch.device:
+    """`auto` is cuda when torch sees a GPU, else cpu; anything else must name a device torch has
+    (errors name `setting`)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"model.device: {device!r} is not a torch device ({err})") from None
+        raise ValueError(f"{setting}: {device!r} is not a torch device ({err})") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"model.device: {device!r} asked for, but torch sees no GPU (use auto or cpu)")
+        raise ValueError(f"{setting}: {device!r} asked for, but torch sees no GPU (use auto or cpu)")
     return resolved

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal, Protocol
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
@@ -50,6 +51,10 @@ class PRMConfig(BaseModel):
     false_positive: float = Field(0.0, ge=0.0, le=1.0, description="oracle: P(score 1 | step wrong)")
     false_negative: float = Field(0.0, ge=0.0, le=1.0, description="oracle: P(score 0 | step right)")
     seed: int = Field(0, description="mixed into the per-step seed of the oracle's label noise")
+    device: str = Field("auto", description="trained / qwen / shepherd: where the PRM runs (auto: cuda when "
+                                            "available, else cpu)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="trained / qwen / shepherd: the PRM's "
+                                                                         "weights (bfloat16 halves a 7B PRM's memory)")
 
     @model_validator(mode="after")
     def _trained_needs_a_path(self) -> PRMConfig:
@@ -62,11 +67,15 @@ def build_prm(cfg: PRMConfig, decode: Callable[[list[int]], str]) -> StepScorer:
     """The scorer `cfg` names; `decode` (the policy tokenizer's) cuts step texts for published PRMs."""
     if cfg.kind == "oracle":
         return OracleLabPRM(cfg.false_positive, cfg.false_negative, cfg.seed)
+    from creditrl.policy.loading import resolve_device  # (policy.loading reads the config, which holds PRMConfig)
+
+    device, dtype = resolve_device(cfg.device, "prm.device"), getattr(torch, cfg.dtype)
     if cfg.kind == "trained":
-        return TrainedPRM(cfg.path)
+        return TrainedPRM(cfg.path, device=device, dtype=dtype)
     tokens = ({"separator": cfg.separator} if cfg.kind == "qwen" else
               {"step_tag": cfg.step_tag, "good": cfg.good_token, "bad": cfg.bad_token})
-    return PublishedPRM(load_reader(cfg.kind, cfg.path, cfg.trust_remote_code, **tokens), decode)
+    reader = load_reader(cfg.kind, cfg.path, cfg.trust_remote_code, device=device, dtype=dtype, **tokens)
+    return PublishedPRM(reader, decode)
 
 
 __all__ = ["OracleLabPRM", "PRMConfig", "PublishedPRM", "StepScorer", "TrainedPRM", "build_prm"]

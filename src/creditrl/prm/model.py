@@ -25,8 +25,8 @@ HEAD_FILE = "prm_head.safetensors"
 
 def step_end_positions(step_ids: Tensor, n_steps: int) -> Tensor:
     """(B, T) token -> step index -> (B, S) index of each step's last token, −1 where absent."""
-    positions = torch.arange(step_ids.shape[1])[None, :, None]
-    match = step_ids[:, :, None] == torch.arange(n_steps)[None, None, :]
+    positions = torch.arange(step_ids.shape[1], device=step_ids.device)[None, :, None]
+    match = step_ids[:, :, None] == torch.arange(n_steps, device=step_ids.device)[None, None, :]
     return torch.where(match, positions, -1).max(dim=1).values
 
 
@@ -56,22 +56,24 @@ class StepClassifier(nn.Module):
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(folder / HEAD_FILE))
 
     @classmethod
-    def load(cls, folder: Path | str) -> tuple[StepClassifier, object]:
-        """(classifier, tokenizer) from a folder written by `save`."""
+    def load(cls, folder: Path | str, dtype: torch.dtype = torch.float32) -> tuple[StepClassifier, object]:
+        """(classifier, tokenizer) from a folder written by `save`, its weights in `dtype`."""
         folder = Path(folder)
         if not (folder / HEAD_FILE).exists():
             raise FileNotFoundError(f"{folder} holds no trained PRM ({HEAD_FILE} is missing); train one with `creditrl prm train`")
-        model = cls(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+        model = cls(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype))
         model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
-        return model.eval(), AutoTokenizer.from_pretrained(folder)
+        return model.to(dtype).eval(), AutoTokenizer.from_pretrained(folder)
 
 
 class TrainedPRM:
     """The trainer resource for a `StepClassifier`: step scores σ(logits), one forward per response."""
 
-    def __init__(self, folder: Path | str, batch_size: int = 32):
-        self.model, self.tokenizer = StepClassifier.load(folder)
-        self.model.requires_grad_(False)
+    def __init__(self, folder: Path | str, batch_size: int = 32, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.model, self.tokenizer = StepClassifier.load(folder, dtype)
+        self.model.to(device).requires_grad_(False)
+        self.device = torch.device(device)
         self.batch_size = batch_size
         self.reset(0)
 
@@ -83,7 +85,8 @@ class TrainedPRM:
         """(B, S) P(step correct), S = the most steps in any response; NaN where absent."""
         n_steps = max(int(rollouts.num_steps.max()), 1) if rollouts.batch_size else 1
         rows = torch.arange(rollouts.batch_size).split(self.batch_size)
-        scores = [torch.sigmoid(self.model.step_logits(rollouts.select(r), n_steps)) for r in rows]
+        scores = [torch.sigmoid(self.model.step_logits(rollouts.select(r).to(self.device), n_steps).float()).cpu()
+                  for r in rows]
         self.forward_passes += rollouts.batch_size
         return torch.cat(scores) if scores else torch.empty(0, n_steps)
 

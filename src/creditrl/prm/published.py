@@ -58,7 +58,7 @@ class QwenStyleReader:
     @torch.no_grad()
     def score(self, problem: str, steps: Sequence[str]) -> list[float]:
         ids, marks = _encode_steps(self.tokenizer, problem, steps, "", self.separator_id)
-        logits = _logits(self.model(input_ids=ids))
+        logits = _logits(self.model(input_ids=ids.to(self.model.device))).cpu()
         if logits.dim() != 3 or logits.shape[-1] != 2:
             raise ValueError(f"a Qwen-style PRM gives 2-class logits per position (1, L, 2), got {tuple(logits.shape)}")
         return torch.softmax(logits[0, marks].float(), dim=-1)[:, 1].tolist()
@@ -73,13 +73,15 @@ class ShepherdStyleReader:
     @torch.no_grad()
     def score(self, problem: str, steps: Sequence[str]) -> list[float]:
         ids, marks = _encode_steps(self.tokenizer, problem, steps, " ", self.tag_id)
-        logits = _logits(self.model(input_ids=ids))[0, marks][:, self.candidates]
+        logits = _logits(self.model(input_ids=ids.to(self.model.device))).cpu()[0, marks][:, self.candidates]
         return torch.softmax(logits.float(), dim=-1)[:, 0].tolist()
 
 
-def load_reader(kind: str, path: str, trust_remote_code: bool = False, **tokens: str):
-    """A reader of the model folder or hub id `path`.  qwen: a token-classification model if its
-    config names one (e.g. a test model), else `AutoModel` (Qwen2.5-Math-PRM needs trust_remote_code)."""
+def load_reader(kind: str, path: str, trust_remote_code: bool = False, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32, **tokens: str):
+    """A reader of the model folder or hub id `path`, its weights in `dtype` on `device`.  qwen: a
+    token-classification model if its config names one (e.g. a test model), else `AutoModel`
+    (Qwen2.5-Math-PRM needs trust_remote_code)."""
     from transformers import (
         AutoConfig,
         AutoModel,
@@ -90,12 +92,13 @@ def load_reader(kind: str, path: str, trust_remote_code: bool = False, **tokens:
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if kind == "shepherd":
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return ShepherdStyleReader(model, tokenizer, **tokens)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+        return ShepherdStyleReader(model.to(device), tokenizer, **tokens)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     token_classifier = any(a.endswith("ForTokenClassification") for a in config.architectures or [])
     loader = AutoModelForTokenClassification if token_classifier else AutoModel
-    return QwenStyleReader(loader.from_pretrained(path, trust_remote_code=trust_remote_code), tokenizer, **tokens)
+    model = loader.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+    return QwenStyleReader(model.to(device), tokenizer, **tokens)
 
 
 class PublishedPRM:
