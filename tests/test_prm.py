@@ -229,6 +229,12 @@ def test_trained_prm_round_trip_and_cli(tmp_path):
     half = TrainedPRM(out, dtype=torch.bfloat16).score_steps(r)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, scores, atol=0.05, rtol=0.05, equal_nan=True)
+    from creditrl.prm import PRMConfig, build_prm
+
+    config = PRMConfig(kind="trained", path=str(out), device="cpu")
+    build_prm(config, str, prm.tokenizer.get_vocab())  # the policy's tokenizer: accepted
+    with pytest.raises(ValueError, match="has another tokenizer than the policy's"):
+        build_prm(config, str, {**prm.tokenizer.get_vocab(), "an extra token": 10_000})
 
     result = runner.invoke(app, ["prm", "score", "--prm", str(out), "--n", "3", "--problems", "2",
                                  "--max-new-tokens", "48", "--threads", "1"])

@@ -25,7 +25,7 @@ BUILDERS: dict[str, Callable[[RunConfig, Any, Any], object]] = {
     "value_estimator": lambda cfg, policy, task: MonteCarloValues(policy, task, cfg.sampling, cfg.reward,
                                                                   seed=cfg.train.seed),
     "critic": lambda cfg, policy, task: build_step_critic(cfg.critic, policy.decode),
-    "prm": lambda cfg, policy, task: build_prm(cfg.prm, policy.decode),
+    "prm": lambda cfg, policy, task: build_prm(cfg.prm, policy.decode, policy.tokenizer.get_vocab()),
 }
 
 

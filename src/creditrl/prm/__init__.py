@@ -63,15 +63,21 @@ class PRMConfig(BaseModel):
         return self
 
 
-def build_prm(cfg: PRMConfig, decode: Callable[[list[int]], str]) -> StepScorer:
-    """The scorer `cfg` names; `decode` (the policy tokenizer's) cuts step texts for published PRMs."""
+def build_prm(cfg: PRMConfig, decode: Callable[[list[int]], str], policy_vocab: dict[str, int] | None = None
+              ) -> StepScorer:
+    """The scorer `cfg` names; `decode` (the policy tokenizer's) cuts step texts for published PRMs.
+    A trained PRM reads the policy's token ids, so its vocabulary must be `policy_vocab` when given."""
     if cfg.kind == "oracle":
         return OracleLabPRM(cfg.false_positive, cfg.false_negative, cfg.seed)
     from creditrl.policy.loading import resolve_device  # (policy.loading reads the config, which holds PRMConfig)
 
     device, dtype = resolve_device(cfg.device, "prm.device"), getattr(torch, cfg.dtype)
     if cfg.kind == "trained":
-        return TrainedPRM(cfg.path, device=device, dtype=dtype)
+        prm = TrainedPRM(cfg.path, device=device, dtype=dtype)
+        if policy_vocab is not None and prm.tokenizer.get_vocab() != policy_vocab:
+            raise ValueError(f"prm.path: the trained PRM at {cfg.path} has another tokenizer than the policy's; it "
+                             "reads the policy's token ids, so train it on the policy's base model")
+        return prm
     tokens = ({"separator": cfg.separator} if cfg.kind == "qwen" else
               {"step_tag": cfg.step_tag, "good": cfg.good_token, "bad": cfg.bad_token})
     reader = load_reader(cfg.kind, cfg.path, cfg.trust_remote_code, device=device, dtype=dtype, **tokens)
