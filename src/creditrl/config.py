@@ -87,8 +87,7 @@ class TaskConfig(_Section):
                  "hub_name": {"hub"}, "question_field": {"jsonl", "hub"}, "answer_field": {"jsonl", "hub"},
                  "answer_is_solution": {"jsonl", "hub"}}
         ignored = [name for name, tasks in reads.items()
-                   if name in self.model_fields_set and self.name not in tasks
-                   and getattr(self, name) != type(self).model_fields[name].default]
+                   if self.name not in tasks and getattr(self, name) != type(self).model_fields[name].default]
         if ignored:
             raise ValueError(f"task.name={self.name} does not read task.{', task.'.join(ignored)}")
         return self
@@ -236,14 +235,14 @@ def _scalar(raw: str) -> Any:
             return raw
         placeholders = isinstance(value, dict) and None in value.values()  # `{question}` is text, not a mapping
         return raw if placeholders else value
-    for read in (json.loads, float, yaml.safe_load):
-        try:
-            value = read(text)
-        except (ValueError, yaml.YAMLError):
-            continue
-        if read is not yaml.safe_load or isinstance(value, float):  # YAML only for `.nan` / `.inf`
-            return value
-    return raw
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:  # `nan`, `inf`, and YAML's spelling of them, `.nan`, `.inf`
+        return float(text.replace(".", "", 1) if text.lstrip("+-").lower() in (".nan", ".inf") else text)
+    except ValueError:
+        return raw
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:

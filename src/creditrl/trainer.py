@@ -252,6 +252,9 @@ class Trainer:
         chunks = _group_chunks(rollouts.group_ids, size) if hidden else torch.arange(rollouts.batch_size).split(size)
         chunks_old, chunks_ref, chunks_adv = [], [], []
         device = self.policy.device
+        if self.reference is not None:
+            ref_policy = copy.copy(self.policy)  # the policy's scoring settings over the frozen reference model
+            ref_policy.model = self.reference
         with evaluation_mode(self.policy.model):  # as the sampler samples: no dropout
             for rows in chunks:
                 sub = _trimmed(rollouts.select(rows)).to(device)
@@ -265,8 +268,6 @@ class Trainer:
                         chunks_adv.append(_pad_cols(compute_advantages(self.method, sub, self.cfg.method_params,
                                                                        **self.resources).cpu(), width))
                 if self.reference is not None:
-                    ref_policy = copy.copy(self.policy)
-                    ref_policy.model = self.reference
                     ref_scores = ref_policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
                                                   self.cfg.sampling.temperature, buckets=self.cfg.train.length_buckets)
                     chunks_ref.append(_pad_cols(ref_scores.logprobs.cpu(), width))

@@ -153,9 +153,9 @@ class TransformersPolicy:
         torch.manual_seed(seed)
         parts: list[Generation] = []
         prompts_per_call = max(1, cfg.batch_size // n)
-        for start in range(0, len(prompt_ids), prompts_per_call):
-            chunk = prompt_ids[start:start + prompts_per_call]
-            with evaluation_mode(self.model), self._autocast(), self._attention_kernels():
+        with evaluation_mode(self.model), self._autocast(), self._attention_kernels():
+            for start in range(0, len(prompt_ids), prompts_per_call):
+                chunk = prompt_ids[start:start + prompts_per_call]
                 parts.append(self._sample_cached(chunk, n, cfg) if cfg.engine == "kv-cache"
                              else self._generate([p for p in chunk for _ in range(n)], cfg))
         return Generation([p for p in prompt_ids for _ in range(n)],
