@@ -86,6 +86,10 @@ def test_extract_answer(text: str, answer: str | None):
         ("\\begin{pmatrix}11\\\\4\\end{pmatrix}", "\\begin{pmatrix} 11 \\\\ 4 \\end{pmatrix}"),
         ("60\\%", "60"),  # a percent question's reference is the number
         ("60%", "60"),
+        ("42 dollars", "42"),  # math_verify alone reads "dollars" as d·o·l·l·a·r·s and says no
+        ("\\$1,250 dollars", "1250"),
+        ("18 \\text{ cookies}", "18"),
+        ("7 miles per hour", "7"),
     ],
 )
 def test_answers_match(predicted: str, reference: str):
@@ -95,7 +99,9 @@ def test_answers_match(predicted: str, reference: str):
 @pytest.mark.parametrize(
     ("predicted", "reference"),
     [("3", "4"), ("1,2", "12"), ("1233", "1,234"), ("\\frac{1}{3}", "0.5"), ("(0,1]", "[0,1)"),
-     ("", "1"), ("}{", "1"), ("\\boxed{", "1"), ("2x", "2"), ("10%", "0.1"), ("0,100", "100")],
+     ("", "1"), ("}{", "1"), ("\\boxed{", "1"), ("2x", "2"), ("10%", "0.1"), ("0,100", "100"),
+     ("43 dollars", "42"), ("2 and a half", "2"), ("3 million", "3"), ("2 pi", "2"), ("2 x", "2"),
+     ("5 hours 30 minutes", "5")],
 )
 def test_answers_differ(predicted: str, reference: str):
     assert not answers_match(predicted, reference)
@@ -107,10 +113,11 @@ def test_majority_voting_counts_each_number_once_whatever_its_form():
 
     task = JsonlTask(eval_path=FIXTURES / "gsm8k_mini.jsonl", train_path=FIXTURES / "gsm8k_mini.jsonl")
     problem = Problem("p", "How many?", "2125")
-    texts = ["\\boxed{2,125}", "#### 2125.0", "The answer is 17.", "The answer is 17.", "The answer is 2125"]
+    texts = ["\\boxed{2,125}", "#### 2125.0", "The answer is 17.", "The answer is 17.", "The answer is 17.",
+             "The answer is 2125", "\\boxed{2125 apples}"]
     verdicts = [task.verify(problem, t) for t in texts]
-    assert [v.answer for v in verdicts] == ["2125", "2125", "17", "17", "2125"]
-    assert sampled_accuracy([verdicts])["maj@k"] == 1.0  # 2125 three times against 17 twice
+    assert [v.answer for v in verdicts] == ["2125", "2125", "17", "17", "17", "2125", "2125"]
+    assert sampled_accuracy([verdicts])["maj@k"] == 1.0  # 2125 four times against 17 three times
 
 
 def test_answers_match_in_worker_threads():

@@ -105,11 +105,33 @@ def _plain_number(answer: str) -> Decimal | None:
     return Decimal(text.replace(",", "")) if _PLAIN_NUMBER.fullmatch(text) else None
 
 
+_COUNTED_THING = re.compile(  # "42 dollars", "42 \\text{ cookies}", "7 miles per hour": a number, then words only
+    r"(?P<number>.*?\d)\s*(?:\\(?:text|mbox|mathrm)\s*\{(?P<braced>[^{}]*)\}|(?P<bare>[A-Za-z][A-Za-z\s.]*))")
+_VALUE_WORDS = frozenset(  # words that change the number they follow: "2 and a half", "3 million", "2 pi"
+    "and or plus minus times over point half halves third thirds quarter quarters fourth fourths fifth fifths "
+    "dozen dozens score hundred hundreds thousand thousands million millions billion billions trillion "
+    "percent squared cubed pi".split())
+
+
+def _counted_number(answer: str) -> Decimal | None:
+    """The number of `42 dollars` / `42 \\text{ cookies}` (a plain number, then a unit or the thing
+    counted, in words of two letters or more that do not change its value), else None."""
+    match = _COUNTED_THING.fullmatch(answer.strip())
+    if match is None:
+        return None
+    words = (match["braced"] if match["braced"] is not None else match["bare"]).replace(".", " ").split()
+    if not words or any(len(w) < 2 or not w.isalpha() or w.lower() in _VALUE_WORDS for w in words):
+        return None
+    return _plain_number(match["number"])
+
+
 def vote_key(answer: str) -> str:
-    """The form majority voting counts an answer under: a plain number as a decimal (`2,125` and
-    `2125.0` are one vote), anything else with its whitespace and trailing percent sign evened out."""
+    """The form majority voting counts an answer under: a plain number as a decimal, with or without
+    the thing it counts (`2,125`, `2125.0` and `2125 apples` are one vote), anything else with its
+    whitespace and trailing percent sign evened out."""
     answer = _PERCENT.sub("", answer)
     number = _plain_number(answer)
+    number = _counted_number(answer) if number is None else number
     return format(number.normalize(), "f") if number is not None else " ".join(answer.split())
 
 
@@ -131,13 +153,17 @@ def _parsed(answer: str) -> tuple:
 def answers_match(predicted: str, reference: str) -> bool:
     """Whether a predicted final answer equals the reference as mathematics. Never raises.
 
-    Two plain numbers compare as decimals (`1,234` equals `1234.0`); anything else goes to
-    math_verify (fractions, LaTeX, sets, intervals, matrices, equations).
+    Two plain numbers compare as decimals (`1,234` equals `1234.0`), and so does a prediction that
+    names what it counts against a plain-number reference (`42 dollars` equals `42`: GSM8K's
+    references are bare numbers, and math_verify reads `dollars` as a product of symbols);
+    anything else goes to math_verify (fractions, LaTeX, sets, intervals, matrices, equations).
     """
     predicted, reference = _PERCENT.sub("", predicted), _PERCENT.sub("", reference)  # 10% is 10, not 0.1
     if " ".join(predicted.split()) == " ".join(reference.split()):
         return bool(predicted.strip())
     predicted_number, reference_number = _plain_number(predicted), _plain_number(reference)
+    if reference_number is not None and predicted_number is None:
+        predicted_number = _counted_number(predicted)
     if predicted_number is not None and reference_number is not None:
         return predicted_number == reference_number
     gold, guess = _parsed(reference), _parsed(predicted)
