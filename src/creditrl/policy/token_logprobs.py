@@ -80,7 +80,10 @@ class ProjectedLogprobs(torch.autograd.Function):
     are few and in place (`_log_normalizer`, `_logits_gradient`), or fused into one kernel
     each when `compiled` (torch.compile).  The backward adds each chunk's ∂W into one buffer
     inside the matmul (`addmm_`), where one autograd node per chunk would leave autograd a
-    separate (vocabulary × D) addition per chunk.  Gradients are formed only for the inputs that
+    separate (vocabulary × D) addition per chunk; that buffer is in W's dtype, so in bf16 each chunk
+    adds one rounding (relative error of ∂W against float64: 0.29% unchunked, 0.57% over 128
+    chunks, on random 8192 × 256 data), a float32 buffer costing a (vocabulary × D) read and write
+    more per chunk.  Gradients are formed only for the inputs that
     need them (a frozen head under LoRA gets none).  H is empty without `with_entropy`.  With
     `keep_logits`, when gradients are wanted, the backward takes each chunk's logits from the
     forward instead of projecting again.
