@@ -296,34 +296,52 @@ def _ids(tokenizer, text):
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def test_qwen_style_reads_class_one_at_each_separator():
+QWEN_LIKE_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                      "{% endfor %}")
+
+
+def _scores_at(model, tokenizer, text, marker, classes):
+    """The model card's reading: softmax over `classes` at every position holding the marker's id."""
+    ids = tokenizer.encode(text)
+    logits = model(input_ids=torch.tensor([ids])).logits[0]
+    marks = [i for i, t in enumerate(ids) if t == _ids(tokenizer, marker)[0]]
+    return torch.softmax(logits[marks][:, classes], dim=-1)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_qwen_style_reads_class_one_at_each_separator_of_the_model_cards_chat(chat):
     from creditrl.prm.published import QwenStyleReader
 
     tokenizer = _tokenizer()
+    if chat:
+        tokenizer.chat_template = QWEN_LIKE_TEMPLATE
+        text = ("<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+                "<|im_start|>user\n3*4+5?<|im_end|>\n<|im_start|>assistant\n3*4=12<extra_0>12+5=17<extra_0><|im_end|>\n")
+    else:
+        text = "3*4+5?\n3*4=12<extra_0>12+5=17<extra_0>"
     model = _llama("qwen", tokenizer)
-    sep = _ids(tokenizer, "<extra_0>")[0]
-    ids = _ids(tokenizer, "3*4+5?\n") + _ids(tokenizer, STEPS[0]) + [sep] + _ids(tokenizer, STEPS[1]) + [sep]
-    logits = model(input_ids=torch.tensor([ids])).logits[0]
-    marks = [i for i, t in enumerate(ids) if t == sep]
-    expected = torch.softmax(logits[marks], dim=-1)[:, 1]
-    scores = QwenStyleReader(model, tokenizer).score("3*4+5?", STEPS)
-    assert torch.allclose(torch.tensor(scores), expected, atol=1e-6)
+    expected = _scores_at(model, tokenizer, text, "<extra_0>", [0, 1])[:, 1]
+    reader = QwenStyleReader(model, tokenizer)
+    assert reader.text("3*4+5?", STEPS) == text
+    assert torch.allclose(torch.tensor(reader.score("3*4+5?", STEPS)), expected, atol=1e-6)
+    # a separator written inside a step is not a step's end
+    assert torch.allclose(torch.tensor(reader.score("3*4+5?", ["3*4=12<extra_0>", " 12+5=17"])), expected, atol=1e-6)
     with pytest.raises(ValueError, match="must be one token"):
         QwenStyleReader(model, tokenizer, separator="<sep>")
 
 
-def test_shepherd_style_reads_p_plus_at_each_step_tag():
+def test_shepherd_style_reads_p_plus_at_each_step_tag_of_the_model_cards_input():
     from creditrl.prm.published import ShepherdStyleReader
 
     tokenizer = _tokenizer()
     model = _llama("shepherd", tokenizer)
-    tag, plus, minus = (_ids(tokenizer, t)[0] for t in ("ки", "+", "-"))
-    ids = _ids(tokenizer, "3*4+5?\n") + _ids(tokenizer, STEPS[0] + " ") + [tag] + _ids(tokenizer, STEPS[1] + " ") + [tag]
-    logits = model(input_ids=torch.tensor([ids])).logits[0]
-    marks = [i for i, t in enumerate(ids) if t == tag]
-    expected = torch.softmax(logits[marks][:, [plus, minus]], dim=-1)[:, 0]
-    scores = ShepherdStyleReader(model, tokenizer).score("3*4+5?", STEPS)
-    assert torch.allclose(torch.tensor(scores), expected, atol=1e-6)
+    text = "3*4+5? Step 1: 3*4=12 ки\nStep 2: 12+5=17 ки"
+    plus, minus = (_ids(tokenizer, t)[0] for t in ("+", "-"))
+    expected = _scores_at(model, tokenizer, text, "ки", [plus, minus])[:, 0]
+    reader = ShepherdStyleReader(model, tokenizer)
+    for steps in (STEPS, ["Step 1: 3*4=12", "12+5=17 ки"]):  # numbered steps keep their numbers; a tag inside is dropped
+        assert reader.text("3*4+5?", steps) == text
+        assert torch.allclose(torch.tensor(reader.score("3*4+5?", steps)), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["qwen", "shepherd"])

@@ -1,21 +1,26 @@
 """Published PRMs, read the way their authors read them (methods.md §2); token strings configurable.
 
-- Qwen2.5-Math-PRM style (`QwenStyleReader`): the input is the problem, then the steps, each
-  followed by the separator token (`<extra_0>`); the model gives 2-class logits per position
-  (B, L, 2); step j's score is softmax(logits at its separator)[class 1].
-- Math-Shepherd style (`ShepherdStyleReader`): the input is the problem, then the steps, each
-  followed by " " and the step tag token (`ки`); a causal LM's logits at each tag position,
-  restricted to the tokens '+' and '-', give step j's score softmax([l_+, l_-])[0] = P(+).
+- Qwen2.5-Math-PRM style (`QwenStyleReader`), as its model card builds the input: a chat of the
+  system prompt `QWEN_SYSTEM_PROMPT`, the problem as the user turn, and the steps as the
+  assistant turn, each step followed by the separator token (`<extra_0>`), rendered with the
+  tokenizer's chat template; the model gives 2-class logits per position (B, L, 2), and step j's
+  score is softmax(logits at its separator)[class 1].  A tokenizer without a chat template gets
+  "problem\n" and the marked steps.
+- Math-Shepherd style (`ShepherdStyleReader`), as its model card and dataset build the input:
+  `f"{problem} Step 1: ... ки\nStep 2: ... ки"` (a step that already opens with `Step i:` keeps
+  it), tokenized with the tokenizer's special tokens (Mistral's BOS); a causal LM's logits at each
+  step tag (`ки`), restricted to the tokens '+' and '-', give step j's score softmax([l_+, l_-])[0] = P(+).
 
 Either reader scores one solution: `reader.score(problem, steps) -> list[float]`, one per step.
+The whole input is one string tokenized at once, as the authors do, and the scores are read
+where the marker's token id occurs; a marker string inside the problem or a step is removed first.
 `PublishedPRM` scores rollouts with a reader (one forward per response), cutting each
 response's step texts from its token ids and `step_ids` with the policy's decode.
-[uncertain] The plain-text layout "problem\\n" + steps stands in for the Qwen chat template
-(system / user / assistant); the scores are read at the same tokens either way.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -37,27 +42,44 @@ def _logits(output) -> Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
 
 
-def _encode_steps(tokenizer, problem: str, steps: Sequence[str], step_end: str, marker_id: int) -> tuple[Tensor, Tensor]:
-    """(1, L) ids of problem + Σ (step + step_end), and the (n_steps,) positions of the marker tokens.
+QWEN_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+_NUMBERED = re.compile(r"step\s*\d+\s*:", re.IGNORECASE)
 
-    Each piece is encoded on its own, so a marker is never merged with its neighbours.
-    """
-    ids = tokenizer.encode(problem + "\n", add_special_tokens=False)
-    marks = []
-    for step in steps:
-        ids += tokenizer.encode(step.strip() + step_end, add_special_tokens=False) + [marker_id]
-        marks.append(len(ids) - 1)
-    return torch.tensor([ids]), torch.tensor(marks, dtype=torch.long)
+
+def _marked_ids(tokenizer, text: str, marker_id: int, marker: str, n_steps: int) -> tuple[Tensor, Tensor]:
+    """(1, L) ids of `text`, tokenized whole with the tokenizer's special tokens, and the
+    (n_steps,) positions of `marker_id` in them."""
+    ids = torch.tensor([tokenizer.encode(text)])
+    marks = (ids[0] == marker_id).nonzero().squeeze(1)
+    if len(marks) != n_steps:
+        raise ValueError(f"the PRM input holds {len(marks)} tokens {marker!r} (id {marker_id}) for {n_steps} steps: "
+                         f"in context {marker!r} does not tokenize to the one token it does alone")
+    return ids, marks
+
+
+def _unmarked(steps: Sequence[str], marker: str) -> list[str]:
+    return [step.replace(marker, "").strip() for step in steps]
 
 
 class QwenStyleReader:
-    def __init__(self, model, tokenizer, separator: str = "<extra_0>"):
+    def __init__(self, model, tokenizer, separator: str = "<extra_0>", system_prompt: str = QWEN_SYSTEM_PROMPT):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.separator, self.system_prompt = separator, system_prompt
         self.separator_id = single_token_id(tokenizer, separator)
+
+    def text(self, problem: str, steps: Sequence[str]) -> str:
+        """The input string: the chat (system, user: problem, assistant: marked steps), or plain text."""
+        solution = "".join(step + self.separator for step in _unmarked(steps, self.separator))
+        problem = problem.replace(self.separator, "").strip()
+        if not getattr(self.tokenizer, "chat_template", None):
+            return problem + "\n" + solution
+        chat = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": problem},
+                {"role": "assistant", "content": solution}]
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
 
     @torch.no_grad()
     def score(self, problem: str, steps: Sequence[str]) -> list[float]:
-        ids, marks = _encode_steps(self.tokenizer, problem, steps, "", self.separator_id)
+        ids, marks = _marked_ids(self.tokenizer, self.text(problem, steps), self.separator_id, self.separator, len(steps))
         logits = _logits(self.model(input_ids=ids.to(self.model.device))).cpu()
         if logits.dim() != 3 or logits.shape[-1] != 2:
             raise ValueError(f"a Qwen-style PRM gives 2-class logits per position (1, L, 2), got {tuple(logits.shape)}")
@@ -67,12 +89,19 @@ class QwenStyleReader:
 class ShepherdStyleReader:
     def __init__(self, model, tokenizer, step_tag: str = "ки", good: str = "+", bad: str = "-"):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.step_tag = step_tag
         self.tag_id = single_token_id(tokenizer, step_tag)
         self.candidates = [single_token_id(tokenizer, good), single_token_id(tokenizer, bad)]
 
+    def text(self, problem: str, steps: Sequence[str]) -> str:
+        """The input string: the problem, a space, and `Step i: <step> ки` lines."""
+        lines = [(step if _NUMBERED.match(step) else f"Step {i}: {step}") + f" {self.step_tag}"
+                 for i, step in enumerate(_unmarked(steps, self.step_tag), start=1)]
+        return problem.replace(self.step_tag, "").strip() + " " + "\n".join(lines)
+
     @torch.no_grad()
     def score(self, problem: str, steps: Sequence[str]) -> list[float]:
-        ids, marks = _encode_steps(self.tokenizer, problem, steps, " ", self.tag_id)
+        ids, marks = _marked_ids(self.tokenizer, self.text(problem, steps), self.tag_id, self.step_tag, len(steps))
         logits = _logits(self.model(input_ids=ids.to(self.model.device))).cpu()[0, marks][:, self.candidates]
         return torch.softmax(logits.float(), dim=-1)[:, 0].tolist()
 
