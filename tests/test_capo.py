@@ -415,6 +415,15 @@ def test_the_transformers_critic_samples_k_critiques_per_prompt(tiny_lab_model_d
     assert texts == critic.critique(["Start 7. Add 5.", "Start 3. Times 2."], k=3, seed=0)  # seeded
     assert (critic.stats.calls, critic.stats.requests) == (12, 2)
     assert not any(p.requires_grad for p in critic.policy.model.parameters())
+    # a prompt that would run the critique past the model's context gets none, and the others theirs
+    room = critic.context - 6
+    long = "Start 7. " + "Add 1. " * room
+    texts = critic.critique(["Start 7. Add 5.", long], k=3, seed=0)
+    assert texts[1] == [None] * 3 and all(isinstance(t, str) for t in texts[0])
+    assert (critic.stats.calls, critic.stats.failures) == (18, 3)
+    with pytest.raises(ValueError, match=f"critic.max_tokens {critic.context} leaves no room"):
+        build_critic(load_config(None, ["method=capo", "critic.backend=transformers", f"critic.model={tiny_lab_model_dir}",
+                                        f"critic.max_tokens={critic.context}"]).critic)
 
 
 # ---- (7) end to end: the bundled lab model with an oracle critic -------------------------------

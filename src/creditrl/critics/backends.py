@@ -67,9 +67,11 @@ class Critic(Protocol):
 class TransformersCritic:
     """A local causal LM, frozen, sampled with the project's policy backend (`load_policy(model)`).
 
-    The prompt goes through the tokenizer's chat template when it has one.  A local model that
-    fails raises (that is a bug, not a flaky endpoint).  The bundled 'lab' model cannot critique:
-    with it this backend only proves the plumbing.
+    The prompt goes through the tokenizer's chat template when it has one.  A prompt too long for
+    the model's context (`max_position_embeddings`) with `max_tokens` of critique after it gets no
+    critiques (None, counted as failures) instead of positions the model never saw.  A local model
+    that fails raises (that is a bug, not a flaky endpoint).  The bundled 'lab' model cannot
+    critique: with it this backend only proves the plumbing.
     """
 
     def __init__(self, model: str = "lab", temperature: float = 0.7, max_tokens: int = 1024, batch_size: int = 64):
@@ -78,17 +80,31 @@ class TransformersCritic:
 
         self.policy = load_policy(model)
         self.policy.model.eval().requires_grad_(False)
+        self.context = getattr(self.policy.model.config, "max_position_embeddings", None)
+        if self.context is not None and max_tokens >= self.context:
+            raise ValueError(f"critic.max_tokens {max_tokens} leaves no room for a prompt in the critic model's "
+                             f"context of {self.context} positions ({model!r})")
         self.sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_tokens, batch_size=batch_size)
         self.stats = CriticStats()
 
     def critique(self, prompts: Sequence[str], k: int, seed: int) -> list[list[str | None]]:
         start = time.perf_counter()
-        gen = self.policy.sample([self.policy.encode_prompt(p) for p in prompts], k, self.sampling, seed=seed)
-        texts = [self.policy.decode(ids) for ids in gen.response_ids]
-        self.stats.calls += len(texts)
-        self.stats.requests += math.ceil(len(texts) / self.sampling.batch_size)
+        encoded = [self.policy.encode_prompt(p) for p in prompts]
+        room = None if self.context is None else self.context - self.sampling.max_new_tokens
+        fits = [i for i, ids in enumerate(encoded) if room is None or len(ids) <= room]
+        gen = self.policy.sample([encoded[i] for i in fits], k, self.sampling, seed=seed)
+        texts: list[list[str | None]] = [[None] * k for _ in prompts]
+        for j, i in enumerate(fits):
+            texts[i] = [self.policy.decode(ids) for ids in gen.response_ids[j * k:(j + 1) * k]]
+        if len(fits) < len(prompts):
+            log.warning("critic: %d of %d prompts are longer than the %d positions that %d critique tokens leave in "
+                        "the model's context: no critiques for them", len(prompts) - len(fits), len(prompts), room,
+                        self.sampling.max_new_tokens)
+        self.stats.calls += len(prompts) * k
+        self.stats.failures += (len(prompts) - len(fits)) * k
+        self.stats.requests += math.ceil(len(fits) * k / self.sampling.batch_size)
         self.stats.seconds += time.perf_counter() - start
-        return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+        return texts
 
 
 class OpenAICompatibleCritic:
