@@ -115,6 +115,18 @@ def test_rloo_is_scaled_centering():
 # --- process-supervised GRPO ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("value", [-0.1, 0.7, -0.3])
+@pytest.mark.parametrize("size", [6, 7, 8])
+def test_a_group_of_equal_float32_rewards_gets_exactly_zero_advantage(value, size):
+    """-0.1 is what a format penalty gives every row of a wrong, unformatted group: float32 group
+    statistics left the whole group a push of ±0.01–0.06 that nothing in the rewards asked for."""
+    r = make_rollouts([value] * size, [0] * size, [3] * size, step_rewards=[[value, value]] * size)
+    r.rewards, r.step_rewards = r.rewards.float(), r.step_rewards.float()
+    for name in ("grpo", "rloo", "grpo_lambda", "process_grpo"):
+        adv = compute_advantages(name, r)
+        assert adv.dtype == torch.float32 and torch.equal(adv, torch.zeros_like(adv)), name
+
+
 def test_process_grpo_hand_worked():
     # Response 0 has steps with rewards [1, 0, 1]; response 1 has [0, 1] (third absent).
     # All valid steps of the group: [1, 0, 1, 0, 1]: mean 0.6; squared deviations

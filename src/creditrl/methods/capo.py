@@ -74,16 +74,17 @@ def capo_token_advantages(correct: Tensor, penalties: Tensor, step_ids: Tensor, 
     mask = mask.bool()
     penalty = step_values_on_tokens(penalties, step_ids)
     rewards = torch.where(mask, params.w_whole * correct.float()[:, None] - params.w_process * penalty, 0.0)
+    rewards = rewards.double()  # float32 values, float64 statistics: a group of equal rewards centres to exactly 0
     index, counts = group_index(group_ids)
     n_groups = len(counts)
-    n_tokens = group_sum(mask.sum(1).float(), index, n_groups)
+    n_tokens = group_sum(mask.sum(1).double(), index, n_groups)
     mean = group_sum(rewards.sum(1), index, n_groups) / n_tokens.clamp(min=1)
     centred = torch.where(mask, rewards - mean[index, None], 0.0)
     adv = centred
     if params.std_normalize:
         var = group_sum(centred.square().sum(1), index, n_groups) / (n_tokens - 1).clamp(min=1)
         adv = centred / (var.sqrt()[index, None] + params.eps)
-    return torch.where(mask & (n_tokens[index, None] > 1), adv, 0.0)
+    return torch.where(mask & (n_tokens[index, None] > 1), adv, 0.0).float()
 
 
 @register_advantage("capo", params=CAPOParams, needs=("critic",))

@@ -48,14 +48,21 @@ def step_values_on_tokens(values: Tensor, step_ids: Tensor) -> Tensor:
     return torch.cat([values, values.new_zeros(len(values), 1)], dim=1).gather(1, column)
 
 
-def _float_rewards(rollouts: Rollouts) -> Tensor:
-    rewards = rollouts.rewards
-    return rewards if rewards.is_floating_point() else rewards.float()
+def _float64(rewards: Tensor) -> Tensor:
+    """Rewards in float64 for group statistics: a group whose rewards all equal one float32 value
+    (−0.1, 0.7) then has exactly that mean, so every advantage in it is exactly 0 (in float32 the
+    mean is off by a rounding, and dividing that by a std of the same size gave the whole group
+    one push of ±0.01–0.06)."""
+    return rewards.double()
 
 
-def _broadcast(row_adv: Tensor, mask: Tensor) -> Tensor:
-    """Give every response token its row's advantage: (B,) -> (B, T), 0 off the mask."""
-    return torch.where(mask.bool(), row_adv[:, None], 0.0)
+def _advantage_dtype(rewards: Tensor) -> torch.dtype:
+    return rewards.dtype if rewards.is_floating_point() else torch.float32
+
+
+def _broadcast(row_adv: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Give every response token its row's advantage: (B,) -> (B, T) in `dtype`, 0 off the mask."""
+    return torch.where(mask.bool(), row_adv[:, None], 0.0).to(dtype)
 
 
 @register_advantage("grpo", params=GRPOParams)
@@ -65,7 +72,7 @@ def grpo(rollouts: Rollouts, params: GRPOParams) -> Tensor:
     `scale_by_std=False` drops the division (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783).
     A group of one gets A = 0.  Shapes: rewards (B,), group_ids (B,) -> (B, T).
     """
-    rewards = _float_rewards(rollouts)
+    rewards = _float64(rollouts.rewards)
     index, counts = group_index(rollouts.group_ids)
     counts = counts.to(rewards.dtype)
     mean = group_sum(rewards, index, len(counts)) / counts
@@ -75,7 +82,7 @@ def grpo(rollouts: Rollouts, params: GRPOParams) -> Tensor:
         var = group_sum(centred.square(), index, len(counts)) / (counts - 1).clamp(min=1)
         adv = centred / (var.sqrt()[index] + params.eps)
     adv = torch.where(counts[index] > 1, adv, 0.0)
-    return _broadcast(adv, rollouts.response_mask)
+    return _broadcast(adv, rollouts.response_mask, _advantage_dtype(rollouts.rewards))
 
 
 @register_advantage("rloo")
@@ -84,12 +91,12 @@ def rloo(rollouts: Rollouts, params: BaseModel) -> Tensor:
 
     A group of one gets A = 0.  Shapes: rewards (B,), group_ids (B,) -> (B, T).
     """
-    rewards = _float_rewards(rollouts)
+    rewards = _float64(rollouts.rewards)
     index, counts = group_index(rollouts.group_ids)
     row_counts = counts.to(rewards.dtype)[index]
     others_mean = (group_sum(rewards, index, len(counts))[index] - rewards) / (row_counts - 1).clamp(min=1)
     adv = torch.where(row_counts > 1, rewards - others_mean, 0.0)
-    return _broadcast(adv, rollouts.response_mask)
+    return _broadcast(adv, rollouts.response_mask, _advantage_dtype(rollouts.rewards))
 
 
 @register_advantage("process_grpo", params=ProcessGRPOParams)
@@ -105,8 +112,7 @@ def process_grpo(rollouts: Rollouts, params: ProcessGRPOParams) -> Tensor:
     """
     if rollouts.step_rewards is None:
         raise ValueError("process_grpo needs rollouts.step_rewards (B, S): per-step rewards, NaN where a step is absent")
-    step_rewards = rollouts.step_rewards
-    step_rewards = step_rewards if step_rewards.is_floating_point() else step_rewards.float()
+    step_rewards = _float64(rollouts.step_rewards)
     valid = ~torch.isnan(step_rewards)
     index, counts = group_index(rollouts.group_ids)
     n_groups = len(counts)
@@ -121,7 +127,7 @@ def process_grpo(rollouts: Rollouts, params: ProcessGRPOParams) -> Tensor:
 
     suffix = normed.flip(1).cumsum(1).flip(1)  # suffix[b, j] = Σ_{k ≥ j} normed[b, k]
     adv = step_values_on_tokens(suffix, rollouts.step_ids)
-    return torch.where(rollouts.response_mask.bool(), adv, 0.0)
+    return torch.where(rollouts.response_mask.bool(), adv, 0.0).to(_advantage_dtype(rollouts.step_rewards))
 
 
 register_method(
