@@ -105,6 +105,32 @@ def test_second_invocation_does_not_retrain(grid, tiny_lab_model_dir):
     assert "report.html" in result.output
 
 
+def test_a_grid_folder_with_longer_runs_or_another_eval_schedule_is_refused(grid, tiny_lab_model_dir):
+    """Resuming would have reported 2-step runs as 1-step ones, or averaged curves evaluated at other steps."""
+    from creditrl.compare import run_grid
+    from creditrl.trainer import TrainingStopped
+
+    spec, _, _ = grid
+    files = [spec.run_dir(m, s) / "metrics.jsonl" for m in METHODS for s in SEEDS]
+    before = [f.stat().st_mtime_ns for f in files]
+    shorter = GridSpec(METHODS, SEEDS, steps=1, eval_every=1, eval_size=6, overrides=spec.overrides, out=spec.out)
+    with pytest.raises(TrainingStopped, match="trained 2 steps, more than the grid's 1"):
+        run_grid(shorter)
+    sparser = GridSpec(METHODS, SEEDS, steps=2, eval_every=2, eval_size=6, overrides=spec.overrides, out=spec.out)
+    with pytest.raises(TrainingStopped, match=r"another schedule than the grid \(eval.every \(1 -> 2\)\)"):
+        run_grid(sparser)
+    assert [f.stat().st_mtime_ns for f in files] == before  # nothing was retrained or rewritten
+
+
+def test_extra_forward_passes_are_the_runs_logged_scoring_forwards_and_generate_calls():
+    from creditrl.compare import run_compute
+
+    steps = [{"scoring_forwards": 12.0, "extra_generate_calls": 3.0, "time_step": 1.0},
+             {"scoring_forwards": 0.0, "extra_generate_calls": 1.0, "time_step": 2.0}]
+    compute = run_compute(steps)
+    assert compute["extra_forward_passes"] == (12 + 3 + 0 + 1) / 2 and compute["seconds_per_step"] == 1.5
+
+
 def test_parallel_runs_give_the_same_results_as_one_after_another(tiny_lab_model_dir, tmp_path):
     from creditrl.compare import collect_results, run_grid
 

@@ -117,13 +117,18 @@ def test_a_method_that_cannot_run_is_skipped_with_the_reason(monkeypatch):
     def boom(rollouts, params):
         raise RuntimeError("kaboom")
 
+    def nan_on_one_token(rollouts, params):
+        return torch.where(rollouts.response_mask & (torch.arange(rollouts.response_mask.shape[1]) == 1), torch.nan, 0.0)
+
     monkeypatch.setitem(registry.ADVANTAGES, "boom", Component(boom))
     monkeypatch.setitem(registry.ADVANTAGES, "needy", Component(boom, needs=("sampler",)))
-    monkeypatch.setitem(registry.METHODS, "boom", Method("boom", advantage="boom"))
-    monkeypatch.setitem(registry.METHODS, "needy", Method("needy", advantage="needy"))
+    monkeypatch.setitem(registry.ADVANTAGES, "nan", Component(nan_on_one_token))
+    for name in ("boom", "needy", "nan"):
+        monkeypatch.setitem(registry.METHODS, name, Method(name, advantage=name))
     batch = make_rollouts([1, 0], [0, 0], [2, 3])  # no step rewards, no hidden states, no policy
-    maps = compute_credit(batch, ["a prompt"], methods=["grpo", "process_grpo", "denser", "boom", "needy"])
-    assert list(maps.credit) == ["grpo"]
+    maps = compute_credit(batch, ["a prompt"], methods=["grpo", "process_grpo", "denser", "boom", "needy", "nan"])
+    assert list(maps.credit) == ["grpo"] and list(maps.notes) == ["grpo"]
+    assert "not finite" in maps.skipped["nan"]  # the heatmap's colour scale would have been NaN
     assert "step rewards" in maps.skipped["process_grpo"]
     assert "hidden states" in maps.skipped["denser"]
     assert maps.skipped["boom"] == "RuntimeError: kaboom"

@@ -22,7 +22,7 @@ from creditrl.rewards import RewardConfig
 from creditrl.tasks.lab import LabTask, LabTaskConfig, apply, parse_question
 
 CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (Debian: apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (Debian: apt-get install chromium)")
 
 WIDTH, HEIGHT = 1400, 2400
 HOSTILE = "<script>alert('x')</script> & "  # prefixed to the first prompt's text: it must show as text
@@ -80,6 +80,7 @@ def _count_colour(pixels: torch.Tensor, rgb: tuple[int, int, int], tolerance: in
     return int(((pixels - torch.tensor(rgb)).abs() <= tolerance).all(-1).sum())
 
 
+@needs_chromium
 def test_screenshot_shows_coloured_tokens_and_no_console_errors(page, tmp_path):
     shot = tmp_path / "credit.png"
     result = _chromium(page.as_uri(), tmp_path / "profile", f"--screenshot={shot}")
@@ -95,6 +96,7 @@ def test_screenshot_shows_coloured_tokens_and_no_console_errors(page, tmp_path):
     assert red > 20_000 and blue > 20_000, (red, blue)
 
 
+@needs_chromium
 def test_console_errors_would_be_caught(tmp_path):
     broken = tmp_path / "broken.html"
     broken.write_text("<!DOCTYPE html><html><body><script>notDefined();</script></body></html>")
@@ -102,6 +104,7 @@ def test_console_errors_would_be_caught(tmp_path):
     assert any("Uncaught ReferenceError" in line for line in _console_lines(result.stderr))
 
 
+@needs_chromium
 def test_navigation_by_hash_and_list(page, tmp_path):
     result = _chromium(page.as_uri() + "#p1", tmp_path / "profile", "--dump-dom")
     assert result.returncode == 0 and _console_lines(result.stderr) == []

@@ -180,6 +180,33 @@ def test_kl_to_a_frozen_reference(tiny_lab_model_dir, tmp_path):
     assert all(torch.equal(v, trainer.reference.state_dict()[k]) for k, v in reference.items())  # ... which stayed frozen
 
 
+@pytest.mark.parametrize(("extra", "forwards_per_row"), [
+    ([], 0),  # one update on the sampler's own log-probs
+    (["method=fipo", "train.n_minibatches=4"], 0),  # several updates: the sampler's log-probs are the old ones
+    (["train.n_minibatches=2", "train.recompute_old_logprobs=true"], 1),
+    (["loss.kl_coef=0.1"], 1),  # the reference forward
+    (["method=denser"], 1),  # hidden states come from an old-log-prob forward
+])
+def test_scoring_forwards_counts_the_sequences_scored_without_gradients(tiny_lab_model_dir, tmp_path, monkeypatch,
+                                                                     extra, forwards_per_row):
+    from creditrl.policy.transformers_backend import TransformersPolicy
+
+    scored = []
+    score = TransformersPolicy.score
+
+    def counting_score(self, prompt_ids, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            scored.append(len(prompt_ids))
+        return score(self, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(TransformersPolicy, "score", counting_score)
+    cfg = _cfg(tiny_lab_model_dir, tmp_path / "run", "eval.before=false", "reward.overlong_max=12",
+               "reward.overlong_buffer=8", "rollout.dynamic_sampling=false", "train.steps=1", *extra)
+    Trainer(cfg, show_progress=False).train()
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert metrics["scoring_forwards"] == sum(scored) == forwards_per_row * metrics["responses"]
+
+
 def test_an_earlier_run_is_never_silently_overwritten(tiny_lab_model_dir, tmp_path):
     run = tmp_path / "run"
     Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=2", "eval.before=false"), show_progress=False).train()

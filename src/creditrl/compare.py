@@ -16,8 +16,9 @@ What is reported per method (statistics over seeds):
 - compute per step, from metrics.jsonl: seconds, extra generated tokens (value estimation),
   extra forward passes, critic calls, sampling rounds (dynamic sampling), and the peak RSS.
   Extra forward passes = sequences put through a no-grad forward besides sampling and the
-  update (the old-log-prob forward when it is not skipped, the KL reference forward when
-  kl_coef > 0) plus value-estimation generate calls.
+  update (the trainer's `scoring_forwards`: the old-log-prob forward when the sampler's
+  log-probs cannot stand in, the KL reference forward when kl_coef > 0) plus value-estimation
+  generate calls.
   A step skipped for lack of reward spread logs no times, so its sampling is not counted; the
   number of skipped steps is reported beside.
   The peak RSS is `ru_maxrss`, the process's peak so far: with `jobs` > 1 each run has its own
@@ -40,7 +41,7 @@ from pathlib import Path
 import yaml
 
 from creditrl.config import RunConfig, load_config
-from creditrl.methods import get_method, known_methods
+from creditrl.methods import known_methods
 from creditrl.resources import resources_needed
 
 # What a method needs beyond the shared budget to be itself (FIPO is GRPO unless π_θ ≠ π_old), and
@@ -105,7 +106,8 @@ def run_grid(spec: GridSpec, on_progress: Callable[[int], None] | None = None, c
     peak memory is its own); runs that sample continuations (VinePPO) start first, so the grid
     does not end on one long run.  `on_progress` gets the number of the grid's steps done so far (for
     one bar).  A finished run whose configuration differs from the spec's is an error
-    (`TrainingStopped`).
+    (`TrainingStopped`), and so is a run in the folder that trained more steps than the spec's or
+    evaluated on another schedule (the report compares curves step by step).
     """
     from creditrl.trainer import _check_same_run
 
@@ -115,6 +117,7 @@ def run_grid(spec: GridSpec, on_progress: Callable[[int], None] | None = None, c
     for method, seed in ((m, s) for m in spec.methods for s in spec.seeds):
         cfg = spec.run_config(method, seed)
         progress[method, seed] = _steps_done(cfg.run_dir())
+        _check_fits_the_grid(cfg, progress[method, seed], spec.steps)
         if progress[method, seed] == spec.steps:
             _check_same_run(cfg.run_dir() / "config.yaml", cfg)
         else:
@@ -160,6 +163,22 @@ def _train_run_in_worker(cfg: RunConfig, key: tuple[str, int], steps_done) -> No
     _train_run(cfg, lambda step: steps_done.put((key, step)), Console(quiet=True))
 
 
+def _check_fits_the_grid(cfg: RunConfig, steps_done: int, steps: int) -> None:
+    """A run already in the grid's folder has at most the grid's steps and its evaluation schedule."""
+    from creditrl.trainer import TrainingStopped
+
+    if steps_done > steps:
+        raise TrainingStopped(f"{cfg.run_dir()} trained {steps_done} steps, more than the grid's {steps}: "
+                              "compare into another --out folder")
+    saved = cfg.run_dir() / "config.yaml"
+    before = yaml.safe_load(saved.read_text()).get("eval") if saved.exists() else None
+    now = cfg.model_dump(mode="json")["eval"]
+    if before is not None and before != now:
+        changed = ", ".join(f"eval.{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in sorted(now) if before.get(k) != now[k])
+        raise TrainingStopped(f"{saved} evaluates on another schedule than the grid ({changed}): its curve could "
+                              "not be compared step by step; compare into another --out folder")
+
+
 def _steps_done(run_dir: Path) -> int:
     summary = run_dir / "summary.json"
     return json.loads(summary.read_text())["steps"] if summary.exists() else 0
@@ -197,15 +216,11 @@ def run_record(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"method": cfg["method"], "seed": cfg["train"]["seed"], "run_dir": str(run_dir),
             "wall_seconds": summary["wall_seconds"], "curve": [{"step": e["step"], "avg@k": e["avg@k"]} for e in evals],
-            "step_seconds": [m.get("time_step", 0.0) for m in steps], "compute": run_compute(cfg, steps)}
+            "step_seconds": [m.get("time_step", 0.0) for m in steps], "compute": run_compute(steps)}
 
 
-def run_compute(cfg: dict, steps: list[dict]) -> dict:
+def run_compute(steps: list[dict]) -> dict:
     """Per-step means of a run's costs (see the module docstring for what counts)."""
-    method = get_method(cfg["method"])
-    t = cfg["train"]
-    scores_old = not (t["ppo_epochs"] == 1 and t["n_minibatches"] == 1 and not method.needs_hidden_states)
-    forwards_per_row = int(scores_old) + int(cfg["loss"]["kl_coef"] > 0)
     n = max(len(steps), 1)
 
     def per_step(key: str) -> float:
@@ -213,7 +228,7 @@ def run_compute(cfg: dict, steps: list[dict]) -> dict:
 
     return {"train_seconds": sum(m.get("time_step", 0.0) for m in steps), "seconds_per_step": per_step("time_step"),
             "extra_generated_tokens": per_step("extra_generated_tokens"),
-            "extra_forward_passes": forwards_per_row * per_step("responses") + per_step("extra_generate_calls"),
+            "extra_forward_passes": per_step("scoring_forwards") + per_step("extra_generate_calls"),
             "critic_calls": per_step("critic_calls"), "gen_rounds": per_step("gen_rounds"),
             "skipped_steps": sum(m.get("skipped", 0.0) for m in steps),
             "peak_rss_mb": max((m.get("peak_rss_mb", 0.0) for m in steps), default=0.0)}
@@ -254,7 +269,8 @@ def summarize(records: list[dict]) -> dict:
 
 # ---- credit accuracy on one shared batch --------------------------------------------------------
 def credit_accuracy_table(spec: GridSpec, prompts: int = 8) -> dict:
-    """Every grid method's credit accuracy on one batch sampled from the starting policy."""
+    """Every grid method's credit accuracy on one batch sampled from the starting policy, with the
+    method parameters its runs train with (the batch's rewards are under the baseline's reward settings)."""
     from creditrl.collect import collect_rollouts
     from creditrl.credit import compute_credit
     from creditrl.credit_metrics import credit_accuracy
@@ -268,7 +284,8 @@ def credit_accuracy_table(spec: GridSpec, prompts: int = 8) -> dict:
     problems = task.eval_problems()[:prompts]
     batch = collect_rollouts(policy, task, problems, cfg.rollout.group_size, cfg.sampling, cfg.reward,
                              seed=cfg.train.seed)
-    maps = compute_credit(batch, [p.prompt for p in problems], policy, spec.methods,
+    params = {m: spec.run_config(m, spec.seeds[0]).method_params for m in spec.methods}  # as the grid trains them
+    maps = compute_credit(batch, [p.prompt for p in problems], policy, spec.methods, params=params,
                           resources=build_resources(spec.methods, cfg, policy, task))
     metrics = {name: {k: None if isinstance(v, float) and math.isnan(v) else v
                       for k, v in credit_accuracy(c, batch).as_dict().items()} for name, c in maps.credit.items()}

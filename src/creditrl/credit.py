@@ -50,6 +50,7 @@ def compute_credit(rollouts: Rollouts, prompts: Sequence[str], policy: Transform
     token texts; without it tokens show as ids and hidden-state methods are skipped.  `params`
     maps a method name to `method_params` overrides; `resources` holds what an advantage may
     `need` from the trainer (e.g. `value_estimator`), passed as `compute_advantages` context.
+    A method that fails, or gives credit that is not finite, is listed in `skipped` with the reason.
     """
     names = list(methods) if methods is not None else known_methods()
     needs_hidden = any(get_method(n).needs_hidden_states for n in names)
@@ -60,7 +61,10 @@ def compute_credit(rollouts: Rollouts, prompts: Sequence[str], policy: Transform
         if reason is None:
             try:
                 credit[name], notes[name] = method_credit(name, scored, (params or {}).get(name), resources)
-                continue
+                if torch.isfinite(credit[name][scored.response_mask.bool()]).all():
+                    continue
+                del credit[name], notes[name]
+                reason = "its credit is not finite on every response token (NaN or inf)"
             except Exception as err:  # a method (or a user's plugin) failing must not break the page
                 reason = f"{type(err).__name__}: {err}"
         skipped[name] = reason

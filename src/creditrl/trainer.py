@@ -213,8 +213,11 @@ class Trainer:
         t = self.cfg.train
         reuse_old = t.ppo_epochs == 1 and t.n_minibatches == 1 and not self.method.needs_hidden_states
         sampled_old = rollouts.old_logprobs is not None and not t.recompute_old_logprobs
-        advantages = self._score_old(rollouts, old=self.method.needs_hidden_states or not (reuse_old or sampled_old))
+        old = self.method.needs_hidden_states or not (reuse_old or sampled_old)
+        advantages = self._score_old(rollouts, old=old)
         t_score = time.perf_counter() - t1
+        # sequences through a no-grad forward besides sampling and the update: old log-probs, the KL reference
+        metrics["scoring_forwards"] = float(rollouts.batch_size * (int(old) + int(self.reference is not None)))
         t2 = time.perf_counter()
         if advantages is None:
             advantages = compute_advantages(self.method, rollouts, self.cfg.method_params, **self.resources)
