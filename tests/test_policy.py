@@ -165,7 +165,20 @@ def test_entropy_keeps_no_graph_unless_it_is_trained(tiny_policy):
 
 def test_sampling_no_prompts_gives_an_empty_generation(tiny_policy):
     gen = tiny_policy.sample([], 4, SamplingConfig(max_new_tokens=4), seed=0)
-    assert (gen.prompt_ids, gen.response_ids, gen.truncated) == ([], [], [])
+    assert (gen.prompt_ids, gen.response_ids, gen.truncated, gen.calls) == ([], [], [], 0)
+
+
+@pytest.mark.parametrize(("batch_size", "n", "expected"), [(8, 3, 3), (8, 9, 5), (64, 3, 1)])
+@pytest.mark.parametrize("engine", ["kv-cache", "generate"])
+def test_a_generation_counts_the_engine_calls_that_made_it(tiny_policy, monkeypatch, engine, batch_size, n, expected):
+    """A group never straddles two calls: 5 prompts × 3 in batches of 8 take 3 calls (2 prompts each), not ⌈15/8⌉."""
+    method = "_sample_cached" if engine == "kv-cache" else "_generate"
+    calls = []
+    real = getattr(type(tiny_policy), method)
+    monkeypatch.setattr(type(tiny_policy), method, lambda self, *a: calls.append(1) or real(self, *a))
+    prompts = [tiny_policy.encode_prompt(f"Start {i}.") for i in range(5)]
+    gen = tiny_policy.sample(prompts, n, SamplingConfig(max_new_tokens=2, batch_size=batch_size, engine=engine), seed=0)
+    assert gen.calls == len(calls) == expected and len(gen.response_ids) == 5 * n
 
 
 def test_gpu_attention_leaves_out_cudnn_and_restores_the_flags(tiny_policy, monkeypatch):

@@ -11,7 +11,6 @@ causes (tokens, generate calls, states, seconds) until its next `reset`.  VinePP
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Sequence
@@ -113,7 +112,7 @@ class MonteCarloValues:
             values = torch.where(torch.tensor(truncated), 0.0, rewards).view(len(unique), k).mean(dim=1)
             self._samples += 1
             self.generated_tokens += sum(len(c) for c in gen.response_ids)
-            self.generate_calls += math.ceil(len(prompts) * k / cfg.batch_size)
+            self.generate_calls += gen.calls
         self.states_estimated += len(unique)
         self.states_deduplicated += len(states) - len(unique)
         self.seconds += time.perf_counter() - start

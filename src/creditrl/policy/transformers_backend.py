@@ -64,6 +64,7 @@ class Generation:
     truncated: list[bool]
     logprobs: list[list[float]] | None = None  # of each sampled token, when the engine gives them
     entropies: list[list[float]] | None = None  # of the distribution each token was drawn from, likewise
+    calls: int = 1  # batched calls into the engine (generate, the kv-cache sampler, vLLM) that made them
 
 
 @dataclass
@@ -145,7 +146,7 @@ class TransformersPolicy:
     def sample(self, prompt_ids: list[list[int]], n: int, cfg: SamplingConfig, seed: int) -> Generation:
         """n responses per prompt, rows prompt-major (prompt 0's n samples first)."""
         if not prompt_ids:
-            return Generation([], [], [], [], [])
+            return Generation([], [], [], [], [], calls=0)
         if cfg.engine == "vllm":
             from creditrl.policy.vllm_engine import sample_with_vllm
 
@@ -161,7 +162,8 @@ class TransformersPolicy:
         return Generation([p for p in prompt_ids for _ in range(n)],
                           [r for g in parts for r in g.response_ids], [t for g in parts for t in g.truncated],
                           None if parts[0].logprobs is None else [lp for g in parts for lp in g.logprobs],
-                          None if parts[0].entropies is None else [h for g in parts for h in g.entropies])
+                          None if parts[0].entropies is None else [h for g in parts for h in g.entropies],
+                          calls=len(parts))
 
     def _sample_cached(self, prompts: list[list[int]], n: int, cfg: SamplingConfig) -> Generation:
         ids, mask = left_pad(prompts, self.pad_id, self.device)
