@@ -30,6 +30,22 @@ def test_bad_config_value_and_unknown_key_are_named(tmp_path):
     assert code == 2 and "unknown key 'rollout.group_sise'" in out and "c.yaml" in out
 
 
+def test_a_malformed_first_override_is_not_called_a_missing_file():
+    code, out = _invoke("train", "train.lr")
+    assert code == 2 and "train.lr: neither a config file" in out and "key=value" in out
+    code, out = _invoke("train", "nowhere.yaml")
+    assert code == 2 and "config file not found: nowhere.yaml" in out
+
+
+def test_list_options_name_themselves_when_empty_or_unreadable():
+    for args, message in [(["compare", "--seeds", ","], "--seeds: no items in ','"),
+                          (["compare", "--seeds", "a,b"], "--seeds: 'a,b' is not a comma-separated list of int"),
+                          (["compare", "--methods", " , "], "--methods: no items"),
+                          (["credit", "--methods", ","], "--methods: no items")]:
+        code, out = _invoke(*args)
+        assert code == 2 and message in out and "Traceback" not in out, (args, out)
+
+
 def test_malformed_dataset_names_file_and_line(tmp_path):
     code, out = _invoke("eval", "task.name=jsonl", f"task.eval_path={FIXTURES / 'bad_rows.jsonl'}")
     assert code == 2 and "bad_rows.jsonl:" in out and "Traceback" not in out

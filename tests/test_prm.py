@@ -240,6 +240,15 @@ def test_trained_prm_round_trip_and_cli(tmp_path):
                                  "--max-new-tokens", "48", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "best_of_n_product" in result.output and "majority_vote" in result.output
+    from creditrl.lab.tokenizer import build_char_tokenizer
+    from factories import save_lab_model
+
+    other = save_lab_model(tmp_path / "other-policy", hidden=16, layers=1, heads=2, ffn=32)
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_tokens(["<an extra token>"])
+    tokenizer.save_pretrained(other)
+    result = runner.invoke(app, ["prm", "score", "--prm", str(out), "--model", str(other), "--n", "2", "--problems", "1"])
+    assert result.exit_code == 2 and "another tokenizer than the policy's" in " ".join(result.output.split())
 
     cfg = load_config(None, [f"output.dir={tmp_path / 'run'}", "method=pure", "prm.kind=trained", f"prm.path={out}",
                              "train.steps=1", "rollout.prompts_per_step=2", "rollout.group_size=3",
@@ -389,7 +398,36 @@ def test_prm_trains_on_prm800k_examples(tmp_path):
                                       "epochs=1", "--threads", "1"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "prm_train.json").read_text())
-    assert report["train_responses"] + report["heldout_responses"] == 3
+    assert (report["train_responses"], report["heldout_responses"]) == (2, 1)  # round(0.3 · 3 problems) = 1 held out
+
+
+@pytest.mark.parametrize(("heldout", "held"), [(0.3, 1), (0.75, 2), (0.99, 2), (0.01, 1)])
+def test_split_holds_out_at_least_one_problem_and_trains_on_at_least_one(heldout, held):
+    from creditrl.prm.train import split_groups
+
+    rows = make_rollouts([0.0] * 6, [0, 0, 1, 1, 2, 2], [2] * 6)
+    train, heldout_rows = split_groups(rows, heldout, seed=0)
+    assert heldout_rows.batch_size == 2 * held and train.batch_size == 6 - 2 * held
+    assert not set(train.group_ids.tolist()) & set(heldout_rows.group_ids.tolist())
+    with pytest.raises(ValueError, match="at least 2 problems"):
+        split_groups(make_rollouts([0.0] * 2, [0, 0], [2, 2]), 0.5, seed=0)
+
+
+def test_prm_commands_explain_bad_input(tmp_path):
+    """No traceback: a PRM800K file without a usable row, or with one problem only."""
+    from typer.testing import CliRunner
+
+    from creditrl.cli import app
+
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines() if line.strip()]
+    unusable = tmp_path / "give_up.jsonl"
+    unusable.write_text(json.dumps({**rows[0], "label": {**rows[0]["label"], "finish_reason": "give_up"}}) + "\n")
+    result = CliRunner().invoke(app, ["prm", "train", "--out", str(tmp_path / "a"), "--prm800k", str(unusable)])
+    assert result.exit_code == 2 and "give_up.jsonl" in result.output and "no row has" in " ".join(result.output.split())
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(rows[0]) + "\n")
+    result = CliRunner().invoke(app, ["prm", "train", "--out", str(tmp_path / "b"), "--prm800k", str(one), "epochs=1"])
+    assert result.exit_code == 2 and "at least 2 problems" in " ".join(result.output.split())
 
 
 def test_prm_only_rewards_draw_a_warning(tmp_path):

@@ -28,12 +28,30 @@ console = Console()
 ARGS_HELP = "An optional YAML config followed by dotted key=value overrides."
 
 
+def _config_and_overrides(args: list[str] | None) -> tuple[Path | None, list[str]]:
+    """The optional config file that leads `args`, and the overrides after it."""
+    args = list(args or [])
+    path = Path(args.pop(0)) if args and "=" not in args[0] else None
+    if path is not None and not path.exists() and path.suffix not in (".yaml", ".yml"):
+        raise ValueError(f"{path}: neither a config file (none is there) nor an override of the form key=value")
+    return path, args
+
+
 def _config(args: list[str] | None):
     from creditrl.config import load_config
 
-    args = list(args or [])
-    path = Path(args.pop(0)) if args and "=" not in args[0] else None
-    return load_config(path, args)
+    return load_config(*_config_and_overrides(args))
+
+
+def _listed(option: str, text: str, kind: type) -> list:
+    """A comma-separated option's items, each read as `kind`; empty or unreadable is an error naming the option."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"{option}: no items in {text!r} (give a comma-separated list)")
+    try:
+        return [kind(item) for item in items]
+    except ValueError:
+        raise ValueError(f"{option}: {text!r} is not a comma-separated list of {kind.__name__} values") from None
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -170,7 +188,7 @@ def credit(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         from creditrl.tasks import build_task
 
         cfg = _config(args)
-        names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+        names = _listed("--methods", methods, str) if methods is not None else None
         for name in names or []:
             get_method(name)  # an unknown name fails here, listing the known ones
         model_name = model or cfg.model.name
@@ -247,13 +265,12 @@ def compare(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " 
     from creditrl import compare as cmp
 
     def run():
-        rest = list(args or [])
-        config = Path(rest.pop(0)) if rest and "=" not in rest[0] else None
+        config, rest = _config_and_overrides(args)
         spec = cmp.quick_spec(config=config, overrides=rest) if quick else cmp.GridSpec(
             cmp.default_methods(), config=config, overrides=rest)
         spec.out = out or spec.out
-        spec.methods = [m.strip() for m in methods.split(",") if m.strip()] if methods else spec.methods
-        spec.seeds = [int(x) for x in seeds.split(",") if x.strip()] if seeds else spec.seeds
+        spec.methods = _listed("--methods", methods, str) if methods is not None else spec.methods
+        spec.seeds = _listed("--seeds", seeds, int) if seeds is not None else spec.seeds
         spec.steps, spec.eval_every = steps or spec.steps, spec.eval_every if eval_every is None else eval_every
         spec.eval_size, spec.jobs = eval_size or spec.eval_size, jobs
         for name in spec.methods:
@@ -380,15 +397,18 @@ def prm_score(prm: str = typer.Option(..., help="'oracle' (the lab verifier's st
 
         from creditrl.policy.loading import load_policy
         from creditrl.policy.transformers_backend import SamplingConfig
-        from creditrl.prm import OracleLabPRM, TrainedPRM
+        from creditrl.prm import PRMConfig, build_prm
         from creditrl.prm.rerank import rerank_report
         from creditrl.tasks.lab import LabTask, LabTaskConfig
 
         if threads:
             torch.set_num_threads(threads)
-        scorer = OracleLabPRM() if prm == "oracle" else TrainedPRM(prm)
+        policy = load_policy(model)
+        # a trained PRM reads the policy's token ids: build_prm refuses one with another tokenizer
+        prm_cfg = PRMConfig(kind="oracle") if prm == "oracle" else PRMConfig(kind="trained", path=prm, device="cpu")
+        scorer = build_prm(prm_cfg, policy.decode, policy.tokenizer.get_vocab())
         task = LabTask(LabTaskConfig(eval_size=problems))
-        report = rerank_report(load_policy(model), task, task.eval_problems()[:problems], scorer, n,
+        report = rerank_report(policy, task, task.eval_problems()[:problems], scorer, n,
                                SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens), seed=seed)
         table = Table(title=f"{problems} lab problems, {n} samples each")
         table.add_column("selection")

@@ -64,6 +64,8 @@ def load_prm800k(path: Path | str, neutral: Literal["positive", "negative"] = "p
             example = _example(row, neutral, f"{path}:{line_no}", functools.partial(DatasetError, path, line_no))
             if example.finish_reason in finish_reasons and example.steps:
                 examples.append(example)
+    if not examples:
+        raise DatasetError(path, None, f"no row has a label.finish_reason in {', '.join(finish_reasons)} and a step")
     return examples
 
 

@@ -75,10 +75,13 @@ def examples_to_rollouts(examples: list[StepExample], tokenizer) -> Rollouts:
 
 
 def split_groups(rollouts: Rollouts, heldout: float, seed: int) -> tuple[Rollouts, Rollouts]:
-    """(train, held-out) rows; a seeded `heldout` fraction of the groups (at least one) is held out."""
+    """(train, held-out) rows; a seeded `heldout` fraction of the groups is held out, at least one
+    and at most all but one (so both sides have a problem)."""
     groups = torch.unique(rollouts.group_ids)
+    if len(groups) < 2:
+        raise ValueError(f"a PRM needs at least 2 problems to train on one and evaluate on another, got {len(groups)}")
     order = groups[torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed))]
-    held = order[: max(1, round(heldout * len(groups)))]
+    held = order[: min(max(1, round(heldout * len(groups))), len(groups) - 1)]
     is_held = torch.isin(rollouts.group_ids, held)
     return rollouts.select((~is_held).nonzero().squeeze(1)), rollouts.select(is_held.nonzero().squeeze(1))
 
