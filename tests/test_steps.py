@@ -277,3 +277,20 @@ def test_offsets_property(byte_bpe, sentencepiece_like, text: str, skip: bool):
         ids = tokenizer.encode(text) + tokenizer.convert_tokens_to_ids(["<eos>"])
         expected = _brute_force_offsets(tokenizer, ids, skip)
         assert token_end_offsets(tokenizer, ids, skip_special_tokens=skip) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(picks=st.lists(st.integers(min_value=0), max_size=12), skip=st.booleans())
+def test_offsets_property_on_any_token_ids(byte_bpe, sentencepiece_like, picks: list[int], skip: bool):
+    """Any ids, not only a text's own: byte tokens that leave a UTF-8 sequence unfinished for good
+    decode to U+FFFD in the full text, and that character is the broken token's own."""
+    for tokenizer in (byte_bpe, sentencepiece_like):
+        ids = [p % len(tokenizer) for p in picks]
+        assert token_end_offsets(tokenizer, ids, skip_special_tokens=skip) == _brute_force_offsets(tokenizer, ids, skip)
+
+
+def test_a_byte_never_completed_is_its_tokens_replacement_character(byte_bpe):
+    ids = byte_bpe.convert_tokens_to_ids(["a", "ðŁ", "Ċ", "b"])  # 'a', two bytes of an emoji, '\n', 'b'
+    assert byte_bpe.decode(ids) == "a\ufffd\nb"
+    assert token_end_offsets(byte_bpe, ids) == [1, 2, 3, 4]
+

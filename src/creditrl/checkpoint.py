@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-_NAME = re.compile(r"^step-(\d{6})$")
+_NAME = re.compile(r"^step-(\d{6,})$")  # six digits, more past step 999,999
 STATE_FILE = "trainer_state.json"
 MASTER_WEIGHTS_FILE = "master_weights.safetensors"
 

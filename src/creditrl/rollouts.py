@@ -8,6 +8,7 @@ are left-padded.  `step_ids[b, t]` is the index of the step that response token 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -79,7 +80,10 @@ def pad_right(rows: list[Tensor], value: float | int, width: int | None = None) 
 
 
 def concat(batches: list[Rollouts]) -> Rollouts:
-    """Concatenate rollout batches row-wise, re-padding prompts (left) and responses (right)."""
+    """Concatenate rollout batches row-wise, re-padding prompts (left) and responses (right).
+
+    `problem_index` refers to the batches' problem lists joined in order: each batch's indices are
+    shifted by the problems of the batches before it (their largest index + 1)."""
     if len(batches) == 1:
         return batches[0]
     merged = {}
@@ -87,6 +91,9 @@ def concat(batches: list[Rollouts]) -> Rollouts:
         values = [getattr(b, f.name) for b in batches]
         if any(v is None for v in values):
             merged[f.name] = None
+        elif f.name == "problem_index":
+            shifts = itertools.accumulate((max(v, default=-1) + 1 for v in values[:-1]), initial=0)
+            merged[f.name] = [i + shift for v, shift in zip(values, shifts) for i in v]
         elif not isinstance(values[0], Tensor):
             merged[f.name] = [x for v in values for x in v]
         elif f.name in ("prompt_ids", "prompt_mask"):

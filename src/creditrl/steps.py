@@ -265,12 +265,14 @@ def token_end_offsets(
     # Context starts at ids[start]: a token that begins a character and adds text of its own.
     start, previous_clean = 0, True
     for i, token in enumerate(ids):
-        piece, clean = decode([token]), True
+        piece, clean, replaced = decode([token]), True, 0
         if not piece or "\ufffd" in piece or not full.startswith(piece, pos):
-            piece, clean = _added_text(decode, ids[max(start, i - MAX_CONTEXT_TOKENS) : i], token)
+            piece, clean, replaced = _added_text(decode, ids[max(start, i - MAX_CONTEXT_TOKENS) : i], token)
         end = pos + len(piece) if piece is not None and full.startswith(piece, pos) else None
         if end is None:
             end = max(pos, _common_prefix_length(decode(ids[: i + 1]), full))
+        else:  # the U+FFFD of a sequence nothing completes stay in the full text: the token's own
+            end += next((k for k in range(replaced) if full[end + k : end + k + 1] != "\ufffd"), replaced)
         if previous_clean and end > pos:
             start = i
         previous_clean, pos = clean, end
@@ -282,14 +284,18 @@ def token_end_offsets(
 
 def _added_text(
     decode: Callable[[list[int]], str], context: list[int], token: int
-) -> tuple[str | None, bool]:
-    """The text `token` adds after `context` (None when decoding is not additive there), and
-    whether it ends on a whole character. An unfinished UTF-8 sequence adds nothing yet."""
-    before = decode(context).rstrip("\ufffd")
+) -> tuple[str | None, bool, int]:
+    """The text `token` adds after `context` (None when decoding is not additive there), whether
+    it ends on a whole character, and how many U+FFFD of its own an unfinished UTF-8 sequence
+    shows as (text only if nothing completes it). An unfinished sequence adds no text yet."""
+    raw_before = decode(context)
+    before = raw_before.rstrip("\ufffd")
     after = decode([*context, token])
-    clean = not after.endswith("\ufffd")
-    after = after.rstrip("\ufffd")
-    return (after[len(before) :] if after.startswith(before) else None), clean
+    trimmed = after.rstrip("\ufffd")
+    replaced = len(after) - len(trimmed)
+    if after.startswith(raw_before):  # the context's own U+FFFD are still there: not this token's
+        replaced -= len(raw_before) - len(before)
+    return (trimmed[len(before) :] if trimmed.startswith(before) else None), after == trimmed, replaced
 
 
 def _common_prefix_length(a: str, b: str) -> int:
