@@ -125,6 +125,13 @@ def test_a_group_of_equal_float32_rewards_gets_exactly_zero_advantage(value, siz
     for name in ("grpo", "rloo", "grpo_lambda", "process_grpo"):
         adv = compute_advantages(name, r)
         assert adv.dtype == torch.float32 and torch.equal(adv, torch.zeros_like(adv)), name
+    # CAPO at the paper's W_process = 0.1 ablation: every response wrong, every step flagged
+    from creditrl.methods.capo import CAPOParams, capo_token_advantages
+
+    penalties = torch.ones(size, 1)
+    adv = capo_token_advantages(torch.zeros(size, dtype=torch.bool), penalties, r.step_ids, r.response_mask, r.group_ids,
+                                CAPOParams(w_process=-value if value < 0 else value))
+    assert torch.equal(adv, torch.zeros_like(adv))
 
 
 def test_process_grpo_hand_worked():

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from creditrl.methods import Method, register_advantage, register_method
-from creditrl.methods.grpo import group_index, group_sum, step_values_on_tokens
+from creditrl.methods.grpo import group_index, group_spread, group_sum, step_values_on_tokens
 from creditrl.rollouts import Rollouts
 
 if TYPE_CHECKING:  # the critics import the policy backend, which imports the method registry
@@ -68,23 +68,22 @@ def capo_token_advantages(correct: Tensor, penalties: Tensor, step_ids: Tensor, 
     """R_{i,t} = W_whole·r_v(o_i) − W_process·penalty_i(step(t)), normalised over the group's tokens.
 
     A = (R − mean) / (std + eps), mean and unbiased std over all response tokens of the group
-    (without `std_normalize`: A = R − mean).  A group with a single token gets 0.
+    (without `std_normalize`: A = R − mean).  A group whose token rewards all agree (one token included) gets 0.
     Shapes: correct (B,) bool, penalties (B, S), step_ids (B, T), mask (B, T), group_ids (B,) -> (B, T).
     """
     mask = mask.bool()
     penalty = step_values_on_tokens(penalties, step_ids)
     rewards = torch.where(mask, params.w_whole * correct.float()[:, None] - params.w_process * penalty, 0.0)
-    rewards = rewards.double()  # float32 values, float64 statistics: a group of equal rewards centres to exactly 0
     index, counts = group_index(group_ids)
     n_groups = len(counts)
-    n_tokens = group_sum(mask.sum(1).double(), index, n_groups)
+    n_tokens = group_sum(mask.sum(1).float(), index, n_groups)
     mean = group_sum(rewards.sum(1), index, n_groups) / n_tokens.clamp(min=1)
     centred = torch.where(mask, rewards - mean[index, None], 0.0)
     adv = centred
     if params.std_normalize:
         var = group_sum(centred.square().sum(1), index, n_groups) / (n_tokens - 1).clamp(min=1)
         adv = centred / (var.sqrt()[index, None] + params.eps)
-    return torch.where(mask & (n_tokens[index, None] > 1), adv, 0.0).float()
+    return torch.where(mask & group_spread(rewards, mask, index, n_groups)[index, None], adv, 0.0)
 
 
 @register_advantage("capo", params=CAPOParams, needs=("critic",))

@@ -38,6 +38,21 @@ def group_sum(values: Tensor, index: Tensor, n_groups: int) -> Tensor:
     return values.new_zeros(n_groups).index_add_(0, index, values)
 
 
+def group_spread(values: Tensor, valid: Tensor, index: Tensor, n_groups: int) -> Tensor:
+    """(G,) whether a group's valid values differ at all: values (B, ...) and valid of one shape, index (B,).
+
+    Normalised rewards of a group that agree are exactly 0 by definition; computed they are
+    (x − mean)/(std + eps) with mean off x by a rounding (−0.1 summed in float32), a push of
+    ±0.01–0.06 on the whole group that nothing in the rewards asked for, so callers zero them.
+    """
+    flat, ok = values.reshape(len(values), -1), valid.reshape(len(values), -1)
+    high = flat.masked_fill(~ok, -torch.inf).amax(dim=1)
+    low = flat.masked_fill(~ok, torch.inf).amin(dim=1)
+    group_high = high.new_full((n_groups,), -torch.inf).scatter_reduce(0, index, high, "amax")
+    group_low = low.new_full((n_groups,), torch.inf).scatter_reduce(0, index, low, "amin")
+    return group_high > group_low
+
+
 def step_values_on_tokens(values: Tensor, step_ids: Tensor) -> Tensor:
     """Give every token the value of its step: values (B, S), step ids (B, T) -> (B, T).
 
@@ -48,21 +63,14 @@ def step_values_on_tokens(values: Tensor, step_ids: Tensor) -> Tensor:
     return torch.cat([values, values.new_zeros(len(values), 1)], dim=1).gather(1, column)
 
 
-def _float64(rewards: Tensor) -> Tensor:
-    """Rewards in float64 for group statistics: a group whose rewards all equal one float32 value
-    (−0.1, 0.7) then has exactly that mean, so every advantage in it is exactly 0 (in float32 the
-    mean is off by a rounding, and dividing that by a std of the same size gave the whole group
-    one push of ±0.01–0.06)."""
-    return rewards.double()
+def _float_rewards(rollouts: Rollouts) -> Tensor:
+    rewards = rollouts.rewards
+    return rewards if rewards.is_floating_point() else rewards.float()
 
 
-def _advantage_dtype(rewards: Tensor) -> torch.dtype:
-    return rewards.dtype if rewards.is_floating_point() else torch.float32
-
-
-def _broadcast(row_adv: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """Give every response token its row's advantage: (B,) -> (B, T) in `dtype`, 0 off the mask."""
-    return torch.where(mask.bool(), row_adv[:, None], 0.0).to(dtype)
+def _broadcast(row_adv: Tensor, mask: Tensor) -> Tensor:
+    """Give every response token its row's advantage: (B,) -> (B, T), 0 off the mask."""
+    return torch.where(mask.bool(), row_adv[:, None], 0.0)
 
 
 @register_advantage("grpo", params=GRPOParams)
@@ -70,9 +78,9 @@ def grpo(rollouts: Rollouts, params: GRPOParams) -> Tensor:
     """A_i = (R_i − mean_G R) / (std_G R + eps), std unbiased (DeepSeekMath, arXiv 2402.03300).
 
     `scale_by_std=False` drops the division (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783).
-    A group of one gets A = 0.  Shapes: rewards (B,), group_ids (B,) -> (B, T).
+    A group of one, or one whose rewards all agree, gets A = 0.  Shapes: rewards (B,), group_ids (B,) -> (B, T).
     """
-    rewards = _float64(rollouts.rewards)
+    rewards = _float_rewards(rollouts)
     index, counts = group_index(rollouts.group_ids)
     counts = counts.to(rewards.dtype)
     mean = group_sum(rewards, index, len(counts)) / counts
@@ -81,22 +89,24 @@ def grpo(rollouts: Rollouts, params: GRPOParams) -> Tensor:
     if params.scale_by_std:
         var = group_sum(centred.square(), index, len(counts)) / (counts - 1).clamp(min=1)
         adv = centred / (var.sqrt()[index] + params.eps)
-    adv = torch.where(counts[index] > 1, adv, 0.0)
-    return _broadcast(adv, rollouts.response_mask, _advantage_dtype(rollouts.rewards))
+    spread = group_spread(rewards, torch.ones_like(rewards, dtype=torch.bool), index, len(counts))
+    adv = torch.where(spread[index], adv, 0.0)  # a group of one, or of equal rewards: 0
+    return _broadcast(adv, rollouts.response_mask)
 
 
 @register_advantage("rloo")
 def rloo(rollouts: Rollouts, params: BaseModel) -> Tensor:
     """A_i = R_i − mean_{j≠i} R_j, the leave-one-out baseline (Ahmadian et al. 2024, arXiv 2402.14740).
 
-    A group of one gets A = 0.  Shapes: rewards (B,), group_ids (B,) -> (B, T).
+    A group of one, or one whose rewards all agree, gets A = 0.  Shapes: rewards (B,), group_ids (B,) -> (B, T).
     """
-    rewards = _float64(rollouts.rewards)
+    rewards = _float_rewards(rollouts)
     index, counts = group_index(rollouts.group_ids)
     row_counts = counts.to(rewards.dtype)[index]
     others_mean = (group_sum(rewards, index, len(counts))[index] - rewards) / (row_counts - 1).clamp(min=1)
-    adv = torch.where(row_counts > 1, rewards - others_mean, 0.0)
-    return _broadcast(adv, rollouts.response_mask, _advantage_dtype(rollouts.rewards))
+    spread = group_spread(rewards, torch.ones_like(rewards, dtype=torch.bool), index, len(counts))
+    adv = torch.where(spread[index], rewards - others_mean, 0.0)  # a group of one, or of equal rewards: 0
+    return _broadcast(adv, rollouts.response_mask)
 
 
 @register_advantage("process_grpo", params=ProcessGRPOParams)
@@ -105,14 +115,15 @@ def process_grpo(rollouts: Rollouts, params: ProcessGRPOParams) -> Tensor:
 
     Step rewards r (B, S), NaN where a response has no step j, are normalised over all valid
     steps of the group: r̃ = (r − mean) / (std + eps), std unbiased (a group with fewer than two
-    valid steps gets 0).  A token of step s gets Σ_{j ≥ s} r̃_j of its own response (absent
-    steps count 0); tokens of step −1 (padding) or of a step ≥ S get 0.
+    valid steps, or whose step rewards all agree, gets 0).  A token of step s gets Σ_{j ≥ s} r̃_j
+    of its own response (absent steps count 0); tokens of step −1 (padding) or of a step ≥ S get 0.
     Any outcome reward must already be folded into the step rewards (e.g. by the PRM stage).
     Shapes: step_rewards (B, S), step_ids (B, T) -> (B, T).
     """
     if rollouts.step_rewards is None:
         raise ValueError("process_grpo needs rollouts.step_rewards (B, S): per-step rewards, NaN where a step is absent")
-    step_rewards = _float64(rollouts.step_rewards)
+    step_rewards = rollouts.step_rewards
+    step_rewards = step_rewards if step_rewards.is_floating_point() else step_rewards.float()
     valid = ~torch.isnan(step_rewards)
     index, counts = group_index(rollouts.group_ids)
     n_groups = len(counts)
@@ -123,11 +134,11 @@ def process_grpo(rollouts: Rollouts, params: ProcessGRPOParams) -> Tensor:
     centred = torch.where(valid, step_rewards - mean[index, None], 0.0)
     var = group_sum(centred.square().sum(dim=1), index, n_groups) / (n_valid - 1).clamp(min=1)
     normed = centred / (var.sqrt()[index, None] + params.eps)
-    normed = torch.where(n_valid[index, None] > 1, normed, 0.0)
+    normed = torch.where(group_spread(step_rewards, valid, index, n_groups)[index, None], normed, 0.0)
 
     suffix = normed.flip(1).cumsum(1).flip(1)  # suffix[b, j] = Σ_{k ≥ j} normed[b, k]
     adv = step_values_on_tokens(suffix, rollouts.step_ids)
-    return torch.where(rollouts.response_mask.bool(), adv, 0.0).to(_advantage_dtype(rollouts.step_rewards))
+    return torch.where(rollouts.response_mask.bool(), adv, 0.0)
 
 
 register_method(
