@@ -39,7 +39,8 @@ def group_sum(values: Tensor, index: Tensor, n_groups: int) -> Tensor:
 
 
 def group_spread(values: Tensor, valid: Tensor, index: Tensor, n_groups: int) -> Tensor:
-    """(G,) whether a group's valid values differ at all: values (B, ...) and valid of one shape, index (B,).
+    """(G,) whether a group's valid values differ at all (a NaN among them counts, so that it reaches the
+    advantages and stops the step): values (B, ...) and valid of one shape, index (B,).
 
     Normalised rewards of a group that agree are exactly 0 by definition; computed they are
     (x − mean)/(std + eps) with mean off x by a rounding (−0.1 summed in float32), a push of
@@ -50,7 +51,7 @@ def group_spread(values: Tensor, valid: Tensor, index: Tensor, n_groups: int) ->
     low = flat.masked_fill(~ok, torch.inf).amin(dim=1)
     group_high = high.new_full((n_groups,), -torch.inf).scatter_reduce(0, index, high, "amax")
     group_low = low.new_full((n_groups,), torch.inf).scatter_reduce(0, index, low, "amin")
-    return group_high > group_low
+    return (group_high > group_low) | group_high.isnan()
 
 
 def step_values_on_tokens(values: Tensor, step_ids: Tensor) -> Tensor:
