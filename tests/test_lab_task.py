@@ -36,6 +36,20 @@ def test_wrong_operation_wrong_carry_and_missing_steps():
     assert not short.correct and short.step_correct == (True, True, False)
 
 
+def test_negative_values_after_an_error_are_read_and_the_error_blamed_once():
+    # 17-16 is 1, not 0; carried on, 0-1=-1 and -1+19=18 are right arithmetic on the carried values
+    chain = parse_question("Start 17. Minus 16. Minus 1. Add 19. Add 14.")
+    v = judge(chain, "17-16=0\n0-1=-1\n-1+19=18\n18+14=32\nAnswer: 32")
+    assert v.step_correct == (False, True, True, True, True) and not v.correct
+    assert judge(chain, "17-16=1\n1-1=0\n0+19=19\n19+14=33\nAnswer: -5").step_correct == (True,) * 4 + (False,)
+
+
+def test_after_an_unreadable_line_the_next_is_judged_on_its_own_arithmetic():
+    v = judge(CHAIN, "7+5=12\n12 times 3 is 36\n36-4=32\nAnswer: 32")
+    assert v.correct and v.step_correct == (True, False, True, True)
+    assert judge(CHAIN, "7+5=12\n12*3=36\n36 - 4 = 32\nAnswer: 32").step_correct == (True, True, False, True)
+
+
 def test_garbage_and_missing_answer():
     v = judge(CHAIN, "hello\n7+5=12")
     assert not v.correct and not v.format_ok and v.step_correct == (False, False)  # line 2 is judged as operation 2
@@ -61,6 +75,9 @@ def test_splits_are_seeded_and_disjoint():
     a = LabTask(LabTaskConfig(train_size=300, eval_size=50, seed=3))
     b = LabTask(LabTaskConfig(train_size=300, eval_size=50, seed=3))
     assert [p.prompt for p in a.train_problems()] == [p.prompt for p in b.train_problems()]
+    other = LabTask(LabTaskConfig(train_size=300, eval_size=50, seed=4))
+    assert [p.prompt for p in a.eval_problems()] != [p.prompt for p in other.eval_problems()]
+    assert [p.prompt for p in a.train_problems()] != [p.prompt for p in other.train_problems()]
     assert not {p.prompt for p in a.train_problems()} & {p.prompt for p in a.eval_problems()}
     assert all(a.verify(p, parse_question(p.prompt).solution()).correct for p in a.eval_problems())
 

@@ -57,7 +57,7 @@ def test_flags_are_seeded_per_step():
     a, b = OracleLabCritic(0.5, 0.5, seed=1), OracleLabCritic(0.5, 0.5, seed=1)
     a.reset(7), b.reset(7)
     assert a.wrong_steps(batch, 2) == b.wrong_steps(batch, 2)
-    b.reset(8)
+    a.reset(7), b.reset(8)  # each one's first draw after its reset: only the seeds differ
     assert a.wrong_steps(batch, 2) != b.wrong_steps(batch, 2)
 
 

@@ -12,7 +12,8 @@ Because the verifier knows the exact value after each operation, it reports the 
 every step, so "did a method blame the first wrong step?" is a number, not an anecdote.
 A step is judged *locally*: line j is right when it applies operation j to the value the response
 itself carried from line j−1 and computes the result correctly (an error is blamed once, where it
-happens, not again on every later line). The answer line is right when it repeats the last result.
+happens, not again on every later line); after a line that cannot be read as arithmetic, the next
+line is judged on its own arithmetic.  The answer line is right when it repeats the last result.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from creditrl.steps import split_steps
 from creditrl.tasks.base import Problem, Verdict
 
 OPERATIONS = {"+": "Add", "-": "Minus", "*": "Times"}
-_LINE = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
-_ANSWER = re.compile(r"^Answer: (\d+)$")
+_LINE = re.compile(r"^(-?\d+)([+\-*])(\d+)=(-?\d+)$")  # values go negative once a response has erred
+_ANSWER = re.compile(r"^Answer: (-?\d+)$")
 
 
 class LabTaskConfig(BaseModel):
@@ -125,22 +126,23 @@ def judge(chain: Chain, response: str) -> Verdict:
         return Verdict(correct=False, step_correct=(False,), format_ok=False)
     truth = chain.values()
     steps: list[bool] = []
-    carried = chain.start
+    carried: int | None = chain.start  # None after an unreadable line: no value to carry
     answer: int | None = None
     for j, line in enumerate(lines):
         m = _LINE.match(line)
         if m and j < len(chain.ops):
             left, op, x, result = int(m[1]), m[2], int(m[3]), int(m[4])
-            steps.append(left == carried and (op, x) == chain.ops[j] and result == apply(left, op, x))
+            steps.append(carried in (None, left) and (op, x) == chain.ops[j] and result == apply(left, op, x))
             carried = result
             continue
         a = _ANSWER.match(line)
         is_last = j == len(lines) - 1
         if a and is_last:
             answer = int(a[1])
-            steps.append(j == len(chain.ops) and answer == carried)
+            steps.append(j == len(chain.ops) and carried in (None, answer))
         else:
             steps.append(False)
+            carried = None
     correct = answer is not None and answer == truth[-1]
     return Verdict(correct=correct, step_correct=tuple(steps), format_ok=answer is not None,
                    answer=None if answer is None else str(answer))
