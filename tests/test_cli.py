@@ -71,6 +71,16 @@ def test_train_then_eval_a_tiny_model(tiny_lab_model_dir, tmp_path):
     assert "avg@k" in out and "pass@2" in out and "greedy" in out
     metrics = json.loads((tmp_path / "eval.json").read_text())
     assert metrics["problems"] == 4 and 0.0 <= metrics["avg@k"] <= 1.0 and metrics["k"] == 2
+    code, out = _invoke("eval", "--model", str(run / "final"), "--json", str(tmp_path / "no-such-folder" / "e.json"))
+    assert code == 2 and "--json: the folder" in out and "does not exist" in out  # said before evaluating
+
+    # without an evaluation at step 0 there is no "before": the summary says so and the table shows "after" only
+    code, out = _invoke("train", "--quiet", f"model.name={tiny_lab_model_dir}", f"output.dir={tmp_path / 'run2'}",
+                        "train.steps=1", "rollout.prompts_per_step=2", "rollout.group_size=2", "task.lab.eval_size=4",
+                        "eval.k=1", "sampling.max_new_tokens=16", "eval.before=false")
+    assert code == 0, out
+    assert json.loads((tmp_path / "run2" / "summary.json").read_text())["before"] is None
+    assert "accuracy after 1 steps" in out and "pts" not in out
 
 
 def test_lab_pretrain_on_a_tiny_budget(tmp_path):

@@ -13,8 +13,8 @@ def test_defaults_are_grpo_on_the_lab():
 
 
 def test_overrides_are_typed_and_nested():
-    assert parse_overrides(["train.lr=3e-5", "loss.dual_clip=null", "sampling.stop=[a, b]"]) == {
-        "train": {"lr": 3e-5}, "loss": {"dual_clip": None}, "sampling": {"stop": ["a", "b"]}}
+    assert parse_overrides(["train.lr=0.5", "loss.dual_clip=null", "sampling.stop=[a, b]"]) == {
+        "train": {"lr": 0.5}, "loss": {"dual_clip": None}, "sampling": {"stop": ["a", "b"]}}
     cfg = load_config(None, ["train.lr=3e-5", "rollout.group_size=4"])
     assert cfg.train.lr == 3e-5 and cfg.rollout.group_size == 4
 
@@ -91,7 +91,7 @@ def test_an_override_value_of_the_wrong_type_names_the_field():
 
 
 @pytest.mark.parametrize(("raw", "value"), [
-    ("3e-5", 3e-5), ("true", True), ("null", None), ("[0.9, 0.99]", [0.9, 0.99]), ("-3", -3),
+    ("0.5", 0.5), ("3e-5", "3e-5"), ("true", True),  # 3e-5 stays as written: pydantic reads a number setting from it ("null", None), ("[0.9, 0.99]", [0.9, 0.99]), ("-3", -3),
     ("Solve {question} # carefully", "Solve {question} # carefully"),  # not a YAML comment
     ("Q: {question}", "Q: {question}"),  # not a mapping
     ("{question} Answer=", "{question} Answer="),  # a template, not a flow mapping
@@ -119,3 +119,25 @@ def test_a_task_setting_the_task_does_not_read_is_an_error(overrides, ignored):
 def test_a_number_given_to_a_text_setting_is_that_text():
     cfg = load_config(None, ["task.name=hub", "task.hub_name=2024", "model.name=123"])
     assert (cfg.task.hub_name, cfg.model.name) == ("2024", "123")
+    for written in ("2024.10", "007", "1e3", "1_000"):  # not 2024.1, 7.0, 1000.0
+        assert load_config(None, ["task.name=hub", f"task.hub_name={written}"]).task.hub_name == written
+    cfg = load_config(None, ["train.lr=3e-5", "train.steps=007", "loss.kl_coef=1E-4", "reward.correct=2"])
+    assert (cfg.train.lr, cfg.train.steps, cfg.loss.kl_coef, cfg.reward.correct) == (3e-5, 7, 1e-4, 2.0)
+
+
+def test_yaml_that_would_lose_settings_silently_is_refused(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  lr: 5.0e-2\n  steps: 7\ntrain:\n  warmup_steps: 1\n")
+    with pytest.raises(ConfigError, match=r"(?s)twice.yaml: not valid YAML: the key 'train' is given twice.*line 4"):
+        load_config(twice)
+    (tmp_path / "inner.yaml").write_text("train:\n  lr: 1.0e-3\n  lr: 5.0e-2\n")
+    with pytest.raises(ConfigError, match="the key 'lr' is given twice"):
+        load_config(tmp_path / "inner.yaml")
+    (tmp_path / "value.yaml").write_text("train: 5\n")
+    with pytest.raises(ConfigError, match=r"train: a section .* got 5"):
+        load_config(tmp_path / "value.yaml", ["train.lr=2e-3"])  # the override must not hide the bad section
+    (tmp_path / "latin1.yaml").write_bytes("method: grpo  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8"):
+        load_config(tmp_path / "latin1.yaml")
+    with pytest.raises(ConfigError, match=r"train.betas.0: Input should be less than 1"):
+        load_config(None, ["train.betas=[2, 0.99]"])

@@ -65,6 +65,35 @@ def test_a_full_disk_mid_checkpoint_stops_cleanly_and_keeps_the_last_checkpoint(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_full_disk_inside_safetensors_stops_cleanly_too(tiny_lab_model_dir, tmp_path, monkeypatch):
+    """safetensors reports a failed write as its own SafetensorError, not an OSError."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    run = tmp_path / "run"
+    real_save = transformers.modeling_utils.safe_save_file
+
+    def full_disk_at_step_3(tensors, filename, *args, **kwargs):
+        if "step-000003" in str(filename):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk_at_step_3)
+    with pytest.raises(TrainingStopped, match=r"No space left on device.*step-000002"):
+        Trainer(_cfg(tiny_lab_model_dir, run), show_progress=False).train()
+    assert latest_checkpoint(run / "checkpoints").name == "step-000002"
+    assert not (run / "checkpoints" / "step-000003.tmp").exists()
+
+    def full_disk_at_the_end(tensors, filename, *args, **kwargs):
+        if "final" in str(filename):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk_at_the_end)
+    with pytest.raises(TrainingStopped, match=r"cannot write the final model .*--resume"):
+        Trainer(_cfg(tiny_lab_model_dir, run), show_progress=False).train(resume=True)
+
+
 def test_an_output_folder_that_cannot_exist_fails_before_training(tiny_lab_model_dir, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

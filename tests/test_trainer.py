@@ -128,7 +128,7 @@ def test_dynamic_sampling_keeps_only_groups_with_spread(tiny_lab_model_dir, tmp_
     # a verifier that calls responses of even length correct: groups then disagree at random
     trainer.task.verify = lambda p, r: verdict(p, r).__class__(correct=len(r) % 2 == 0)
     rollouts, info = trainer.collect()
-    assert 1 <= info["gen_rounds"] <= 3 and info["kept_groups"] <= 3
+    assert 1 <= info["gen_rounds"] <= 3 and 1 <= info["kept_groups"] <= 3  # some group kept: the checks below bite
     for g in torch.unique(rollouts.group_ids):
         assert rollouts.rewards[rollouts.group_ids == g].unique().numel() > 1  # spread (±1, and overlong shaping)
     assert rollouts.batch_size == 4 * len(torch.unique(rollouts.group_ids))

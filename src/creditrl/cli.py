@@ -64,6 +64,8 @@ def _guarded(fn):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    from safetensors import SafetensorError
+
     from creditrl.config import ConfigError
     from creditrl.tasks.errors import DatasetError
     from creditrl.trainer import TrainingStopped
@@ -78,6 +80,8 @@ def _guarded(fn):
         _fail(str(err))
     except OSError as err:  # a full disk, a folder that cannot be written
         _fail(f"{err.filename or 'I/O error'}: {err.strerror or err}")
+    except SafetensorError as err:  # safetensors' own I/O errors (a full disk mid-write)
+        _fail(f"writing weights failed: {err}")
 
 
 @app.command()
@@ -101,15 +105,17 @@ def train(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
 
 
 def _print_summary(s: dict) -> None:
-    before, after = s["before"], s["after"]
-    table = Table(title=f"{s['method']}: held-out accuracy before → after {s['steps']} steps")
+    before, after = s["before"], s["after"]  # before is None without an evaluation at step 0
+    title = "before → after" if before is not None else "after"
+    table = Table(title=f"{s['method']}: held-out accuracy {title} {s['steps']} steps")
     table.add_column("metric")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
+    for column in (["before", "after", "change"] if before is not None else ["after"]):
+        table.add_column(column, justify="right")
     for key, label in [("avg@k", f"avg@{after.get('k', '')} (T = sampling temperature)"), ("greedy", "greedy"),
                        ("maj@k", "maj@k"), (f"pass@{after.get('k', 1)}", f"pass@{after.get('k', 1)}")]:
-        if key in before and key in after:
+        if key in after and before is None:
+            table.add_row(label, f"{after[key]:.1%}")
+        elif key in after and key in before:
             table.add_row(label, f"{before[key]:.1%}", f"{after[key]:.1%}", f"{100 * (after[key] - before[key]):+.1f} pts")
     console.print(table)
     run_dir = Path(s["run_dir"])
@@ -144,6 +150,8 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
                            behaviour=cfg.eval.behaviour, verify_phrases=cfg.eval.verify_phrases)
         return name, len(problems), metrics, time.time() - start
 
+    if json_out is not None and not json_out.parent.is_dir():  # found out now, not after the evaluation
+        _fail(f"--json: the folder {json_out.parent} does not exist")
     name, n, metrics, seconds = _guarded(run)
     table = Table(title=f"{name} on {n} held-out problems ({seconds:.0f} s)")
     table.add_column("metric", no_wrap=True)

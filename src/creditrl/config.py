@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -103,7 +103,7 @@ class RolloutConfig(_Section):
 class TrainConfig(_Section):
     steps: int = Field(150, ge=1, description="policy-update steps (one rollout batch each)")
     lr: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.99)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.99)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
@@ -236,13 +236,15 @@ def _scalar(raw: str) -> Any:
         placeholders = isinstance(value, dict) and None in value.values()  # `{question}` is text, not a mapping
         return raw if placeholders else value
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except ValueError:
         pass
-    try:  # `nan`, `inf`, and YAML's spelling of them, `.nan`, `.inf`
-        return float(text.replace(".", "", 1) if text.lstrip("+-").lower() in (".nan", ".inf") else text)
-    except ValueError:
-        return raw
+    else:  # a number keeps the text it was written as (2024.10, 3e-5) unless that is how Python writes it:
+        # a text setting then gets those characters, and pydantic reads a number setting from them
+        return text if type(value) in (int, float) and repr(value) != text else value
+    if text.lstrip("+-").lower() in ("nan", "inf", "infinity", ".nan", ".inf"):  # and YAML's spelling, .nan, .inf
+        return float(text.replace(".", "", 1))
+    return raw
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -250,9 +252,11 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     user: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -273,6 +277,21 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         raise ConfigError(_describe(err, path)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML would keep the last, so a
+    repeated section header silently dropped the whole earlier section)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def save_config(cfg: RunConfig, path: Path) -> None:
     """Write the resolved config as YAML, atomically (a kill mid-write leaves the old file)."""
     tmp = path.with_suffix(".tmp")
@@ -280,10 +299,13 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`top` over `base`, section by section; a section in `top` over a value in `base` is an error."""
     out = dict(base)
     for key, value in top.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        if isinstance(value, dict) and out.get(key) is not None and not isinstance(out[key], dict):
+            raise ConfigError(f"{prefix}{key}: a section (key: value lines), got {out[key]!r}")
+        out[key] = deep_merge(out[key], value, f"{prefix}{key}.") if isinstance(value, dict) and out.get(key) else value
     return out
 
 

@@ -35,6 +35,7 @@ import torch
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors import SafetensorError
 
 from creditrl.checkpoint import (latest_checkpoint, load_master_weights, load_optimizer_state, load_trainer_state,
                                  save_checkpoint)
@@ -364,10 +365,16 @@ class Trainer:
         final_dir = self.run_dir / "final"
         if is_lora(self.policy.model):  # a plain model folder: the adapters folded into the weights
             self.policy.model = merged(self.policy.model)
-        self.policy.model.save_pretrained(final_dir, safe_serialization=True)
-        self.policy.tokenizer.save_pretrained(final_dir)
+        try:
+            self.policy.model.save_pretrained(final_dir, safe_serialization=True)
+            self.policy.tokenizer.save_pretrained(final_dir)
+        except (OSError, SafetensorError) as err:
+            raise TrainingStopped(f"cannot write the final model to {final_dir} ({err}); the last checkpoint is "
+                                  f"{latest_checkpoint(self.run_dir / 'checkpoints')}: free the space and run again "
+                                  "with --resume") from None
         summary = {"method": cfg.method, "steps": self.step, "wall_seconds": round(time.time() - started, 1),
-                   "before": evals[0], "after": evals[-1], "skipped_updates": self.skipped_updates,
+                   "before": evals[0] if evals[0]["step"] == 0 else None,  # None with eval.before=false
+                   "after": evals[-1], "skipped_updates": self.skipped_updates,
                    "run_dir": str(self.run_dir), "final_model": str(final_dir)}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
@@ -416,11 +423,12 @@ class Trainer:
                             {"position": self.position, "skipped_updates": self.skipped_updates,
                              "bad_in_a_row": self.bad_in_a_row},
                             keep=self.cfg.output.keep_checkpoints, master_weights=self.masters.state_dict())
-        except OSError as err:
+        except (OSError, SafetensorError) as err:  # safetensors reports its own failed writes as SafetensorError
             shutil.rmtree(folder / f"step-{self.step:06d}.tmp", ignore_errors=True)
             last = latest_checkpoint(folder)
+            why = f"{err.filename or folder}: {err.strerror or err}" if isinstance(err, OSError) else f"{folder}: {err}"
             raise TrainingStopped(f"stopping at step {self.step}: cannot write its checkpoint "
-                                  f"({err.filename or folder}: {err.strerror or err}); the last complete checkpoint is "
+                                  f"({why}); the last complete checkpoint is "
                                   f"{last if last else 'none'}; free the space and continue with --resume") from None
 
     def _progress(self) -> Progress:
