@@ -28,6 +28,17 @@ def test_method_defaults_sit_beneath_the_user(tmp_path):
     assert cfg.loss.eps_high == 0.3 and cfg.reward.wrong == 0.0 and cfg.loss.agg == "token-mean"
 
 
+def test_dapo_overlong_shaping_fills_in_only_what_the_user_left_unset():
+    cfg = load_config(None, ["method=dapo", "sampling.max_new_tokens=100"])
+    assert (cfg.reward.overlong_max, cfg.reward.overlong_buffer) == (100, 20)  # L_max, and a fifth as buffer
+    cfg = load_config(None, ["method=dapo", "sampling.max_new_tokens=100", "reward.overlong_buffer=10"])
+    assert (cfg.reward.overlong_max, cfg.reward.overlong_buffer) == (100, 10)  # the user's buffer stays
+    cfg = load_config(None, ["method=fipo", "reward.overlong_max=50", "reward.overlong_buffer=5"])
+    assert (cfg.reward.overlong_max, cfg.reward.overlong_buffer) == (50, 5)
+    with pytest.raises(ConfigError, match=r"overlong_buffer \(200\) must not exceed .*max_new_tokens \(100\)"):
+        load_config(None, ["method=dapo", "sampling.max_new_tokens=100", "reward.overlong_buffer=200"])
+
+
 def test_dr_grpo_gets_a_constant_length_normaliser():
     cfg = load_config(None, ["method=dr_grpo", "sampling.max_new_tokens=77"])
     assert cfg.loss.agg == "seq-mean-token-sum-norm" and cfg.loss.norm_length == 77

@@ -196,7 +196,11 @@ class RunConfig(BaseModel):
             self.loss.norm_length = self.sampling.max_new_tokens
         if method.overlong_shaping and self.reward.overlong_max is None:  # DAPO's 20480 / 4096, scaled
             self.reward.overlong_max = self.sampling.max_new_tokens
-            self.reward.overlong_buffer = self.sampling.max_new_tokens // 5
+            if "overlong_buffer" not in self.reward.model_fields_set:  # a buffer the user gave stays
+                self.reward.overlong_buffer = self.sampling.max_new_tokens // 5
+            if self.reward.overlong_buffer > self.reward.overlong_max:
+                raise ValueError(f"reward.overlong_buffer ({self.reward.overlong_buffer}) must not exceed the overlong "
+                                 f"limit, sampling.max_new_tokens ({self.reward.overlong_max})")
         return self
 
     @model_validator(mode="after")
