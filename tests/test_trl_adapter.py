@@ -47,9 +47,14 @@ def make_args(tmp_path, **overrides) -> GRPOConfig:
     return GRPOConfig(**{**settings, **overrides})
 
 
-def train(trainer_class, model_dir, args, **kwargs):
+def lab_reward_or_none(completions, problem, **kwargs):
+    """`lab_reward`, but None (unscorable) for the last of every 4 completions: one in each group of 4."""
+    return [None if i % 4 == 3 else r for i, r in enumerate(lab_reward(completions, problem, **kwargs))]
+
+
+def train(trainer_class, model_dir, args, reward=lab_reward, **kwargs):
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
-    trainer = trainer_class(model=model, reward_funcs=lab_reward, args=args, train_dataset=DATASET,
+    trainer = trainer_class(model=model, reward_funcs=reward, args=args, train_dataset=DATASET,
                             processing_class=tokenizer, **kwargs)
     trainer.train()
     return trainer
@@ -69,11 +74,16 @@ def step_logs(trainer) -> list[dict]:
                   "num_iterations": 1}, id="dapo-accumulation"),
     pytest.param({"loss_type": "bnpo", "per_device_train_batch_size": 2, "steps_per_generation": 2,
                   "num_iterations": 1}, id="bnpo-two-minibatches"),
+    pytest.param({"loss_type": "grpo", "mask_truncated_completions": True}, id="grpo-masked-truncations"),
+    pytest.param({"loss_type": "grpo", "num_generations": 4, "reward": lab_reward_or_none}, id="grpo-unscorable"),
 ])
 def test_grpo_matches_trl(tiny_lab_model_dir, tmp_path, options):
+    options = dict(options)
+    reward = options.pop("reward", lab_reward)
     args = make_args(tmp_path, **options)
-    ours = train(CreditGRPOTrainer, tiny_lab_model_dir, args, method="grpo", method_params={"eps": 1e-4})  # TRL's eps
-    theirs = train(GRPOTrainer, tiny_lab_model_dir, args)
+    ours = train(CreditGRPOTrainer, tiny_lab_model_dir, args, reward, method="grpo",
+                 method_params={"eps": 1e-4})  # TRL's eps
+    theirs = train(GRPOTrainer, tiny_lab_model_dir, args, reward)
 
     for mine, trl in zip(step_logs(ours), step_logs(theirs), strict=True):
         assert mine["loss"] == pytest.approx(trl["loss"], rel=1e-4, abs=1e-7)

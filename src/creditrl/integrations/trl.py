@@ -162,10 +162,14 @@ class CreditGRPOTrainer(GRPOTrainer):
         rewards = (self._rewards_per_func * self.reward_weights.to(self._rewards_per_func.device)).nansum(dim=1)
         device = mask.device
         step_ids = pad_right([torch.tensor(s, dtype=torch.long) for s in step_rows], -1, width=mask.shape[1])
+        # a completion no reward function scored is a group of its own, out of its siblings' statistics (as TRL's
+        # NaN-aware baseline leaves it out); its advantage is set to 0 afterwards
+        unscorable = torch.isnan(self._rewards_per_func).all(dim=1).to(device)
+        row = torch.arange(rows, device=device)
         rollouts = Rollouts(
             prompt_ids=batch["prompt_ids"], prompt_mask=batch["prompt_mask"].bool(),
             response_ids=batch["completion_ids"], response_mask=mask,
-            group_ids=torch.arange(rows, device=device) // group_size,
+            group_ids=torch.where(unscorable, rows + row, row // group_size),
             step_ids=step_ids.to(device),
             rewards=rewards.to(device), correct=rewards.to(device) > 0,
             truncated=torch.tensor([not row or row[-1] not in self.eos_token_ids for row in ids], device=device),
@@ -219,7 +223,12 @@ class CreditGRPOTrainer(GRPOTrainer):
 
     def _loss_scale(self, inputs: dict[str, Any], mask: Tensor, mode: str) -> Tensor | float:
         """TRL's normalisation: divide by the accumulation steps, or ("dapo") count tokens over the
-        whole generation batch instead of the local one."""
+        whole generation batch instead of the local one; "grpo" averages over every row, an empty one
+        (a truncated completion under `mask_truncated_completions`) included, where creditrl's
+        seq-mean-token-mean averages over the rows that have tokens."""
+        if self.loss_type == "grpo":
+            rows_with_tokens = mask.any(dim=1).sum() / mask.shape[0]
+            return rows_with_tokens / (self.current_gradient_accumulation_steps if mode == "train" else 1)
         if self.loss_type == "dapo":
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0)
             if mode == "train":
