@@ -102,6 +102,15 @@ def test_grpo_estimator_matches_verl_grpo(seed, norm_by_std):
     torch.testing.assert_close(returns, got)
 
 
+@pytest.mark.parametrize("norm_by_std", [True, False])
+def test_grpo_lambda_estimator_is_verl_grpo_clamped_at_minus_a_tenth(norm_by_std):
+    rewards, mask, uids = outcome_batch(4)
+    grpo, _ = core_algos.compute_grpo_outcome_advantage(rewards.clone(), mask, uids, norm_adv_by_std_in_grpo=norm_by_std)
+    got, _ = core_algos.get_adv_estimator_fn("creditrl_grpo_lambda")(
+        token_level_rewards=rewards, response_mask=mask, index=uids, config=AlgoConfig(norm_adv_by_std_in_grpo=norm_by_std))
+    torch.testing.assert_close(got, torch.where(mask.bool(), grpo.clamp(min=-0.1), 0.0), rtol=1e-5, atol=1e-5)
+
+
 def test_rloo_estimator_matches_verl_rloo():
     rewards, mask, uids = outcome_batch(3)
     expected, _ = core_algos.compute_rloo_outcome_advantage(rewards.clone(), mask, uids)
@@ -272,8 +281,12 @@ def step_reward_batch(texts: list[str], width: int = 12, with_dataset_fields: bo
         non_tensors=fields if with_dataset_fields else {"raw_prompt": np.array([[]] * len(texts), dtype=object)})
 
 
+REWARD_MODEL = {"enable": True, "enable_resource_pool": False}  # verl's colocated reward-model path
+
+
 def step_reward_manager(compute_score) -> verl_adapter.CreditrlStepRewardManager:
-    config = OmegaConf.create({"reward": {"custom_reward_function": {"path": "my_reward.py"}}})
+    config = OmegaConf.create({"reward": {"custom_reward_function": {"path": "my_reward.py"},
+                                          "reward_model": REWARD_MODEL}})
     manager = verl_adapter.CreditrlStepRewardManager(config, CharTokenizer(), compute_score)
     manager.splitter = "newline"
     return manager
@@ -298,8 +311,9 @@ def test_reward_manager_writes_step_rewards_on_step_ends():
     expected[0, 4], expected[0, 9], expected[1, 4] = 1.0, 2.0, 1.0  # "One.\n" ends at 4, "Two.\n" at 9
     torch.testing.assert_close(scores, expected)
     # every response logs the same keys (verl takes them from the first), numbers as floats
-    assert outputs[0]["reward_extra_info"] == {"score": 1.0, "note": None, "n_steps": 2}
-    assert outputs[1]["reward_extra_info"] == {"score": 1.0, "note": 3.0, "n_steps": 1}
+    # (`acc`: the outcome, for verl's headline validation metric, which would otherwise sum the step rewards)
+    assert outputs[0]["reward_extra_info"] == {"score": 1.0, "note": None, "acc": 1.0, "n_steps": 2}
+    assert outputs[1]["reward_extra_info"] == {"score": 1.0, "note": 3.0, "acc": 1.0, "n_steps": 1}
 
 
 def test_reward_manager_awaits_an_async_reward_function():
@@ -323,8 +337,16 @@ def test_reward_manager_refuses_what_it_cannot_lay_out(step_rewards, batch_optio
 
 
 def test_reward_manager_needs_a_custom_reward_function():
-    config = OmegaConf.create({"reward": {"custom_reward_function": {"path": None}}})
+    config = OmegaConf.create({"reward": {"custom_reward_function": {"path": None}, "reward_model": REWARD_MODEL}})
     with pytest.raises(ValueError, match=re.escape("needs reward.custom_reward_function.path")):
+        verl_adapter.CreditrlStepRewardManager(config, CharTokenizer(), lambda **_: 0.0)
+
+
+@pytest.mark.parametrize("reward_model", [{}, {"enable": False}, {"enable": True, "enable_resource_pool": True}])
+def test_reward_manager_needs_the_colocated_reward_model_path(reward_model):
+    config = OmegaConf.create({"reward": {"custom_reward_function": {"path": "my_reward.py"},
+                                          "reward_model": reward_model}})
+    with pytest.raises(ValueError, match=re.escape("set reward.reward_model.enable=true and")):
         verl_adapter.CreditrlStepRewardManager(config, CharTokenizer(), lambda **_: 0.0)
 
 

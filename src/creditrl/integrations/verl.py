@@ -162,12 +162,16 @@ def creditrl_grpo(
     drops the std division (Dr. GRPO), as it does for verl's `grpo`.
     Shapes: token_level_rewards, response_mask (B, T), index (B,) -> advantages, returns (B, T).
     """
-    params = method_params("grpo")
-    if config is not None and config.get("norm_adv_by_std_in_grpo", True) is False:
-        params = params.model_copy(update={"scale_by_std": False})
     rollouts = verl_rollouts(token_level_rewards.sum(dim=-1), response_mask, index)
-    advantages = compute_advantages("grpo", rollouts, params)
+    advantages = compute_advantages("grpo", rollouts, _scaled_by_std(method_params("grpo"), config))
     return advantages, advantages
+
+
+def _scaled_by_std(params: Any, config: Any) -> Any:
+    """The GRPO params with `algorithm.norm_adv_by_std_in_grpo=False` read as `scale_by_std=False`."""
+    if config is not None and config.get("norm_adv_by_std_in_grpo", True) is False:
+        return params.model_copy(update={"scale_by_std": False})
+    return params
 
 
 @register_adv_est("creditrl_rloo")
@@ -189,11 +193,12 @@ def creditrl_grpo_lambda(
 ) -> tuple[Tensor, Tensor]:
     """creditrl's `grpo_lambda` advantage: the GRPO advantage clamped below at `adv_clamp` (−0.1).
 
-    Pair it with the policy loss `creditrl_grpo_lambda` (the traced ratio).
+    Pair it with the policy loss `creditrl_grpo_lambda` (the traced ratio).  Reads
+    `algorithm.norm_adv_by_std_in_grpo` as `creditrl_grpo` does.
     Shapes: token_level_rewards, response_mask (B, T), index (B,) -> advantages, returns (B, T).
     """
     rollouts = verl_rollouts(token_level_rewards.sum(dim=-1), response_mask, index)
-    advantages = compute_advantages("grpo_lambda", rollouts, method_params("grpo_lambda"))
+    advantages = compute_advantages("grpo_lambda", rollouts, _scaled_by_std(method_params("grpo_lambda"), config))
     return advantages, advantages
 
 
@@ -410,6 +415,12 @@ class CreditrlStepRewardManager(RewardManagerBase):
         if config.reward.custom_reward_function.path is None:
             raise ValueError("creditrl_step_rewards needs reward.custom_reward_function.path (a function returning "
                              "{'score': ..., 'step_rewards': [...]}); verl's default scorer gives no step rewards")
+        reward_model = config.reward.get("reward_model") or {}
+        if not reward_model.get("enable", False) or reward_model.get("enable_resource_pool", False):
+            raise ValueError("creditrl_step_rewards writes per-token rewards, which only verl's colocated reward-model "
+                             "path reads: set reward.reward_model.enable=true and "
+                             "reward.reward_model.enable_resource_pool=false (the agent loop keeps one float per "
+                             "response)")
         self.splitter = os.environ.get(SPLITTER_ENV) or DEFAULT_SPLITTER
         self.router_kwargs = {}
         if reward_router_address is not None:
@@ -450,6 +461,7 @@ class CreditrlStepRewardManager(RewardManagerBase):
             None, lambda: token_end_offsets(self.tokenizer, ids, skip_special_tokens=True))
         # the same keys for every response: verl takes the batch's keys from its first response
         extra = {key: _loggable(value) for key, value in result.items() if key != "step_rewards"}
+        extra.setdefault("acc", extra["score"])  # verl's headline validation metric reads `acc`, else Σ token rewards
         extra["n_steps"] = len(spans)
         return {"reward_score": token_rewards_from_steps(step_rewards, token_step_ids(offsets, spans)),
                 "reward_extra_info": extra}
