@@ -27,9 +27,11 @@ def test_only_the_adapters_train_and_final_holds_the_merged_weights(tiny_lab_mod
     assert trainable and all("lora_" in n for n in trainable)
     lora = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if not p.requires_grad}
-    adapters_during = {}
-    trainer.on_step = lambda step: adapters_during.update(
-        {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if "lora_" in n})
+    adapters_during, frozen_during = {}, {}
+    trainer.on_step = lambda step: (
+        adapters_during.update({n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if "lora_" in n}),
+        frozen_during.update({n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()
+                              if not p.requires_grad}))
     trainer.train()
     assert any(not torch.equal(lora[n], adapters_during[n]) for n in lora)  # the adapters moved
     final = load_file(tmp_path / "run" / "final" / "model.safetensors")
@@ -41,8 +43,22 @@ def test_only_the_adapters_train_and_final_holds_the_merged_weights(tiny_lab_mod
     torch.testing.assert_close(final[f"{name}.weight"], base[f"{name}.weight"] + (16.0 / 4) * b @ a)
     # every weight without an adapter is the base model's, untouched
     assert torch.equal(final["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
-    assert all(torch.equal(v, frozen[n]) for n, v in frozen.items())
+    assert frozen_during.keys() == frozen.keys() and all(torch.equal(frozen_during[n], v) for n, v in frozen.items())
     load_policy(str(tmp_path / "run" / "final"))  # a plain model folder
+
+
+def test_sampling_with_generate_under_lora_keeps_the_models_generation_config(tiny_lab_model_dir, tmp_path):
+    """peft's generate copies the wrapper's (bare, for the call) config into the base model and leaves it
+    there: the merged final/ lost its end tokens and the model's own defaults."""
+    from creditrl.policy.lora import LoRAConfig, apply_lora, merged
+    from creditrl.policy.transformers_backend import SamplingConfig
+
+    policy = load_policy(str(tiny_lab_model_dir))
+    policy.model.generation_config.top_k = 7  # a default of the model's own, to see it survive
+    policy.model = apply_lora(policy.model, LoRAConfig(r=4))
+    policy.sample([policy.encode_prompt("Start 1.")], 2, SamplingConfig(engine="generate", max_new_tokens=3), seed=0)
+    kept = merged(policy.model).generation_config
+    assert (kept.top_k, kept.eos_token_id) == (7, policy.tokenizer.eos_token_id)
 
 
 def test_a_resumed_lora_run_ends_like_an_uninterrupted_one(tiny_lab_model_dir, tmp_path):

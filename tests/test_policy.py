@@ -5,7 +5,7 @@ import torch
 
 from torch.nn.attention import SDPBackend
 
-from creditrl.policy.transformers_backend import SamplingConfig, left_pad, right_pad
+from creditrl.policy.transformers_backend import SamplingConfig, _logits_are_plain_projection, left_pad, right_pad
 
 PROMPTS = ["Start 7. Add 5.", "Start 13. Times 2. Minus 30. Add 1.", "Start 1."]
 
@@ -208,6 +208,7 @@ def test_cudnn_scoring_rounds_bucket_widths_up_and_scores_the_same(tiny_policy, 
     gen = tiny_policy.sample(_encode(tiny_policy), 2, SamplingConfig(max_new_tokens=5), seed=0)
     batch = (*left_pad(gen.prompt_ids, tiny_policy.pad_id), *right_pad(gen.response_ids, tiny_policy.pad_id))
     widths = []
+    assert _logits_are_plain_projection(tiny_policy.model)  # its one-off 8-token check is done before counting
     decoder = tiny_policy.model.get_decoder()  # what scoring calls (it applies the head itself)
     handle = decoder.register_forward_pre_hook(lambda _m, _args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
                                                with_kwargs=True)
@@ -274,3 +275,27 @@ def test_a_configured_policy_takes_every_model_setting_and_a_command_may_swap_th
     loading.load_configured_policy(section, "other-model")  # `creditrl eval --model other-model`
     settings = (None, False, 64, "cpu", "bfloat16", True, "cudnn", True)
     assert calls == [("run-model", "q8.gguf", *settings), ("other-model", None, *settings)]
+
+
+def test_a_model_that_scales_its_logits_in_its_own_forward_is_scored_through_it(tiny_policy):
+    """Falcon-H1 multiplies the head's output by lm_head_multiplier inside its forward, under a name no
+    config list had: the head applied to the decoder's output must give the forward's logits, or the
+    forward is used."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    from creditrl.policy.transformers_backend import TransformersPolicy
+
+    torch.manual_seed(0)
+    config = FalconH1Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=16, mamba_d_ssm=32, mamba_n_heads=2,
+                            mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=4,
+                            lm_head_multiplier=3.0, pad_token_id=0, tie_word_embeddings=False)
+    model = FalconH1ForCausalLM(config).eval()
+    policy = TransformersPolicy(model, tiny_policy.tokenizer)
+    prompt, response = [5, 6, 7], [8, 9]
+    with torch.no_grad():
+        scored = policy.score(torch.tensor([prompt]), torch.ones(1, 3, dtype=torch.bool), torch.tensor([response]),
+                              torch.ones(1, 2, dtype=torch.bool)).logprobs[0]
+        logits = model(torch.tensor([prompt + response])).logits[0, 2:4].float()
+    torch.testing.assert_close(scored, torch.log_softmax(logits, -1)[[0, 1], response], rtol=1e-5, atol=1e-5)
+    assert not _logits_are_plain_projection(model) and _logits_are_plain_projection(tiny_policy.model)

@@ -63,7 +63,8 @@ def test_rows_params_and_weight_pushes(tiny_policy, stand_in_vllm):
     sent, params = engine.calls[0]
     assert sent == [{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [7, 8, 9]}]
     assert [(p.n, p.temperature, p.top_p, p.max_tokens, p.stop, p.seed) for p in params] == \
-           [(3, 0.6, 0.9, 7, ["\n"], 11), (3, 0.6, 0.9, 7, ["\n"], 12)]  # a seed of its own for each prompt
+           [(3, 0.6, 0.9, 7, ["\n"], 11), (3, 0.6, 0.9, 7, ["\n"], 14)]  # vLLM seeds sample j with seed + j:
+    # prompt 0's samples draw with seeds 11, 12, 13 and prompt 1's with 14, 15, 16, no stream shared
     assert gen.prompt_ids == [[5, 6]] * 3 + [[7, 8, 9]] * 3
     assert gen.response_ids == [[6, 0], [6, 1], [6, 2], [9, 0], [9, 1], [9, 2]]
     assert gen.truncated == [False, True, True] * 2
@@ -85,6 +86,32 @@ def test_rows_params_and_weight_pushes(tiny_policy, stand_in_vllm):
     name = next(n for n, p in tiny_policy.model.named_parameters() if p is tiny_policy.model.get_output_embeddings().weight)
     torch.testing.assert_close(engine.pushes[1][name], tiny_policy.model.get_output_embeddings().weight.detach())
     assert not torch.equal(engine.pushes[1][name], engine.pushes[0][name])
+
+    # the trainer's optimizer, a fused AdamW, updates in place without bumping the parameters' _version:
+    # its steps reach vLLM through the trainer's count of updates
+    fused = torch.optim.AdamW(tiny_policy.model.parameters(), lr=0.1, fused=True)
+    tiny_policy.model.get_output_embeddings().weight.sum().backward()
+    fused.step()
+    tiny_policy.updates += 1  # what the trainer does after each optimizer step
+    tiny_policy.sample(prompts, 1, cfg, seed=0)
+    assert len(engine.pushes) == 3 and engine.resets == 3
+    torch.testing.assert_close(engine.pushes[2][name], tiny_policy.model.get_output_embeddings().weight.detach())
+
+
+def test_the_trainer_counts_its_optimizer_steps_on_the_policy(tiny_lab_model_dir, tmp_path):
+    import json
+
+    from creditrl.config import load_config
+    from creditrl.trainer import Trainer
+
+    cfg = load_config(None, [f"model.name={tiny_lab_model_dir}", f"output.dir={tmp_path / 'run'}", "train.steps=2",
+                             "rollout.prompts_per_step=2", "rollout.group_size=3", "train.n_minibatches=2",
+                             "task.lab.eval_size=2", "eval.k=1", "eval.before=false", "sampling.max_new_tokens=12",
+                             "reward.overlong_max=8", "reward.overlong_buffer=6"])
+    trainer = Trainer(cfg, show_progress=False)
+    trainer.train()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert trainer.policy.updates == sum(m.get("updates", 0) for m in logged) > 0
 
 
 def test_a_missing_vllm_names_the_setting_and_the_alternative(tiny_policy, monkeypatch):

@@ -312,6 +312,7 @@ class Trainer:
                     bad = "non-finite gradient norm"
                     continue
                 n_updates += 1
+                self.policy.updates += 1
                 for key, value in {**m, "loss": loss.detach(), "grad_norm": norm}.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
         metrics.update({k: v / max(n_updates, 1) for k, v in sums.items()})

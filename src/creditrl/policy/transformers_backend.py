@@ -92,6 +92,9 @@ class TransformersPolicy:
         self.keep_logits = keep_logits  # the backward takes the forward's logits (`ProjectedLogprobs`)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
+        # optimizer steps taken on the weights, counted by the trainer: an engine holding a copy of the weights
+        # (vLLM) re-copies when it moves (a fused AdamW step leaves the parameters' `_version` as it was)
+        self.updates = 0
 
     def enable_activation_checkpointing(self) -> None:
         """Keep each decoder layer's input for the backward and recompute the rest there (train mode only:
@@ -198,8 +201,12 @@ class TransformersPolicy:
         stopping = [_ResponseStopStrings(self.tokenizer, cfg.stop, ids.shape[1])] if cfg.stop else None
         # generate fills every setting left unset from the model's generation_config (top_k, min_p,
         # repetition_penalty, ...), and then top_k=50 from its own defaults: with a bare one for the
-        # call and top_k=0, it samples from exactly softmax(z/τ) with top_p, the distribution scored
-        model_defaults, self.model.generation_config = self.model.generation_config, GenerationConfig()
+        # call and top_k=0, it samples from exactly softmax(z/τ) cut at top_p, as the kv-cache engine does
+        # (scoring reads softmax(z/τ) untruncated, as TRL and verl do)
+        # (under LoRA peft's generate copies the wrapper's config into the base model: both get theirs back)
+        holders = [self.model] + ([self.model.get_base_model()] if hasattr(self.model, "get_base_model") else [])
+        model_defaults = [holder.generation_config for holder in holders]
+        self.model.generation_config = GenerationConfig()
         try:
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
                                       stopping_criteria=stopping)
@@ -213,7 +220,8 @@ class TransformersPolicy:
                     f"sampling.static_cache=false") from err
             raise
         finally:
-            self.model.generation_config = model_defaults
+            for holder, defaults in zip(holders, model_defaults):
+                holder.generation_config = defaults
         new = out[:, ids.shape[1]:].tolist()
         responses, truncated = [], []
         for row in new:
@@ -273,8 +281,9 @@ class TransformersPolicy:
         where = (prompt_mask.sum(1, keepdim=True) - 1 + offsets).clamp(0, packed.shape[1] - 1).to(self.device)
         targets = response_ids[:, :width].to(self.device)
         positions = torch.arange(packed.shape[1], device=self.device).expand_as(packed)
+        plain_head = _logits_are_plain_projection(self.model)  # (its one-off check runs outside the capture)
         with self._capture_last_layer(with_hidden) as captured:
-            if _logits_are_plain_projection(self.model):
+            if plain_head:
                 states = self.model.get_decoder()(input_ids=packed, position_ids=positions, use_cache=False)
                 picked, head = _take_positions(states.last_hidden_state, where), self.model.get_output_embeddings()
             else:
@@ -385,12 +394,25 @@ def _bucket_count(sorted_lengths: Tensor, most: int) -> int:
 def _logits_are_plain_projection(model: PreTrainedModel) -> bool:
     """Whether logits = output_embeddings(final hidden state), so scoring may apply the head itself.
 
-    Models that scale or soft-cap their logits (Gemma 2/3, Granite, Cohere) are scored through
-    their own forward instead.
+    Models that scale or soft-cap their logits in their own forward (Gemma 2/3's softcapping,
+    Granite's logits_scaling, Cohere's logit_scale, Falcon-H1's lm_head_multiplier, ...) are scored
+    through that forward instead.  Checked once per model, by name where the config says so, else
+    on 8 tokens: the head over the decoder's output must give the forward's logits.
     """
-    cfg = model.config.get_text_config()
+    known = getattr(model, "_creditrl_plain_head", None)
+    if known is not None:
+        return known
+    cfg, head = model.config.get_text_config(), model.get_output_embeddings()
     special = [getattr(cfg, name, None) for name in ("final_logit_softcapping", "logits_scaling", "logit_scale")]
-    return all(v in (None, 1, 1.0) for v in special) and isinstance(model.get_output_embeddings(), torch.nn.Linear)
+    plain = all(v in (None, 1, 1.0) for v in special) and isinstance(head, torch.nn.Linear)
+    if plain:
+        ids = torch.arange(8, device=head.weight.device).remainder(head.out_features)[None]
+        with torch.no_grad(), evaluation_mode(model), torch.autocast(ids.device.type, enabled=False):
+            forward = model(input_ids=ids, use_cache=False).logits
+            projected = head(model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state)
+        plain = torch.allclose(projected.float(), forward.float(), rtol=1e-2, atol=1e-3)  # bf16 weights: roundings
+    model._creditrl_plain_head = plain
+    return plain
 
 
 def _take_positions(x: Tensor, where: Tensor) -> Tensor:

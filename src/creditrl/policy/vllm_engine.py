@@ -4,8 +4,9 @@ One `vllm.LLM` per policy, built from the model's folder with prefix caching on,
 K continuations of one prefix share its KV blocks.  The engine runs in this process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`; by default vLLM's V1 engine runs its model in a child
 process, out of reach of the weight push below).  Before each call the policy's current
-weights are pushed into the engine when they have changed since the last push (torch bumps a
-tensor's `_version` on every in-place update, so the optimizer's steps are seen), and the
+weights are pushed into the engine when they have changed since the last push (the trainer
+counts its optimizer steps in `policy.updates`, since a fused AdamW step leaves the
+parameters' `_version` as it was; any other in-place update bumps `_version`), and the
 prefix cache is reset, since blocks computed by older weights are stale.  vLLM's log-probs come
 from other kernels than training's, so the trainer recomputes the old log-probs with a forward.
 """
@@ -36,9 +37,9 @@ def sample_with_vllm(policy: TransformersPolicy, prompt_ids: list[list[int]], n:
     vllm = _import_vllm()
     engine = _engine(policy, vllm)
     _push_weights_if_changed(policy, engine)
-    # one seed per prompt: with one seed for all, every prompt's samples would draw the same random numbers
+    # vLLM seeds a prompt's j-th sample with seed + j: n seeds apart, no two samples of the call share a stream
     params = [vllm.SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                                  stop=cfg.stop or None, include_stop_str_in_output=True, seed=seed + i)
+                                  stop=cfg.stop or None, include_stop_str_in_output=True, seed=seed + i * n)
               for i in range(len(prompt_ids))]
     outputs = engine.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=params,
                               use_tqdm=False)
@@ -76,7 +77,7 @@ def _engine(policy: TransformersPolicy, vllm):
 
 
 def _push_weights_if_changed(policy: TransformersPolicy, engine) -> None:
-    fingerprint = sum(p._version for p in policy.model.parameters())
+    fingerprint = (policy.updates, sum(p._version for p in policy.model.parameters()))
     if policy._vllm_weights == fingerprint:
         return
     executor = getattr(engine.llm_engine, "model_executor", None)
