@@ -187,7 +187,11 @@ def _cfg(model_dir, run_dir, *extra):
 
 
 def _count_forwards(trainer: Trainer) -> list[tuple[int, bool]]:
-    """(rows, with grad) of every decoder forward after sampling, during one train_step."""
+    """(rows, with grad) of every decoder forward after sampling, during one train_step (the policy's one-off
+    check of its output head runs before counting)."""
+    from creditrl.policy.transformers_backend import _logits_are_plain_projection
+
+    _logits_are_plain_projection(trainer.policy.model)
     calls: list[tuple[int, bool]] = []
     handle = trainer.policy.model.get_decoder().register_forward_hook(
         lambda _m, _args, kwargs, _out: calls.append((kwargs["input_ids"].shape[0], torch.is_grad_enabled())),
