@@ -78,6 +78,8 @@ def test_peak_flops_by_card_name(gpu, monkeypatch):
     assert gpu.peak_flops(cuda, None) == 756e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d: "NVIDIA H100 80GB HBM3")
     assert gpu.peak_flops(cuda, None) == pytest.approx(989.4e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d: "NVIDIA H100 NVL")  # not the SXM card's peak
+    assert gpu.peak_flops(cuda, None) == pytest.approx(835e12)
     assert gpu.peak_flops(cuda, 500.0) == 500e12
     assert gpu.peak_flops(torch.device("cpu"), None) is None
 
