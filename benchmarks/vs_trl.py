@@ -343,6 +343,11 @@ def compare_table(res: dict, versions: dict):
                   f"{trl['step_min']:.3f} – {trl['step_max']:.3f}", "")
     table.add_row("completion tokens (mean)", f"{ours['completion_tokens']:.1f}", f"{trl['completion_tokens']:.1f}",
                   _ratio(trl["completion_tokens"], ours["completion_tokens"]))
+    # the sides sample different completions, so seconds per step also compare different amounts of work;
+    # per completion token the ratio (creditrl's rate over TRL's, as TRL's seconds over creditrl's above) does not
+    rate = {side: s["completion_tokens"] / s["step"] if s["step"] > 0 else 0.0 for side, s in (("ours", ours), ("trl", trl))}
+    table.add_row("full step, completion tokens / s", f"{rate['ours']:.1f}", f"{rate['trl']:.1f}",
+                  _ratio(rate["ours"], rate["trl"]))
     table.add_row("accuracy", f"{ours['accuracy']:.3f}", f"{trl['accuracy']:.3f}", "")
     for key, label in (("setup_rss_mb", "set-up RSS, MiB"), ("peak_rss_mb", "peak RSS, MiB")):
         table.add_row(label, f"{ours[key]:.0f}", f"{trl[key]:.0f}", _ratio(trl[key], ours[key]))
