@@ -79,8 +79,10 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   tie_word_embeddings=True)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=1024, max_position_embeddings=1024, tie_word_embeddings=True)
-# creditrl GRPO, TRL GRPO, creditrl GRPO with bf16 weights, FIPO, DenseR, static-cache GRPO (float32 / bf16 weights)
-STEP_SIDES = ("grpo", "trl", "grpo-bf16", "grpo-bf16-compiled", "fipo", "denser", "static", "static-bf16")
+# creditrl GRPO, TRL GRPO (torch's attention kernels, or without cuDNN's, which plans every new length anew, as
+# creditrl leaves it out), creditrl GRPO with bf16 weights, FIPO, DenseR, static-cache GRPO (float32 / bf16 weights)
+STEP_SIDES = ("grpo", "trl", "trl-nocudnn", "grpo-bf16", "grpo-bf16-compiled", "fipo", "denser", "static",
+              "static-bf16")
 # creditrl float32 weights + autocast, bf16 weights + float32 masters, plain transformers, bf16 compiled
 UPDATE_SIDES = ("float32", "bf16", "plain", "compiled")
 # dense bf16 peaks; the longest name that the device's name contains wins ("H100 NVL" before "H100")
@@ -409,6 +411,7 @@ def trainer_steps(folder: Path, args, device: torch.device, flops: ModelFlops, p
                 steps=args.steps, threads=args.threads, bf16=True, device=device.type)
     bases = {"grpo": ("creditrl grpo", "creditrl", replace(work, method="grpo")),
              "trl": ("TRL grpo", "trl", work),
+             "trl-nocudnn": ("TRL grpo, no cuDNN attention", "trl", replace(work, trl_cudnn_attention=False)),
              "grpo-bf16": ("creditrl grpo, bf16 weights", "creditrl",
                            replace(work, method="grpo", bf16_weights=True)),
              "grpo-bf16-compiled": ("creditrl grpo, bf16 weights, compiled scoring", "creditrl",
@@ -545,7 +548,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=("update", "sampling", "lengths", "steps"),
                         default=["update", "sampling", "lengths", "steps"])
     options = ", ".join(f"+{name} ({setting}={value})" for name, (setting, value, _) in SIDE_OPTIONS.items())
-    parser.add_argument("--sides", nargs="+", type=_side_names(STEP_SIDES, ("trl",)), default=list(STEP_SIDES),
+    parser.add_argument("--sides", nargs="+", type=_side_names(STEP_SIDES, ("trl", "trl-nocudnn")),
+                        default=list(STEP_SIDES),
                         help=f"the steps part's sides, in this order (roughly 1.5 minutes each on an H100): "
                              f"{', '.join(STEP_SIDES)}; a creditrl side may add options: {options}")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: no MFU (default cuda)")

@@ -99,6 +99,7 @@ class Work:
     scoring_attention: str = "flash"  # creditrl only: model.scoring_attention (sdpa kernel of scoring on a GPU)
     keep_logits: bool = False  # creditrl only: model.keep_logits
     logits_chunk_mib: int = 256  # creditrl only: model.logits_chunk_mib
+    trl_cudnn_attention: bool = True  # TRL only: torch's default sdpa order (cuDNN first on Hopper), or cuDNN off
 
 
 def _memory_mb(field: str) -> float:
@@ -247,6 +248,8 @@ def run_trl(work: Work) -> dict:
 
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(work.threads)
+    if not work.trl_cudnn_attention:  # as creditrl's sampling and default scoring leave it out
+        torch.backends.cuda.enable_cudnn_sdp(False)
     model, tokenizer = load_model_and_tokenizer(work.model)
     chat = getattr(tokenizer, "chat_template", None) is not None  # the rule creditrl's load_policy applies
     task, problems = LabTask(), _problems(work)
