@@ -30,10 +30,11 @@ def ref_discounted(x: list[list[float]], decay: float, reverse: bool) -> list[li
 
 
 def ref_fipo(adv, delta, mask, tau=32.0, c=10.0, mode="high_only", rho_low=0.2, rho_high=0.2, safety=10.0, drop=True):
-    """methods.md §7 read literally, with loops over b, t, k in Python floats (float64)."""
+    """methods.md §7 read literally, with loops over b, t, k in Python floats (float64): the weights, and
+    which tokens stay in the loss (a dropped response leaves it, as in the official code)."""
     gamma = 2.0 ** (-1.0 / tau)
     low = 1.0 if mode == "high_only" else 1.0 - rho_low
-    out = []
+    out, keep = [], []
     for b in range(len(delta)):
         n = len(delta[b])
         row = []
@@ -50,7 +51,14 @@ def ref_fipo(adv, delta, mask, tau=32.0, c=10.0, mode="high_only", rho_low=0.2, 
         if drop and exploded > 1:
             row = [0.0] * n
         out.append(row)
-    return out
+        keep.append([not (drop and exploded > 1)] * n)
+    return out, keep
+
+
+def fipo_f(adv, delta, mask, params):
+    """FIPO's weight f alone (with responses that may be dropped it comes back with the keep mask)."""
+    out = fipo_weight(adv, delta, mask, params)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def random_case(seed: int, B: int, T: int, holes: bool = True):
@@ -100,14 +108,17 @@ def test_discounted_cumsum_empty_and_bad_chunk():
 )
 def test_weight_matches_loop_reference(seed, B, T, params):
     adv, delta, mask = random_case(seed, B, T)
-    expected = ref_fipo(adv.tolist(), delta.tolist(), mask.tolist(), params.half_life, params.filter_threshold,
-                        params.clip_mode, params.rho_low, params.rho_high, params.safety_threshold,
-                        params.drop_exploded_responses)
-    got = fipo_weight(adv, delta, mask, params)
+    expected, keep = ref_fipo(adv.tolist(), delta.tolist(), mask.tolist(), params.half_life, params.filter_threshold,
+                              params.clip_mode, params.rho_low, params.rho_high, params.safety_threshold,
+                              params.drop_exploded_responses)
+    got = fipo_f(adv, delta, mask, params)
+    out = fipo_weight(adv, delta, mask, params)
+    got_keep = out[1] if isinstance(out, tuple) else torch.ones_like(mask)
+    assert torch.equal(got_keep & mask, torch.tensor(keep) & mask)
     torch.testing.assert_close(on_mask(got, mask), on_mask(torch.tensor(expected, dtype=torch.float64), mask),
                                rtol=1e-10, atol=1e-10)
     # float32 inputs give the same weights to float32 precision
-    got32 = fipo_weight(adv.float(), delta.float(), mask, params)
+    got32 = fipo_f(adv.float(), delta.float(), mask, params)
     assert got32.dtype == torch.float32
     torch.testing.assert_close(on_mask(got32.double(), mask), on_mask(got, mask), rtol=1e-5, atol=1e-5)
 
@@ -118,8 +129,8 @@ def test_hand_worked_three_tokens():
     #   exp(F) = [0.951229, 0.740818, 1.221403]
     #   symmetric [0.8, 1.2]: [0.951229, 0.8, 1.2];  high-only [1, 1.2]: [1.0, 1.0, 1.2]
     adv, delta, mask = torch.ones(1, 3), torch.tensor([[0.1, -0.4, 0.2]]), torch.ones(1, 3, dtype=torch.bool)
-    sym = fipo_weight(adv, delta, mask, FIPOParams(half_life=1.0, clip_mode="symmetric"))
-    high = fipo_weight(adv, delta, mask, FIPOParams(half_life=1.0))
+    sym = fipo_f(adv, delta, mask, FIPOParams(half_life=1.0, clip_mode="symmetric"))
+    high = fipo_f(adv, delta, mask, FIPOParams(half_life=1.0))
     torch.testing.assert_close(sym, torch.tensor([[0.951229, 0.8, 1.2]]), atol=1e-6, rtol=0)
     torch.testing.assert_close(high, torch.tensor([[1.0, 1.0, 1.2]]), atol=1e-6, rtol=0)
 
@@ -127,7 +138,7 @@ def test_hand_worked_three_tokens():
 @pytest.mark.parametrize("mode", ["high_only", "symmetric"])
 def test_weight_is_one_on_policy(mode):
     adv, _, mask = random_case(7, 4, 50)
-    weight = fipo_weight(adv, torch.zeros(4, 50, dtype=torch.float64), mask, FIPOParams(clip_mode=mode))
+    weight = fipo_f(adv, torch.zeros(4, 50, dtype=torch.float64), mask, FIPOParams(clip_mode=mode))
     assert torch.all(weight[mask] == 1.0)
 
 
@@ -135,11 +146,11 @@ def test_filter_excludes_exploded_tokens():
     # τ = 1 (γ = 0.5), symmetric clip wide enough to read F: token 1 has r = e^3 ≈ 20 > c = 10
     params = FIPOParams(half_life=1.0, clip_mode="symmetric", rho_low=0.99, rho_high=100.0)
     adv, mask = torch.ones(1, 3), torch.ones(1, 3, dtype=torch.bool)
-    weight = fipo_weight(adv, torch.tensor([[0.1, 3.0, 0.2]]), mask, params)
+    weight = fipo_f(adv, torch.tensor([[0.1, 3.0, 0.2]]), mask, params)
     # without the exploded token: F = [0.1 + 0.25·0.2, 0.5·0.2, 0.2] = [0.15, 0.1, 0.2]
     torch.testing.assert_close(weight, torch.tensor([[0.15, 0.1, 0.2]]).exp(), atol=1e-6, rtol=0)
     # r exactly c (Δ = log c) stays in the sum: M_k = 1[Δ_k ≤ log c]
-    at_c = fipo_weight(adv, torch.tensor([[0.0, math.log(10.0), 0.0]], dtype=torch.float64), mask.clone(), params)
+    at_c = fipo_f(adv, torch.tensor([[0.0, math.log(10.0), 0.0]], dtype=torch.float64), mask.clone(), params)
     assert at_c[0, 0].item() == pytest.approx(math.exp(0.5 * math.log(10.0)))
 
 
@@ -148,14 +159,14 @@ def test_safety_clamp():
     mask = torch.ones(4, 2, dtype=torch.bool)
     delta = torch.tensor([[math.log(4.0), 0.0]] * 2 + [[math.log(2.0), 0.0]] * 2)  # r = 4 (> 3) or 2 (< 3)
     adv = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0], [1.0, 1.0]])
-    weight = fipo_weight(adv, delta, mask, params)
+    weight = fipo_f(adv, delta, mask, params)
     # F_0 = log 4 or log 2 > 0, so exp(F_0) > 1.2 and high-only gives 1.2; the clamp to [0.8, 1]
     # hits only the negative-advantage token whose ratio is above the threshold.
     assert weight[:, 0].tolist() == pytest.approx([1.0, 1.2, 1.2, 1.2])
     assert weight[:, 1].tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0])
     # symmetric mode with F < 0 below 0.8 is lifted to 0.8 by the safety clamp
     sym = FIPOParams(half_life=1.0, safety_threshold=3.0, clip_mode="symmetric", rho_low=0.5)
-    low = fipo_weight(torch.tensor([[-1.0, -1.0]]), torch.tensor([[math.log(4.0), -4.0]]),
+    low = fipo_f(torch.tensor([[-1.0, -1.0]]), torch.tensor([[math.log(4.0), -4.0]]),
                       torch.ones(1, 2, dtype=torch.bool), sym)
     # F_0 = log 4 − 0.5·4 = −0.614 → exp = 0.541, clip [0.5, 1.2] keeps it, safety lifts it to 0.8;
     # F_1 = −4 → exp = 0.018 → 0.5 (r = e^−4 < 3: no safety clamp)
@@ -167,13 +178,32 @@ def test_whole_response_drop():
     delta = torch.tensor([[big, 0.1, big, 0.1], [big, 0.1, 0.1, 0.1], [big, 0.1, big, 0.1], [big, 0.1, 0.0, big]])
     adv = torch.tensor([[-1.0] * 4, [-1.0] * 4, [1.0] * 4, [-1.0] * 4])
     mask = torch.tensor([[True] * 4, [True] * 4, [True] * 4, [True, True, True, False]])
-    weight = fipo_weight(adv, delta, mask, FIPOParams())
-    assert torch.all(weight[0] == 0)  # two exploded negative-advantage tokens: dropped
+    weight, keep = fipo_weight(adv, delta, mask, FIPOParams())
+    assert torch.all(weight[0] == 0) and not keep[0].any()  # two exploded negative-advantage tokens: dropped
+    assert keep[1:].all()
     assert torch.all(weight[1] > 0)  # only one
     assert torch.all(weight[2] > 0)  # positive advantage
     assert torch.all(weight[3] > 0)  # the second one is padding
-    kept = fipo_weight(adv, delta, mask, FIPOParams(drop_exploded_responses=False))
+    kept = fipo_f(adv, delta, mask, FIPOParams(drop_exploded_responses=False))
     assert torch.all(kept[0] > 0)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_a_dropped_response_leaves_the_loss_and_its_denominator(agg):
+    """As the official code takes it out of the loss mask: with f = 0 alone its tokens would still count in
+    the token mean, halving the other row's loss here."""
+    big = math.log(20.0)  # r = 20 > c = 10: two such negative-advantage tokens drop row 1
+    old = torch.zeros(2, 8, dtype=torch.float64)
+    logprobs = torch.tensor([[0.05] * 8, [big, big] + [0.0] * 6], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([[1.0] * 8, [-1.0] * 8], dtype=torch.float64)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    cfg = LossConfig(eps_high=0.28, dual_clip=10.0, agg=agg)
+    _, weight_hook = loss_hooks(Method("f", advantage="grpo", token_weight="fipo"), {})
+    loss, _ = policy_loss(logprobs, old, adv, mask, cfg, token_weight=weight_hook)
+    # row 0 alone, weighted by the loop reference (its Δ = 0.05 everywhere, A > 0)
+    row0_w, _ = ref_fipo(adv[:1].tolist(), (logprobs - old)[:1].tolist(), mask[:1].tolist())
+    alone, _ = policy_loss(logprobs[:1], old[:1], adv[:1] * torch.tensor(row0_w, dtype=torch.float64), mask[:1], cfg)
+    torch.testing.assert_close(loss, alone)
 
 
 @pytest.mark.parametrize("tau", [1.0, 1024.0])
@@ -193,7 +223,7 @@ def test_long_sequence_float32_is_finite_and_exact(tau):
         expected.append(col)
     expected = torch.tensor(expected, dtype=torch.float64)
     params = FIPOParams(half_life=tau, clip_mode="symmetric", rho_low=0.999, rho_high=1e6)  # clip never binds
-    weight = fipo_weight(torch.ones(2, T), delta, mask, params)
+    weight = fipo_f(torch.ones(2, T), delta, mask, params)
     assert weight.dtype == torch.float32 and torch.isfinite(weight).all()
     torch.testing.assert_close(on_mask(weight.double(), mask), on_mask(expected.exp(), mask), rtol=2e-5, atol=0)
 
@@ -223,9 +253,9 @@ def test_fipo_combines_with_any_base_advantage():
     cfg = LossConfig(eps_high=0.28, dual_clip=10.0)
     loss, metrics = policy_loss(logprobs, old, adv, r.response_mask, cfg, token_weight=weight_hook)
     # the same loss from advantages pre-multiplied by the loop reference's weights
-    expected_w = torch.tensor(ref_fipo(adv.tolist(), (logprobs - old).tolist(), r.response_mask.tolist(), tau=2.0),
-                              dtype=torch.float64)
-    loss_ref, _ = policy_loss(logprobs, old, adv * expected_w, r.response_mask, cfg)
+    expected_w, keep = ref_fipo(adv.tolist(), (logprobs - old).tolist(), r.response_mask.tolist(), tau=2.0)
+    loss_ref, _ = policy_loss(logprobs, old, adv * torch.tensor(expected_w, dtype=torch.float64),
+                              r.response_mask & torch.tensor(keep), cfg)
     torch.testing.assert_close(loss, loss_ref)
     assert metrics["weight_mean"].item() != 1.0
 

@@ -105,7 +105,8 @@ def test_fipo_token_weights_are_applied(tiny_lab_model_dir, tmp_path):
 
             def spy(advantages, delta, mask):
                 out = weight(advantages, delta, mask)
-                calls.append((advantages.shape, delta.shape, mask.shape, out[mask].clone()))
+                f = out[0] if isinstance(out, tuple) else out  # (f, keep): FIPO may drop responses
+                calls.append((advantages.shape, delta.shape, mask.shape, f[mask].clone()))
                 return out
 
             self.token_weight = spy

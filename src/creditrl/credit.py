@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from creditrl.methods import compute_advantages, get_component, get_method, known_methods, loss_hooks
+from creditrl.methods.loss import token_weights
 from creditrl.policy.transformers_backend import TransformersPolicy
 from creditrl.rollouts import Rollouts
 from creditrl.tasks.base import Problem
@@ -81,9 +82,8 @@ def method_credit(name: str, rollouts: Rollouts, params: Mapping[str, Any] | Non
     note = "advantage A"
     credit = adv
     if token_weight is not None:
-        with torch.no_grad():
-            weight = token_weight(adv, torch.zeros_like(adv), rollouts.response_mask)
-        credit = torch.where(mask, adv * weight, 0.0)
+        weight, kept = token_weights(token_weight, adv, torch.zeros_like(adv), mask)
+        credit = torch.where(kept, adv * weight, 0.0)
         note = f"A·f, f = the {method.token_weight} token weight at Δ = 0 (first update, π_θ = π_old)"
         if bool((weight[mask] == 1).all()):
             note += "; f = 1 on every token here, so this is A"

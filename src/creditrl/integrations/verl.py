@@ -54,7 +54,7 @@ from verl.trainer.ppo.core_algos import get_policy_loss_fn, register_adv_est, re
 
 from creditrl.methods import compute_advantages, loss_hooks, method_params_model
 from creditrl.methods.capo import CAPOParams, Voting, capo_token_advantages, step_penalties
-from creditrl.methods.loss import LOG_RATIO_CLAMP, masked_mean
+from creditrl.methods.loss import LOG_RATIO_CLAMP, masked_mean, token_weights
 from creditrl.rollouts import Rollouts
 from creditrl.steps import split_steps, token_end_offsets, token_step_ids
 
@@ -260,23 +260,22 @@ def hooked_policy_loss(
 
     A' = A·f(A, Δ) with f under no_grad (Δ detached); Δ' = transform(Δ), with gradient; verl's
     `vanilla` loss then runs on log_prob = Δ', old_log_prob = 0, advantages = A' (clip
-    `clip_ratio_low/high`, dual clip `clip_ratio_c`, `loss_agg_mode` over verl's global batch).
+    `clip_ratio_low/high`, dual clip `clip_ratio_c`, `loss_agg_mode` over verl's global batch).  Tokens
+    the weight takes out of the loss (FIPO's dropped responses) leave the mask the loss sums over; verl's
+    global token count, the token-mean's denominator, is taken from the batch before the loss and keeps them.
     Metrics: verl's, with `actor/ppo_kl` on the untransformed Δ, plus `actor/creditrl_weight_mean`.
     Shapes: all tensors (B, T) -> scalar loss.
     """
     ratio_transform, token_weight = loss_hooks(method, method_params(method))
     mask = response_mask.bool()
     delta = log_prob - old_log_prob
-    weight = torch.ones_like(advantages)
-    if token_weight is not None:
-        with torch.no_grad():
-            weight = token_weight(advantages, delta.detach(), mask)
+    weight, kept = token_weights(token_weight, advantages, delta, mask)
     transformed = ratio_transform(delta, mask) if ratio_transform is not None else delta
     loss, metrics = get_policy_loss_fn("vanilla")(
         old_log_prob=torch.zeros_like(transformed),
         log_prob=transformed,
         advantages=advantages * weight,
-        response_mask=response_mask,
+        response_mask=kept.to(response_mask.dtype),
         loss_agg_mode=loss_agg_mode,
         config=config,
         rollout_is_weights=rollout_is_weights,

@@ -4,7 +4,7 @@
 |------------------|--------------------------------------------------------|-----------------------------------|
 | advantage        | `fn(rollouts, params, **needs) -> A (B, T)`            | once per rollout batch            |
 | ratio transform  | `fn(delta, mask, params) -> delta' (B, T)`, with grad  | inside the loss, every minibatch  |
-| token weight     | `fn(advantages, delta, mask, params) -> f (B, T)`      | inside the loss, under no_grad    |
+| token weight     | `fn(advantages, delta, mask, params) -> f (B, T)`, or `(f, keep)` | inside the loss, under no_grad |
 
 `params` is an instance of the piece's own pydantic model (extra="forbid", published defaults).
 `needs` names resources an advantage takes from the trainer as keyword arguments (a sampler
@@ -108,7 +108,8 @@ def register_ratio_transform(name: str, params: type[BaseModel] = NoParams) -> C
 
 
 def register_token_weight(name: str, params: type[BaseModel] = NoParams) -> Callable[[Callable], Callable]:
-    """Register `fn(advantages, delta, mask, params) -> f` (B, T); called under no_grad with delta detached."""
+    """Register `fn(advantages, delta, mask, params) -> f` (B, T), or `(f, keep)` with keep (B, T) bool to take
+    tokens out of the loss (and its denominator); called under no_grad with delta detached."""
     return _registrar("token weight", name, params)
 
 

@@ -6,7 +6,8 @@ where A' < 0, r = exp(Δ') and A' = A·f.  A method changes the loss only throug
 - a ratio transform, `(Δ, mask) -> Δ'` with Δ = log π − log π_old (B, T); the gradient flows
   through it (GRPO-λ's traced log-ratio);
 - a token weight, `(A, Δ.detach(), mask) -> f` (B, T), evaluated under `torch.no_grad()`
-  (FIPO's future-KL influence).
+  (FIPO's future-KL influence); it may also return `(f, keep)`, keep (B, T) bool, to take tokens
+  out of the loss altogether, the aggregation's denominator included (FIPO's dropped responses).
 
 Both default to the identity (Δ' = Δ, f = 1).  Shapes: B rows, T padded response tokens;
 `mask` is the response mask (True on real tokens) and every mean below is over it.
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 RatioTransform = Callable[[Tensor, Tensor], Tensor]
-TokenWeight = Callable[[Tensor, Tensor, Tensor], Tensor]
+TokenWeight = Callable[[Tensor, Tensor, Tensor], "Tensor | tuple[Tensor, Tensor]"]
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -105,6 +106,18 @@ def token_entropy(logits: Tensor) -> Tensor:
     return torch.logsumexp(z, dim=-1) - (probs * finite_z).sum(dim=-1)
 
 
+def token_weights(token_weight: TokenWeight | None, advantages: Tensor, delta: Tensor, mask: Tensor
+                  ) -> tuple[Tensor, Tensor]:
+    """(f, the mask of the tokens that stay in the loss): the token weight's output under no_grad, Δ detached;
+    f = 1 and the mask as given without one.  Shapes: (B, T) each."""
+    if token_weight is None:
+        return torch.ones_like(advantages), mask
+    with torch.no_grad():
+        out = token_weight(advantages, delta.detach(), mask)
+    weight, keep = out if isinstance(out, tuple) else (out, None)
+    return weight, mask if keep is None else mask & keep
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -137,11 +150,7 @@ def policy_loss(
     delta_t = ratio_transform(delta, mask) if ratio_transform is not None else delta
     ratio = torch.exp(delta_t.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
-    if token_weight is not None:
-        with torch.no_grad():
-            weight = token_weight(advantages, delta.detach(), mask)
-    else:
-        weight = torch.ones_like(advantages)
+    weight, mask = token_weights(token_weight, advantages, delta, mask)
     adv = torch.where(mask, advantages * weight, 0.0)
 
     unclipped = -adv * ratio
