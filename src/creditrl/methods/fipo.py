@@ -76,7 +76,7 @@ def fipo_weight(advantages: Tensor, delta: Tensor, mask: Tensor, params: FIPOPar
     M_k = 1[Δ_k ≤ log c];  F_t = Σ_{k ≥ t} m_k·M_k·γ^(k−t)·Δ_k,  γ = 2^(−1/τ)  (masked positions add 0
     but count as distance);  f_t = clip(exp(F_t), lo, 1 + ρ_high) with lo = 1 (`high_only`, the 32B
     recipe) or 1 − ρ_low (`symmetric`, the 7B recipe [0.8, 1.2]).  Where A_t < 0 and r_t = exp(Δ_t)
-    exceeds `safety_threshold` (the recipes: 10), f_t ← clamp(f_t, 0.8, 1).  With
+    exceeds `safety_threshold` (32B: 10, 7B: 3), f_t ← clamp(f_t, 0.8, 1).  With
     `drop_exploded_responses`, a response with more than one negative-advantage token at r > c
     leaves the loss, its tokens out of the token-mean's denominator too, as the official code takes
     it out of the loss mask: the weight comes back as (f, keep).
