@@ -147,6 +147,15 @@ def test_step_advantages_by_hand():
     assert abs(adv[r.response_mask].mean().item()) < 1e-12
 
 
+def test_a_response_cut_off_at_the_length_limit_returns_zero_as_its_continuations_do():
+    r = _two_responses()
+    r.truncated = torch.tensor([True, False])  # row 0 verified correct (R = 1), but cut off
+    # row 0: A2 = 0 + 0 − 0.9 instead of 1 − 0.9; the rest as by hand above
+    expected = torch.tensor([[0.1, 0.1, 0.3, -0.9, -0.9], [0.1, 0.1, -0.6, 0.0, 0.0]], dtype=torch.float64)
+    adv = compute_advantages("vineppo", r, {"whiten": False}, value_estimator=TableValues(VALUES))
+    assert torch.allclose(adv, expected)
+
+
 def test_steps_past_max_steps_are_filled_backward():
     r = _two_responses()
     values = TableValues(VALUES)

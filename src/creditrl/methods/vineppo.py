@@ -24,7 +24,9 @@ class VinePPOParams(BaseModel):
     k: int = Field(9, ge=1, description="continuations per state (paper: 9; ablations 1, 3, 16)")
     temperature: float | None = Field(None, ge=0.0, description="continuations' temperature (None: sampling.temperature; paper: 0.6 for both)")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="continuations' top-p (None: sampling.top_p; paper: 0.9 for both)")
-    max_steps: int = Field(25, ge=1, description="states estimated per response (the first ones); later ones are filled backward")
+    max_steps: int = Field(25, ge=1, description="states estimated per response, s_0 .. s_{max_steps−1}; later ones "
+                                                 "are filled backward (the official code's max_step_for_value_estimation "
+                                                 "= M estimates s_0 .. s_M: M = max_steps − 1)")
     max_continuation_tokens: int | None = Field(None, ge=1, description="None: sampling.max_new_tokens minus the prefix length")
     whiten: bool = True
     eps: float = Field(1e-8, gt=0.0)
@@ -54,7 +56,9 @@ def _prefix_states(rollouts: Rollouts, max_steps: int) -> tuple[list[PrefixState
 def vineppo(rollouts: Rollouts, params: VinePPOParams, value_estimator: ValueEstimator) -> Tensor:
     """A_j = r_j + V̂(s_{j+1}) − V̂(s_j) on every token of step j (Kazemnejad et al., arXiv 2410.01679).
 
-    γ = 1; r_j = R on a response's last step n−1, 0 elsewhere; V(s_n) = 0 (terminal).  V̂(s_j) is
+    γ = 1; r_j = R on a response's last step n−1, 0 elsewhere, with R = 0 for a response cut off at
+    the length limit (as its continuations score, and as the official code scores both); V(s_n) = 0
+    (terminal).  V̂(s_j) is
     the mean outcome reward of K continuations of s_j, for the first `max_steps` states of each
     response; beyond them V_j = r_j + V_{j+1}, i.e. V_j = R (the response's own return), so steps
     j ≥ max_steps get A_j = 0 and step max_steps − 1 gets R − V̂.  Identical states across the
@@ -66,6 +70,7 @@ def vineppo(rollouts: Rollouts, params: VinePPOParams, value_estimator: ValueEst
     estimates = value_estimator.estimate(states, params.k, params.temperature, params.top_p,
                                          params.max_continuation_tokens)
     rewards = rollouts.rewards if rollouts.rewards.is_floating_point() else rollouts.rewards.float()
+    rewards = torch.where(rollouts.truncated.to(rewards.device), 0.0, rewards)  # V̂ scores a truncation 0 too
     n_steps = rollouts.num_steps.to(rewards.device)
     width = int(n_steps.max()) if rollouts.batch_size else 0
     j = torch.arange(width + 1, device=rewards.device)[None, :]  # (1, S+1)
