@@ -73,23 +73,20 @@ def test_a_full_disk_inside_safetensors_stops_cleanly_too(tiny_lab_model_dir, tm
     run = tmp_path / "run"
     real_save = transformers.modeling_utils.safe_save_file
 
-    def full_disk_at_step_3(tensors, filename, *args, **kwargs):
-        if "step-000003" in str(filename):
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        return real_save(tensors, filename, *args, **kwargs)
+    def full_disk_in(folder_name: str):
+        def save(tensors, filename, *args, **kwargs):
+            if folder_name in str(filename):
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            return real_save(tensors, filename, *args, **kwargs)
+        return save
 
-    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk_at_step_3)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk_in("step-000003"))
     with pytest.raises(TrainingStopped, match=r"No space left on device.*step-000002"):
         Trainer(_cfg(tiny_lab_model_dir, run), show_progress=False).train()
     assert latest_checkpoint(run / "checkpoints").name == "step-000002"
     assert not (run / "checkpoints" / "step-000003.tmp").exists()
 
-    def full_disk_at_the_end(tensors, filename, *args, **kwargs):
-        if "final" in str(filename):
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        return real_save(tensors, filename, *args, **kwargs)
-
-    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk_at_the_end)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk_in("final"))
     with pytest.raises(TrainingStopped, match=r"cannot write the final model .*--resume"):
         Trainer(_cfg(tiny_lab_model_dir, run), show_progress=False).train(resume=True)
 
