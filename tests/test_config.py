@@ -130,10 +130,13 @@ def test_a_task_setting_the_task_does_not_read_is_an_error(overrides, ignored):
 def test_a_number_given_to_a_text_setting_is_that_text():
     cfg = load_config(None, ["task.name=hub", "task.hub_name=2024", "model.name=123"])
     assert (cfg.task.hub_name, cfg.model.name) == ("2024", "123")
-    for written in ("2024.10", "007", "1e3", "1_000"):  # not 2024.1, 7.0, 1000.0
+    for written in ("2024.10", "007", "1_000"):  # not 2024.1, 7.0, 1000.0
         assert load_config(None, ["task.name=hub", f"task.hub_name={written}"]).task.hub_name == written
-    cfg = load_config(None, ["train.lr=3e-5", "train.steps=007", "loss.kl_coef=1E-4", "reward.correct=2"])
+    cfg = load_config(None, ["train.lr=3e-5", "train.steps=007", "loss.kl_coef=1E-4", "reward.correct=2",
+                             "sampling.max_new_tokens=2.56e2", "method_params.eps=1e-4"])
     assert (cfg.train.lr, cfg.train.steps, cfg.loss.kl_coef, cfg.reward.correct) == (3e-5, 7, 1e-4, 2.0)
+    assert load_config(None, ["train.steps=1e3"]).train.steps == 1000  # a whole number stays a number
+    assert (cfg.sampling.max_new_tokens, cfg.method_params["eps"]) == (256, 1e-4)
 
 
 def test_yaml_that_would_lose_settings_silently_is_refused(tmp_path):
@@ -144,6 +147,13 @@ def test_yaml_that_would_lose_settings_silently_is_refused(tmp_path):
     (tmp_path / "inner.yaml").write_text("train:\n  lr: 1.0e-3\n  lr: 5.0e-2\n")
     with pytest.raises(ConfigError, match="the key 'lr' is given twice"):
         load_config(tmp_path / "inner.yaml")
+    (tmp_path / "merged.yaml").write_text("defaults: &d {temperature: 0.7, max_new_tokens: 32}\n"
+                                          "sampling:\n  <<: *d\n  max_new_tokens: 64\n")
+    with pytest.raises(ConfigError, match="unknown key 'defaults"):  # YAML merge keys still read (the anchor's
+        load_config(tmp_path / "merged.yaml")  # own section is not a setting)
+    (tmp_path / "merged.yaml").write_text("sampling:\n  <<: {temperature: 0.7, max_new_tokens: 32}\n  max_new_tokens: 64\n")
+    merged = load_config(tmp_path / "merged.yaml").sampling
+    assert (merged.temperature, merged.max_new_tokens) == (0.7, 64)  # an explicit key overrides a merged one
     (tmp_path / "value.yaml").write_text("train: 5\n")
     with pytest.raises(ConfigError, match=r"train: a section .* got 5"):
         load_config(tmp_path / "value.yaml", ["train.lr=2e-3"])  # the override must not hide the bad section

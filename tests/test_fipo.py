@@ -199,11 +199,14 @@ def test_a_dropped_response_leaves_the_loss_and_its_denominator(agg):
     mask = torch.ones(2, 8, dtype=torch.bool)
     cfg = LossConfig(eps_high=0.28, dual_clip=10.0, agg=agg)
     _, weight_hook = loss_hooks(Method("f", advantage="grpo", token_weight="fipo"), {})
-    loss, _ = policy_loss(logprobs, old, adv, mask, cfg, token_weight=weight_hook)
+    loss, metrics = policy_loss(logprobs, old, adv, mask, cfg, token_weight=weight_hook)
     # row 0 alone, weighted by the loop reference (its Δ = 0.05 everywhere, A > 0)
     row0_w, _ = ref_fipo(adv[:1].tolist(), (logprobs - old)[:1].tolist(), mask[:1].tolist())
     alone, _ = policy_loss(logprobs[:1], old[:1], adv[:1] * torch.tensor(row0_w, dtype=torch.float64), mask[:1], cfg)
     torch.testing.assert_close(loss, alone)
+    # the metrics still see the dropped row: its exploded ratios and its f = 0
+    assert metrics["ratio_mean"].item() == pytest.approx((8 * math.exp(0.05) + 2 * 20 + 6) / 16)
+    assert metrics["weight_mean"].item() == pytest.approx(sum(row0_w[0]) / 16)
 
 
 @pytest.mark.parametrize("tau", [1.0, 1024.0])

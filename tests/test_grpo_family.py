@@ -134,6 +134,13 @@ def test_a_group_of_equal_float32_rewards_gets_exactly_zero_advantage(value, siz
     assert torch.equal(adv, torch.zeros_like(adv))
 
 
+def test_an_empty_batch_gets_an_empty_advantage():
+    r = make_rollouts([], [], [], T=3)
+    r.step_rewards = torch.zeros(0, 2)
+    for name in ("grpo", "rloo", "process_grpo"):
+        assert compute_advantages(name, r).shape == (0, 3), name
+
+
 def test_process_grpo_hand_worked():
     # Response 0 has steps with rewards [1, 0, 1]; response 1 has [0, 1] (third absent).
     # All valid steps of the group: [1, 0, 1, 0, 1]: mean 0.6; squared deviations

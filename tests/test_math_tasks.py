@@ -101,7 +101,7 @@ def test_answers_match(predicted: str, reference: str):
     [("3", "4"), ("1,2", "12"), ("1233", "1,234"), ("\\frac{1}{3}", "0.5"), ("(0,1]", "[0,1)"),
      ("", "1"), ("}{", "1"), ("\\boxed{", "1"), ("2x", "2"), ("10%", "0.1"), ("0,100", "100"),
      ("43 dollars", "42"), ("2 and a half", "2"), ("3 million", "3"), ("2 pi", "2"), ("2 x", "2"),
-     ("5 hours 30 minutes", "5")],
+     ("5 hours 30 minutes", "5"), ("5 tenths", "5"), ("3 hundredths", "3"), ("5 factorial", "5")],
 )
 def test_answers_differ(predicted: str, reference: str):
     assert not answers_match(predicted, reference)

@@ -93,6 +93,35 @@ def test_grpo_matches_trl(tiny_lab_model_dir, tmp_path, options):
         torch.testing.assert_close(mine, trl, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_response_fipo_drops_leaves_its_neighbours_gradient_as_trls_global_token_count_sets_it():
+    """loss_type "dapo" divides by the generation batch's token count (16 here), dropped tokens included, as verl
+    does: a kept token's gradient is −A/16 whether or not a neighbour in its micro-batch was dropped."""
+    from types import SimpleNamespace
+
+    from creditrl.methods import get_method, loss_hooks
+    from creditrl.methods.loss import LossConfig
+
+    big = float(torch.tensor(20.0).log())  # r = 20 > c = 10
+    ratio_transform, token_weight = loss_hooks(get_method("fipo"), {})
+    fake = SimpleNamespace(loss_type="dapo", current_gradient_accumulation_steps=1, args=SimpleNamespace(steps_per_generation=1),
+                           loss_config=LossConfig(eps_high=0.28, dual_clip=10.0), ratio_transform=ratio_transform,
+                           token_weight=token_weight, model=SimpleNamespace(training=True),
+                           _log_loss_metrics=lambda mode, metrics: None)
+    fake._loss_scale = lambda *a: CreditGRPOTrainer._loss_scale(fake, *a)
+    grads = []
+    for second_row in ([big, big, 0.0, 0.0], [0.0] * 4):  # two exploded negative tokens drop it, or not
+        logps = torch.tensor([[0.0] * 4, second_row], dtype=torch.float64, requires_grad=True)
+        fake._get_per_token_logps_and_entropies = lambda *a, **k: (logps, torch.zeros_like(logps), None)
+        inputs = {"prompt_ids": torch.zeros(2, 1, dtype=torch.long), "prompt_mask": torch.ones(2, 1, dtype=torch.long),
+                  "completion_ids": torch.zeros(2, 4, dtype=torch.long), "completion_mask": torch.ones(2, 4, dtype=torch.long),
+                  "old_per_token_logps": torch.zeros(2, 4, dtype=torch.float64),
+                  "advantages": torch.tensor([[1.0] * 4, [-1.0] * 4], dtype=torch.float64),
+                  "num_items_in_batch": torch.tensor(16.0)}
+        CreditGRPOTrainer._compute_loss(fake, None, inputs).backward()
+        grads.append(logps.grad[0, 0].item())
+    assert grads == pytest.approx([-1 / 16, -1 / 16])
+
+
 # ---- (2) FIPO's token weights reach the loss -----------------------------------------------------
 
 def test_fipo_token_weights_are_applied(tiny_lab_model_dir, tmp_path):

@@ -151,7 +151,8 @@ class CriticConfig(_Section):
     recall: float = Field(1.0, ge=0.0, le=1.0, description="oracle: P(a critique flags a wrong step)")
     precision: float = Field(1.0, gt=0.0, le=1.0, description="oracle: the expected share of flags on wrong steps")
     seed: int = Field(0, description="oracle: mixed into the per-step seed of its flags")
-    model: str = Field("lab", description="transformers: as model.name ('lab' only proves the plumbing); "
+    model: str = Field("lab", description="transformers: as model.name ('lab' only proves the plumbing, with "
+                                          "critic.max_tokens under its 256 positions); "
                                           "openai: the served model's name")
     base_url: str | None = Field(None, description="openai: the API root, e.g. http://127.0.0.1:8000/v1")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key "
@@ -225,9 +226,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _scalar(raw: str) -> Any:
-    """An override's value: a list or mapping (`[0.9, 0.99]`) as YAML; a JSON scalar (`3e-5`, `true`,
-    `null`, `"quoted"`) or a float (`nan`, `.nan`, `inf`) as such; anything else as the string written,
-    a prompt template such as `{question} Answer:` included.  Plain YAML would also read `#` as a
+    """An override's value: a list or mapping (`[0.9, 0.99]`) as YAML; a JSON scalar (`1e3`, `true`,
+    `null`, `"quoted"`) or a float (`nan`, `.nan`, `inf`) as such, except a fraction Python would write
+    otherwise (`3e-5`, `2024.10`), which stays text for pydantic to read; anything else as the string
+    written, a prompt template such as `{question} Answer:` included.  Plain YAML would also read `#` as a
     comment, `a: b` as a mapping, `010` as octal 8 and `1:30` as 90."""
     text = raw.strip()
     if not text:
@@ -243,9 +245,11 @@ def _scalar(raw: str) -> Any:
         value = json.loads(text)
     except ValueError:
         pass
-    else:  # a number keeps the text it was written as (2024.10, 3e-5) unless that is how Python writes it:
-        # a text setting then gets those characters, and pydantic reads a number setting from them
-        return text if type(value) in (int, float) and repr(value) != text else value
+    else:  # a fraction keeps the text it was written as (2024.10, 3e-5) unless that is how Python writes it: a
+        # text setting then gets those characters, and pydantic reads a number setting from them; a whole number
+        # (1e3) stays a number, which an integer setting takes
+        written_otherwise = type(value) is float and repr(value) != text and not value.is_integer()
+        return text if written_otherwise else value
     if text.lstrip("+-").lower() in ("nan", "inf", "infinity", ".nan", ".inf"):  # and YAML's spelling, .nan, .inf
         return float(text.replace(".", "", 1))
     return raw
@@ -288,6 +292,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",

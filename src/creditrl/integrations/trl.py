@@ -213,19 +213,28 @@ class CreditGRPOTrainer(GRPOTrainer):
             torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1), completion_ids.shape[1],
             compute_entropy=True)
         old_logps = inputs.get("old_per_token_logps")
+        kept = {"mask": mask}  # the tokens the surrogate sums over: fewer when the token weight drops some (FIPO)
+
+        def weight_keeping_track(advantages: Tensor, delta: Tensor, weight_mask: Tensor):
+            out = self.token_weight(advantages, delta, weight_mask)
+            if isinstance(out, tuple):
+                kept["mask"] = weight_mask & out[1]
+            return out
+
         loss, metrics = policy_loss(
             logps, logps.detach() if old_logps is None else old_logps, inputs["advantages"], mask, self.loss_config,
-            ref_logprobs=inputs.get("ref_per_token_logps"), entropy=entropies,
-            ratio_transform=self.ratio_transform, token_weight=self.token_weight)
+            ref_logprobs=inputs.get("ref_per_token_logps"), entropy=entropies, ratio_transform=self.ratio_transform,
+            token_weight=None if self.token_weight is None else weight_keeping_track)
         mode = "train" if self.model.training else "eval"
         self._log_loss_metrics(mode, metrics)
-        return loss * self._loss_scale(inputs, mask, mode)
+        return loss * self._loss_scale(inputs, kept["mask"], mode)
 
     def _loss_scale(self, inputs: dict[str, Any], mask: Tensor, mode: str) -> Tensor | float:
         """TRL's normalisation: divide by the accumulation steps, or ("dapo") count tokens over the
         whole generation batch instead of the local one; "grpo" averages over every row, an empty one
         (a truncated completion under `mask_truncated_completions`) included, where creditrl's
-        seq-mean-token-mean averages over the rows that have tokens."""
+        seq-mean-token-mean averages over the rows that have tokens.  `mask`: the tokens the surrogate
+        summed over (without the ones a token weight dropped, which TRL's global counts keep)."""
         if self.loss_type == "grpo":
             rows_with_tokens = mask.any(dim=1).sum() / mask.shape[0]
             return rows_with_tokens / (self.current_gradient_accumulation_steps if mode == "train" else 1)

@@ -46,7 +46,7 @@ def group_spread(values: Tensor, valid: Tensor, index: Tensor, n_groups: int) ->
     (x − mean)/(std + eps) with mean off x by a rounding (−0.1 summed in float32), a push of
     ±0.01–0.06 on the whole group that nothing in the rewards asked for, so callers zero them.
     """
-    flat, ok = values.reshape(len(values), -1), valid.reshape(len(values), -1)
+    flat, ok = (values.flatten(1), valid.flatten(1)) if values.dim() > 1 else (values[:, None], valid[:, None])
     high = flat.masked_fill(~ok, -torch.inf).amax(dim=1)
     low = flat.masked_fill(~ok, torch.inf).amin(dim=1)
     group_high = high.new_full((n_groups,), -torch.inf).scatter_reduce(0, index, high, "amax")

@@ -7,7 +7,8 @@ where A' < 0, r = exp(Δ') and A' = A·f.  A method changes the loss only throug
   through it (GRPO-λ's traced log-ratio);
 - a token weight, `(A, Δ.detach(), mask) -> f` (B, T), evaluated under `torch.no_grad()`
   (FIPO's future-KL influence); it may also return `(f, keep)`, keep (B, T) bool, to take tokens
-  out of the loss altogether, the aggregation's denominator included (FIPO's dropped responses).
+  out of the surrogate altogether, its aggregation's denominator included (FIPO's dropped responses;
+  the KL and entropy terms and the metrics still cover every response token).
 
 Both default to the identity (Δ' = Δ, f = 1).  Shapes: B rows, T padded response tokens;
 `mask` is the response mask (True on real tokens) and every mean below is over it.
@@ -150,8 +151,8 @@ def policy_loss(
     delta_t = ratio_transform(delta, mask) if ratio_transform is not None else delta
     ratio = torch.exp(delta_t.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
-    weight, mask = token_weights(token_weight, advantages, delta, mask)
-    adv = torch.where(mask, advantages * weight, 0.0)
+    weight, kept = token_weights(token_weight, advantages, delta, mask)  # kept: the tokens the surrogate sums over
+    adv = torch.where(kept, advantages * weight, 0.0)
 
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
@@ -162,7 +163,7 @@ def policy_loss(
         dual_active = (adv < 0) & (loss_mat > bound)
         loss_mat = torch.where(adv < 0, torch.minimum(loss_mat, bound), loss_mat)
 
-    pg_loss = aggregate(loss_mat, mask, cfg.agg, cfg.norm_length)
+    pg_loss = aggregate(loss_mat, kept, cfg.agg, cfg.norm_length)
     loss = pg_loss
     metrics: dict[str, Tensor] = {}
     if cfg.kl_coef > 0:

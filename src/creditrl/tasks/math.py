@@ -109,8 +109,9 @@ _COUNTED_THING = re.compile(  # "42 dollars", "42 \\text{ cookies}", "7 miles pe
     r"(?P<number>.*?\d)\s*(?:\\(?:text|mbox|mathrm)\s*\{(?P<braced>[^{}]*)\}|(?P<bare>[A-Za-z][A-Za-z\s.]*))")
 _VALUE_WORDS = frozenset(  # words that change the number they follow: "2 and a half", "3 million", "2 pi"
     "and or plus minus times over point half halves third thirds quarter quarters fourth fourths fifth fifths "
-    "dozen dozens score hundred hundreds thousand thousands million millions billion billions trillion "
-    "percent squared cubed pi".split())
+    "sixth sixths seventh sevenths eighth eighths ninth ninths tenth tenths hundredth hundredths thousandth "
+    "thousandths dozen dozens score hundred hundreds thousand thousands million millions billion billions trillion "
+    "percent squared cubed pi factorial sqrt root roots".split())
 
 
 def _counted_number(answer: str) -> Decimal | None:
