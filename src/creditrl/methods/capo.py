@@ -83,7 +83,7 @@ def capo_token_advantages(correct: Tensor, penalties: Tensor, step_ids: Tensor, 
     if params.std_normalize:
         var = group_sum(centred.square().sum(1), index, n_groups) / (n_tokens - 1).clamp(min=1)
         adv = centred / (var.sqrt()[index, None] + params.eps)
-    return torch.where(mask & group_spread(rewards, mask, index, n_groups)[index, None], adv, 0.0)
+    return torch.where(mask & group_spread(rewards, index, n_groups, mask)[index, None], adv, 0.0)
 
 
 @register_advantage("capo", params=CAPOParams, needs=("critic",))

@@ -38,14 +38,15 @@ def group_sum(values: Tensor, index: Tensor, n_groups: int) -> Tensor:
     return values.new_zeros(n_groups).index_add_(0, index, values)
 
 
-def group_spread(values: Tensor, valid: Tensor, index: Tensor, n_groups: int) -> Tensor:
+def group_spread(values: Tensor, index: Tensor, n_groups: int, valid: Tensor | None = None) -> Tensor:
     """(G,) whether a group's valid values differ at all (a NaN among them counts, so that it reaches the
-    advantages and stops the step): values (B, ...) and valid of one shape, index (B,).
+    advantages and stops the step): values (B, ...), valid of its shape (None: every value), index (B,).
 
     Normalised rewards of a group that agree are exactly 0 by definition; computed they are
     (x − mean)/(std + eps) with mean off x by a rounding (−0.1 summed in float32), a push of
     ±0.01–0.06 on the whole group that nothing in the rewards asked for, so callers zero them.
     """
+    valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid
     flat, ok = (values.flatten(1), valid.flatten(1)) if values.dim() > 1 else (values[:, None], valid[:, None])
     high = flat.masked_fill(~ok, -torch.inf).amax(dim=1)
     low = flat.masked_fill(~ok, torch.inf).amin(dim=1)
@@ -90,8 +91,7 @@ def grpo(rollouts: Rollouts, params: GRPOParams) -> Tensor:
     if params.scale_by_std:
         var = group_sum(centred.square(), index, len(counts)) / (counts - 1).clamp(min=1)
         adv = centred / (var.sqrt()[index] + params.eps)
-    spread = group_spread(rewards, torch.ones_like(rewards, dtype=torch.bool), index, len(counts))
-    adv = torch.where(spread[index], adv, 0.0)  # a group of one, or of equal rewards: 0
+    adv = torch.where(group_spread(rewards, index, len(counts))[index], adv, 0.0)  # one row, or equal rewards: 0
     return _broadcast(adv, rollouts.response_mask)
 
 
@@ -105,8 +105,8 @@ def rloo(rollouts: Rollouts, params: BaseModel) -> Tensor:
     index, counts = group_index(rollouts.group_ids)
     row_counts = counts.to(rewards.dtype)[index]
     others_mean = (group_sum(rewards, index, len(counts))[index] - rewards) / (row_counts - 1).clamp(min=1)
-    spread = group_spread(rewards, torch.ones_like(rewards, dtype=torch.bool), index, len(counts))
-    adv = torch.where(spread[index], rewards - others_mean, 0.0)  # a group of one, or of equal rewards: 0
+    spread = group_spread(rewards, index, len(counts))  # a group of one, or of equal rewards, gets 0
+    adv = torch.where(spread[index], rewards - others_mean, 0.0)
     return _broadcast(adv, rollouts.response_mask)
 
 
@@ -135,7 +135,7 @@ def process_grpo(rollouts: Rollouts, params: ProcessGRPOParams) -> Tensor:
     centred = torch.where(valid, step_rewards - mean[index, None], 0.0)
     var = group_sum(centred.square().sum(dim=1), index, n_groups) / (n_valid - 1).clamp(min=1)
     normed = centred / (var.sqrt()[index, None] + params.eps)
-    normed = torch.where(group_spread(step_rewards, valid, index, n_groups)[index, None], normed, 0.0)
+    normed = torch.where(group_spread(step_rewards, index, n_groups, valid)[index, None], normed, 0.0)
 
     suffix = normed.flip(1).cumsum(1).flip(1)  # suffix[b, j] = Σ_{k ≥ j} normed[b, k]
     adv = step_values_on_tokens(suffix, rollouts.step_ids)

@@ -103,19 +103,24 @@ def _step_completion(step: Any, where: str, error) -> tuple[dict | None, str]:
         if not isinstance(human, dict):
             raise error(f"{where}.human_completion: expected an object or null, got {type(human).__name__}")
         if human.get("rating") is None:  # the labeller rewrote the step: the completion it rejected is the error
-            for k in range(len(completions)):
-                if _rating(_completion(completions, k, where, error), f"{where}.completions[{k}]", error) == -1:
-                    return completions[k], f"{where}.completions[{k}]"
+            rejected = _first_rejected(completions, where, error)
+            if rejected is not None:
+                return rejected
         return human, f"{where}.human_completion"
     if chosen is not None:
         if isinstance(chosen, bool) or not isinstance(chosen, int) or not 0 <= chosen < len(completions):
             raise error(f"{where}.chosen_completion: expected an index into {len(completions)} completions or null, "
                         f"got {chosen!r}")
         return _completion(completions, chosen, where, error), f"{where}.completions[{chosen}]"
+    return _first_rejected(completions, where, error) or (None, where)
+
+
+def _first_rejected(completions: list, where: str, error) -> tuple[dict, str] | None:
+    """The first completion rated −1 and its field path, or None."""
     for k in range(len(completions)):
         if _rating(_completion(completions, k, where, error), f"{where}.completions[{k}]", error) == -1:
             return completions[k], f"{where}.completions[{k}]"
-    return None, where
+    return None
 
 
 def _completion(completions: list, k: int, where: str, error) -> dict:
