@@ -185,7 +185,7 @@ def _coin_verdict(task):
 
 
 def bench_credit_overhead(args, console) -> dict:
-    from creditrl.config import load_config
+    from creditrl.configure import load_config
     from creditrl.lab.model import bundled_lab_dir
     from creditrl.trainer import Trainer
 

@@ -124,7 +124,7 @@ def run_creditrl(work: Work) -> dict:
     """`work.steps` steps of creditrl's Trainer (GRPO); per step the phase seconds of its own timers."""
     from torch._dynamo.utils import counters as compile_counters
 
-    from creditrl.config import load_config
+    from creditrl.configure import load_config
     from creditrl.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="vs_trl_creditrl_") as tmp:

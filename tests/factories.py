@@ -5,11 +5,11 @@ import torch
 from creditrl.rollouts import Rollouts
 
 
-def make_rollouts(rewards, group_ids, lengths, T=None, step_ids=None, step_rewards=None, hidden=None) -> Rollouts:
-    """Rows of the given response lengths, padded to T (default: the hidden states' or step ids' width,
-    else the longest response); every token in step 0 unless `step_ids` says otherwise."""
+def make_rollouts(rewards, group_ids, lengths, T=None, step_ids=None, step_rewards=None) -> Rollouts:
+    """Rows of the given response lengths, padded to T (default: the step ids' width, else the longest
+    response); every token in step 0 unless `step_ids` says otherwise."""
     if T is None:
-        T = hidden.shape[1] if hidden is not None else len(step_ids[0]) if step_ids is not None else max(max(lengths), 1)
+        T = len(step_ids[0]) if step_ids is not None else max(max(lengths), 1)
     B = len(rewards)
     mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
     return Rollouts(
@@ -19,7 +19,6 @@ def make_rollouts(rewards, group_ids, lengths, T=None, step_ids=None, step_rewar
         rewards=torch.tensor(rewards, dtype=torch.float64), correct=torch.tensor(rewards) > 0,
         truncated=torch.zeros(B, dtype=torch.bool),
         step_rewards=torch.tensor(step_rewards, dtype=torch.float64) if step_rewards is not None else None,
-        hidden_states=hidden,
     )
 
 

@@ -10,7 +10,7 @@ from creditrl.behaviour import (
     self_verify_rate,
 )
 from creditrl.cli import _format_metric
-from creditrl.config import load_config
+from creditrl.configure import load_config
 from creditrl.evaluate import by_difficulty, evaluate, majority_correct, pass_at_k
 from creditrl.policy.transformers_backend import SamplingConfig
 from creditrl.tasks.base import Problem, Verdict

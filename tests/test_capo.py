@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from creditrl.config import ConfigError, load_config, save_config
+from creditrl.config import ConfigError, save_config
+from creditrl.configure import load_config
 from creditrl.critics import (CriticStats, OpenAICompatibleCritic, StepCritic, TransformersCritic, build_critic,
                               build_prompt, parse_wrong_steps, step_texts)
 from creditrl.methods import compute_advantages

@@ -4,7 +4,6 @@ table, saved rollouts and the `creditrl credit` command."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import creditrl.methods as registry
 from creditrl.cli import app
 from creditrl.collect import collect_rollouts
 from creditrl.credit import compute_credit, credit_frame, credit_table, load_rollouts, save_rollouts
+from creditrl.hidden_states import StoredHiddenStates
 from creditrl.methods import Component, Method, compute_advantages, known_methods
 from creditrl.policy.loading import load_policy
 from creditrl.policy.transformers_backend import SamplingConfig
@@ -81,8 +81,9 @@ def test_denser_gets_the_hidden_states_of_the_old_logprob_forward(lab, maps):
     policy, batch, _ = lab
     with torch.no_grad():  # one forward over the whole batch (the credit code goes group by group)
         scores = policy.score(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, with_hidden=True)
-    with_hidden = replace(batch, hidden_states=scores.hidden_states)
-    torch.testing.assert_close(maps.credit["denser"], compute_advantages("denser", with_hidden), rtol=1e-4, atol=1e-5)
+    whole = StoredHiddenStates(scores.hidden_states, batch_size=batch.batch_size)
+    torch.testing.assert_close(maps.credit["denser"], compute_advantages("denser", batch, hidden_states=whole),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_tidy_table(lab, maps):

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from creditrl.config import load_config
+from creditrl.configure import load_config
 from creditrl.critics import OpenAICompatibleCritic
 from creditrl.critics.server import ChatCompletionsServer
 from creditrl.policy.loading import load_policy

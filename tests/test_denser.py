@@ -9,11 +9,12 @@ import statistics
 import pytest
 import torch
 
-from creditrl.config import load_config
-from creditrl.methods import ADVANTAGES, Component, compute_advantages, get_method
+from creditrl.configure import load_config
+from creditrl.hidden_states import StoredHiddenStates
+from creditrl.methods import compute_advantages, get_method
 from creditrl.methods.denser import DenseRParams, denser, denser_weights
 from creditrl.methods.grpo import grpo
-from creditrl.trainer import Trainer
+from creditrl.trainer import OldLogprobs, Trainer
 from factories import make_rollouts
 
 
@@ -84,12 +85,12 @@ def test_matches_the_slow_reference(G, T, D, W, alpha_c, alpha_w, beta, n_groups
     hidden[:, :, 0] += 1.5  # make most cosines positive, so the max and the clamp both matter
     params = DenseRParams(alpha_c=alpha_c, alpha_w=alpha_w, beta=beta, window=W)
 
-    fast = denser(make_rollouts(rewards, group_ids, lengths, hidden=hidden), params)
+    fast = denser(make_rollouts(rewards, group_ids, lengths, T=hidden.shape[1]), params, StoredHiddenStates(hidden))
     slow = torch.tensor(ref_advantages(rewards, group_ids, lengths, hidden.double().tolist(), alpha_c, alpha_w, beta, W),
                         dtype=torch.float64)
     mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
     torch.testing.assert_close(fast.masked_fill(~mask, 0.0), slow, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(fast, grpo(make_rollouts(rewards, group_ids, lengths, hidden=hidden), params))  # w ≢ 1
+    assert not torch.allclose(fast, grpo(make_rollouts(rewards, group_ids, lengths, T=T), params))  # w ≢ 1
 
 
 @pytest.mark.parametrize("rows_per_chunk", [1, 3])
@@ -103,7 +104,7 @@ def test_rows_in_chunks_match_the_slow_reference(monkeypatch, rows_per_chunk):
     rewards = [0.0, 2.0, 1.0, 0.0, 2.0, 2.0, 0.0, 1.0]
     hidden = torch.randn(G, T, D, generator=gen)
     hidden[:, :, 0] += 1.5
-    fast = denser(make_rollouts(rewards, [0] * G, lengths, hidden=hidden), DenseRParams(alpha_w=0.3, beta=0.5))
+    fast = denser(make_rollouts(rewards, [0] * G, lengths, T=hidden.shape[1]), DenseRParams(alpha_w=0.3, beta=0.5), StoredHiddenStates(hidden))
     slow = torch.tensor(ref_advantages(rewards, [0] * G, lengths, hidden.double().tolist(), 1.0, 0.3, 0.5, 5),
                         dtype=torch.float64)
     mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
@@ -114,7 +115,7 @@ def test_bf16_states_are_used_in_float32():
     gen = torch.Generator().manual_seed(7)
     hidden = torch.randn(4, 6, 5, generator=gen).bfloat16()
     lengths, rewards = [6, 4, 5, 2], [1.0, 0.0, 1.0, 0.0]
-    fast = denser(make_rollouts(rewards, [0] * 4, lengths, hidden=hidden), DenseRParams(window=1))
+    fast = denser(make_rollouts(rewards, [0] * 4, lengths, T=hidden.shape[1]), DenseRParams(window=1), StoredHiddenStates(hidden))
     slow = ref_advantages(rewards, [0] * 4, lengths, hidden.double().tolist(), 1.0, 1.0, 1.0, 1)
     torch.testing.assert_close(fast, torch.tensor(slow, dtype=torch.float64), atol=1e-5, rtol=1e-5)
 
@@ -130,7 +131,7 @@ def test_hand_worked_example():
     params = DenseRParams(window=0, beta=0.5)
     w = denser_weights(hidden, torch.ones(2, 2, dtype=torch.bool), torch.tensor([False, True]), params)
     torch.testing.assert_close(w, torch.tensor([[0.936130, 1.063870]] * 2), atol=1e-6, rtol=0)
-    adv = denser(make_rollouts([1.0, 0.0], [0, 0], [2, 2], hidden=hidden), params)
+    adv = denser(make_rollouts([1.0, 0.0], [0, 0], [2, 2], T=hidden.shape[1]), params, StoredHiddenStates(hidden))
     a = 0.5 / (1 / math.sqrt(2) + 1e-6)
     torch.testing.assert_close(adv, torch.tensor([[a * 0.936130, a * 1.063870], [-a * 0.936130, -a * 1.063870]],
                                                  dtype=torch.float64), atol=1e-6, rtol=0)
@@ -163,18 +164,20 @@ def test_identical_states_or_zero_alphas_give_weight_one():
 
 def test_zero_spread_groups_groups_of_one_and_beta_zero_give_grpo():
     hidden = torch.randn(6, 5, 3)
-    r = make_rollouts([1.0, 1.0, 1.0, 0.0, 1.0, 2.0], [0, 0, 0, 1, 1, 2], [5, 3, 4, 5, 2, 5], hidden=hidden)
-    adv = denser(r, DenseRParams())
+    r = make_rollouts([1.0, 1.0, 1.0, 0.0, 1.0, 2.0], [0, 0, 0, 1, 1, 2], [5, 3, 4, 5, 2, 5], T=5)
+    adv = denser(r, DenseRParams(), StoredHiddenStates(hidden))
     assert torch.all(adv[:3] == 0) and torch.all(adv[5] == 0)  # no spread; a group of one
-    torch.testing.assert_close(denser(r, DenseRParams(beta=0.0)), grpo(r, DenseRParams()))
+    torch.testing.assert_close(denser(r, DenseRParams(beta=0.0), StoredHiddenStates(hidden)), grpo(r, DenseRParams()))
 
 
 def test_needs_hidden_states():
-    r = make_rollouts([1.0, 0.0], [0, 0], [2, 2], hidden=torch.randn(2, 2, 2))
-    r.hidden_states = None
+    r = make_rollouts([1.0, 0.0], [0, 0], [2, 2])
     with pytest.raises(ValueError, match="hidden_states"):
         compute_advantages("denser", r)
-    assert get_method("denser").needs_hidden_states and not get_method("grpo").needs_hidden_states
+    assert "hidden_states" in get_method("denser").needs and "hidden_states" not in get_method("grpo").needs
+    hidden = torch.randn(2, 2, 2)
+    torch.testing.assert_close(compute_advantages("denser", r, hidden_states=StoredHiddenStates(hidden)),
+                               denser(r, DenseRParams(), StoredHiddenStates(hidden)))
 
 
 # ---- in the trainer -----------------------------------------------------------------------------------------
@@ -235,45 +238,44 @@ def test_one_old_forward_per_chunk_and_one_update_forward(tiny_lab_model_dir, tm
     assert 1 <= len(bucketed) <= 4 and sum(rows for rows, _ in bucketed) == 12 and all(grad for _, grad in bucketed)
 
 
-def test_chunked_advantages_equal_the_whole_batch(tiny_lab_model_dir, tmp_path, monkeypatch):
+def test_chunked_advantages_equal_the_whole_batch(tiny_lab_model_dir, tmp_path):
     trainer = Trainer(_cfg(tiny_lab_model_dir, tmp_path, "method=denser", "train.logprob_batch_size=5",
-                           "loss.kl_coef=0.1", "train.seed=3"), show_progress=False)
+                           "loss.kl_coef=0.1", "train.seed=3", "train.n_minibatches=2"), show_progress=False)
+    hidden_states = trainer.resources["hidden_states"]
     seen = []
-    real = ADVANTAGES["denser"]
+    walk = hidden_states.by_groups
 
-    def spy(rollouts, params):
-        seen.append((rollouts.hidden_states.shape[0], torch.unique(rollouts.group_ids, return_counts=True)[1].tolist()))
-        return real.fn(rollouts, params)
+    def spy(rollouts):
+        for rows, hidden in walk(rollouts):
+            seen.append((hidden.shape[0], torch.unique(rollouts.group_ids[rows], return_counts=True)[1].tolist()))
+            yield rows, hidden
 
-    monkeypatch.setitem(ADVANTAGES, "denser", Component(spy, real.params_model))
+    hidden_states.by_groups = spy
     rollouts, _ = trainer.collect()
     rollouts = rollouts.select(torch.arange(12).view(3, 4).T.flatten())  # interleave the groups' rows
-    chunked = trainer._score_old(rollouts, old=True)
-    assert rollouts.hidden_states is None
-    torch.testing.assert_close(rollouts.ref_logprobs, rollouts.old_logprobs)  # the reference is the start policy
+    chunked = compute_advantages("denser", rollouts, trainer.cfg.method_params, **trainer.resources)
     assert seen == [(4, [4]), (4, [4]), (4, [4])]  # 5 rows cannot hold two groups: one group per chunk
-
+    scored = trainer._score_old(rollouts, OldLogprobs.RECOMPUTE)
+    assert scored == 24  # the hidden states' forward gave the old log-probs; one more for the reference
     p, m = rollouts, rollouts.response_mask
+    # the reference is the start policy (the two forwards chunk the rows differently: compared on real tokens)
+    torch.testing.assert_close(rollouts.ref_logprobs[m], rollouts.old_logprobs[m], atol=1e-5, rtol=1e-5)
     whole = trainer.policy.score(p.prompt_ids, p.prompt_mask, p.response_ids, m, with_hidden=True)
     torch.testing.assert_close(rollouts.old_logprobs[m], whole.logprobs[m], atol=1e-5, rtol=1e-5)
-    rollouts.hidden_states = whole.hidden_states
-    expected = compute_advantages("denser", rollouts, trainer.cfg.method_params)
+    expected = compute_advantages("denser", rollouts, trainer.cfg.method_params,
+                                  hidden_states=StoredHiddenStates(whole.hidden_states, batch_size=12))
     torch.testing.assert_close(chunked, expected, atol=1e-5, rtol=1e-5)
     per_row = [chunked[b][m[b]] for b in range(rollouts.batch_size)]
     assert any(len(v) > 1 and v.abs().max() > 0 and not torch.allclose(v, v[0].expand_as(v)) for v in per_row)
 
 
-def test_trains_the_tiny_model_and_drops_hidden_states(tiny_lab_model_dir, tmp_path, monkeypatch):
+def test_trains_the_tiny_model(tiny_lab_model_dir, tmp_path):
     cfg = _cfg(tiny_lab_model_dir, tmp_path / "run", "method=denser", "train.steps=3", "eval.before=false",
                "output.checkpoint_every=3", "method_params.alpha_w=0.3", "method_params.beta=0.1")
-    trainer = Trainer(cfg, show_progress=False)
-    at_update = []
-    update = trainer._update
-    monkeypatch.setattr(trainer, "_update", lambda r, *a: at_update.append(r.hidden_states) or update(r, *a))
-    trainer.train()
-    assert at_update == [None] * 3
+    Trainer(cfg, show_progress=False).train()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3 and any(r["adv_abs_mean"] > 0 for r in records)
+    assert all(r["scoring_forwards"] == 12 for r in records)  # the hidden states' forward only
     for record in records:
         assert record["skipped"] == 0.0 and record["updates"] == 1.0
         assert all(math.isfinite(v) for v in record.values())

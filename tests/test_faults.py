@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from creditrl.checkpoint import latest_checkpoint
-from creditrl.config import ConfigError, load_config
+from creditrl.config import ConfigError
+from creditrl.configure import load_config
 from creditrl.critics import parse_wrong_steps
 from creditrl.prm.prm800k import load_prm800k
 from creditrl.tasks.errors import DatasetError

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from creditrl.config import load_config
+from creditrl.configure import load_config
 from creditrl.methods import Method, compute_advantages, get_method, loss_hooks
-from creditrl.methods.fipo import FIPOParams, discounted_cumsum, fipo_config_warning, fipo_weight
+from creditrl.methods import resolve_method
+from creditrl.methods.fipo import FIPOParams, discounted_cumsum, fipo_weight
 from creditrl.methods.loss import LossConfig, policy_loss
 from creditrl.trainer import Trainer
 from factories import make_rollouts as rollouts
@@ -264,8 +265,16 @@ def test_fipo_combines_with_any_base_advantage():
 
 
 def test_config_warning():
-    assert "base method" in fipo_config_warning(1, 1)
-    assert fipo_config_warning(2, 1) is None and fipo_config_warning(1, 8) is None
+    """FIPO's weight reads Δ, which is 0 when every update is on-policy; the method says so, composed or named."""
+    def warnings(*overrides):
+        cfg = load_config(None, [*overrides])
+        return resolve_method(cfg.method).warnings(cfg)
+
+    assert any("base method" in w for w in warnings("method=fipo", "train.n_minibatches=1"))
+    assert any("base method" in w for w in warnings("method.advantage=rloo", "method.token_weight=fipo"))
+    assert warnings("method=fipo", "train.ppo_epochs=2", "train.n_minibatches=1") == []
+    assert warnings("method=fipo", "train.n_minibatches=8") == []
+    assert warnings("method=grpo") == []
 
 
 def test_fipo_trains_and_its_weights_move(tiny_lab_model_dir, tmp_path):

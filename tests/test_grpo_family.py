@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-import creditrl.methods as registry
+import creditrl.methods.registry as registry
 from creditrl.methods import (
     ADVANTAGES,
     RATIO_TRANSFORMS,

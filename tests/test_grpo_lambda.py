@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from creditrl.config import load_config
+from creditrl.configure import load_config
 from creditrl.methods import compute_advantages, get_method, loss_hooks
 from creditrl.methods.grpo_lambda import TraceParams, TraceWeightParams, grpo_lambda_trace, grpo_lambda_weight
 from creditrl.methods.loss import LossConfig, policy_loss

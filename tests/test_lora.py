@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from creditrl.config import ConfigError, load_config
+from creditrl.config import ConfigError
+from creditrl.configure import load_config
 from creditrl.policy.loading import load_policy
 from creditrl.trainer import Trainer
 

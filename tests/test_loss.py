@@ -8,7 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from creditrl.methods.loss import LossConfig, aggregate, kl_penalty, policy_loss, token_entropy
+from creditrl.methods.loss import LossConfig, aggregate, kl_penalty, policy_loss
+from creditrl.policy.token_logprobs import token_entropy
 
 
 def one_token(adv: float, ratio: float, cfg: LossConfig):

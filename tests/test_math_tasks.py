@@ -191,12 +191,12 @@ def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path: Path):
 
 
 def test_math500_takes_a_train_file_when_given_one(tmp_path: Path):
-    from creditrl.config import TaskConfig
+    from creditrl.config import task_config
     from creditrl.tasks import build_task
 
     train = tmp_path / "train.jsonl"
     train.write_text((FIXTURES / "math_mini.jsonl").read_text().splitlines()[0] + "\n")
-    task = build_task(TaskConfig(name="math500", eval_path=FIXTURES / "math_mini.jsonl", train_path=train))
+    task = build_task(task_config(name="math500", eval_path=FIXTURES / "math_mini.jsonl", train_path=train))
     evaluated = len((FIXTURES / "math_mini.jsonl").read_text().splitlines())
     assert len(task.train_problems()) == 1 and len(task.eval_problems()) == evaluated  # no split of the eval file
 

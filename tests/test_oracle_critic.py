@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from creditrl.config import load_config
+from creditrl.configure import load_config
 from creditrl.critics import OracleLabCritic, build_step_critic
 from creditrl.methods import compute_advantages
 from creditrl.trainer import Trainer

@@ -8,7 +8,8 @@ import pytest
 import torch
 from factories import make_rollouts
 
-from creditrl.config import ConfigError, load_config
+from creditrl.config import ConfigError
+from creditrl.configure import load_config
 from creditrl.methods import compute_advantages
 from creditrl.methods.prm import min_form_returns, with_outcome
 from creditrl.prm import OracleLabPRM, TrainedPRM

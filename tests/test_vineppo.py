@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from creditrl.config import load_config
+from creditrl.configure import load_config
 from creditrl.methods import compute_advantages
 from creditrl.policy.transformers_backend import Generation, SamplingConfig
 from creditrl.rewards import RewardConfig

@@ -101,7 +101,7 @@ def test_rows_params_and_weight_pushes(tiny_policy, stand_in_vllm):
 def test_the_trainer_counts_its_optimizer_steps_on_the_policy(tiny_lab_model_dir, tmp_path):
     import json
 
-    from creditrl.config import load_config
+    from creditrl.configure import load_config
     from creditrl.trainer import Trainer
 
     cfg = load_config(None, [f"model.name={tiny_lab_model_dir}", f"output.dir={tmp_path / 'run'}", "train.steps=2",

@@ -16,9 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
+from creditrl.config import VERIFY_PHRASES
 from creditrl.tasks.math import extract_answer
 
-VERIFY_PHRASES = ("wait", "let me check", "verify", "double-check")
 
 
 def length_stats(lengths: Sequence[int]) -> dict[str, float]:

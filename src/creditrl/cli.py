@@ -38,7 +38,7 @@ def _config_and_overrides(args: list[str] | None) -> tuple[Path | None, list[str
 
 
 def _config(args: list[str] | None):
-    from creditrl.config import load_config
+    from creditrl.configure import load_config
 
     return load_config(*_config_and_overrides(args))
 
@@ -95,7 +95,7 @@ def train(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         from creditrl.trainer import Trainer
 
         cfg = _config(args)
-        console.print(f"[bold]creditrl train[/bold]: method [cyan]{cfg.method}[/cyan], task [cyan]{cfg.task.name}[/cyan], "
+        console.print(f"[bold]creditrl train[/bold]: method [cyan]{cfg.method_name}[/cyan], task [cyan]{cfg.task.name}[/cyan], "
                       f"model [cyan]{cfg.model.name}[/cyan], {cfg.train.steps} steps of "
                       f"{cfg.rollout.prompts_per_step}×{cfg.rollout.group_size} rollouts → {cfg.run_dir()}")
         return Trainer(cfg, console=console, show_progress=not quiet).train(resume=resume, overwrite=overwrite)
@@ -302,7 +302,7 @@ def methods() -> None:
     from rich.padding import Padding
     from rich.text import Text
 
-    from creditrl.methods import get_method, known_methods, method_params_model
+    from creditrl.methods import ADVANTAGES, RATIO_TRANSFORMS, TOKEN_WEIGHTS, get_method, known_methods, method_params_model
 
     for name in known_methods():
         m = get_method(name)
@@ -311,6 +311,9 @@ def methods() -> None:
         console.print(f"[bold]{name}[/bold]  [dim]{pieces}[/dim]")
         console.print(Padding(escape(m.summary), (0, 0, 0, 2)))
         console.print(Padding(Text(f"method_params: {params or '-'}", style="dim"), (0, 0, 1, 2)))
+    console.print("[bold]pieces[/bold] (compose them: method.advantage=… method.ratio_transform=… method.token_weight=…)")
+    for kind, table in (("advantage", ADVANTAGES), ("ratio_transform", RATIO_TRANSFORMS), ("token_weight", TOKEN_WEIGHTS)):
+        console.print(Padding(f"{kind}: {', '.join(sorted(table))}", (0, 0, 0, 2)))
 
 
 @lab_app.command("pretrain")
@@ -322,18 +325,12 @@ def lab_pretrain(out: Path = typer.Option(..., help="folder to write the model, 
 
     def run():
         import torch
-        from pydantic import ValidationError
 
-        from creditrl.config import ConfigError, parse_overrides
         from creditrl.lab.pretrain import PretrainConfig, pretrain
 
         if threads:
             torch.set_num_threads(threads)
-        try:
-            cfg = PretrainConfig(**parse_overrides(overrides or []))
-        except ValidationError as err:
-            raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
-        return pretrain(cfg, out, show_progress=not quiet)
+        return pretrain(_parsed(PretrainConfig, overrides), out, show_progress=not quiet)
 
     summary = _guarded(run)
     console.print(f"lab model written to {out}: {summary['parameters']:,} parameters; last evaluation {summary['history'][-1]}")
@@ -342,14 +339,9 @@ def lab_pretrain(out: Path = typer.Option(..., help="folder to write the model, 
 
 def _parsed(model_cls, overrides: list[str] | None):
     """A pydantic model from dotted key=value overrides; a bad key is a ConfigError naming it."""
-    from pydantic import ValidationError
+    from creditrl.config import parse_overrides, validated
 
-    from creditrl.config import ConfigError, parse_overrides
-
-    try:
-        return model_cls(**parse_overrides(overrides or []))
-    except ValidationError as err:
-        raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+    return validated(model_cls, parse_overrides(overrides or []))
 
 
 @prm_app.command("train")

@@ -2,7 +2,7 @@
 
 Every run gets the same base configuration (a YAML file plus overrides), the same number of
 policy-update steps and the same evaluation schedule; only `method` and `train.seed` differ,
-plus the few settings a method needs to be itself (`METHOD_OVERRIDES`).  Each run lives in
+plus the few settings a method needs to be itself (`Method.compare_overrides`).  Each run lives in
 `<out>/runs/<method>-seed<s>/`; a finished run is read back, a broken-off one resumes from its
 last checkpoint.  Runs go one after another in this process (`jobs` = 1), or `jobs` at a time,
 each in a fresh process with cores // jobs threads: for models as small as the lab's, two
@@ -40,19 +40,11 @@ from pathlib import Path
 
 import yaml
 
-from creditrl.config import RunConfig, load_config
-from creditrl.methods import known_methods
+from creditrl.config import RunConfig
+from creditrl.configure import load_config
+from creditrl.methods import get_method, known_methods
 from creditrl.resources import resources_needed
 
-# What a method needs beyond the shared budget to be itself (FIPO is GRPO unless π_θ ≠ π_old), and
-# VinePPO's cut to K = 3 continuations for at most 4 states per response (one of the paper's
-# ablations; K = 9 makes its steps ~8× a GRPO step on the lab, ~3× with the cut).  The grid's own
-# overrides come after these, so `method_params.k=9` restores K for a VinePPO-only grid.
-METHOD_OVERRIDES = {
-    "fipo": ["train.n_minibatches=4", "reward.overlong_max=96", "reward.overlong_buffer=16"],
-    "dapo": ["reward.overlong_max=96", "reward.overlong_buffer=16"],
-    "vineppo": ["method_params.k=3", "method_params.max_steps=4"],
-}
 BASELINE = "grpo"
 # Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30.
 T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
@@ -80,7 +72,9 @@ class GridSpec:
     def run_config(self, method: str, seed: int) -> RunConfig:
         """The base config with this run's method, seed, budget and folder."""
         threads = [f"train.threads={max(1, (os.cpu_count() or 1) // self.jobs)}"] if self.jobs > 1 else []
-        return load_config(self.config, [*threads, *METHOD_OVERRIDES.get(method, []), *self.overrides, f"method={method}",
+        # the method's own grid overrides come first, so the grid's (`method_params.k=9`) win
+        return load_config(self.config, [*threads, *get_method(method).compare_overrides, *self.overrides,
+                                         f"method={method}",
                                          f"train.seed={seed}", f"train.steps={self.steps}",
                                          f"eval.every={self.eval_every}", f"task.lab.eval_size={self.eval_size}",
                                          f"output.dir={self.run_dir(method, seed)}",
@@ -299,8 +293,9 @@ def collect_results(spec: GridSpec, credit: dict | None = None) -> dict:
     return {"spec": {"methods": spec.methods, "seeds": spec.seeds, "steps": spec.steps, "eval_every": spec.eval_every,
                      "jobs": spec.jobs,
                      "eval_size": spec.eval_size, "config": str(spec.config) if spec.config else None,
-                     "overrides": spec.overrides, "method_overrides": {m: METHOD_OVERRIDES[m] for m in spec.methods
-                                                                       if m in METHOD_OVERRIDES}},
+                     "overrides": spec.overrides, "method_overrides": {m: list(get_method(m).compare_overrides)
+                                                                       for m in spec.methods
+                                                                       if get_method(m).compare_overrides}},
             "runs": records, "summary": summarize(records), "credit": credit}
 
 

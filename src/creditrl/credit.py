@@ -8,22 +8,23 @@ rollouts, where π_θ = π_old and so Δ = log π_θ − log π_old = 0:
 (FIPO's weight is exp of a discounted future Δ, so it is 1 here and FIPO shows its base
 advantage.)  A ratio transform (GRPO-λ's trace) acts on Δ inside the loss; at Δ = 0 it leaves no
 trace of its own, so such a method shows its advantage A as computed.  Methods that need hidden
-states get them from one old-log-prob forward per group; a method that cannot run on the batch
-(it needs a resource not given, such as VinePPO's value estimator, step rewards the task lacks,
-or it raises) is skipped with the reason.
+states get them from the policy (`creditrl.hidden_states`, whole groups per forward); a method
+that cannot run on the batch (it needs a resource not given, such as VinePPO's value estimator,
+step rewards the task lacks, or it raises) is skipped with the reason.
 Every method sees the batch's own rewards and its own published `method_params`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from creditrl.methods import compute_advantages, get_component, get_method, known_methods, loss_hooks
+from creditrl.hidden_states import PolicyHiddenStates
+from creditrl.methods import compute_advantages, get_method, known_methods, loss_hooks
 from creditrl.methods.loss import token_weights
 from creditrl.policy.transformers_backend import TransformersPolicy
 from creditrl.rollouts import Rollouts
@@ -47,22 +48,23 @@ def compute_credit(rollouts: Rollouts, prompts: Sequence[str], policy: Transform
                    resources: Mapping[str, Any] | None = None) -> CreditMaps:
     """Credit maps of `methods` (default: every registered method) on one batch.
 
-    `policy` gives the hidden states (one forward per group, only if a method needs them) and the
+    `policy` gives the hidden states (forwards of whole groups, only if a method needs them) and the
     token texts; without it tokens show as ids and hidden-state methods are skipped.  `params`
     maps a method name to `method_params` overrides; `resources` holds what an advantage may
     `need` from the trainer (e.g. `value_estimator`), passed as `compute_advantages` context.
     A method that fails, or gives credit that is not finite, is listed in `skipped` with the reason.
     """
     names = list(methods) if methods is not None else known_methods()
-    needs_hidden = any(get_method(n).needs_hidden_states for n in names)
-    scored = with_hidden_states(policy, rollouts) if needs_hidden and policy is not None else rollouts
+    resources = dict(resources or {})
+    if policy is not None and "hidden_states" not in resources:
+        resources["hidden_states"] = PolicyHiddenStates(policy)
     credit, notes, skipped = {}, {}, {}
     for name in names:
-        reason = _cannot_run(name, scored, resources or {})
+        reason = _cannot_run(name, rollouts, resources)
         if reason is None:
             try:
-                credit[name], notes[name] = method_credit(name, scored, (params or {}).get(name), resources)
-                if torch.isfinite(credit[name][scored.response_mask.bool()]).all():
+                credit[name], notes[name] = method_credit(name, rollouts, (params or {}).get(name), resources)
+                if torch.isfinite(credit[name][rollouts.response_mask.bool()]).all():
                     continue
                 del credit[name], notes[name]
                 reason = "its credit is not finite on every response token (NaN or inf)"
@@ -95,33 +97,14 @@ def method_credit(name: str, rollouts: Rollouts, params: Mapping[str, Any] | Non
 
 def _cannot_run(name: str, rollouts: Rollouts, resources: Mapping[str, Any]) -> str | None:
     method = get_method(name)
-    missing = [n for n in get_component("advantage", method.advantage).needs if resources.get(n) is None]
+    missing = [n for n in method.needs if resources.get(n) is None]
+    if "hidden_states" in missing:
+        return "needs hidden states, and no policy was given to compute them"
     if missing:
         return f"needs {', '.join(missing)} from the trainer, which was not given"
     if method.needs_step_rewards and rollouts.step_rewards is None:
         return "needs step rewards, and these rollouts have none (the task has no step labels)"
-    if method.needs_hidden_states and rollouts.hidden_states is None:
-        return "needs hidden states, and no policy was given to compute them"
     return None
-
-
-@torch.no_grad()
-def with_hidden_states(policy: TransformersPolicy, rollouts: Rollouts) -> Rollouts:
-    """A copy of the batch with `hidden_states` (B, T, D) from the old-log-prob forward, one group at a time."""
-    width, device = rollouts.response_ids.shape[1], policy.device
-    parts, order = [], []
-    for group in torch.unique(rollouts.group_ids):
-        rows = (rollouts.group_ids == group).nonzero().squeeze(1)
-        sub = rollouts.select(rows)
-        length = max(int(sub.response_mask.sum(1).max()), 1)  # the group's longest response
-        scores = policy.score(sub.prompt_ids.to(device), sub.prompt_mask.to(device),
-                              sub.response_ids[:, :length].to(device), sub.response_mask[:, :length].to(device),
-                              with_hidden=True)
-        hidden = scores.hidden_states.float().cpu()
-        parts.append(torch.nn.functional.pad(hidden, (0, 0, 0, width - length)))
-        order.append(rows)
-    hidden = torch.cat(parts)[torch.cat(order).argsort()]
-    return replace(rollouts, hidden_states=hidden)
 
 
 def token_texts(rollouts: Rollouts, policy: TransformersPolicy | None = None) -> list[list[str]]:
@@ -168,12 +151,12 @@ def credit_frame(maps: CreditMaps):
 
 
 def save_rollouts(path: Path, rollouts: Rollouts, prompts: Sequence[str]) -> None:
-    """Write a batch and its problem texts for a later `load_rollouts`: the tensors except the hidden
-    states, the response texts, the problem indices and the row-aligned problems (as plain dicts,
-    so that loading needs no unpickling of objects)."""
+    """Write a batch and its problem texts for a later `load_rollouts`: the tensors, the response texts,
+    the problem indices and the row-aligned problems (as plain dicts, so that loading needs no unpickling
+    of objects)."""
     kept = {"response_texts", "problem_index"}
     data = {f.name: getattr(rollouts, f.name) for f in fields(Rollouts)
-            if f.name != "hidden_states" and (isinstance(getattr(rollouts, f.name), Tensor) or f.name in kept)}
+            if isinstance(getattr(rollouts, f.name), Tensor) or f.name in kept}
     if rollouts.problems is not None:
         data["problems"] = [asdict(p) for p in rollouts.problems]
     torch.save({"rollouts": data, "prompts": list(prompts)}, path)
@@ -188,4 +171,4 @@ def load_rollouts(path: Path) -> tuple[Rollouts, list[str]]:
 
 
 __all__ = ["CreditMaps", "compute_credit", "credit_frame", "credit_table", "load_rollouts", "method_credit",
-           "save_rollouts", "token_texts", "with_hidden_states"]
+           "save_rollouts", "token_texts"]

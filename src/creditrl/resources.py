@@ -5,6 +5,7 @@ An advantage registers the resources it needs by name (`register_advantage(..., 
     value_estimator   Monte Carlo values from continuations of the policy   (VinePPO)
     critic            k verdicts on each response's wrong steps              (CAPO)
     prm               step scores of a process reward model                  (prm_grpo, PURE)
+    hidden_states     the policy's hidden states, whole groups at a time     (DenseR)
 
 The trainer, `creditrl credit` and the compare report's credit table all build them here, so a
 method sees the same resource wherever it runs.
@@ -15,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from creditrl.config import RunConfig
+from creditrl.config import MethodSpec, RunConfig
 from creditrl.critics import build_step_critic
-from creditrl.methods import get_component, get_method
+from creditrl.hidden_states import PolicyHiddenStates
+from creditrl.methods import Method, resolve_method
 from creditrl.prm import build_prm
 from creditrl.value_estimation import MonteCarloValues
 
@@ -26,15 +28,18 @@ BUILDERS: dict[str, Callable[[RunConfig, Any, Any], object]] = {
                                                                   seed=cfg.train.seed),
     "critic": lambda cfg, policy, task: build_step_critic(cfg.critic, policy.decode),
     "prm": lambda cfg, policy, task: build_prm(cfg.prm, policy.decode, policy.tokenizer.get_vocab()),
+    "hidden_states": lambda cfg, policy, task: PolicyHiddenStates(policy, cfg.sampling.temperature,
+                                                                  cfg.train.logprob_batch_size,
+                                                                  cfg.train.length_buckets),
 }
 
 
-def resources_needed(methods: Iterable[str]) -> list[str]:
+def resources_needed(methods: Iterable[Method | MethodSpec | str]) -> list[str]:
     """The resource names the methods' advantages need, in a stable order."""
-    needed = {n for m in methods for n in get_component("advantage", get_method(m).advantage).needs}
+    needed = {n for m in methods for n in resolve_method(m).needs}
     return [name for name in BUILDERS if name in needed]
 
 
-def build_resources(methods: Iterable[str], cfg: RunConfig, policy, task) -> dict[str, object]:
+def build_resources(methods: Iterable[Method | MethodSpec | str], cfg: RunConfig, policy, task) -> dict[str, object]:
     """One instance of each resource the methods need, made from `cfg` for this policy and task."""
     return {name: BUILDERS[name](cfg, policy, task) for name in resources_needed(methods)}

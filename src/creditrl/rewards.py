@@ -8,38 +8,9 @@ R_i = (correct if the verdict is right else wrong)
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-
-class RewardConfig(BaseModel):
-    """Reward shaping (config section `reward`).
-
-    - `correct` / `wrong`: reward for a right / wrong final answer (DAPO uses +1 / −1).
-    - `format_weight` (≥ 0): 0 ignores the format.  When > 0 the format is required: a
-      response whose format is not ok counts as wrong whatever the verdict, and also loses
-      `format_weight`, so it gets `wrong − format_weight`; good-format responses are unchanged.
-    - `overlong_max` (L_max), `overlong_buffer` (L_cache), `overlong_penalty` (scale): DAPO's soft
-      overlong punishment, off while `overlong_max` is None.  DAPO used L_max = 20480 with
-      L_cache = 4096 (expected length 16384), i.e. L_max = the max new tokens and a buffer of a
-      fifth of it: what `dapo` and `fipo` get when `overlong_max` is unset (`overlong_penalty=0`
-      turns it off).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    correct: float = 1.0
-    wrong: float = 0.0
-    format_weight: float = Field(0.0, ge=0.0)
-    overlong_max: int | None = Field(None, gt=0)
-    overlong_buffer: int = Field(0, ge=0)
-    overlong_penalty: float = Field(1.0, ge=0.0)
-
-    @model_validator(mode="after")
-    def _buffer_fits(self) -> "RewardConfig":
-        if self.overlong_max is not None and self.overlong_buffer > self.overlong_max:
-            raise ValueError(f"reward.overlong_buffer ({self.overlong_buffer}) must not exceed reward.overlong_max ({self.overlong_max})")
-        return self
+from creditrl.config import RewardConfig
 
 
 def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:

@@ -33,7 +33,6 @@ class Rollouts:
     old_logprobs: Tensor | None = None  # (B, T) float, log π_old of each response token
     old_entropy: Tensor | None = None  # (B, T) float, entropy of π_old where each response token was drawn
     ref_logprobs: Tensor | None = None  # (B, T) float, log π_ref (only when β > 0)
-    hidden_states: Tensor | None = None  # (B, T, D), last layer before the final norm
     response_texts: list[str] | None = None
     problem_index: list[int] | None = None  # row -> index into the batch's problem list
     problems: list[Problem] | None = None  # row -> its problem (to verify continuations of its prefixes)
@@ -113,3 +112,22 @@ def _pad_dim1(x: Tensor, width: int, fill: float | int) -> Tensor:
         return x
     pad = x.new_full((x.shape[0], width - x.shape[1], *x.shape[2:]), fill)
     return torch.cat([x, pad], dim=1)
+
+
+def trimmed(r: Rollouts) -> Rollouts:
+    """The batch without prompt columns that are padding in every row, nor response columns past the longest
+    response (in place; returns it)."""
+    keep_p = r.prompt_mask.any(0).nonzero()
+    start = int(keep_p[0]) if len(keep_p) else r.prompt_mask.shape[1]
+    width = int(r.response_mask.sum(1).max()) if r.batch_size else 0
+    r.prompt_ids, r.prompt_mask = r.prompt_ids[:, start:], r.prompt_mask[:, start:]
+    for name in ("response_ids", "response_mask", "step_ids", "old_logprobs", "old_entropy", "ref_logprobs"):
+        value = getattr(r, name)
+        if value is not None:
+            setattr(r, name, value[:, :width])
+    return r
+
+
+def pad_cols(x: Tensor, width: int) -> Tensor:
+    """x (B, T, ...) padded with zeros on the right of dim 1 to `width` columns."""
+    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, width - x.shape[1]))

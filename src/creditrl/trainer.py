@@ -2,9 +2,8 @@
 
     for step in 1..steps:
         rollouts   = collect(P prompts × G samples)            # + more rounds under dynamic sampling
-        old logp   = π_old(rollouts)                             # skipped when 1 epoch × 1 minibatch,
-                                                                 #   unless the method needs hidden states
-        A          = method.advantage(rollouts)                  # (B, T)
+        A          = method.advantage(rollouts, **resources)     # (B, T), the one place advantages are made
+        old logp   = OldLogprobs: REUSE (1 epoch × 1 minibatch), SAMPLED (the sampler's), or RECOMPUTE
         for epoch in ppo_epochs, minibatch in n_minibatches:
             loss   = policy_loss(logp, old logp, A, hooks)      # the method's ratio transform / weight
             AdamW step (clipped gradients), lr schedule
@@ -28,6 +27,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +40,36 @@ from safetensors import SafetensorError
 from creditrl.checkpoint import (latest_checkpoint, load_master_weights, load_optimizer_state, load_trainer_state,
                                  save_checkpoint)
 from creditrl.collect import collect_rollouts
-from creditrl.config import RunConfig, save_config
+from creditrl.config import RunConfig, TrainConfig, save_config
+from creditrl.configure import check_config
 from creditrl.evaluate import evaluate
 from creditrl.master_weights import MasterWeights, descend
-from creditrl.methods import compute_advantages, get_method, loss_hooks
-from creditrl.methods.fipo import fipo_config_warning
+from creditrl.methods import compute_advantages, loss_hooks, resolve_method
 from creditrl.methods.loss import masked_mean, policy_loss
 from creditrl.policy.loading import load_configured_policy
 from creditrl.policy.lora import apply_lora, is_lora, load_adapter_state, merged
 from creditrl.policy.transformers_backend import evaluation_mode
 from creditrl.resources import build_resources
-from creditrl.rollouts import Rollouts, concat
+from creditrl.rollouts import Rollouts, concat, pad_cols, trimmed
 from creditrl.tasks import build_task
+
+
+class OldLogprobs(Enum):
+    """Where the update's π_old log-probs come from."""
+
+    REUSE = "reuse"  # one epoch of one minibatch: π_old = π_θ at the update, whose own log-probs (detached) serve
+    SAMPLED = "sampled"  # the sampler's per-token log-probs (the kv-cache engine gives them)
+    RECOMPUTE = "recompute"  # a no-grad forward before the update
+
+
+def old_logprob_source(train: TrainConfig, sampled: bool) -> OldLogprobs:
+    """REUSE when the update is on-policy; else the sampler's log-probs when it gave them and
+    `train.recompute_old_logprobs` is off; else RECOMPUTE."""
+    if train.ppo_epochs == 1 and train.n_minibatches == 1:
+        return OldLogprobs.REUSE
+    if sampled and not train.recompute_old_logprobs:
+        return OldLogprobs.SAMPLED
+    return OldLogprobs.RECOMPUTE
 
 
 class TrainingStopped(RuntimeError):
@@ -72,7 +90,8 @@ class Trainer:
         self.show_progress = show_progress
         self.on_step = on_step  # called with the step number after each step is logged (e.g. an outer progress bar)
         self.run_dir = cfg.run_dir()
-        self.method = get_method(cfg.method)
+        check_config(cfg)  # a config built in Python gets the checks load_config makes
+        self.method = resolve_method(cfg.method)
         self.task = build_task(cfg.task)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -87,16 +106,11 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             self.policy.enable_activation_checkpointing()
         self.ratio_transform, self.token_weight = loss_hooks(self.method, cfg.method_params)
-        if self.method.token_weight == "fipo":
-            warning = fipo_config_warning(cfg.train.ppo_epochs, cfg.train.n_minibatches)
-            if warning:
-                self.console.print(f"[yellow]warning: {warning}[/yellow]")
+        for warning in self.method.warnings(cfg):
+            self.console.print(f"[yellow]warning: {warning}[/yellow]")
         # Resources an advantage may need from the trainer, built only when it needs them; each has
         # reset(seed), called every step, and metrics(), its cost counters for the step's log.
-        self.resources = build_resources([cfg.method], cfg, self.policy, self.task)
-        if "prm" in self.resources and cfg.method_params.get("outcome_weight") == 0:
-            self.console.print("[yellow]warning: method_params.outcome_weight=0 trains on PRM scores alone; "
-                               "policies learn to exploit the PRM (reward hacking), so mix in the outcome reward[/yellow]")
+        self.resources = build_resources([self.method], cfg, self.policy, self.task)
         self.train_problems = self.task.train_problems()
         self.eval_problems = self.task.eval_problems()
         self.position = 0  # problems consumed so far from the seeded stream
@@ -104,6 +118,7 @@ class Trainer:
         self.bad_in_a_row = 0
         self.skipped_updates = 0
         self.tensorboard = None
+        self._build_optimizer()
 
     # ---- set-up -------------------------------------------------------------------------------
     def _build_optimizer(self) -> None:
@@ -211,78 +226,69 @@ class Trainer:
         for name, resource_ in self.resources.items():
             resource_.reset(seed=self._seed(self.step, zlib.crc32(name.encode())))
         t1 = time.perf_counter()
-        t = self.cfg.train
-        reuse_old = t.ppo_epochs == 1 and t.n_minibatches == 1 and not self.method.needs_hidden_states
-        sampled_old = rollouts.old_logprobs is not None and not t.recompute_old_logprobs
-        old = self.method.needs_hidden_states or not (reuse_old or sampled_old)
-        advantages = self._score_old(rollouts, old=old)
-        t_score = time.perf_counter() - t1
-        # sequences through a no-grad forward besides sampling and the update: old log-probs, the KL reference
-        metrics["scoring_forwards"] = float(rollouts.batch_size * (int(old) + int(self.reference is not None)))
+        advantages = compute_advantages(self.method, rollouts, self.cfg.method_params, **self.resources)
+        t_adv = time.perf_counter() - t1
         t2 = time.perf_counter()
-        if advantages is None:
-            advantages = compute_advantages(self.method, rollouts, self.cfg.method_params, **self.resources)
-        t_adv = time.perf_counter() - t2
+        source = old_logprob_source(self.cfg.train, sampled=rollouts.old_logprobs is not None)
+        scored = self._score_old(rollouts, source)
+        t_score = time.perf_counter() - t2
+        # sequences through a no-grad forward besides sampling and the update: old log-probs (or the hidden
+        # states' forward that gave them), the KL reference
+        metrics["scoring_forwards"] = float(scored)
         for resource_ in self.resources.values():
             metrics.update(resource_.metrics())
         mask = rollouts.response_mask
-        metrics.update(adv_mean=masked_mean(advantages, mask).item(), adv_abs_mean=masked_mean(advantages.abs(), mask).item(),
+        metrics.update(adv_mean=masked_mean(advantages, mask).item(),
+                       adv_abs_mean=masked_mean(advantages.abs(), mask).item(),
                        adv_max=advantages[mask].max().item() if mask.any() else 0.0,
                        adv_min=advantages[mask].min().item() if mask.any() else 0.0)
         if not torch.isfinite(advantages[mask]).all():
             return StepOutcome(metrics, bad="non-finite advantages")
         t3 = time.perf_counter()
-        bad = self._update(rollouts, advantages, metrics, reuse_old)
+        bad = self._update(rollouts, advantages, metrics, source)
         t_update = time.perf_counter() - t3
         elapsed = time.perf_counter() - t0
         metrics.update(time_sample=t_sample, time_score=t_score, time_advantage=t_adv, time_update=t_update,
                        time_step=elapsed, tokens_per_s=mask.sum().item() / elapsed,
-                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # process peak so far (Linux: KiB)
+                       # the process's peak so far (Linux reports KiB)
+                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return StepOutcome(metrics, bad)
 
     @torch.no_grad()
-    def _score_old(self, rollouts: Rollouts, old: bool) -> torch.Tensor | None:
-        """Fill old (and reference) log-probs in chunks, without gradients.
-
-        For a method that needs hidden states, each chunk holds whole groups, and the chunk's
-        advantages are computed right after its forward from its own states (rows, T, D), which
-        are then dropped: the batch's (B, T, D) is never held.  Those advantages (B, T) are
-        returned; otherwise None.
-        """
-        if not old and self.reference is None:
-            return None
-        hidden = old and self.method.needs_hidden_states
-        size, width = self.cfg.train.logprob_batch_size, rollouts.response_ids.shape[1]
-        chunks = _group_chunks(rollouts.group_ids, size) if hidden else torch.arange(rollouts.batch_size).split(size)
-        chunks_old, chunks_ref, chunks_adv = [], [], []
-        device = self.policy.device
+    def _score_old(self, rollouts: Rollouts, source: OldLogprobs) -> int:
+        """Fill `rollouts.old_logprobs` when `source` is RECOMPUTE, and `ref_logprobs` under a KL penalty, from
+        no-grad forwards of `train.logprob_batch_size` rows; the old log-probs come from the hidden states'
+        forward when an advantage already ran it on this batch.  Returns the sequences put through a forward
+        (the hidden states' included)."""
+        hidden = self.resources.get("hidden_states")
+        scored = hidden.forwards if hidden is not None else 0
+        if source is OldLogprobs.RECOMPUTE and hidden is not None and hidden.logprobs is not None:
+            rollouts.old_logprobs = hidden.logprobs
+        elif source is OldLogprobs.RECOMPUTE:
+            rollouts.old_logprobs = self._logprobs(self.policy, rollouts)
+            scored += rollouts.batch_size
         if self.reference is not None:
             ref_policy = copy.copy(self.policy)  # the policy's scoring settings over the frozen reference model
             ref_policy.model = self.reference
-        with evaluation_mode(self.policy.model):  # as the sampler samples: no dropout
-            for rows in chunks:
-                sub = _trimmed(rollouts.select(rows)).to(device)
-                if old:
-                    scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids,
-                                               sub.response_mask, self.cfg.sampling.temperature, with_hidden=hidden,
-                                               buckets=self.cfg.train.length_buckets)
-                    chunks_old.append(_pad_cols(scores.logprobs.cpu(), width))
-                    if hidden:
-                        sub.hidden_states = scores.hidden_states
-                        chunks_adv.append(_pad_cols(compute_advantages(self.method, sub, self.cfg.method_params,
-                                                                       **self.resources).cpu(), width))
-                if self.reference is not None:
-                    ref_scores = ref_policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
-                                                  self.cfg.sampling.temperature, buckets=self.cfg.train.length_buckets)
-                    chunks_ref.append(_pad_cols(ref_scores.logprobs.cpu(), width))
-        order = torch.cat(chunks).argsort()  # chunk rows back to batch order
-        if old:
-            rollouts.old_logprobs = torch.cat(chunks_old)[order]
-        if self.reference is not None:
-            rollouts.ref_logprobs = torch.cat(chunks_ref)[order]
-        return torch.cat(chunks_adv)[order] if hidden else None
+            rollouts.ref_logprobs = self._logprobs(ref_policy, rollouts)
+            scored += rollouts.batch_size
+        return scored
 
-    def _update(self, rollouts: Rollouts, advantages: torch.Tensor, metrics: dict, reuse_old: bool) -> str | None:
+    def _logprobs(self, policy, rollouts: Rollouts) -> torch.Tensor:
+        """(B, T) log-probs of the responses under `policy`, in chunks of rows, as the sampler samples (eval
+        mode: no dropout; the sampling temperature)."""
+        width, size = rollouts.response_ids.shape[1], self.cfg.train.logprob_batch_size
+        parts = []
+        with evaluation_mode(self.policy.model):
+            for rows in torch.arange(rollouts.batch_size).split(size):
+                sub = trimmed(rollouts.select(rows)).to(self.policy.device)
+                scores = policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
+                                      self.cfg.sampling.temperature, buckets=self.cfg.train.length_buckets)
+                parts.append(pad_cols(scores.logprobs.cpu(), width))
+        return torch.cat(parts)
+
+    def _update(self, rollouts: Rollouts, advantages: torch.Tensor, metrics: dict, source: OldLogprobs
+                ) -> str | None:
         t = self.cfg.train
         generator = torch.Generator().manual_seed(self._seed(self.step, 99991))
         sums: dict[str, float] = {}
@@ -294,12 +300,12 @@ class Trainer:
         for _ in range(t.ppo_epochs):
             order = torch.randperm(rollouts.batch_size, generator=generator)
             for rows in order.tensor_split(min(t.n_minibatches, rollouts.batch_size)):  # sizes differ by ≤ 1
-                sub = _trimmed(rollouts.select(rows)).to(self.policy.device)
+                sub = trimmed(rollouts.select(rows)).to(self.policy.device)
                 adv = advantages[rows][:, : sub.response_ids.shape[1]].to(self.policy.device)
                 scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
                                            self.cfg.sampling.temperature, with_entropy=bonus or sub.old_entropy is None,
                                            entropy_grad=bonus, buckets=t.length_buckets)
-                old = scores.logprobs.detach() if reuse_old else sub.old_logprobs
+                old = scores.logprobs.detach() if source is OldLogprobs.REUSE else sub.old_logprobs
                 loss, m = policy_loss(scores.logprobs, old, adv, sub.response_mask, self.cfg.loss,
                                       ref_logprobs=sub.ref_logprobs,
                                       entropy=scores.entropy if scores.entropy is not None else sub.old_entropy,
@@ -331,7 +337,6 @@ class Trainer:
         `overwrite`: start afresh in a folder that holds an earlier run (otherwise that is an error)."""
         cfg = self.cfg
         _check_writable(self.run_dir)
-        self._build_optimizer()
         resumed = resume and self._resume()
         if not resumed:
             # --resume with no complete checkpoint yet (killed before the first): nothing was saved, start over
@@ -339,7 +344,7 @@ class Trainer:
         save_config(cfg, self.run_dir / "config.yaml")
         started = time.time()
         # a resumed run's events after its checkpoint are dropped, as the jsonl logs are cut back to it
-        self.tensorboard = _tensorboard_writer(self.run_dir, self.step + 1) if cfg.output.tensorboard else None
+        self.tensorboard = _tensorboard_writer(self.run_dir, self.step + 1) if "tensorboard" in cfg.output.report_to else None
         evals = _read_jsonl(self.run_dir / "eval.jsonl")
         if cfg.eval.before and not evals and self.step == 0:
             self.console.print("evaluating the starting policy ...")
@@ -373,7 +378,7 @@ class Trainer:
             raise TrainingStopped(f"cannot write the final model to {final_dir} ({err}); the last checkpoint is "
                                   f"{latest_checkpoint(self.run_dir / 'checkpoints')}: free the space and run again "
                                   "with --resume") from None
-        summary = {"method": cfg.method, "steps": self.step, "wall_seconds": round(time.time() - started, 1),
+        summary = {"method": cfg.method_name, "steps": self.step, "wall_seconds": round(time.time() - started, 1),
                    "before": evals[0] if evals[0]["step"] == 0 else None,  # None with eval.before=false
                    "after": evals[-1], "skipped_updates": self.skipped_updates,
                    "run_dir": str(self.run_dir), "final_model": str(final_dir)}
@@ -510,36 +515,6 @@ def _rollout_metrics(r: Rollouts) -> dict[str, float]:
     return {"responses": float(r.batch_size), "reward": r.rewards.mean().item(), "accuracy": r.correct.float().mean().item(),
             "response_length": r.response_lengths.float().mean().item(), "truncated": r.truncated.float().mean().item(),
             "zero_spread_groups": 1.0 - len(spread) / len(torch.unique(r.group_ids))}
-
-
-def _trimmed(r: Rollouts) -> Rollouts:
-    """Drop prompt columns that are padding in every row, and response columns past the longest."""
-    keep_p = r.prompt_mask.any(0).nonzero()
-    start = int(keep_p[0]) if len(keep_p) else r.prompt_mask.shape[1]
-    width = int(r.response_mask.sum(1).max()) if r.batch_size else 0
-    r.prompt_ids, r.prompt_mask = r.prompt_ids[:, start:], r.prompt_mask[:, start:]
-    for name in ("response_ids", "response_mask", "step_ids", "old_logprobs", "old_entropy", "ref_logprobs"):
-        value = getattr(r, name)
-        if value is not None:
-            setattr(r, name, value[:, :width])
-    return r
-
-
-def _group_chunks(group_ids: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Row indices in chunks of whole groups, up to `size` rows each (one group if it alone is larger)."""
-    chunks, current, n_rows = [], [], 0
-    for group in torch.unique(group_ids):
-        rows = (group_ids == group).nonzero().squeeze(1)
-        if current and n_rows + len(rows) > size:
-            chunks.append(torch.cat(current))
-            current, n_rows = [], 0
-        current.append(rows)
-        n_rows += len(rows)
-    return chunks + [torch.cat(current)]
-
-
-def _pad_cols(x: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
 def _bar_stats(m: dict[str, float], evals: list[dict]) -> str:

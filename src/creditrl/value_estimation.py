@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
 
+from creditrl.config import SamplingConfig
+from creditrl.policy.transformers_backend import TransformersPolicy
 from creditrl.rewards import RewardConfig, outcome_rewards
 from creditrl.tasks.base import Problem, Task
-
-if TYPE_CHECKING:  # the backend imports the method registry, which imports VinePPO, which imports this
-    from creditrl.policy.transformers_backend import SamplingConfig, TransformersPolicy
 
 
 @dataclass(frozen=True)

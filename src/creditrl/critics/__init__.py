@@ -9,8 +9,9 @@ On the lab, `OracleLabCritic` answers the same question from the verifier's step
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+from creditrl.config import CriticConfig
 from creditrl.critics.backends import (
     Critic,
     CriticStats,
@@ -21,9 +22,6 @@ from creditrl.critics.backends import (
 from creditrl.critics.oracle import OracleLabCritic
 from creditrl.critics.prompt import build_prompt, parse_wrong_steps, step_texts
 from creditrl.rollouts import Rollouts
-
-if TYPE_CHECKING:
-    from creditrl.config import CriticConfig
 
 
 class StepCritic:

@@ -22,10 +22,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import Protocol, Sequence
 
-if TYPE_CHECKING:
-    from creditrl.config import CriticConfig
+from creditrl.config import CriticConfig, SamplingConfig
+from creditrl.policy.loading import load_policy
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,6 @@ class TransformersCritic:
     """
 
     def __init__(self, model: str = "lab", temperature: float = 0.7, max_tokens: int = 1024, batch_size: int = 64):
-        from creditrl.policy.loading import load_policy
-        from creditrl.policy.transformers_backend import SamplingConfig
-
         self.policy = load_policy(model)
         self.policy.model.eval().requires_grad_(False)
         self.context = getattr(self.policy.model.config, "max_position_embeddings", None)

@@ -29,8 +29,10 @@ from torch import Tensor
 from trl import GRPOTrainer
 
 from creditrl.collect import aligned_step_labels, response_steps
-from creditrl.methods import Method, compute_advantages, get_component, get_method, loss_hooks, method_params_model
-from creditrl.methods.loss import LossConfig, policy_loss
+from creditrl.methods import (Method, compute_advantages, get_method, loss_hooks, method_params_model,
+                              on_policy_warning)
+from creditrl.config import LossConfig
+from creditrl.methods.loss import policy_loss
 from creditrl.rollouts import Rollouts, pad_right
 from creditrl.steps import split_steps
 from creditrl.tasks.base import Problem, Task
@@ -45,6 +47,8 @@ UNAVAILABLE = {
     "value_estimator": ("its Monte Carlo values come from K continuations of every step prefix, sampled by "
                         "creditrl's own policy backend (creditrl.value_estimation.MonteCarloValues); TRL's "
                         "generation only samples whole completions of dataset prompts"),
+    "hidden_states": ("it reads the policy's hidden states (B, T, D) from the old-log-prob forward; TRL's "
+                      "GRPOTrainer computes only log-probs there"),
 }
 
 
@@ -92,11 +96,11 @@ class CreditGRPOTrainer(GRPOTrainer):
                                       kl_coef=self.beta, kl_estimator="k3")
         self._rewards_per_func: Tensor | None = None
         generate_every = self.args.steps_per_generation * self.num_iterations
-        if self.method.token_weight == "fipo" and self.args.gradient_accumulation_steps % generate_every == 0:
-            warnings.warn("FIPO with gradient_accumulation_steps a multiple of steps_per_generation × num_iterations "
-                          "never steps the optimizer between generating a batch and training on it (TRL then keeps "
-                          "no old log-probs), so Δ = 0 and every FIPO weight is 1: this run is its base method. "
-                          "Raise num_iterations or steps_per_generation (the paper: 8 minibatches per rollout batch).",
+        if self.method.needs_off_policy and self.args.gradient_accumulation_steps % generate_every == 0:
+            # the optimizer never steps between generating a batch and training on it (TRL then keeps no old
+            # log-probs): raise num_iterations or steps_per_generation
+            warnings.warn(on_policy_warning(self.method, "gradient_accumulation_steps a multiple of "
+                                                         "steps_per_generation × num_iterations"),
                           UserWarning, stacklevel=2)
 
     def _check_trl_options(self) -> None:
@@ -254,10 +258,7 @@ class CreditGRPOTrainer(GRPOTrainer):
 
 def _check_method(method: Method, resources: Mapping[str, object]) -> None:
     """Raise for a method TRL cannot feed: hidden states, value estimates, or a missing resource."""
-    if method.needs_hidden_states:
-        raise ValueError(f"method {method.name!r} reads the policy's hidden states (B, T, D) from the old-log-prob "
-                         "forward; TRL's GRPOTrainer computes only log-probs there, so it cannot run through TRL")
-    for name in get_component("advantage", method.advantage).needs:
+    for name in method.needs:
         if name in UNAVAILABLE:
             raise ValueError(f"method {method.name!r} needs a {name}: {UNAVAILABLE[name]}, so it cannot run "
                              "through TRL")

@@ -19,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import Progress
 from transformers import LlamaForCausalLM
 
+from creditrl.evaluate import evaluate_accuracy
 from creditrl.lab.model import new_lab_model
 from creditrl.lab.tokenizer import build_char_tokenizer
+from creditrl.policy.transformers_backend import TransformersPolicy
 from creditrl.tasks.lab import Chain, LabTask, LabTaskConfig, apply, sample_chain
 
 
@@ -56,9 +58,6 @@ def noisy_solution(chain: Chain, rng: random.Random, error_rate: float) -> str:
 
 def pretrain(cfg: PretrainConfig, out_dir: Path, show_progress: bool = True) -> dict:
     """Train a fresh lab model; save model, tokenizer and a `pretrain.json` summary to out_dir."""
-    from creditrl.evaluate import evaluate_accuracy
-    from creditrl.policy.transformers_backend import TransformersPolicy
-
     tok = build_char_tokenizer()
     model = LlamaForCausalLM.from_pretrained(cfg.init_from) if cfg.init_from else new_lab_model(seed=cfg.seed)
     task = LabTask(cfg.task)

@@ -11,18 +11,16 @@ Published findings: W_process = 1 is best in the ablation with W_whole = 2 (0.1 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from creditrl.methods import Method, register_advantage, register_method
+from creditrl.critics import OracleLabCritic, StepCritic
+from creditrl.methods.registry import Method, register_advantage, register_method
 from creditrl.methods.grpo import group_index, group_spread, group_sum, step_values_on_tokens
 from creditrl.rollouts import Rollouts
-
-if TYPE_CHECKING:  # the critics import the policy backend, which imports the method registry
-    from creditrl.critics import OracleLabCritic, StepCritic
 
 Voting = Literal["intersection", "majority", "union", "average"]
 
@@ -86,7 +84,7 @@ def capo_token_advantages(correct: Tensor, penalties: Tensor, step_ids: Tensor, 
     return torch.where(mask & group_spread(rewards, index, n_groups, mask)[index, None], adv, 0.0)
 
 
-@register_advantage("capo", params=CAPOParams, needs=("critic",))
+@register_advantage("capo", params=CAPOParams, needs=("critic",), group_relative=True)
 def capo(rollouts: Rollouts, params: CAPOParams, critic: StepCritic | OracleLabCritic) -> Tensor:
     """CAPO advantages (Xie et al., arXiv 2508.02298): k critiques per response, voted per step.
 

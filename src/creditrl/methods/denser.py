@@ -1,7 +1,8 @@
 """DenseR: GRPO advantages reweighted per token by hidden-state divergence (methods.md §6).
 
-The hidden states are the rollout policy's own (last decoder layer, before the final norm),
-captured in the forward that computes the old log-probs, so DenseR costs no extra forward.
+The hidden states are the rollout policy's own (last decoder layer, before the final norm), from
+the resource `hidden_states` (`creditrl.hidden_states`): one forward per chunk of whole groups, whose
+log-probs the trainer keeps as the old log-probs, so DenseR costs no extra forward.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from creditrl.methods import Method, register_advantage, register_method
+from creditrl.methods.registry import Method, register_advantage, register_method
 from creditrl.methods.grpo import GRPOParams, grpo
 from creditrl.rollouts import Rollouts
 
@@ -73,23 +74,25 @@ def _divergence(sim: Tensor, refs: Tensor, mask: Tensor) -> Tensor:
     return (1.0 - mean_sim) * mask
 
 
-@register_advantage("denser", params=DenseRParams)
-def denser(rollouts: Rollouts, params: DenseRParams) -> Tensor:
+@register_advantage("denser", params=DenseRParams, needs=("hidden_states",), group_relative=True)
+def denser(rollouts: Rollouts, params: DenseRParams, hidden_states) -> Tensor:
     """A_{i,t} = A_i·w_{i,t}: the GRPO advantage times `denser_weights` of the row's group.
 
     Defaults are the code's (α_c = α_w = β = 1, W = 5); the published recipe uses α_w = 0.3,
-    β = 0.1.  Needs `rollouts.hidden_states` (B, T, D); every group must be whole in the batch.
-    A row without response tokens counts as P.  Shapes: rewards (B,), group_ids (B,) -> (B, T).
+    β = 0.1.  `hidden_states.by_groups(rollouts)` gives the states (rows, T', D) a chunk of whole
+    groups at a time.  A row without response tokens counts as P.
+    Shapes: rewards (B,), group_ids (B,) -> (B, T).
     """
-    if rollouts.hidden_states is None:
-        raise ValueError("denser needs rollouts.hidden_states (B, T, D) from the old-log-prob forward")
     adv = grpo(rollouts, params)
     negative = (adv < 0).any(1)
     weights = torch.ones_like(adv)
-    for group in torch.unique(rollouts.group_ids):
-        rows = (rollouts.group_ids == group).nonzero().squeeze(1)
-        weights[rows] = denser_weights(rollouts.hidden_states[rows], rollouts.response_mask[rows], negative[rows],
-                                       params).to(adv.dtype)
+    for rows, hidden in hidden_states.by_groups(rollouts):
+        width = hidden.shape[1]
+        for group in torch.unique(rollouts.group_ids[rows]):
+            in_group = rollouts.group_ids[rows] == group
+            group_rows = rows[in_group]
+            weights[group_rows, :width] = denser_weights(hidden[in_group], rollouts.response_mask[group_rows, :width],
+                                                         negative[group_rows], params).to(adv.dtype)
     return adv * weights
 
 
@@ -97,7 +100,6 @@ register_method(
     Method(
         name="denser",
         advantage="denser",
-        needs_hidden_states=True,
         summary=(
             "DenseR (Bansal 2026, blog): GRPO advantages weighted per token by how far the rollout's hidden states "
             "are from those of the other rollouts of its prompt, correct vs wrong and within each class. Published "

@@ -4,7 +4,8 @@ Each token's advantage is scaled by how much the policy has already moved on the
 follow it: f_t = clip(exp(F_t)), F_t = Σ_{k ≥ t} γ^(k−t)·Δ_k over the response.  The weight is
 computed from Δ = log π_θ − log π_old inside the loss, so it needs π_θ ≠ π_old: with one PPO
 epoch and one minibatch the update runs at π_θ = π_old, Δ = 0, f ≡ 1 and FIPO *is* its base
-method (DAPO for the `fipo` method).  `fipo_config_warning` says so at run time.
+method (DAPO for the `fipo` method); the weight declares `needs_off_policy`, so a run configured that
+way is warned.
 
 `discounted_cumsum` is the O(B·T) scan that replaces the official code's O(B·T²) decay matrix;
 GRPO-λ's traces use it too.
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from creditrl.methods import Method, register_method, register_token_weight
+from creditrl.methods.registry import Method, register_method, register_token_weight
 
 SCAN_CHUNK = 256
 SAFETY_CLIP = (0.8, 1.0)
@@ -69,7 +70,7 @@ class FIPOParams(BaseModel):
     drop_exploded_responses: bool = True
 
 
-@register_token_weight("fipo", params=FIPOParams)
+@register_token_weight("fipo", params=FIPOParams, needs_off_policy=True)
 def fipo_weight(advantages: Tensor, delta: Tensor, mask: Tensor, params: FIPOParams) -> Tensor | tuple[Tensor, Tensor]:
     """FIPO influence weight f (no gradient); the loss uses A·f.
 
@@ -97,15 +98,6 @@ def fipo_weight(advantages: Tensor, delta: Tensor, mask: Tensor, params: FIPOPar
     return weight
 
 
-def fipo_config_warning(ppo_epochs: int, n_minibatches: int) -> str | None:
-    """The run-time warning for a FIPO config that makes it its base method, else None."""
-    if ppo_epochs == 1 and n_minibatches == 1:
-        return ("FIPO with train.ppo_epochs=1 and train.n_minibatches=1 updates at π_θ = π_old, so Δ = 0 and every "
-                "FIPO weight is 1: this run is its base method (DAPO for `fipo`). Use several minibatches or epochs "
-                "(the paper: 8 minibatches per rollout batch).")
-    return None
-
-
 register_method(
     Method(
         name="fipo",
@@ -123,6 +115,8 @@ register_method(
             "train.n_minibatches": 8,  # the paper's 8 updates per rollout batch: π_θ ≠ π_old from the second on
         },
         overlong_shaping=True,
+        # 4 minibatches (π_θ ≠ π_old from the second) keep a short grid's FIPO steps affordable
+        compare_overrides=("train.n_minibatches=4", "reward.overlong_max=96", "reward.overlong_buffer=16"),
         summary=(
             "FIPO (arXiv 2603.19835): DAPO with each token's advantage scaled by clip(exp(discounted future Δ)); "
             "needs several minibatches or epochs per rollout batch (otherwise Δ = 0 and it is DAPO): 8 minibatches "

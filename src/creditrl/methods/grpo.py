@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from creditrl.methods import Method, register_advantage, register_method
+from creditrl.methods.registry import Method, register_advantage, register_method
 from creditrl.rollouts import Rollouts
 
 
@@ -75,7 +75,7 @@ def _broadcast(row_adv: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask.bool(), row_adv[:, None], 0.0)
 
 
-@register_advantage("grpo", params=GRPOParams)
+@register_advantage("grpo", params=GRPOParams, group_relative=True)
 def grpo(rollouts: Rollouts, params: GRPOParams) -> Tensor:
     """A_i = (R_i − mean_G R) / (std_G R + eps), std unbiased (DeepSeekMath, arXiv 2402.03300).
 
@@ -95,7 +95,7 @@ def grpo(rollouts: Rollouts, params: GRPOParams) -> Tensor:
     return _broadcast(adv, rollouts.response_mask)
 
 
-@register_advantage("rloo")
+@register_advantage("rloo", group_relative=True)
 def rloo(rollouts: Rollouts, params: BaseModel) -> Tensor:
     """A_i = R_i − mean_{j≠i} R_j, the leave-one-out baseline (Ahmadian et al. 2024, arXiv 2402.14740).
 
@@ -110,7 +110,7 @@ def rloo(rollouts: Rollouts, params: BaseModel) -> Tensor:
     return _broadcast(adv, rollouts.response_mask)
 
 
-@register_advantage("process_grpo", params=ProcessGRPOParams)
+@register_advantage("process_grpo", params=ProcessGRPOParams, group_relative=True)
 def process_grpo(rollouts: Rollouts, params: ProcessGRPOParams) -> Tensor:
     """Process-supervised GRPO (DeepSeekMath §4.1.3, arXiv 2402.03300).
 
@@ -175,6 +175,7 @@ register_method(
             "rollout.max_num_gen_batches": 10,
         },
         overlong_shaping=True,
+        compare_overrides=("reward.overlong_max=96", "reward.overlong_buffer=16"),
         summary=(
             "DAPO (arXiv 2503.14476): ±1 rewards, clip-higher, token-mean loss, dynamic sampling, overlong "
             "shaping (paper: L_max 20480, L_cache 4096; here by default L_max = sampling.max_new_tokens and a "

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from creditrl.methods import Method, register_advantage, register_method, register_ratio_transform, register_token_weight
+from creditrl.methods.registry import Method, register_advantage, register_method, register_ratio_transform, register_token_weight
 from creditrl.methods.fipo import discounted_cumsum
 from creditrl.methods.grpo import GRPOParams, grpo
 from creditrl.rollouts import Rollouts
@@ -44,7 +44,7 @@ class TraceWeightParams(TraceParams):
     weight_normalize: bool = Field(True, description="scale each response's weights to mean 1 over its tokens")
 
 
-@register_advantage("grpo_lambda", params=GRPOLambdaParams)
+@register_advantage("grpo_lambda", params=GRPOLambdaParams, group_relative=True)
 def grpo_lambda_advantage(rollouts: Rollouts, params: GRPOLambdaParams) -> Tensor:
     """A_i = max(GRPO advantage, adv_clamp), adv_clamp = −0.1: the authors' guard against the larger
     KL drift of traced ratios on negative samples.  Shapes: rewards (B,), group_ids (B,) -> (B, T).

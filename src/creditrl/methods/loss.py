@@ -19,36 +19,16 @@ from __future__ import annotations
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
+
+from creditrl.config import Aggregation, LossConfig
 
 RatioTransform = Callable[[Tensor, Tensor], Tensor]
 TokenWeight = Callable[[Tensor, Tensor, Tensor], "Tensor | tuple[Tensor, Tensor]"]
 
-Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 LOG_RATIO_CLAMP = 20.0
 K3_CLAMP = 10.0
-
-
-class LossConfig(BaseModel):
-    """Hyperparameters of the clipped surrogate (config section `loss`).
-
-    `norm_length` is Dr. GRPO's constant L_max, needed only by `seq-mean-token-sum-norm`
-    (usually the rollout's max new tokens); it is checked when the loss runs, so a config
-    loader may fill it in after validation.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    eps_low: float = Field(0.2, ge=0.0, lt=1.0)
-    eps_high: float = Field(0.2, ge=0.0)
-    dual_clip: float | None = Field(3.0, gt=1.0)
-    agg: Aggregation = "token-mean"
-    norm_length: int | None = Field(None, gt=0)
-    kl_coef: float = Field(0.0, ge=0.0)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    entropy_coef: float = Field(0.0, ge=0.0)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -94,17 +74,6 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: Literal["k1", 
     if estimator == "k3":
         return (torch.exp(-x) + x - 1.0).clamp(-K3_CLAMP, K3_CLAMP)
     raise ValueError(f"unknown KL estimator {estimator!r}; expected k1, k2 or k3")
-
-
-def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy (B, T) of the next-token distributions given by logits (B, T, V).
-
-    H = logsumexp(z) − Σ softmax(z)·z, computed in at least float32; −inf logits are allowed.
-    """
-    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    probs = torch.softmax(z, dim=-1)
-    finite_z = z.masked_fill(torch.isneginf(z), 0.0)
-    return torch.logsumexp(z, dim=-1) - (probs * finite_z).sum(dim=-1)
 
 
 def token_weights(token_weight: TokenWeight | None, advantages: Tensor, delta: Tensor, mask: Tensor

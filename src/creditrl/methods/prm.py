@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from creditrl.methods import Method, register_advantage, register_method
+from creditrl.methods.registry import Method, register_advantage, register_method
 from creditrl.methods.grpo import ProcessGRPOParams, group_index, group_sum, process_grpo, step_values_on_tokens
 from creditrl.rollouts import Rollouts
 
@@ -60,7 +60,16 @@ def with_outcome(scores: Tensor, rollouts: Rollouts, weight: float) -> Tensor:
     return out
 
 
-@register_advantage("prm_grpo", params=PRMGRPOParams, needs=("prm",))
+def outcome_weight_warning(cfg, params: PRMGRPOParams | PUREParams) -> str | None:
+    """Training on PRM scores alone invites reward hacking (the policy learns to please the PRM)."""
+    if params.outcome_weight == 0:
+        return ("method_params.outcome_weight=0 trains on PRM scores alone; policies learn to exploit the PRM "
+                "(reward hacking), so mix in the outcome reward")
+    return None
+
+
+@register_advantage("prm_grpo", params=PRMGRPOParams, needs=("prm",), group_relative=True,
+                    warn=outcome_weight_warning)
 def prm_grpo(rollouts: Rollouts, params: PRMGRPOParams, prm) -> Tensor:
     """Process-supervised GRPO on PRM step scores plus w·R_i at the last step.
 
@@ -89,7 +98,7 @@ def min_form_returns(scores: Tensor, form: str, temperature: float) -> Tensor:
     return transformed.flip(1).cumsum(1).flip(1)
 
 
-@register_advantage("pure", params=PUREParams, needs=("prm",))
+@register_advantage("pure", params=PUREParams, needs=("prm",), group_relative=True, warn=outcome_weight_warning)
 def pure(rollouts: Rollouts, params: PUREParams, prm) -> Tensor:
     """PURE: A_it = G_i,step(t) + w·R_i − b_i, with the RLOO baseline b_i = mean_{j≠i} V_j.
 

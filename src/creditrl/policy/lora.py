@@ -11,22 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from creditrl.config import LoRAConfig
+
 ADAPTER_FILE = "adapter_model.safetensors"
-
-
-class LoRAConfig(BaseModel):
-    """Config section `model.lora`: absent (null) trains every weight."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    r: int = Field(8, ge=1, description="rank of the update B·A")
-    alpha: float = Field(16.0, gt=0, description="scale α: the update is (α/r)·B·A")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                      description="names of the linear layers that get adapters")
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:

@@ -31,8 +31,18 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from creditrl.methods.loss import token_entropy
 from creditrl.policy.compiling import compile_dynamic
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy (B, T) of the next-token distributions given by logits (B, T, V).
+
+    H = logsumexp(z) − Σ softmax(z)·z, computed in at least float32; −inf logits are allowed.
+    """
+    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    probs = torch.softmax(z, dim=-1)
+    finite_z = z.masked_fill(torch.isneginf(z), 0.0)
+    return torch.logsumexp(z, dim=-1) - (probs * finite_z).sum(dim=-1)
 
 
 def chosen_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, temperature: float = 1.0,

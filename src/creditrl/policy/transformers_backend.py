@@ -21,59 +21,21 @@ import bisect
 import functools
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Literal
+
 
 import torch
 import transformers
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
+from creditrl.config import SamplingConfig
+from creditrl.policy.engines import get_engine
+from creditrl.policy.generation import Generation, TokenScores
 from creditrl.policy.compiling import compile_dynamic
 from creditrl.policy.decoding import sample_with_cache
 from creditrl.policy.token_logprobs import chosen_token_logprobs
 from creditrl.rollouts import pad_right
-
-
-class SamplingConfig(BaseModel):
-    """How responses are sampled (temperature 0 means greedy)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(64, ge=1)
-    stop: list[str] = Field(default_factory=list, description="stop strings (kept in the response)")
-    batch_size: int = Field(256, ge=1, description="sequences sampled together")
-    engine: Literal["kv-cache", "generate", "vllm"] = Field(
-        "kv-cache", description="kv-cache: the project's loop (prompt prefilled once per group, finished rows "
-                                "dropped; see policy/decoding.py); generate: transformers' model.generate; "
-                                "vllm: a vLLM engine (optional dependency)")
-    static_cache: bool = Field(False, description="generate only: a static KV cache, which transformers compiles "
-                                                  "(fast on a GPU after a slow first call)")
-
-
-@dataclass
-class Generation:
-    """Sampled responses, row-aligned with the prompts they continue (prompt-major)."""
-
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    truncated: list[bool]
-    logprobs: list[list[float]] | None = None  # of each sampled token, when the engine gives them
-    entropies: list[list[float]] | None = None  # of the distribution each token was drawn from, likewise
-    calls: int = 1  # batched calls into the engine (generate, the kv-cache sampler, vLLM) that made them
-
-
-@dataclass
-class TokenScores:
-    """Per-token outputs of one forward over prompt+response (response positions only)."""
-
-    logprobs: Tensor  # (B, T)
-    entropy: Tensor | None = None  # (B, T)
-    hidden_states: Tensor | None = None  # (B, T, D), last decoder layer before the final norm
 
 
 class TransformersPolicy:
@@ -150,25 +112,26 @@ class TransformersPolicy:
         """n responses per prompt, rows prompt-major (prompt 0's n samples first)."""
         if not prompt_ids:
             return Generation([], [], [], [], [], calls=0)
-        if cfg.engine == "vllm":
-            from creditrl.policy.vllm_engine import sample_with_vllm
+        return get_engine(cfg.engine).sample(self, prompt_ids, n, cfg, seed)
 
-            return sample_with_vllm(self, prompt_ids, n, cfg, seed)
+    def sample_in_calls(self, prompt_ids: list[list[int]], n: int, cfg: SamplingConfig, seed: int,
+                        one_call: Callable[[list[list[int]], int, SamplingConfig], Generation]) -> Generation:
+        """Sample through this process's model: `one_call(prompts, n, cfg)` on as many prompts at a time as
+        `cfg.batch_size` rows allow, seeded once, in eval mode (no dropout) under the policy's autocast."""
         torch.manual_seed(seed)
         parts: list[Generation] = []
         prompts_per_call = max(1, cfg.batch_size // n)
         with evaluation_mode(self.model), self._autocast(), self._attention_kernels():
             for start in range(0, len(prompt_ids), prompts_per_call):
-                chunk = prompt_ids[start:start + prompts_per_call]
-                parts.append(self._sample_cached(chunk, n, cfg) if cfg.engine == "kv-cache"
-                             else self._generate([p for p in chunk for _ in range(n)], cfg))
+                parts.append(one_call(prompt_ids[start:start + prompts_per_call], n, cfg))
         return Generation([p for p in prompt_ids for _ in range(n)],
                           [r for g in parts for r in g.response_ids], [t for g in parts for t in g.truncated],
                           None if parts[0].logprobs is None else [lp for g in parts for lp in g.logprobs],
                           None if parts[0].entropies is None else [h for g in parts for h in g.entropies],
                           calls=len(parts))
 
-    def _sample_cached(self, prompts: list[list[int]], n: int, cfg: SamplingConfig) -> Generation:
+    def sample_kv_cache_call(self, prompts: list[list[int]], n: int, cfg: SamplingConfig) -> Generation:
+        """One call of the kv-cache sampler (`decoding.sample_with_cache`): n responses per prompt."""
         ids, mask = left_pad(prompts, self.pad_id, self.device)
         stopped = None
         if cfg.stop:
@@ -187,7 +150,8 @@ class TransformersPolicy:
             truncated.append(not ended)
         return Generation(rows, responses, truncated, logprobs, entropies)
 
-    def _generate(self, rows: list[list[int]], cfg: SamplingConfig) -> Generation:
+    def generate_call(self, rows: list[list[int]], cfg: SamplingConfig) -> Generation:
+        """One call of transformers' model.generate: one response per row."""
         ids, mask = left_pad(rows, self.pad_id, self.device)
         greedy = cfg.temperature == 0.0
         gen_cfg = GenerationConfig(

@@ -14,14 +14,9 @@ from other kernels than training's, so the trainer recomputes the old log-probs 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from creditrl.policy.transformers_backend import (
-        Generation,
-        SamplingConfig,
-        TransformersPolicy,
-    )
+from creditrl.config import SamplingConfig
+from creditrl.policy.generation import Generation
 
 MISSING = ("sampling.engine=vllm needs the vllm package (pip install vllm, on a machine with a GPU); "
            "sampling.engine=kv-cache samples without it")
@@ -29,11 +24,8 @@ NO_LORA = ("sampling.engine=vllm does not take LoRA adapters (model.lora): their
            "model's; use sampling.engine=kv-cache")
 
 
-def sample_with_vllm(policy: TransformersPolicy, prompt_ids: list[list[int]], n: int, cfg: SamplingConfig,
-                     seed: int) -> Generation:
+def sample_with_vllm(policy, prompt_ids: list[list[int]], n: int, cfg: SamplingConfig, seed: int) -> Generation:
     """n responses per prompt through vLLM, rows prompt-major, in the shape the other engines return."""
-    from creditrl.policy.transformers_backend import Generation
-
     vllm = _import_vllm()
     engine = _engine(policy, vllm)
     _push_weights_if_changed(policy, engine)
@@ -60,7 +52,7 @@ def _import_vllm():
     return vllm
 
 
-def _engine(policy: TransformersPolicy, vllm):
+def _engine(policy, vllm):
     engine = getattr(policy, "_vllm_engine", None)
     if engine is None:
         if hasattr(policy.model, "peft_config"):
@@ -76,7 +68,7 @@ def _engine(policy: TransformersPolicy, vllm):
     return engine
 
 
-def _push_weights_if_changed(policy: TransformersPolicy, engine) -> None:
+def _push_weights_if_changed(policy, engine) -> None:
     fingerprint = (policy.updates, sum(p._version for p in policy.model.parameters()))
     if policy._vllm_weights == fingerprint:
         return

@@ -14,12 +14,13 @@ solution scores and best-of-N (scoring.py, rerank.py) and the PRM800K loader (pr
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from creditrl.config import PRMConfig
+from creditrl.policy.loading import resolve_device
 from creditrl.prm.model import TrainedPRM
 from creditrl.prm.oracle import OracleLabPRM
 from creditrl.prm.published import PublishedPRM, load_reader
@@ -34,43 +35,12 @@ class StepScorer(Protocol):
     def metrics(self) -> dict[str, float]: ...
 
 
-class PRMConfig(BaseModel):
-    """Config section `prm`: which PRM scores the steps of methods that need one."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    kind: Literal["oracle", "trained", "qwen", "shepherd"] = Field(
-        "oracle", description="oracle: the lab verifier's exact step labels, with noise; trained: a folder written by "
-                              "`creditrl prm train`; qwen / shepherd: a published PRM read Qwen2.5-Math-PRM / Math-Shepherd style")
-    path: str | None = Field(None, description="trained: the PRM folder; qwen / shepherd: a model folder or hub id")
-    separator: str = Field("<extra_0>", description="qwen: the token after each step")
-    step_tag: str = Field("ки", description="shepherd: the tag token after each step")
-    good_token: str = Field("+", description="shepherd: the token meaning 'step correct'")
-    bad_token: str = Field("-", description="shepherd: the token meaning 'step wrong'")
-    trust_remote_code: bool = Field(False, description="qwen / shepherd: allow the model's own code (Qwen2.5-Math-PRM needs it)")
-    false_positive: float = Field(0.0, ge=0.0, le=1.0, description="oracle: P(score 1 | step wrong)")
-    false_negative: float = Field(0.0, ge=0.0, le=1.0, description="oracle: P(score 0 | step right)")
-    seed: int = Field(0, description="mixed into the per-step seed of the oracle's label noise")
-    device: str = Field("auto", description="trained / qwen / shepherd: where the PRM runs (auto: cuda when "
-                                            "available, else cpu)")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="trained / qwen / shepherd: the PRM's "
-                                                                         "weights (bfloat16 halves a 7B PRM's memory)")
-
-    @model_validator(mode="after")
-    def _trained_needs_a_path(self) -> PRMConfig:
-        if self.kind != "oracle" and self.path is None:
-            raise ValueError(f"prm.kind={self.kind} needs prm.path (a model folder)")
-        return self
-
-
 def build_prm(cfg: PRMConfig, decode: Callable[[list[int]], str], policy_vocab: dict[str, int] | None = None
               ) -> StepScorer:
     """The scorer `cfg` names; `decode` (the policy tokenizer's) cuts step texts for published PRMs.
     A trained PRM reads the policy's token ids, so its vocabulary must be `policy_vocab` when given."""
     if cfg.kind == "oracle":
         return OracleLabPRM(cfg.false_positive, cfg.false_negative, cfg.seed)
-    from creditrl.policy.loading import resolve_device  # (policy.loading reads the config, which holds PRMConfig)
-
     device, dtype = resolve_device(cfg.device, "prm.device"), getattr(torch, cfg.dtype)
     if cfg.kind == "trained":
         prm = TrainedPRM(cfg.path, device=device, dtype=dtype)

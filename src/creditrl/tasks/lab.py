@@ -23,45 +23,15 @@ import random
 import re
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from creditrl.config import LabSection, LabTaskConfig
 from creditrl.steps import split_steps
 from creditrl.tasks.base import Problem, Verdict
+from creditrl.tasks.registry import register_task
 
 OPERATIONS = {"+": "Add", "-": "Minus", "*": "Times"}
 _LINE = re.compile(r"^(-?\d+)([+\-*])(\d+)=(-?\d+)$")  # values go negative once a response has erred
 _ANSWER = re.compile(r"^Answer: (-?\d+)$")
-
-
-class LabTaskConfig(BaseModel):
-    """Difficulty knobs of the lab task (defaults: the bundled model's training distribution)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_steps: int = Field(2, ge=1)
-    max_steps: int = Field(5, ge=1)
-    start_max: int = Field(30, ge=1)
-    operand_max: int = Field(30, ge=1)
-    multiply_max: int = Field(9, ge=2, description="largest multiplier")
-    multiply_below: int = Field(99, ge=1, description="multiply only while the value is at most this")
-    value_max: int = Field(999, ge=1, description="every intermediate value stays in 0..value_max")
-    operations: str = Field("+-*", description="allowed operations, a subset of '+-*'")
-    seed: int = Field(0, description="the splits' seed; the bundled model was pretrained with seed 0's held-out set "
-                                     "left out, so other seeds' held-out sets overlap its pretraining data (about a "
-                                     "tenth of their problems)")
-    train_size: int = Field(50_000, ge=1)
-    eval_size: int = Field(400, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> "LabTaskConfig":
-        if self.min_steps > self.max_steps:
-            raise ValueError(f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})")
-        if not self.operations or set(self.operations) - set(OPERATIONS):
-            raise ValueError(f"operations must be a non-empty subset of '+-*', got {self.operations!r}")
-        if self.start_max > self.value_max:
-            raise ValueError(f"start_max ({self.start_max}) must not exceed value_max ({self.value_max}): every "
-                             "value stays in 0..value_max")
-        return self
 
 
 @dataclass(frozen=True)
@@ -191,3 +161,9 @@ class LabTask:
 
     def verify(self, problem: Problem, response: str) -> Verdict:
         return judge(parse_question(problem.prompt), response)
+
+
+@register_task("lab", config=LabSection)
+def lab_task(cfg: LabSection) -> LabTask:
+    """The lab task with the section's knobs (`task.lab.*`)."""
+    return LabTask(cfg.lab)

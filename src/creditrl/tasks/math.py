@@ -22,9 +22,11 @@ from typing import Any, Literal
 import math_verify
 from math_verify.errors import TimeoutException
 
+from creditrl.config import DatasetSection, GSM8KSection, HubSection, JsonlSection, MATH500Section
 from creditrl.steps import SPLITTERS
 from creditrl.tasks.base import Problem, Verdict
 from creditrl.tasks.errors import DatasetError
+from creditrl.tasks.registry import register_task
 
 logger = logging.getLogger(__name__)
 
@@ -388,7 +390,7 @@ def hub_task(
         import datasets
     except ImportError as error:
         raise ImportError(
-            "hub_task needs the `datasets` package: `pip install datasets`. Or download the data as "
+            "hub_task needs the `datasets` package: `pip install 'creditrl[hub]'` (or pip install datasets). Or download the data as "
             "jsonl and use JsonlTask, gsm8k_task or math500_task with local paths."
         ) from error
     cache = Path(cache_dir or Path.home() / ".cache" / "creditrl" / "hub")
@@ -403,3 +405,45 @@ def hub_task(
             partial.replace(paths[split])
     train_path = paths[train_split] if train_split else None
     return JsonlTask(train_path=train_path, eval_path=paths[eval_split], **{"name": name, **options})
+
+
+# ---------------------------------------------------------------- registered by name
+
+
+def _dataset_options(cfg: DatasetSection) -> dict[str, Any]:
+    options: dict[str, Any] = {"eval_size": cfg.eval_size, "seed": cfg.seed, "on_bad_row": cfg.on_bad_row,
+                               "require_format": cfg.require_format}
+    if cfg.prompt_template is not None:
+        options["prompt_template"] = cfg.prompt_template
+    return options
+
+
+@register_task("gsm8k", config=GSM8KSection)
+def gsm8k_from_config(cfg: GSM8KSection) -> JsonlTask:
+    if cfg.data_dir is None:
+        raise ValueError("task.data_dir: gsm8k needs the folder holding train.jsonl and test.jsonl")
+    return gsm8k_task(cfg.data_dir, **_dataset_options(cfg))
+
+
+@register_task("math500", config=MATH500Section)
+def math500_from_config(cfg: MATH500Section) -> JsonlTask:
+    if cfg.eval_path is None:
+        raise ValueError("task.eval_path: math500 needs the path of its test.jsonl")
+    return math500_task(cfg.eval_path, train_path=cfg.train_path, **_dataset_options(cfg))
+
+
+@register_task("jsonl", config=JsonlSection)
+def jsonl_from_config(cfg: JsonlSection) -> JsonlTask:
+    if cfg.eval_path is None:
+        raise ValueError("task.eval_path: a jsonl task needs eval_path (and optionally train_path)")
+    return JsonlTask(train_path=cfg.train_path, eval_path=cfg.eval_path, question_field=cfg.question_field,
+                     answer_field=cfg.answer_field, answer_is_solution=cfg.answer_is_solution, **_dataset_options(cfg))
+
+
+@register_task("hub", config=HubSection)
+def hub_from_config(cfg: HubSection) -> JsonlTask:
+    if cfg.hub_name is None:
+        raise ValueError("task.hub_name: name the hub dataset to load")
+    return hub_task(cfg.hub_name, config=cfg.hub_config, train_split=cfg.train_split, eval_split=cfg.eval_split,
+                    question_field=cfg.question_field, answer_field=cfg.answer_field,
+                    answer_is_solution=cfg.answer_is_solution, **_dataset_options(cfg))

@@ -1,0 +1,164 @@
+"""Task sections: one config model per task, chosen by `task.name` (a discriminated union).
+
+Each task's section holds only the settings that task reads, so `task.lab.*` is not offered to
+gsm8k and `task.data_dir` is not offered to the lab.  The union is open: `register_task_section`
+adds a model (creditrl's `register_task` calls it), and packages installed with an entry point in
+the group `creditrl.tasks` are imported the first time a name is not found, so their
+`register_task` decorators run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from creditrl.config.sections import Section
+
+ENTRY_POINT_GROUP = "creditrl.tasks"
+LAB_OPERATIONS = "+-*"
+
+
+class TaskConfig(Section):
+    """The fields every task section has; a task's own model subclasses it with `name: Literal[...]`."""
+
+    name: str
+
+
+class LabTaskConfig(BaseModel):
+    """Difficulty knobs of the lab task (defaults: the bundled model's training distribution)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_steps: int = Field(2, ge=1)
+    max_steps: int = Field(5, ge=1)
+    start_max: int = Field(30, ge=1)
+    operand_max: int = Field(30, ge=1)
+    multiply_max: int = Field(9, ge=2, description="largest multiplier")
+    multiply_below: int = Field(99, ge=1, description="multiply only while the value is at most this")
+    value_max: int = Field(999, ge=1, description="every intermediate value stays in 0..value_max")
+    operations: str = Field(LAB_OPERATIONS, description="allowed operations, a subset of '+-*'")
+    seed: int = Field(0, description="the splits' seed; the bundled model was pretrained with seed 0's held-out set "
+                                     "left out, so other seeds' held-out sets overlap its pretraining data (about a "
+                                     "tenth of their problems)")
+    train_size: int = Field(50_000, ge=1)
+    eval_size: int = Field(400, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> LabTaskConfig:
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})")
+        if not self.operations or set(self.operations) - set(LAB_OPERATIONS):
+            raise ValueError(f"operations must be a non-empty subset of '+-*', got {self.operations!r}")
+        if self.start_max > self.value_max:
+            raise ValueError(f"start_max ({self.start_max}) must not exceed value_max ({self.value_max}): every "
+                             "value stays in 0..value_max")
+        return self
+
+
+class LabSection(TaskConfig):
+    """The synthetic arithmetic task with exact step labels; its knobs sit under `task.lab` (the same model
+    configures `creditrl lab pretrain` and `creditrl prm train`)."""
+
+    name: Literal["lab"] = "lab"
+    lab: LabTaskConfig = Field(default_factory=LabTaskConfig)
+
+
+class DatasetSection(TaskConfig):
+    """What every task read from question/answer rows shares."""
+
+    prompt_template: str | None = Field(None, description="the prompt, with '{question}' where the question goes")
+    eval_size: int | None = Field(None, ge=1, description="held-out problems used for evaluation (None: all)")
+    on_bad_row: Literal["error", "skip"] = "error"
+    require_format: bool = Field(False, description="R1-Zero style: reasoning in <think> tags before the answer")
+    seed: int = Field(0, description="the seed of the train/eval split and of the eval_size sample")
+
+
+class GSM8KSection(DatasetSection):
+    name: Literal["gsm8k"] = "gsm8k"
+    data_dir: Path | None = Field(None, description="the folder holding train.jsonl and test.jsonl")
+
+
+class MATH500Section(DatasetSection):
+    name: Literal["math500"] = "math500"
+    eval_path: Path | None = Field(None, description="MATH-500's test.jsonl")
+    train_path: Path | None = Field(None, description="problems to train on (None: a seeded split of eval_path)")
+
+
+class RowFields(DatasetSection):
+    """Tasks whose rows name their own fields."""
+
+    question_field: str = "question"
+    answer_field: str = "answer"
+    answer_is_solution: bool = Field(False, description="the answer field is a full solution ending in '#### N'")
+
+
+class JsonlSection(RowFields):
+    name: Literal["jsonl"] = "jsonl"
+    eval_path: Path | None = Field(None, description="the jsonl file to evaluate on")
+    train_path: Path | None = Field(None, description="the jsonl file to train on (None: a seeded split of eval_path)")
+
+
+class HubSection(RowFields):
+    name: Literal["hub"] = "hub"
+    hub_name: str | None = Field(None, description="the hub dataset, e.g. openai/gsm8k (needs `pip install "
+                                                   "'creditrl[hub]'` and a network the first time)")
+    hub_config: str | None = Field(None, description="the dataset's configuration name (openai/gsm8k: main)")
+    train_split: str | None = Field("train", description="the split to train on (None: a seeded split of eval_split)")
+    eval_split: str = Field("test", description="the split to evaluate on")
+
+
+TASK_SECTIONS: dict[str, type[TaskConfig]] = {}
+
+
+def register_task_section(model: type[TaskConfig]) -> type[TaskConfig]:
+    """Add a task's section model; its name is the default of its `name` field."""
+    name = model.model_fields["name"].default
+    if not isinstance(name, str):
+        raise TypeError(f"{model.__name__}: the field `name` needs the task's name as its default")
+    if TASK_SECTIONS.get(name, model) is not model:
+        raise ValueError(f"task {name!r} is already registered")
+    TASK_SECTIONS[name] = model
+    return model
+
+
+for _model in (LabSection, GSM8KSection, MATH500Section, JsonlSection, HubSection):
+    register_task_section(_model)
+
+_plugins_state = {"loaded": False}
+
+
+def _load_task_plugins() -> None:
+    """Import the packages that declare tasks in the entry-point group (once; a broken one only warns)."""
+    if _plugins_state["loaded"]:
+        return
+    _plugins_state["loaded"] = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # a plugin must not break the library
+            warnings.warn(f"creditrl: task plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}",
+                          RuntimeWarning, stacklevel=2)
+
+
+def known_tasks() -> list[str]:
+    """Names of every task (built-in and plugins), sorted."""
+    _load_task_plugins()
+    return sorted(TASK_SECTIONS)
+
+
+def task_section_model(name: str) -> type[TaskConfig]:
+    """The section model of the task called `name`; a ValueError lists the known tasks."""
+    if name not in TASK_SECTIONS:
+        _load_task_plugins()
+    if name not in TASK_SECTIONS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASK_SECTIONS))}")
+    return TASK_SECTIONS[name]
+
+
+def task_config(**fields: Any) -> TaskConfig:
+    """The section of the task `fields["name"]` (default lab), validated: `task_config(name="gsm8k", ...)`."""
+    return task_section_model(fields.get("name", "lab")).model_validate(fields)
