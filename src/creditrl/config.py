@@ -138,7 +138,9 @@ class OutputConfig(_Section):
     dir: Path | None = Field(None, description="run folder (default: runs/<task>-<method>-<seed>)")
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    tensorboard: bool = False
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(
+        default_factory=list, description="where step metrics go besides metrics.jsonl and eval.jsonl "
+                                          "(creditrl.sinks): TensorBoard, Weights & Biases, trackio")
 
 
 class CriticConfig(_Section):
