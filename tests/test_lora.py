@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from creditrl.config import ConfigError
 from creditrl.configure import load_config
 from creditrl.policy.loading import load_policy
-from creditrl.trainer import Trainer
+from creditrl.trainer import OldLogprobs, Trainer
 
 pytest.importorskip("peft")
 
@@ -116,9 +116,9 @@ def test_old_logprobs_are_scored_without_the_adapters_dropout(tiny_lab_model_dir
                 param.normal_(0, 0.5)
     rollouts, _ = trainer.collect()
     trainer.policy.model.train()
-    trainer._score_old(rollouts, old=True)
+    trainer._score_old(rollouts, OldLogprobs.RECOMPUTE)
     first = rollouts.old_logprobs.clone()
-    trainer._score_old(rollouts, old=True)
+    trainer._score_old(rollouts, OldLogprobs.RECOMPUTE)
     assert torch.equal(first, rollouts.old_logprobs)  # no dropout noise
     assert trainer.policy.model.training  # the mode it had
 

@@ -161,13 +161,6 @@ def test_process_supervision_trains_from_the_lab_step_labels(tiny_lab_model_dir,
     assert summary["steps"] == 4
 
 
-def test_tensorboard_logging(tiny_lab_model_dir, tmp_path):
-    pytest.importorskip("tensorboard")
-    Trainer(_cfg(tiny_lab_model_dir, tmp_path / "run", "output.tensorboard=true", "train.steps=1", "eval.before=false"),
-            show_progress=False).train()
-    assert any((tmp_path / "run" / "tensorboard").iterdir())
-
-
 def test_kl_to_a_frozen_reference(tiny_lab_model_dir, tmp_path):
     cfg = _cfg(tiny_lab_model_dir, tmp_path / "run", "loss.kl_coef=0.1", "train.n_minibatches=2", "eval.before=false",
                "reward.overlong_max=12", "reward.overlong_buffer=8")

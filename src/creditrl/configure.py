@@ -3,7 +3,7 @@
     user     = YAML file, then dotted overrides over it
     method   = the method the user names or composes (`resolve_method`)
     config   = RunConfig(method's published defaults, then `user` over them)
-    checked  : method parameters, group size, sampling engine, each against its registry
+    checked  : method parameters, group size, sampling engine, metric sinks, each against its registry
 
 `creditrl.config` holds the schemas and knows no registry; this module joins the two, so every
 command (train, eval, credit, compare) reads a config file the same way.
@@ -18,6 +18,7 @@ from creditrl.config import (ConfigError, MethodSpec, RunConfig, deep_merge, par
                              set_dotted, validated)
 from creditrl.methods import Method, UnknownMethodError, method_params_model, resolve_method
 from creditrl.policy.engines import get_engine
+from creditrl.sinks import known_sinks
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -47,6 +48,10 @@ def check_config(cfg: RunConfig, where: Path | str | None = None) -> RunConfig:
     if cfg.model.lora is not None and not engine.takes_lora:
         raise ConfigError(f"{_at(where)}sampling.engine={engine.name} does not take LoRA adapters (model.lora): "
                           "their parameter names are not the base model's; use sampling.engine=kv-cache")
+    unknown = [name for name in cfg.output.report_to if name not in known_sinks()]
+    if unknown:
+        raise ConfigError(f"{_at(where)}output.report_to: unknown sink {unknown[0]!r}; known sinks: "
+                          f"{', '.join(known_sinks())}")
     if method.overlong_shaping and cfg.reward.overlong_max is None:  # DAPO's 20480 / 4096, scaled
         cfg.reward.overlong_max = cfg.sampling.max_new_tokens
         if "overlong_buffer" not in cfg.reward.model_fields_set:  # a buffer the user gave stays

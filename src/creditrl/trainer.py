@@ -51,6 +51,7 @@ from creditrl.policy.lora import apply_lora, is_lora, load_adapter_state, merged
 from creditrl.policy.transformers_backend import evaluation_mode
 from creditrl.resources import build_resources
 from creditrl.rollouts import Rollouts, concat, pad_cols, trimmed
+from creditrl.sinks import Sink, build_sinks
 from creditrl.tasks import build_task
 
 
@@ -117,7 +118,7 @@ class Trainer:
         self.step = 0
         self.bad_in_a_row = 0
         self.skipped_updates = 0
-        self.tensorboard = None
+        self.sinks: list[Sink] = []
         self._build_optimizer()
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -335,6 +336,14 @@ class Trainer:
     def train(self, resume: bool = False, overwrite: bool = False) -> dict:
         """Run to `train.steps`.  `resume`: continue from the run folder's last complete checkpoint;
         `overwrite`: start afresh in a folder that holds an earlier run (otherwise that is an error)."""
+        try:
+            return self._train(resume, overwrite)
+        finally:
+            for sink in self.sinks:
+                sink.close()
+            self.sinks = []
+
+    def _train(self, resume: bool, overwrite: bool) -> dict:
         cfg = self.cfg
         _check_writable(self.run_dir)
         resumed = resume and self._resume()
@@ -343,8 +352,8 @@ class Trainer:
             self._clear_earlier_run(overwrite or (resume and _same_or_no_config(self.run_dir / "config.yaml", cfg)))
         save_config(cfg, self.run_dir / "config.yaml")
         started = time.time()
-        # a resumed run's events after its checkpoint are dropped, as the jsonl logs are cut back to it
-        self.tensorboard = _tensorboard_writer(self.run_dir, self.step + 1) if "tensorboard" in cfg.output.report_to else None
+        self.sinks = build_sinks(cfg.output.report_to, self.run_dir, self.run_dir.name, cfg.model_dump(mode="json"),
+                                 first_step=self.step + 1)
         evals = _read_jsonl(self.run_dir / "eval.jsonl")
         if cfg.eval.before and not evals and self.step == 0:
             self.console.print("evaluating the starting policy ...")
@@ -356,7 +365,7 @@ class Trainer:
                 self.step += 1
                 self._count_bad(outcome)
                 _append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.step, **outcome.metrics})
-                self._to_tensorboard("train", outcome.metrics)
+                self._to_sinks("train", outcome.metrics, self.step)
                 self._stop_if_too_many_bad(outcome)
                 progress.update(bar, completed=self.step, stats=_bar_stats(outcome.metrics, evals))
                 if self.on_step is not None:
@@ -410,16 +419,15 @@ class Trainer:
                                   f"{self.cfg.train.max_bad_steps}); the last good checkpoint is in {self.run_dir / 'checkpoints'}")
 
     def _log_eval(self, step: int) -> dict:
-        record = {"step": step, **self.evaluate()}
+        metrics = self.evaluate()
+        record = {"step": step, **metrics}
         _append_jsonl(self.run_dir / "eval.jsonl", record)
-        self._to_tensorboard("eval", record, step)
+        self._to_sinks("eval", metrics, step)
         return record
 
-    def _to_tensorboard(self, prefix: str, metrics: dict, step: int | None = None) -> None:
-        if self.tensorboard is not None:
-            for key, value in metrics.items():
-                self.tensorboard.add_scalar(f"{prefix}/{key}", value, self.step if step is None else step)
-            self.tensorboard.flush()
+    def _to_sinks(self, prefix: str, metrics: dict[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(prefix, metrics, step)
 
     def _checkpoint(self) -> None:
         """Save the step's checkpoint; a write that fails (a full disk) stops the run, the last complete one intact."""
@@ -481,15 +489,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def _tensorboard_writer(run_dir: Path, first_step: int):
-    """Events from `first_step` on; those an earlier writer logged there (a killed run's) are purged."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ImportError("output.tensorboard needs the tensorboard package: pip install 'creditrl[tensorboard]'") from None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=first_step)
 
 
 @functools.lru_cache(maxsize=2)

@@ -179,9 +179,10 @@ class OutputConfig(Section):
     dir: Path | None = Field(None, description="run folder (default: runs/<task>-<method>-<seed>)")
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(
-        default_factory=list, description="where step metrics go besides metrics.jsonl and eval.jsonl "
-                                          "(each an optional extra: pip install 'creditrl[wandb]')")
+    report_to: list[str] = Field(
+        default_factory=list, description="registered metric sinks that get the step metrics besides metrics.jsonl "
+                                          "and eval.jsonl: tensorboard, wandb, trackio (each an optional extra: "
+                                          "pip install 'creditrl[wandb]')")
 
 
 class CriticConfig(Section):
