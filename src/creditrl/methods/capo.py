@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from creditrl.methods import Method, register_advantage, register_method
-from creditrl.methods.grpo import group_index, group_spread, group_sum, step_values_on_tokens
+from creditrl.methods.groups import group_index, group_spread, group_sum
+from creditrl.methods.grpo import step_values_on_tokens
 from creditrl.rollouts import Rollouts
 
 if TYPE_CHECKING:  # the critics import the policy backend, which imports the method registry

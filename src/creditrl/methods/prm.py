@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from creditrl.methods import Method, register_advantage, register_method
-from creditrl.methods.grpo import ProcessGRPOParams, group_index, group_sum, process_grpo, step_values_on_tokens
+from creditrl.methods.groups import group_index, group_sum
+from creditrl.methods.grpo import ProcessGRPOParams, process_grpo, step_values_on_tokens
 from creditrl.rollouts import Rollouts
 
 
