@@ -36,3 +36,25 @@ def group_spread(values: Tensor, index: Tensor, n_groups: int, valid: Tensor | N
     group_high = high.new_full((n_groups,), -torch.inf).scatter_reduce(0, index, high, "amax")
     group_low = low.new_full((n_groups,), torch.inf).scatter_reduce(0, index, low, "amin")
     return (group_high > group_low) | group_high.isnan()
+
+
+def group_normalize(values: Tensor, index: Tensor, n_groups: int, valid: Tensor | None = None, *, eps: float = 1e-6,
+                    scale_by_std: bool = True) -> Tensor:
+    """x̃ = (x − mean_g) / (std_g + eps) over all valid values of the group (std unbiased); without
+    `scale_by_std`, x̃ = x − mean_g.
+
+    Invalid values and every value of a group whose valid values all agree (one value included)
+    get 0 (see `group_spread`).  Shapes: values (B,) or (B, K), valid (None: every value) of its
+    shape, index (B,) -> values' shape.
+    """
+    valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid
+    rows, ok = (values, valid) if values.dim() > 1 else (values[:, None], valid[:, None])
+    n_valid = group_sum(ok.sum(dim=1).to(values.dtype), index, n_groups)
+    mean = group_sum(torch.where(ok, rows, 0.0).sum(dim=1), index, n_groups) / n_valid.clamp(min=1)
+    centred = torch.where(ok, rows - mean[index, None], 0.0)
+    normed = centred
+    if scale_by_std:
+        var = group_sum(centred.square().sum(dim=1), index, n_groups) / (n_valid - 1).clamp(min=1)
+        normed = centred / (var.sqrt()[index, None] + eps)
+    normed = torch.where(ok & group_spread(values, index, n_groups, valid)[index, None], normed, 0.0)
+    return normed.view_as(values)

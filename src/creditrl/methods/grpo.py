@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from creditrl.methods import Method, register_advantage, register_method
-from creditrl.methods.groups import group_index, group_spread, group_sum
+from creditrl.methods.groups import group_index, group_normalize, group_spread, group_sum
 from creditrl.rollouts import Rollouts
 
 
@@ -57,14 +57,7 @@ def grpo(rollouts: Rollouts, params: GRPOParams) -> Tensor:
     """
     rewards = _float_rewards(rollouts)
     index, counts = group_index(rollouts.group_ids)
-    counts = counts.to(rewards.dtype)
-    mean = group_sum(rewards, index, len(counts)) / counts
-    centred = rewards - mean[index]
-    adv = centred
-    if params.scale_by_std:
-        var = group_sum(centred.square(), index, len(counts)) / (counts - 1).clamp(min=1)
-        adv = centred / (var.sqrt()[index] + params.eps)
-    adv = torch.where(group_spread(rewards, index, len(counts))[index], adv, 0.0)  # one row, or equal rewards: 0
+    adv = group_normalize(rewards, index, len(counts), eps=params.eps, scale_by_std=params.scale_by_std)
     return _broadcast(adv, rollouts.response_mask)
 
 
@@ -98,18 +91,8 @@ def process_grpo(rollouts: Rollouts, params: ProcessGRPOParams) -> Tensor:
         raise ValueError("process_grpo needs rollouts.step_rewards (B, S): per-step rewards, NaN where a step is absent")
     step_rewards = rollouts.step_rewards
     step_rewards = step_rewards if step_rewards.is_floating_point() else step_rewards.float()
-    valid = ~torch.isnan(step_rewards)
     index, counts = group_index(rollouts.group_ids)
-    n_groups = len(counts)
-
-    values = torch.where(valid, step_rewards, 0.0)
-    n_valid = group_sum(valid.sum(dim=1).to(values.dtype), index, n_groups)
-    mean = group_sum(values.sum(dim=1), index, n_groups) / n_valid.clamp(min=1)
-    centred = torch.where(valid, step_rewards - mean[index, None], 0.0)
-    var = group_sum(centred.square().sum(dim=1), index, n_groups) / (n_valid - 1).clamp(min=1)
-    normed = centred / (var.sqrt()[index, None] + params.eps)
-    normed = torch.where(group_spread(step_rewards, index, n_groups, valid)[index, None], normed, 0.0)
-
+    normed = group_normalize(step_rewards, index, len(counts), ~torch.isnan(step_rewards), eps=params.eps)
     suffix = normed.flip(1).cumsum(1).flip(1)  # suffix[b, j] = Σ_{k ≥ j} normed[b, k]
     adv = step_values_on_tokens(suffix, rollouts.step_ids)
     return torch.where(rollouts.response_mask.bool(), adv, 0.0)
