@@ -58,3 +58,11 @@ def group_normalize(values: Tensor, index: Tensor, n_groups: int, valid: Tensor 
         normed = centred / (var.sqrt()[index, None] + eps)
     normed = torch.where(ok & group_spread(values, index, n_groups, valid)[index, None], normed, 0.0)
     return normed.view_as(values)
+
+
+def leave_one_out_mean(values: Tensor, index: Tensor, counts: Tensor) -> Tensor:
+    """b_i = (Σ_{j ∈ g(i)} x_j − x_i) / (n_g − 1), the mean of the other rows of row i's group
+    (a group of one: x_i − x_i = 0).  Shapes: values (B,), index (B,), counts (G,) -> (B,).
+    """
+    row_counts = counts.to(values.dtype)[index]
+    return (group_sum(values, index, len(counts))[index] - values) / (row_counts - 1).clamp(min=1)

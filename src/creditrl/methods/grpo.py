@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from creditrl.methods import Method, register_advantage, register_method
-from creditrl.methods.groups import group_index, group_normalize, group_spread, group_sum
+from creditrl.methods.groups import group_index, group_normalize, group_spread, leave_one_out_mean
 from creditrl.rollouts import Rollouts
 
 
@@ -69,10 +69,8 @@ def rloo(rollouts: Rollouts, params: BaseModel) -> Tensor:
     """
     rewards = _float_rewards(rollouts)
     index, counts = group_index(rollouts.group_ids)
-    row_counts = counts.to(rewards.dtype)[index]
-    others_mean = (group_sum(rewards, index, len(counts))[index] - rewards) / (row_counts - 1).clamp(min=1)
     spread = group_spread(rewards, index, len(counts))  # a group of one, or of equal rewards, gets 0
-    adv = torch.where(spread[index], rewards - others_mean, 0.0)
+    adv = torch.where(spread[index], rewards - leave_one_out_mean(rewards, index, counts), 0.0)
     return _broadcast(adv, rollouts.response_mask)
 
 
