@@ -45,6 +45,7 @@ from creditrl.evaluate import evaluate
 from creditrl.master_weights import MasterWeights, descend
 from creditrl.methods import compute_advantages, get_method, loss_hooks
 from creditrl.methods.fipo import fipo_config_warning
+from creditrl.methods.groups import group_spread
 from creditrl.methods.loss import masked_mean, policy_loss
 from creditrl.policy.loading import load_configured_policy
 from creditrl.policy.lora import apply_lora, is_lora, load_adapter_state, merged
@@ -496,11 +497,10 @@ def _epoch_order(size: int, seed: int, epoch: int) -> tuple[int, ...]:
 
 
 def _groups_with_spread(rollouts: Rollouts) -> torch.Tensor:
-    """Group ids whose rewards are not all equal."""
+    """Group ids whose rewards are not all equal; a NaN reward counts as spread, so that it reaches the advantages
+    and stops the step instead of vanishing with its group under dynamic sampling."""
     ids, index = torch.unique(rollouts.group_ids, return_inverse=True)
-    lo = torch.full((len(ids),), float("inf")).scatter_reduce(0, index, rollouts.rewards, "amin")
-    hi = torch.full((len(ids),), float("-inf")).scatter_reduce(0, index, rollouts.rewards, "amax")
-    return ids[hi > lo]
+    return ids[group_spread(rollouts.rewards, index, len(ids))]
 
 
 def _rollout_metrics(r: Rollouts) -> dict[str, float]:
