@@ -21,7 +21,6 @@ import functools
 import json
 import math
 import random
-import os
 import resource
 import shutil
 import time
@@ -42,6 +41,7 @@ from creditrl.checkpoint import (latest_checkpoint, load_master_weights, load_op
 from creditrl.collect import collect_rollouts
 from creditrl.config import RunConfig, save_config
 from creditrl.evaluate import evaluate
+from creditrl.jsonl import append_jsonl, read_jsonl, truncate_jsonl
 from creditrl.master_weights import MasterWeights, descend
 from creditrl.methods import compute_advantages, get_method, loss_hooks
 from creditrl.methods.fipo import fipo_config_warning
@@ -140,8 +140,8 @@ class Trainer:
         self.step, self.position = trainer_state["step"], trainer_state["position"]
         self.skipped_updates = trainer_state.get("skipped_updates", 0)
         self.bad_in_a_row = trainer_state.get("bad_in_a_row", 0)
-        _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
-        _truncate_jsonl(self.run_dir / "eval.jsonl", self.step)
+        truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+        truncate_jsonl(self.run_dir / "eval.jsonl", self.step)
         self.console.print(f"resumed from {ckpt} (step {self.step})")
         return True
 
@@ -341,7 +341,7 @@ class Trainer:
         started = time.time()
         # a resumed run's events after its checkpoint are dropped, as the jsonl logs are cut back to it
         self.tensorboard = _tensorboard_writer(self.run_dir, self.step + 1) if cfg.output.tensorboard else None
-        evals = _read_jsonl(self.run_dir / "eval.jsonl")
+        evals = read_jsonl(self.run_dir / "eval.jsonl")
         if cfg.eval.before and not evals and self.step == 0:
             self.console.print("evaluating the starting policy ...")
             evals.append(self._log_eval(0))
@@ -351,7 +351,7 @@ class Trainer:
                 outcome = self.train_step()
                 self.step += 1
                 self._count_bad(outcome)
-                _append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.step, **outcome.metrics})
+                append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.step, **outcome.metrics})
                 self._to_tensorboard("train", outcome.metrics)
                 self._stop_if_too_many_bad(outcome)
                 progress.update(bar, completed=self.step, stats=_bar_stats(outcome.metrics, evals))
@@ -407,7 +407,7 @@ class Trainer:
 
     def _log_eval(self, step: int) -> dict:
         record = {"step": step, **self.evaluate()}
-        _append_jsonl(self.run_dir / "eval.jsonl", record)
+        append_jsonl(self.run_dir / "eval.jsonl", record)
         self._to_tensorboard("eval", record, step)
         return record
 
@@ -560,32 +560,3 @@ def _check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise TrainingStopped(f"cannot write to the run folder {folder}: {err.strerror}") from None
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """The records of a jsonl log; a torn last line (a run killed mid-write) is dropped."""
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise
-    return records
-
-
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Keep only records up to `step` (a resumed run rewrites what came after its checkpoint), atomically."""
-    if path.exists():
-        kept = [r for r in _read_jsonl(path) if r["step"] <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
