@@ -388,6 +388,16 @@ def test_critiques_are_cached_in_memory_and_on_disk(stub, tmp_path):
     assert SECRET not in cache.read_text()
 
 
+def test_a_cache_torn_by_a_kill_still_loads_after_more_critiques_are_appended(stub, tmp_path):
+    cache = tmp_path / "critic.jsonl"
+    first = _client(stub, cache_path=cache).critique(["ok a"], k=1, seed=0)
+    with open(cache, "a") as fh:
+        fh.write('{"key": "truncat')  # a run killed mid-write
+    second = _client(stub, cache_path=cache).critique(["ok b"], k=1, seed=0)  # appended after the torn line
+    again = _client(stub, cache_path=cache)
+    assert again.critique(["ok a", "ok b"], k=1, seed=0) == first + second and again.stats.cache_hits == 2
+
+
 def test_the_api_key_is_in_no_repr_config_or_saved_file(stub, tmp_path):
     client = _client(stub)
     assert SECRET not in repr(client) and SECRET not in str(client) and SECRET not in str(vars(client))

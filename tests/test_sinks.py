@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from creditrl.config import ConfigError, load_config
+from creditrl.config import ConfigError
+from creditrl.configure import load_config
 from creditrl.sinks import TensorBoardSink, WandbSink, build_sinks
 from creditrl.trainer import Trainer, TrainingStopped
 

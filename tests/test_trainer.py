@@ -121,6 +121,13 @@ def test_non_finite_rewards_stop_the_run_with_the_cause(tiny_lab_model_dir, tmp_
         Trainer(cfg, show_progress=False).train()
 
 
+def test_non_finite_rewards_under_dynamic_sampling_stop_the_run_with_the_cause(tiny_lab_model_dir, tmp_path):
+    cfg = _cfg(tiny_lab_model_dir, tmp_path / "run", "method=dapo", "reward.wrong=.nan", "train.max_bad_steps=2",
+               "rollout.max_num_gen_batches=2", "eval.before=false")
+    with pytest.raises(TrainingStopped, match=r"2 skipped updates in a row.*non-finite advantages"):
+        Trainer(cfg, show_progress=False).train()
+
+
 def test_dynamic_sampling_keeps_only_groups_with_spread(tiny_lab_model_dir, tmp_path):
     cfg = _cfg(tiny_lab_model_dir, tmp_path / "run", "method=dapo", "rollout.max_num_gen_batches=3")
     trainer = Trainer(cfg, show_progress=False)

@@ -42,6 +42,7 @@ import yaml
 
 from creditrl.config import RunConfig
 from creditrl.configure import load_config
+from creditrl.jsonl import read_jsonl
 from creditrl.methods import get_method, known_methods
 from creditrl.resources import resources_needed
 
@@ -198,10 +199,6 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 # ---- reading runs back --------------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def run_record(run_dir: Path) -> dict:
     """One finished run: its evaluation curve and its compute, from the run folder."""
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())

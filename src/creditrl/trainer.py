@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import random
-import os
 import resource
 import shutil
 import time
@@ -43,8 +42,10 @@ from creditrl.collect import collect_rollouts
 from creditrl.config import RunConfig, TrainConfig, save_config
 from creditrl.configure import check_config
 from creditrl.evaluate import evaluate
+from creditrl.jsonl import append_jsonl, read_jsonl, truncate_jsonl
 from creditrl.master_weights import MasterWeights, descend
 from creditrl.methods import compute_advantages, loss_hooks, resolve_method
+from creditrl.methods.groups import group_spread
 from creditrl.methods.loss import masked_mean, policy_loss
 from creditrl.policy.loading import load_configured_policy
 from creditrl.policy.lora import apply_lora, is_lora, load_adapter_state, merged
@@ -155,8 +156,8 @@ class Trainer:
         self.step, self.position = trainer_state["step"], trainer_state["position"]
         self.skipped_updates = trainer_state.get("skipped_updates", 0)
         self.bad_in_a_row = trainer_state.get("bad_in_a_row", 0)
-        _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
-        _truncate_jsonl(self.run_dir / "eval.jsonl", self.step)
+        truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+        truncate_jsonl(self.run_dir / "eval.jsonl", self.step)
         self.console.print(f"resumed from {ckpt} (step {self.step})")
         return True
 
@@ -354,7 +355,7 @@ class Trainer:
         started = time.time()
         self.sinks = build_sinks(cfg.output.report_to, self.run_dir, self.run_dir.name, cfg.model_dump(mode="json"),
                                  first_step=self.step + 1)
-        evals = _read_jsonl(self.run_dir / "eval.jsonl")
+        evals = read_jsonl(self.run_dir / "eval.jsonl")
         if cfg.eval.before and not evals and self.step == 0:
             self.console.print("evaluating the starting policy ...")
             evals.append(self._log_eval(0))
@@ -364,7 +365,7 @@ class Trainer:
                 outcome = self.train_step()
                 self.step += 1
                 self._count_bad(outcome)
-                _append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.step, **outcome.metrics})
+                append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.step, **outcome.metrics})
                 self._to_sinks("train", outcome.metrics, self.step)
                 self._stop_if_too_many_bad(outcome)
                 progress.update(bar, completed=self.step, stats=_bar_stats(outcome.metrics, evals))
@@ -421,7 +422,7 @@ class Trainer:
     def _log_eval(self, step: int) -> dict:
         metrics = self.evaluate()
         record = {"step": step, **metrics}
-        _append_jsonl(self.run_dir / "eval.jsonl", record)
+        append_jsonl(self.run_dir / "eval.jsonl", record)
         self._to_sinks("eval", metrics, step)
         return record
 
@@ -500,11 +501,10 @@ def _epoch_order(size: int, seed: int, epoch: int) -> tuple[int, ...]:
 
 
 def _groups_with_spread(rollouts: Rollouts) -> torch.Tensor:
-    """Group ids whose rewards are not all equal."""
+    """Group ids whose rewards are not all equal; a NaN reward counts as spread, so that it reaches the advantages
+    and stops the step instead of vanishing with its group under dynamic sampling."""
     ids, index = torch.unique(rollouts.group_ids, return_inverse=True)
-    lo = torch.full((len(ids),), float("inf")).scatter_reduce(0, index, rollouts.rewards, "amin")
-    hi = torch.full((len(ids),), float("-inf")).scatter_reduce(0, index, rollouts.rewards, "amax")
-    return ids[hi > lo]
+    return ids[group_spread(rollouts.rewards, index, len(ids))]
 
 
 def _rollout_metrics(r: Rollouts) -> dict[str, float]:
@@ -534,32 +534,3 @@ def _check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise TrainingStopped(f"cannot write to the run folder {folder}: {err.strerror}") from None
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """The records of a jsonl log; a torn last line (a run killed mid-write) is dropped."""
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise
-    return records
-
-
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Keep only records up to `step` (a resumed run rewrites what came after its checkpoint), atomically."""
-    if path.exists():
-        kept = [r for r in _read_jsonl(path) if r["step"] <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from creditrl.config import CriticConfig, SamplingConfig
+from creditrl.jsonl import append_jsonl, read_jsonl
 from creditrl.policy.loading import load_policy
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,8 @@ class OpenAICompatibleCritic:
         self.concurrency = concurrency
         self.cache_path = None if cache_path is None else Path(cache_path)
         self.cache: dict[str, str] = {}
-        if self.cache_path is not None and self.cache_path.exists():
-            self.cache.update(_read_cache(self.cache_path))
+        if self.cache_path is not None:
+            self.cache.update((entry["key"], entry["text"]) for entry in read_jsonl(self.cache_path))
         self.stats = CriticStats()
 
     def __repr__(self) -> str:
@@ -177,8 +178,8 @@ class OpenAICompatibleCritic:
         self.cache.update(new)
         if self.cache_path is not None and new:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.cache_path, "a") as fh:
-                fh.writelines(json.dumps({"key": key, "text": text}) + "\n" for key, text in new.items())
+            for key, text in new.items():
+                append_jsonl(self.cache_path, {"key": key, "text": text})
 
     def _complete(self, prompt: str, breaker: _Breaker) -> tuple[str | None, int, str]:
         """(text or None, requests sent, why it failed) for one chat completion; none is sent once
@@ -252,18 +253,6 @@ def _message_content(payload: bytes) -> tuple[str | None, str]:
     except (ValueError, KeyError, IndexError, TypeError):
         content = None
     return (content, "") if isinstance(content, str) else (None, "reply without choices[0].message.content")
-
-
-def _read_cache(path: Path) -> dict[str, str]:
-    """Entries of a jsonl cache; unreadable lines (a run killed mid-write) are skipped."""
-    cache = {}
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-            cache[str(entry["key"])] = str(entry["text"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return cache
 
 
 def build_critic(cfg: CriticConfig) -> Critic:

@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from creditrl.critics import OracleLabCritic, StepCritic
+from creditrl.methods.groups import group_index, group_normalize
+from creditrl.methods.grpo import step_values_on_tokens
 from creditrl.methods.registry import Method, register_advantage, register_method
-from creditrl.methods.grpo import group_index, group_spread, group_sum, step_values_on_tokens
 from creditrl.rollouts import Rollouts
 
 Voting = Literal["intersection", "majority", "union", "average"]
@@ -73,15 +74,7 @@ def capo_token_advantages(correct: Tensor, penalties: Tensor, step_ids: Tensor, 
     penalty = step_values_on_tokens(penalties, step_ids)
     rewards = torch.where(mask, params.w_whole * correct.float()[:, None] - params.w_process * penalty, 0.0)
     index, counts = group_index(group_ids)
-    n_groups = len(counts)
-    n_tokens = group_sum(mask.sum(1).float(), index, n_groups)
-    mean = group_sum(rewards.sum(1), index, n_groups) / n_tokens.clamp(min=1)
-    centred = torch.where(mask, rewards - mean[index, None], 0.0)
-    adv = centred
-    if params.std_normalize:
-        var = group_sum(centred.square().sum(1), index, n_groups) / (n_tokens - 1).clamp(min=1)
-        adv = centred / (var.sqrt()[index, None] + params.eps)
-    return torch.where(mask & group_spread(rewards, index, n_groups, mask)[index, None], adv, 0.0)
+    return group_normalize(rewards, index, len(counts), mask, eps=params.eps, scale_by_std=params.std_normalize)
 
 
 @register_advantage("capo", params=CAPOParams, needs=("critic",), group_relative=True)

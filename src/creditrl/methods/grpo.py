@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from creditrl.methods.groups import group_index, group_normalize, group_spread, leave_one_out_mean
 from creditrl.methods.registry import Method, register_advantage, register_method
 from creditrl.rollouts import Rollouts
 
@@ -25,34 +26,6 @@ class ProcessGRPOParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     eps: float = Field(1e-6, gt=0.0)
-
-
-def group_index(group_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """(B,) index of each row's group in 0..G−1 and (G,) group sizes."""
-    _, index, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    return index, counts
-
-
-def group_sum(values: Tensor, index: Tensor, n_groups: int) -> Tensor:
-    """(G,) sum of per-row values (B,) within each group."""
-    return values.new_zeros(n_groups).index_add_(0, index, values)
-
-
-def group_spread(values: Tensor, index: Tensor, n_groups: int, valid: Tensor | None = None) -> Tensor:
-    """(G,) whether a group's valid values differ at all (a NaN among them counts, so that it reaches the
-    advantages and stops the step): values (B, ...), valid of its shape (None: every value), index (B,).
-
-    Normalised rewards of a group that agree are exactly 0 by definition; computed they are
-    (x − mean)/(std + eps) with mean off x by a rounding (−0.1 summed in float32), a push of
-    ±0.01–0.06 on the whole group that nothing in the rewards asked for, so callers zero them.
-    """
-    valid = torch.ones_like(values, dtype=torch.bool) if valid is None else valid
-    flat, ok = (values.flatten(1), valid.flatten(1)) if values.dim() > 1 else (values[:, None], valid[:, None])
-    high = flat.masked_fill(~ok, -torch.inf).amax(dim=1)
-    low = flat.masked_fill(~ok, torch.inf).amin(dim=1)
-    group_high = high.new_full((n_groups,), -torch.inf).scatter_reduce(0, index, high, "amax")
-    group_low = low.new_full((n_groups,), torch.inf).scatter_reduce(0, index, low, "amin")
-    return (group_high > group_low) | group_high.isnan()
 
 
 def step_values_on_tokens(values: Tensor, step_ids: Tensor) -> Tensor:
@@ -84,14 +57,7 @@ def grpo(rollouts: Rollouts, params: GRPOParams) -> Tensor:
     """
     rewards = _float_rewards(rollouts)
     index, counts = group_index(rollouts.group_ids)
-    counts = counts.to(rewards.dtype)
-    mean = group_sum(rewards, index, len(counts)) / counts
-    centred = rewards - mean[index]
-    adv = centred
-    if params.scale_by_std:
-        var = group_sum(centred.square(), index, len(counts)) / (counts - 1).clamp(min=1)
-        adv = centred / (var.sqrt()[index] + params.eps)
-    adv = torch.where(group_spread(rewards, index, len(counts))[index], adv, 0.0)  # one row, or equal rewards: 0
+    adv = group_normalize(rewards, index, len(counts), eps=params.eps, scale_by_std=params.scale_by_std)
     return _broadcast(adv, rollouts.response_mask)
 
 
@@ -103,10 +69,8 @@ def rloo(rollouts: Rollouts, params: BaseModel) -> Tensor:
     """
     rewards = _float_rewards(rollouts)
     index, counts = group_index(rollouts.group_ids)
-    row_counts = counts.to(rewards.dtype)[index]
-    others_mean = (group_sum(rewards, index, len(counts))[index] - rewards) / (row_counts - 1).clamp(min=1)
     spread = group_spread(rewards, index, len(counts))  # a group of one, or of equal rewards, gets 0
-    adv = torch.where(spread[index], rewards - others_mean, 0.0)
+    adv = torch.where(spread[index], rewards - leave_one_out_mean(rewards, index, counts), 0.0)
     return _broadcast(adv, rollouts.response_mask)
 
 
@@ -125,18 +89,8 @@ def process_grpo(rollouts: Rollouts, params: ProcessGRPOParams) -> Tensor:
         raise ValueError("process_grpo needs rollouts.step_rewards (B, S): per-step rewards, NaN where a step is absent")
     step_rewards = rollouts.step_rewards
     step_rewards = step_rewards if step_rewards.is_floating_point() else step_rewards.float()
-    valid = ~torch.isnan(step_rewards)
     index, counts = group_index(rollouts.group_ids)
-    n_groups = len(counts)
-
-    values = torch.where(valid, step_rewards, 0.0)
-    n_valid = group_sum(valid.sum(dim=1).to(values.dtype), index, n_groups)
-    mean = group_sum(values.sum(dim=1), index, n_groups) / n_valid.clamp(min=1)
-    centred = torch.where(valid, step_rewards - mean[index, None], 0.0)
-    var = group_sum(centred.square().sum(dim=1), index, n_groups) / (n_valid - 1).clamp(min=1)
-    normed = centred / (var.sqrt()[index, None] + params.eps)
-    normed = torch.where(group_spread(step_rewards, index, n_groups, valid)[index, None], normed, 0.0)
-
+    normed = group_normalize(step_rewards, index, len(counts), ~torch.isnan(step_rewards), eps=params.eps)
     suffix = normed.flip(1).cumsum(1).flip(1)  # suffix[b, j] = Σ_{k ≥ j} normed[b, k]
     adv = step_values_on_tokens(suffix, rollouts.step_ids)
     return torch.where(rollouts.response_mask.bool(), adv, 0.0)

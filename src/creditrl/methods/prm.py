@@ -19,8 +19,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from creditrl.methods.groups import group_index, leave_one_out_mean
+from creditrl.methods.grpo import ProcessGRPOParams, process_grpo, step_values_on_tokens
 from creditrl.methods.registry import Method, register_advantage, register_method
-from creditrl.methods.grpo import ProcessGRPOParams, group_index, group_sum, process_grpo, step_values_on_tokens
 from creditrl.rollouts import Rollouts
 
 
@@ -110,12 +111,11 @@ def pure(rollouts: Rollouts, params: PUREParams, prm) -> Tensor:
     outcome = params.outcome_weight * rollouts.rewards.float()
     starts = returns[:, 0] + outcome
     index, counts = group_index(rollouts.group_ids)
-    row_counts = counts.to(starts.dtype)[index]
-    baseline = (group_sum(starts, index, len(counts))[index] - starts) / (row_counts - 1).clamp(min=1)
+    baseline = leave_one_out_mean(starts, index, counts)
     step_ids = rollouts.step_ids
     on_step = (step_ids >= 0) & (step_ids < n_steps)
     token_returns = step_values_on_tokens(returns, step_ids) + outcome[:, None]
-    adv = torch.where(on_step & (row_counts[:, None] > 1), token_returns - baseline[:, None], 0.0)
+    adv = torch.where(on_step & (counts[index, None] > 1), token_returns - baseline[:, None], 0.0)
     return torch.where(rollouts.response_mask.bool(), adv, 0.0)
 
 
