@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import torch
 from pydantic import Field
@@ -84,8 +86,6 @@ def test_hub_takes_a_dataset_config_split_and_fields():
 
 
 def test_a_registered_task_is_configured_and_built_by_name(tmp_path):
-    from typing import Literal
-
     class ShortLabSection(TaskConfig):
         name: Literal["short_lab"] = "short_lab"
         problems: int = Field(8, ge=1)
@@ -137,3 +137,49 @@ def test_engines_are_chosen_by_name(tiny_policy):
         assert calls == [(2, 2, 5)] and len(generation.response_ids) == 4
     finally:
         ENGINES.pop("recorded")
+
+
+# ---- users' packages, through entry points ---------------------------------------------------------------
+class FakeEntryPoint:
+    def __init__(self, name: str, load):
+        self.name, self.value, self.load = name, f"{name}_pkg:module", load
+
+
+def test_a_task_plugin_is_imported_when_its_name_is_first_asked_for(monkeypatch):
+    import creditrl.config.tasks as task_sections
+
+    def load_plugin():  # what importing a user's module does: its decorator registers the task
+        class PluginSection(TaskConfig):
+            name: Literal["plugin_task"] = "plugin_task"
+
+        register_task("plugin_task", config=PluginSection)(lambda cfg: LabTask(task_config().lab))
+
+    def broken():
+        raise ImportError("no module named nowhere")
+
+    eps = [FakeEntryPoint("broken", broken), FakeEntryPoint("good", load_plugin)]
+    monkeypatch.setattr(task_sections, "entry_points", lambda group: eps if group == "creditrl.tasks" else [])
+    monkeypatch.setitem(task_sections._plugins_state, "loaded", False)
+    try:
+        with pytest.warns(RuntimeWarning, match="task plugin 'broken'"):
+            cfg = load_config(None, ["task.name=plugin_task"])
+        assert cfg.task.name == "plugin_task" and isinstance(build_task(cfg.task), LabTask)
+    finally:
+        task_sections.TASK_SECTIONS.pop("plugin_task", None)
+        TASK_BUILDERS.pop("plugin_task", None)
+
+
+def test_an_engine_plugin_is_imported_when_its_name_is_first_asked_for(monkeypatch):
+    import creditrl.policy.engines as engines
+
+    def load_plugin():
+        register_engine("plugin_engine")(lambda policy, prompt_ids, n, cfg, seed: None)
+
+    monkeypatch.setattr(engines, "entry_points", lambda group: [FakeEntryPoint("good", load_plugin)]
+                        if group == "creditrl.engines" else [])
+    monkeypatch.setitem(engines._plugins_state, "loaded", False)
+    try:
+        assert load_config(None, ["sampling.engine=plugin_engine"]).sampling.engine == "plugin_engine"
+        assert get_engine("plugin_engine").takes_lora
+    finally:
+        ENGINES.pop("plugin_engine", None)
