@@ -53,9 +53,9 @@ def _assert_arrived(expected, received, rel=0.0):
 
 
 def test_an_unknown_sink_names_the_known_ones(tmp_path):
-    with pytest.raises(ValueError, match="unknown sink 'mlflow'; known sinks: tensorboard, trackio, wandb"):
+    with pytest.raises(ValueError, match="unknown sink 'mlflow'; known sinks: jsonl, tensorboard, trackio, wandb"):
         build_sinks(["mlflow"], tmp_path, "run", {}, first_step=1)
-    with pytest.raises(ConfigError, match="output.report_to: unknown sink 'mlflow'; known sinks: tensorboard, "):
+    with pytest.raises(ConfigError, match="output.report_to: unknown sink 'mlflow'; known sinks: jsonl, tensorboard, "):
         load_config(None, ["output.report_to=[mlflow]"])
 
 

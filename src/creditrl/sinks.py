@@ -1,7 +1,7 @@
-"""Sinks: where a run's step metrics go besides its own logs (TensorBoard, Weights & Biases, trackio).
+"""Sinks: where a run's step metrics go: its own jsonl logs, TensorBoard, Weights & Biases, trackio.
 
-The trainer always writes `metrics.jsonl` and `eval.jsonl`, the run's record, which a resumed run
-cuts back to its checkpoint.  `output.report_to` names further destinations, the sinks.  A sink is
+The `jsonl` sink is always open: `metrics.jsonl` and `eval.jsonl` are the run's record, which a
+resumed run cuts back to its checkpoint.  `output.report_to` names further destinations.  A sink is
 opened when training starts, at `first_step` (past 1 when a run resumes), is given every step's
 metrics as `log(prefix, metrics, step)`, which it records as `prefix/name` ("train/reward",
 "eval/avg@k"), and is closed when training ends or fails.
@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
+
+from creditrl.jsonl import append_jsonl
 
 PROJECT = "creditrl"  # the W&B project (unless WANDB_PROJECT names another) and the trackio project
 
@@ -73,6 +75,23 @@ def build_sinks(names: Iterable[str], run_dir: Path, run_name: str, config: dict
             sink.close()
         raise
     return sinks
+
+
+@register_sink("jsonl")
+class JsonlSink:
+    """The run's own logs: one record `{"step": step, **metrics}` per line, train steps in `metrics.jsonl`
+    and evaluations in `eval.jsonl`."""
+
+    FILES = {"train": "metrics.jsonl", "eval": "eval.jsonl"}
+
+    def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any], first_step: int):
+        self.run_dir = run_dir
+
+    def log(self, prefix: str, metrics: dict[str, float], step: int) -> None:
+        append_jsonl(self.run_dir / self.FILES[prefix], {"step": step, **metrics})
+
+    def close(self) -> None:
+        pass
 
 
 def _import_optional(module: str, extra: str) -> ModuleType:

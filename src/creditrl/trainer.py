@@ -42,7 +42,7 @@ from creditrl.collect import collect_rollouts
 from creditrl.config import RunConfig, TrainConfig, save_config
 from creditrl.configure import check_config
 from creditrl.evaluate import evaluate
-from creditrl.jsonl import append_jsonl, read_jsonl, truncate_jsonl
+from creditrl.jsonl import read_jsonl, truncate_jsonl
 from creditrl.master_weights import MasterWeights, descend
 from creditrl.methods import compute_advantages, loss_hooks, resolve_method
 from creditrl.methods.groups import group_spread
@@ -353,7 +353,7 @@ class Trainer:
             self._clear_earlier_run(overwrite or (resume and _same_or_no_config(self.run_dir / "config.yaml", cfg)))
         save_config(cfg, self.run_dir / "config.yaml")
         started = time.time()
-        self.sinks = build_sinks(cfg.output.report_to, self.run_dir, self.run_dir.name, cfg.model_dump(mode="json"),
+        self.sinks = build_sinks(["jsonl", *cfg.output.report_to], self.run_dir, self.run_dir.name, cfg.model_dump(mode="json"),
                                  first_step=self.step + 1)
         evals = read_jsonl(self.run_dir / "eval.jsonl")
         if cfg.eval.before and not evals and self.step == 0:
@@ -365,7 +365,6 @@ class Trainer:
                 outcome = self.train_step()
                 self.step += 1
                 self._count_bad(outcome)
-                append_jsonl(self.run_dir / "metrics.jsonl", {"step": self.step, **outcome.metrics})
                 self._to_sinks("train", outcome.metrics, self.step)
                 self._stop_if_too_many_bad(outcome)
                 progress.update(bar, completed=self.step, stats=_bar_stats(outcome.metrics, evals))
@@ -422,7 +421,6 @@ class Trainer:
     def _log_eval(self, step: int) -> dict:
         metrics = self.evaluate()
         record = {"step": step, **metrics}
-        append_jsonl(self.run_dir / "eval.jsonl", record)
         self._to_sinks("eval", metrics, step)
         return record
 
