@@ -183,3 +183,24 @@ def test_an_engine_plugin_is_imported_when_its_name_is_first_asked_for(monkeypat
         assert get_engine("plugin_engine").takes_lora
     finally:
         ENGINES.pop("plugin_engine", None)
+
+
+def test_a_composed_method_trains_and_warns_as_its_pieces_say(tiny_lab_model_dir, tmp_path):
+    import json
+
+    from rich.console import Console
+
+    from creditrl.trainer import Trainer
+
+    cfg = load_config(None, [f"model.name={tiny_lab_model_dir}", f"output.dir={tmp_path / 'run'}", "train.steps=2",
+                             "rollout.prompts_per_step=3", "rollout.group_size=4", "task.lab.eval_size=4",
+                             "task.lab.train_size=50", "eval.k=1", "eval.before=false", "sampling.max_new_tokens=16",
+                             "reward.overlong_max=10", "reward.overlong_buffer=6",  # reward spread for a random model
+                             "method.advantage=rloo", "method.token_weight=fipo"])
+    console = Console(record=True, width=200)
+    summary = Trainer(cfg, console=console, show_progress=False).train()
+    printed = console.export_text()  # (exporting clears the record)
+    assert "token weight 'fipo'" in printed and "base method" in printed
+    assert summary["method"] == "rloo+fipo"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["weight_mean"] == 1.0 for r in records)  # Δ = 0
