@@ -74,7 +74,8 @@ def main() -> None:
                         help="cuDNN at 16 rows of these lengths, each new to the process (GPU only)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"{'shape':>8} {'backend':>10} {'grouped kv':>10} {'first ms':>9} {'median ms':>9} {'× 24 layers':>11} TFLOP/s")
+    print(f"{'shape':>8} {'backend':>10} {'grouped kv':>10} {'first ms':>9} {'median ms':>9} "
+          f"{'× 24 layers':>11} TFLOP/s")
     for shape in args.shapes:
         batch, length = (int(x) for x in shape.split("x"))
         for name in args.backends:
@@ -89,7 +90,8 @@ def main() -> None:
     if device.type == "cuda":
         for length in args.new_lengths:
             first, median = forward_backward_seconds(16, length, SDPBackend.CUDNN_ATTENTION, False, device, 3)
-            print(f"cuDNN, 16 × {length}, a length new to the process: first {first * 1e3:.1f} ms, then {median * 1e3:.2f} ms")
+            print(f"cuDNN, 16 × {length}, a length new to the process: first {first * 1e3:.1f} ms, "
+                  f"then {median * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

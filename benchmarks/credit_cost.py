@@ -247,7 +247,8 @@ def bench_credit_overhead(args, console) -> dict:
                     "step_s": m["time_step"], "sample_s": m["time_sample"], "score_s": m["time_score"],
                     "update_s": m["time_update"], "advantage_s": CLOCK.advantage,
                     "ratio_forward_s": CLOCK.ratio_forward, "ratio_backward_s": CLOCK.ratio_backward,
-                    "weight_s": CLOCK.weight, "credit_s": CLOCK.total, "share_pct": 100.0 * CLOCK.total / m["time_step"],
+                    "weight_s": CLOCK.weight, "credit_s": CLOCK.total,
+                    "share_pct": 100.0 * CLOCK.total / m["time_step"],
                     "responses": m["responses"], "response_length": m["response_length"], "reward": m["reward"],
                 })
     workdir.cleanup()
@@ -286,11 +287,12 @@ def table_credit_overhead(res: dict):
         table.add_row(method, f"{med['step_s']:.3f}", f"{med['score_s']:.3f}", f"{med['advantage_s'] * 1e3:.2f}",
                       f"{hooks * 1e3:.2f}", f"{med['credit_s'] * 1e3:.2f}", f"{med['share_pct']:.3f}%",
                       target, verdict)
-    table.caption = ("credit = the method's advantage function + its ratio transform (forward and backward) + its token "
-                     "weight, timed inside the step; share = median of credit / step time per step. DenseR's advantage "
-                     "(its weights) runs inside the old-log-prob forward loop ('score'), which also captures the "
-                     "hidden states; that capture is not counted. Every method's credit includes the advantage it builds on "
-                     "(FIPO, GRPO-λ and DenseR all start from GRPO's), so GRPO's row is the baseline, not a cost added.")
+    table.caption = ("credit = the method's advantage function + its ratio transform (forward and backward) + its "
+                     "token weight, timed inside the step; share = median of credit / step time per step. DenseR's "
+                     "advantage (its weights) runs inside the old-log-prob forward loop ('score'), which also "
+                     "captures the hidden states; that capture is not counted. Every method's credit includes the "
+                     "advantage it builds on (FIPO, GRPO-λ and DenseR all start from GRPO's), so GRPO's row is the "
+                     "baseline, not a cost added.")
     return table
 
 
@@ -408,7 +410,8 @@ def run_worker(spec: dict, threads: int) -> dict:
         spec = {**spec, "threads": threads, "result": str(Path(tmp) / "result.json")}
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-        proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *command], env=env, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *command], env=env, capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"worker {spec['kind']} failed (exit {proc.returncode}):\n{proc.stderr}")
         return json.loads(Path(spec["result"]).read_text())
@@ -431,7 +434,8 @@ def bench_future_sum(args, threads: int) -> dict:
         "batch": batch, "length": length, "half_life": FIPO_HALF_LIFE, "dtype": "float32",
         "scan": scan, "matrix": matrix, "max_abs_diff": max_abs, "max_abs_F": scale, "rel_diff": rel,
         "match": rel <= MATCH_TOLERANCE, "speedup": speedup, "memory_ratio": memory_ratio,
-        "speedup_passed": speedup >= SPEEDUP_TARGET, "memory_passed": scan["peak_mib"] * MEMORY_TARGET <= matrix["peak_mib"],
+        "speedup_passed": speedup >= SPEEDUP_TARGET,
+        "memory_passed": scan["peak_mib"] * MEMORY_TARGET <= matrix["peak_mib"],
         "matrix_bytes": length * length * 4, "judged": length == FULL_LENGTH,
     }
 
@@ -439,11 +443,14 @@ def bench_future_sum(args, threads: int) -> dict:
 def table_future_sum(res: dict):
     from rich.table import Table
 
-    table = Table(title=f"(b) FIPO future sum, B = {res['batch']}, T = {res['length']:,}, τ = {res['half_life']:g}, float32")
+    table = Table(title=f"(b) FIPO future sum, B = {res['batch']}, T = {res['length']:,}, "
+                        f"τ = {res['half_life']:g}, float32")
     for col in ("implementation", "seconds (median)", "peak MiB"):
         table.add_column(col, justify="left" if col == "implementation" else "right")
-    table.add_row("discounted_cumsum (reverse), O(B·T)", f"{res['scan']['seconds_median']:.4f}", f"{res['scan']['peak_mib']:.1f}")
-    table.add_row("decay matrix (m·M·Δ) @ D, O(B·T²)", f"{res['matrix']['seconds_median']:.4f}", f"{res['matrix']['peak_mib']:.1f}")
+    table.add_row("discounted_cumsum (reverse), O(B·T)", f"{res['scan']['seconds_median']:.4f}",
+                  f"{res['scan']['peak_mib']:.1f}")
+    table.add_row("decay matrix (m·M·Δ) @ D, O(B·T²)", f"{res['matrix']['seconds_median']:.4f}",
+                  f"{res['matrix']['peak_mib']:.1f}")
 
     def mark(ok):
         return "[green]pass[/green]" if ok else "[red]FAIL[/red]"
@@ -454,10 +461,13 @@ def table_future_sum(res: dict):
         speed = memory = "(not judged)"
     table.add_row(f"ratio matrix / scan (targets ≥ {SPEEDUP_TARGET:g}×)", f"{res['speedup']:.1f}× {speed}",
                   f"{res['memory_ratio']:.1f}× {memory}")
-    table.caption = (f"max |F_scan − F_matrix| = {res['max_abs_diff']:.3g}, relative to max |F_matrix| = {res['max_abs_F']:.3g}: "
-                     f"{res['rel_diff']:.2g} (tolerance {MATCH_TOLERANCE:g}: {'match' if res['match'] else 'MISMATCH'}). "
+    table.caption = (f"max |F_scan − F_matrix| = {res['max_abs_diff']:.3g}, "
+                     f"relative to max |F_matrix| = {res['max_abs_F']:.3g}: "
+                     f"{res['rel_diff']:.2g} (tolerance {MATCH_TOLERANCE:g}: "
+                     f"{'match' if res['match'] else 'MISMATCH'}). "
                      f"D alone is {res['matrix_bytes'] / 2**20:,.0f} MiB. Peak = ru_maxrss growth in a fresh process "
-                     "after its inputs were built (inputs excluded); times include building m·M·Δ and, for the matrix, D."
+                     "after its inputs were built (inputs excluded); times include building m·M·Δ "
+                     "and, for the matrix, D."
                      + _slack_note(res["scan"], res["matrix"])
                      + ("" if res["judged"] else " Targets are judged at T = 20,480 only (the gap grows with T)."))
     return table
@@ -478,7 +488,8 @@ def bench_denser(args, threads: int) -> dict:
 def table_denser(res: dict):
     from rich.table import Table
 
-    table = Table(title=f"(c) denser_weights, G = {res['group']}, T = {res['length']:,}, D = {res['dim']}, W = {res['window']}")
+    table = Table(title=f"(c) denser_weights, G = {res['group']}, T = {res['length']:,}, "
+                        f"D = {res['dim']}, W = {res['window']}")
     for col in ("seconds (median)", "peak MiB", "one (rows, G, T, D) float32 temporary, MiB"):
         table.add_column(col, justify="right")
     table.add_row(f"{res['seconds_median']:.3f}", f"{res['peak_mib']:.1f}", f"{res['temporary_bytes'] / 2**20:,.1f}")
@@ -490,8 +501,9 @@ def table_denser(res: dict):
 def _slack_note(*runs: dict) -> str:
     """Say so when a process's high-water mark already sat above its resident set at the baseline (peak understated)."""
     slack = max((r.get("hidden_slack_mib") or 0.0) for r in runs)
-    return f" Caution: up to {slack:.0f} MiB of a peak may be hidden (high-water mark above the resident set at the baseline)." \
-        if slack > 1.0 else ""
+    return (f" Caution: up to {slack:.0f} MiB of a peak may be hidden "
+            "(high-water mark above the resident set at the baseline)."
+            if slack > 1.0 else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,9 +520,11 @@ def _cpu_model() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (a few prompts, T = 2048 / 256), under a minute")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes (a few prompts, T = 2048 / 256), under a minute")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS or all cores)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads (default: torch's, i.e. OMP_NUM_THREADS or all cores)")
     parser.add_argument("--steps", type=int, help="(a) measured steps per method (default 5, --quick 2)")
     parser.add_argument("--warmup", type=int, help="(a) warm-up steps per method (default 2, --quick 1)")
     parser.add_argument("--only", choices=("a", "b", "c"), action="append", help="run only these parts (repeatable)")

@@ -304,10 +304,12 @@ def _creditrl_updates(folder: Path, shapes, args, device: torch.device, flops: M
     def loss_of(prompt, response, advantages):
         mask, r_mask = torch.ones_like(prompt, dtype=torch.bool), torch.ones_like(response, dtype=torch.bool)
         scores = policy.score(prompt, mask, response, r_mask)  # as the trainer: the entropy comes from the sampler
-        loss, _ = policy_loss(scores.logprobs, scores.logprobs.detach(), advantages, r_mask, LossConfig(agg="token-mean"))
+        loss, _ = policy_loss(scores.logprobs, scores.logprobs.detach(), advantages, r_mask,
+                              LossConfig(agg="token-mean"))
         return loss
 
-    side = "creditrl, float32 weights, bf16 autocast" if dtype == "float32" else "creditrl, bf16 weights, float32 masters"
+    side = ("creditrl, float32 weights, bf16 autocast" if dtype == "float32"
+            else "creditrl, bf16 weights, float32 masters")
     side += (", compiled" if compiled else "") + label
     return _timed_updates(side, policy.model, loss_of, shapes, args, device, flops, peak,
                           MasterWeights(policy.model))
@@ -378,7 +380,8 @@ def _timed_updates(side: str, model, loss_of, shapes, args, device: torch.device
                        mfu=flops.per_token(length) * tokens_per_s / peak if peak else None,
                        mfu_without_attention=flops.per_token(length, attention=False) * tokens_per_s / peak
                        if peak else None,
-                       peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
+                       peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30
+                       if device.type == "cuda" else None)
         rows.append(row)
         print(f"update, {side}, {batch} × {length}: " + (error or f"{row['tokens_per_s']:,.0f} tokens/s"), flush=True)
         if args.profile and error is None and len(rows) == 1:
@@ -397,7 +400,8 @@ def _profile_update(side: str, update, folder: Path, device: torch.device) -> No
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     folder.mkdir(parents=True, exist_ok=True)
     name = "".join(c if c.isalnum() else "-" for c in side).strip("-")
-    (folder / f"update-{name}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60))
+    (folder / f"update-{name}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40,
+                                                                         max_name_column_width=60))
 
 
 # ---- part 3: training steps, creditrl against TRL ---------------------------------------------

@@ -8,8 +8,8 @@ Trains the same configuration twice with `creditrl train`, side by side (one thr
 without interruption, and once killed (SIGKILL, at a random moment between the two
 `--kill-after` bounds, in seconds) and restarted with `--resume` until it finishes by itself.
 Kills land anywhere: mid-step, mid-evaluation, mid-checkpoint write (the upper bound must leave
-time to reach the next checkpoint, or the run never gets past it). Prints the number of kills, the wall times, whether the
-final weights (and, for bf16 weights, the float32 master weights of the last checkpoint) are
+time to reach the next checkpoint, or the run never gets past it). Prints the number of kills, the wall times,
+whether the final weights (and, for bf16 weights, the float32 master weights of the last checkpoint) are
 bit-identical, and the final evaluation of both runs; `--json` keeps them. Settings after the
 options (`key=value`) go to both runs. Exit status 1 if the weights differ.
 """
@@ -42,7 +42,8 @@ def train_command(out: Path, steps: int, threads: int, resume: bool, checkpoint_
             f"output.checkpoint_every={checkpoint_every}", f"output.dir={out}", *overrides]
 
 
-def start_clean_run(out: Path, steps: int, threads: int, checkpoint_every: int, overrides: list[str]) -> subprocess.Popen:
+def start_clean_run(out: Path, steps: int, threads: int, checkpoint_every: int,
+                    overrides: list[str]) -> subprocess.Popen:
     return subprocess.Popen(train_command(out, steps, threads, False, checkpoint_every, overrides),
                             stdout=subprocess.DEVNULL)
 

@@ -131,7 +131,8 @@ def run_creditrl(work: Work) -> dict:
         cfg = load_config(None, [
             f"method={work.method}", f"model.name={work.model}", f"model.device={work.device}",
             f"model.bf16_autocast={str(work.bf16 and not work.bf16_weights).lower()}",
-            f"model.dtype={'bfloat16' if work.bf16_weights else 'float32'}", f"model.compile={str(work.compile).lower()}",
+            f"model.dtype={'bfloat16' if work.bf16_weights else 'float32'}",
+            f"model.compile={str(work.compile).lower()}",
             f"model.scoring_attention={work.scoring_attention}",
             f"model.keep_logits={str(work.keep_logits).lower()}",
             f"model.logits_chunk_mib={work.logits_chunk_mib}",
@@ -265,7 +266,8 @@ def run_trl(work: Work) -> dict:
 
     # no activation checkpointing (GRPOConfig's default is on), under the name of the installed transformers
     known = {f.name for f in fields(GRPOConfig)}
-    no_checkpointing = {"activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing": False}
+    no_checkpointing = {"activation_checkpointing" if "activation_checkpointing" in known
+                        else "gradient_checkpointing": False}
     with tempfile.TemporaryDirectory(prefix="vs_trl_trl_") as tmp:
         args = GRPOConfig(
             output_dir=tmp, use_cpu=work.device == "cpu", bf16=work.bf16, **no_checkpointing, seed=work.seed,
@@ -348,7 +350,8 @@ def compare_table(res: dict, versions: dict):
                   _ratio(trl["completion_tokens"], ours["completion_tokens"]))
     # the sides sample different completions, so seconds per step also compare different amounts of work;
     # per completion token the ratio (creditrl's rate over TRL's, as TRL's seconds over creditrl's above) does not
-    rate = {side: s["completion_tokens"] / s["step"] if s["step"] > 0 else 0.0 for side, s in (("ours", ours), ("trl", trl))}
+    rate = {side: s["completion_tokens"] / s["step"] if s["step"] > 0 else 0.0
+            for side, s in (("ours", ours), ("trl", trl))}
     table.add_row("full step, completion tokens / s", f"{rate['ours']:.1f}", f"{rate['trl']:.1f}",
                   _ratio(rate["ours"], rate["trl"]))
     table.add_row("accuracy", f"{ours['accuracy']:.3f}", f"{trl['accuracy']:.3f}", "")

@@ -86,8 +86,10 @@ def _guarded(fn):
 
 @app.command()
 def train(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
-          resume: bool = typer.Option(False, "--resume", help="continue from the run folder's last complete checkpoint"),
-          overwrite: bool = typer.Option(False, "--overwrite", help="start afresh in a run folder that holds an earlier run"),
+          resume: bool = typer.Option(False, "--resume",
+                                      help="continue from the run folder's last complete checkpoint"),
+          overwrite: bool = typer.Option(False, "--overwrite",
+                                         help="start afresh in a run folder that holds an earlier run"),
           quiet: bool = typer.Option(False, "--quiet", help="no progress bar")) -> None:
     """Train a policy (default: GRPO on the lab task with the bundled lab model)."""
 
@@ -95,7 +97,8 @@ def train(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         from creditrl.trainer import Trainer
 
         cfg = _config(args)
-        console.print(f"[bold]creditrl train[/bold]: method [cyan]{cfg.method_name}[/cyan], task [cyan]{cfg.task.name}[/cyan], "
+        console.print(f"[bold]creditrl train[/bold]: method [cyan]{cfg.method_name}[/cyan], "
+                      f"task [cyan]{cfg.task.name}[/cyan], "
                       f"model [cyan]{cfg.model.name}[/cyan], {cfg.train.steps} steps of "
                       f"{cfg.rollout.prompts_per_step}×{cfg.rollout.group_size} rollouts → {cfg.run_dir()}")
         return Trainer(cfg, console=console, show_progress=not quiet).train(resume=resume, overwrite=overwrite)
@@ -116,7 +119,8 @@ def _print_summary(s: dict) -> None:
         if key in after and before is None:
             table.add_row(label, f"{after[key]:.1%}")
         elif key in after and key in before:
-            table.add_row(label, f"{before[key]:.1%}", f"{after[key]:.1%}", f"{100 * (after[key] - before[key]):+.1f} pts")
+            table.add_row(label, f"{before[key]:.1%}", f"{after[key]:.1%}",
+                          f"{100 * (after[key] - before[key]):+.1f} pts")
     console.print(table)
     run_dir = Path(s["run_dir"])
     console.print(f"wall time {s['wall_seconds'] / 60:.1f} min; skipped updates: {s['skipped_updates']}")
@@ -127,11 +131,13 @@ def _print_summary(s: dict) -> None:
 
 @app.command("eval")
 def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
-          model: Optional[str] = typer.Option(None, help="model to evaluate (a run's final/ or checkpoint folder; default: the config's)"),
+          model: Optional[str] = typer.Option(None, help="model to evaluate (a run's final/ or checkpoint folder; "
+                                                         "default: the config's)"),
           k: Optional[int] = typer.Option(None, min=1, help="samples per problem (default: eval.k)"),
           greedy: bool = typer.Option(True, help="also report greedy accuracy"),
           limit: Optional[int] = typer.Option(None, min=1, help="evaluate on the first N held-out problems only"),
-          json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics to this JSON file")) -> None:
+          json_out: Optional[Path] = typer.Option(None, "--json",
+                                                  help="also write the metrics to this JSON file")) -> None:
     """Evaluate a policy on the task's held-out split: avg@k, pass@1, pass@k, maj@k, greedy."""
 
     def run():
@@ -174,15 +180,18 @@ def credit(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
            model: Optional[str] = typer.Option(None, help="model to score (a run's final/ or checkpoint folder, 'lab', "
                                                           "a hub id; default: the config's)"),
            prompts: int = typer.Option(8, min=1, help="the first N held-out problems"),
-           group_size: Optional[int] = typer.Option(None, min=1, help="responses per prompt (default: rollout.group_size)"),
+           group_size: Optional[int] = typer.Option(None, min=1,
+                                                    help="responses per prompt (default: rollout.group_size)"),
            methods: Optional[str] = typer.Option(None, help="comma-separated method names (default: all registered)"),
            out: Path = typer.Option(Path("credit.html"), help="the HTML heat-map page to write"),
            rollouts_file: Optional[Path] = typer.Option(None, "--rollouts",
-                                                        help="score rollouts saved by --save-rollouts instead of sampling"),
+                                                        help="score rollouts saved by --save-rollouts "
+                                                             "instead of sampling"),
            save_to: Optional[Path] = typer.Option(None, "--save-rollouts",
                                                   help="also save the sampled rollouts, to score them again later"),
            json_out: Optional[Path] = typer.Option(None, "--json",
-                                                   help="also write the metrics and the tidy credit table to this JSON file")) -> None:
+                                                   help="also write the metrics and the tidy credit table "
+                                                        "to this JSON file")) -> None:
     """Every method's per-token credit on the same rollouts: an HTML heat map and credit-accuracy metrics."""
 
     def run():
@@ -261,14 +270,17 @@ def compare(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " 
             seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default 0,1,2)"),
             steps: Optional[int] = typer.Option(None, min=1, help="policy-update steps per run (default 15)"),
             eval_every: Optional[int] = typer.Option(None, min=0, help="evaluate every N steps (default 5)"),
-            eval_size: Optional[int] = typer.Option(None, min=1, help="held-out lab problems per evaluation (default 50)"),
-            quick: bool = typer.Option(False, "--quick", help="a smoke grid: grpo and grpo_lambda, seeds 0 1, 10 steps"),
+            eval_size: Optional[int] = typer.Option(None, min=1,
+                                                    help="held-out lab problems per evaluation (default 50)"),
+            quick: bool = typer.Option(False, "--quick",
+                                       help="a smoke grid: grpo and grpo_lambda, seeds 0 1, 10 steps"),
             jobs: int = typer.Option(2, min=1, help="runs trained at once, each in its own process with "
                                                     "cores // jobs threads (1: one after another in this process)"),
             out: Optional[Path] = typer.Option(None, help="report folder (default reports/compare, "
                                                           "or reports/compare-quick with --quick)")) -> None:
     """Methods × seeds with an equal budget, resumable per run: report.md, report.html and results.json."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     from creditrl import compare as cmp
 
@@ -302,23 +314,28 @@ def methods() -> None:
     from rich.padding import Padding
     from rich.text import Text
 
-    from creditrl.methods import ADVANTAGES, RATIO_TRANSFORMS, TOKEN_WEIGHTS, get_method, known_methods, method_params_model
+    from creditrl.methods import (ADVANTAGES, RATIO_TRANSFORMS, TOKEN_WEIGHTS, get_method, known_methods,
+                                  method_params_model)
 
     for name in known_methods():
         m = get_method(name)
         params = ", ".join(f"{k}={v}" for k, v in method_params_model(m)().model_dump().items())
-        pieces = f"advantage {m.advantage}, ratio transform {m.ratio_transform or '-'}, token weight {m.token_weight or '-'}"
+        pieces = (f"advantage {m.advantage}, ratio transform {m.ratio_transform or '-'}, "
+                  f"token weight {m.token_weight or '-'}")
         console.print(f"[bold]{name}[/bold]  [dim]{pieces}[/dim]")
         console.print(Padding(escape(m.summary), (0, 0, 0, 2)))
         console.print(Padding(Text(f"method_params: {params or '-'}", style="dim"), (0, 0, 1, 2)))
-    console.print("[bold]pieces[/bold] (compose them: method.advantage=… method.ratio_transform=… method.token_weight=…)")
-    for kind, table in (("advantage", ADVANTAGES), ("ratio_transform", RATIO_TRANSFORMS), ("token_weight", TOKEN_WEIGHTS)):
+    console.print("[bold]pieces[/bold] (compose them: method.advantage=… method.ratio_transform=… "
+                  "method.token_weight=…)")
+    for kind, table in (("advantage", ADVANTAGES), ("ratio_transform", RATIO_TRANSFORMS),
+                        ("token_weight", TOKEN_WEIGHTS)):
         console.print(Padding(f"{kind}: {', '.join(sorted(table))}", (0, 0, 0, 2)))
 
 
 @lab_app.command("pretrain")
 def lab_pretrain(out: Path = typer.Option(..., help="folder to write the model, tokenizer and pretrain.json"),
-                 overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides of PretrainConfig, e.g. steps=200"),
+                 overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides of PretrainConfig, "
+                                                                            "e.g. steps=200"),
                  threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
                  quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Pretrain the lab model on traces with injected step errors (how the bundled checkpoint was made)."""
@@ -333,7 +350,8 @@ def lab_pretrain(out: Path = typer.Option(..., help="folder to write the model, 
         return pretrain(_parsed(PretrainConfig, overrides), out, show_progress=not quiet)
 
     summary = _guarded(run)
-    console.print(f"lab model written to {out}: {summary['parameters']:,} parameters; last evaluation {summary['history'][-1]}")
+    console.print(f"lab model written to {out}: {summary['parameters']:,} parameters; "
+                  f"last evaluation {summary['history'][-1]}")
 
 
 
@@ -346,8 +364,10 @@ def _parsed(model_cls, overrides: list[str] | None):
 
 @prm_app.command("train")
 def prm_train(out: Path = typer.Option(..., help="folder to write the PRM (LM, tokenizer, head) and prm_train.json"),
-              overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides of PRMTrainConfig, e.g. problems=128"),
-              model: str = typer.Option("lab", help="the policy that samples the responses; the PRM starts from its LM"),
+              overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides of PRMTrainConfig, "
+                                                                         "e.g. problems=128"),
+              model: str = typer.Option("lab", help="the policy that samples the responses; "
+                                                    "the PRM starts from its LM"),
               prm800k: Optional[Path] = typer.Option(None, help="train on this PRM800K jsonl instead of lab samples"),
               neutral: str = typer.Option("positive", help="PRM800K: rating 0 counts as 'positive' or 'negative'"),
               threads: Optional[int] = typer.Option(None, help="torch CPU threads")) -> None:
@@ -426,7 +446,8 @@ def critic_serve(model: str = typer.Option("smollm2", help="the model to serve: 
                  host: str = typer.Option("127.0.0.1", help="address to listen on"),
                  port: int = typer.Option(8000, min=0, max=65535, help="port (0: any free one)"),
                  max_tokens: int = typer.Option(1024, min=1, help="the longest completion a request may ask for"),
-                 api_key_env: Optional[str] = typer.Option(None, help="require 'Authorization: Bearer $<this variable>'"),
+                 api_key_env: Optional[str] = typer.Option(None,
+                                                           help="require 'Authorization: Bearer $<this variable>'"),
                  threads: Optional[int] = typer.Option(None, help="torch CPU threads")) -> None:
     """Serve a local transformers model at http://HOST:PORT/v1/chat/completions (OpenAI-compatible)."""
 

@@ -169,7 +169,8 @@ def _check_fits_the_grid(cfg: RunConfig, steps_done: int, steps: int) -> None:
     before = yaml.safe_load(saved.read_text()).get("eval") if saved.exists() else None
     now = cfg.model_dump(mode="json")["eval"]
     if before is not None and before != now:
-        changed = ", ".join(f"eval.{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in sorted(now) if before.get(k) != now[k])
+        changed = ", ".join(f"eval.{k} ({before.get(k)!r} -> {now.get(k)!r})"
+                            for k in sorted(now) if before.get(k) != now[k])
         raise TrainingStopped(f"{saved} evaluates on another schedule than the grid ({changed}): its curve could "
                               "not be compared step by step; compare into another --out folder")
 

@@ -65,7 +65,8 @@ class Rollouts:
         return replace(self, **picked)
 
     def to(self, device: torch.device | str) -> "Rollouts":
-        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), Tensor)}
         return replace(self, **moved)
 
 

@@ -168,7 +168,8 @@ class Trainer:
         missing, unexpected = self.policy.model.load_state_dict(state, strict=False)
         tied = set(getattr(self.policy.model, "_tied_weights_keys", None) or []) | {"lm_head.weight"}
         if unexpected or set(missing) - tied:
-            raise TrainingStopped(f"{ckpt}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
+            raise TrainingStopped(f"{ckpt}: checkpoint does not match the model "
+                                  f"(missing {missing}, unexpected {unexpected})")
         self.policy.model.tie_weights()
 
     # ---- data ---------------------------------------------------------------------------------
@@ -353,8 +354,8 @@ class Trainer:
             self._clear_earlier_run(overwrite or (resume and _same_or_no_config(self.run_dir / "config.yaml", cfg)))
         save_config(cfg, self.run_dir / "config.yaml")
         started = time.time()
-        self.sinks = build_sinks(["jsonl", *cfg.output.report_to], self.run_dir, self.run_dir.name, cfg.model_dump(mode="json"),
-                                 first_step=self.step + 1)
+        self.sinks = build_sinks(["jsonl", *cfg.output.report_to], self.run_dir, self.run_dir.name,
+                                 cfg.model_dump(mode="json"), first_step=self.step + 1)
         evals = read_jsonl(self.run_dir / "eval.jsonl")
         if cfg.eval.before and not evals and self.step == 0:
             self.console.print("evaluating the starting policy ...")
@@ -416,7 +417,8 @@ class Trainer:
         if outcome.bad is not None and self.bad_in_a_row >= self.cfg.train.max_bad_steps:
             raise TrainingStopped(f"stopping at step {self.step}: {self.bad_in_a_row} skipped updates in a row, "
                                   f"the last because of {outcome.bad} (limit train.max_bad_steps="
-                                  f"{self.cfg.train.max_bad_steps}); the last good checkpoint is in {self.run_dir / 'checkpoints'}")
+                                  f"{self.cfg.train.max_bad_steps}); the last good checkpoint is in "
+                                  f"{self.run_dir / 'checkpoints'}")
 
     def _log_eval(self, step: int) -> dict:
         metrics = self.evaluate()
@@ -509,7 +511,8 @@ def _rollout_metrics(r: Rollouts) -> dict[str, float]:
     if r.batch_size == 0:
         return {"responses": 0.0}
     spread = _groups_with_spread(r)
-    return {"responses": float(r.batch_size), "reward": r.rewards.mean().item(), "accuracy": r.correct.float().mean().item(),
+    return {"responses": float(r.batch_size), "reward": r.rewards.mean().item(),
+            "accuracy": r.correct.float().mean().item(),
             "response_length": r.response_lengths.float().mean().item(), "truncated": r.truncated.float().mean().item(),
             "zero_spread_groups": 1.0 - len(spread) / len(torch.unique(r.group_ids))}
 

@@ -66,8 +66,10 @@ class MonteCarloValues:
 
     def metrics(self) -> dict[str, float]:
         """The cost since the last `reset`, under the trainer's metric names."""
-        return {"extra_generated_tokens": float(self.generated_tokens), "extra_generate_calls": float(self.generate_calls),
-                "states_estimated": float(self.states_estimated), "states_deduplicated": float(self.states_deduplicated),
+        return {"extra_generated_tokens": float(self.generated_tokens),
+                "extra_generate_calls": float(self.generate_calls),
+                "states_estimated": float(self.states_estimated),
+                "states_deduplicated": float(self.states_deduplicated),
                 "time_value_estimation": self.seconds}
 
     def estimate(self, states: Sequence[PrefixState], k: int, temperature: float | None = None,
@@ -102,12 +104,14 @@ class MonteCarloValues:
             correct, format_ok, lengths, truncated = [], [], [], []
             for row, continuation in enumerate(gen.response_ids):
                 state, budget = unique[row // k], budgets[row // k]
-                verdict = self.task.verify(state.problem, self.policy.decode(list(state.prefix_ids) + continuation[:budget]))
+                verdict = self.task.verify(state.problem,
+                                           self.policy.decode(list(state.prefix_ids) + continuation[:budget]))
                 correct.append(verdict.correct)
                 format_ok.append(verdict.format_ok)
                 lengths.append(len(state.prefix_ids) + min(len(continuation), budget))
                 truncated.append(gen.truncated[row] or len(continuation) > budget)
-            rewards = outcome_rewards(torch.tensor(correct), torch.tensor(lengths), torch.tensor(format_ok), self.reward)
+            rewards = outcome_rewards(torch.tensor(correct), torch.tensor(lengths), torch.tensor(format_ok),
+                                      self.reward)
             values = torch.where(torch.tensor(truncated), 0.0, rewards).view(len(unique), k).mean(dim=1)
             self._samples += 1
             self.generated_tokens += sum(len(c) for c in gen.response_ids)

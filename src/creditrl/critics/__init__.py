@@ -52,7 +52,8 @@ class StepCritic:
         out = []
         for b in range(rollouts.batch_size):
             mask = rollouts.response_mask[b].bool()
-            steps = step_texts(rollouts.response_ids[b][mask].tolist(), rollouts.step_ids[b][mask].tolist(), self.decode)
+            steps = step_texts(rollouts.response_ids[b][mask].tolist(), rollouts.step_ids[b][mask].tolist(),
+                               self.decode)
             out.append(build_prompt(rollouts.problems[b].prompt, rollouts.problems[b].answer, steps))
         return out
 

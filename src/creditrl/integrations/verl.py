@@ -154,7 +154,11 @@ def _refuse_kl_in_reward(config: Any, estimator: str) -> None:
 
 @register_adv_est("creditrl_grpo")
 def creditrl_grpo(
-    token_level_rewards: Tensor, response_mask: Tensor, index: np.ndarray | None = None, config: Any = None, **kwargs: Any
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index: np.ndarray | None = None,
+    config: Any = None,
+    **kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
     """creditrl's `grpo` advantage: A_i = (R_i − mean_G R) / (std_G R + eps) on every response token.
 
@@ -176,7 +180,11 @@ def _scaled_by_std(params: Any, config: Any) -> Any:
 
 @register_adv_est("creditrl_rloo")
 def creditrl_rloo(
-    token_level_rewards: Tensor, response_mask: Tensor, index: np.ndarray | None = None, config: Any = None, **kwargs: Any
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index: np.ndarray | None = None,
+    config: Any = None,
+    **kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
     """creditrl's `rloo` advantage: A_i = R_i − mean_{j≠i} R_j, R_i = Σ_t token_level_rewards[i, t].
 
@@ -189,7 +197,11 @@ def creditrl_rloo(
 
 @register_adv_est("creditrl_grpo_lambda")
 def creditrl_grpo_lambda(
-    token_level_rewards: Tensor, response_mask: Tensor, index: np.ndarray | None = None, config: Any = None, **kwargs: Any
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index: np.ndarray | None = None,
+    config: Any = None,
+    **kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
     """creditrl's `grpo_lambda` advantage: the GRPO advantage clamped below at `adv_clamp` (−0.1).
 
@@ -204,7 +216,11 @@ def creditrl_grpo_lambda(
 
 @register_adv_est("creditrl_process_grpo")
 def creditrl_process_grpo(
-    token_level_rewards: Tensor, response_mask: Tensor, index: np.ndarray | None = None, config: Any = None, **kwargs: Any
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index: np.ndarray | None = None,
+    config: Any = None,
+    **kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
     """creditrl's `process_grpo` advantage on step rewards written by `creditrl_step_rewards`.
 
@@ -222,7 +238,11 @@ def creditrl_process_grpo(
 
 @register_adv_est("creditrl_capo")
 def creditrl_capo(
-    token_level_rewards: Tensor, response_mask: Tensor, index: np.ndarray | None = None, config: Any = None, **kwargs: Any
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index: np.ndarray | None = None,
+    config: Any = None,
+    **kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
     """creditrl's CAPO advantage on step rewards written by `creditrl_step_rewards`.
 

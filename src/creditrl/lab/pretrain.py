@@ -95,7 +95,8 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, show_progress: bool = True) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
-    summary = {"config": cfg.model_dump(mode="json"), "history": history, "parameters": sum(p.numel() for p in model.parameters())}
+    summary = {"config": cfg.model_dump(mode="json"), "history": history,
+               "parameters": sum(p.numel() for p in model.parameters())}
     (out_dir / "pretrain.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -86,7 +86,8 @@ def fipo_weight(advantages: Tensor, delta: Tensor, mask: Tensor, params: FIPOPar
     mask = mask.bool()
     delta = delta if delta.dtype in (torch.float32, torch.float64) else delta.float()
     exploded = delta > math.log(params.filter_threshold)
-    future = discounted_cumsum(torch.where(mask & ~exploded, delta, 0.0), 2.0 ** (-1.0 / params.half_life), reverse=True)
+    future = discounted_cumsum(torch.where(mask & ~exploded, delta, 0.0), 2.0 ** (-1.0 / params.half_life),
+                               reverse=True)
     low = 1.0 if params.clip_mode == "high_only" else 1.0 - params.rho_low
     weight = future.exp().clamp(low, 1.0 + params.rho_high)
     negative = mask & (advantages < 0)

@@ -86,7 +86,8 @@ def process_grpo(rollouts: Rollouts, params: ProcessGRPOParams) -> Tensor:
     Shapes: step_rewards (B, S), step_ids (B, T) -> (B, T).
     """
     if rollouts.step_rewards is None:
-        raise ValueError("process_grpo needs rollouts.step_rewards (B, S): per-step rewards, NaN where a step is absent")
+        raise ValueError("process_grpo needs rollouts.step_rewards (B, S): per-step rewards, "
+                         "NaN where a step is absent")
     step_rewards = rollouts.step_rewards
     step_rewards = step_rewards if step_rewards.is_floating_point() else step_rewards.float()
     index, counts = group_index(rollouts.group_ids)
@@ -150,7 +151,8 @@ register_method(
         name="process_grpo",
         advantage="process_grpo",
         defaults={"loss.agg": "seq-mean-token-mean"},
-        summary="Process-supervised GRPO (DeepSeekMath §4.1.3): group-normalised step rewards, summed from each token's step on.",
+        summary="Process-supervised GRPO (DeepSeekMath §4.1.3): group-normalised step rewards, "
+                "summed from each token's step on.",
         needs_step_rewards=True,
     )
 )

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from creditrl.methods.registry import Method, register_advantage, register_method, register_ratio_transform, register_token_weight
+from creditrl.methods.registry import (Method, register_advantage, register_method, register_ratio_transform,
+                                       register_token_weight)
 from creditrl.methods.fipo import discounted_cumsum
 from creditrl.methods.grpo import GRPOParams, grpo
 from creditrl.rollouts import Rollouts
@@ -104,7 +105,8 @@ def grpo_lambda_weight(advantages: Tensor, delta: Tensor, mask: Tensor, params: 
         k = torch.arange(length, device=m.device)
         after = torch.clamp(2 * k + 1, max=length)
         tail_count = F.pad(m.flip(-1).cumsum(-1).flip(-1), (0, 1))[..., after]
-        weight = weight - _powers(decay, k + 1, m) * F.pad(weight, (0, 1))[..., after] + _powers(decay, k, m) * tail_count
+        weight = (weight - _powers(decay, k + 1, m) * F.pad(weight, (0, 1))[..., after]
+                  + _powers(decay, k, m) * tail_count)
     if params.weight_normalize:
         mean = (weight * m).sum(dim=-1, keepdim=True) / m.sum(dim=-1, keepdim=True).clamp(min=1)
         weight = weight / mean.clamp(min=torch.finfo(m.dtype).tiny)

@@ -56,9 +56,11 @@ def aggregate(loss_mat: Tensor, mask: Tensor, agg: Aggregation, norm_length: int
         return row_means.sum() / (lengths > 0).sum().clamp(min=1)
     if agg == "seq-mean-token-sum-norm":
         if norm_length is None:
-            raise ValueError("loss.agg 'seq-mean-token-sum-norm' needs loss.norm_length (the constant L_max, e.g. the max new tokens)")
+            raise ValueError("loss.agg 'seq-mean-token-sum-norm' needs loss.norm_length "
+                             "(the constant L_max, e.g. the max new tokens)")
         return summed.sum() / (max(loss_mat.shape[0], 1) * norm_length)
-    raise ValueError(f"unknown aggregation {agg!r}; expected token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
+    raise ValueError(f"unknown aggregation {agg!r}; expected token-mean, seq-mean-token-mean "
+                     "or seq-mean-token-sum-norm")
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: Literal["k1", "k2", "k3"]) -> Tensor:

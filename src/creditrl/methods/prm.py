@@ -43,7 +43,8 @@ class PUREParams(BaseModel):
 def _scores(prm, rollouts: Rollouts) -> Tensor:
     scores = prm.score_steps(rollouts)
     if scores.shape[0] != rollouts.batch_size or scores.dim() != 2:
-        raise ValueError(f"the PRM returned step scores of shape {tuple(scores.shape)}, expected ({rollouts.batch_size}, S)")
+        raise ValueError(f"the PRM returned step scores of shape {tuple(scores.shape)}, "
+                         f"expected ({rollouts.batch_size}, S)")
     return scores.float()
 
 

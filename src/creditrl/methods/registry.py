@@ -4,7 +4,7 @@
 |------------------|--------------------------------------------------------|-----------------------------------|
 | advantage        | `fn(rollouts, params, **needs) -> A (B, T)`            | once per rollout batch            |
 | ratio transform  | `fn(delta, mask, params) -> delta' (B, T)`, with grad  | inside the loss, every minibatch  |
-| token weight     | `fn(advantages, delta, mask, params) -> f (B, T)`, or `(f, keep)` | inside the loss, under no_grad |
+| token weight | `fn(advantages, delta, mask, params) -> f (B, T)`, or `(f, keep)` | inside the loss, under no_grad |
 
 `params` is an instance of the piece's own pydantic model (extra="forbid", published defaults).
 A piece declares what it needs, so no code outside `methods/` tests a method's name:
@@ -193,7 +193,8 @@ def _load_plugins() -> None:
                 if isinstance(item, Method):
                     register_method(item)
         except Exception as exc:  # a plugin must not break the library
-            warnings.warn(f"creditrl: method plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"creditrl: method plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}", RuntimeWarning,
+                          stacklevel=2)
 
 
 def known_methods() -> list[str]:
@@ -309,7 +310,8 @@ def compute_advantages(
         raise ValueError(f"advantage {method.advantage!r} needs {', '.join(missing)} from the trainer")
     adv = component.fn(rollouts, _piece_params(component, params), **{n: context[n] for n in component.needs})
     if adv.shape != rollouts.response_mask.shape:
-        raise ValueError(f"advantage {method.advantage!r} returned shape {tuple(adv.shape)}, expected {tuple(rollouts.response_mask.shape)}")
+        raise ValueError(f"advantage {method.advantage!r} returned shape {tuple(adv.shape)}, "
+                         f"expected {tuple(rollouts.response_mask.shape)}")
     return adv.masked_fill(~rollouts.response_mask.bool(), 0.0)
 
 
@@ -319,7 +321,8 @@ def loss_hooks(
     """The method's ratio transform and token weight with their params bound, for `policy_loss`."""
     method = resolve_method(method)
     params = _validated(method, params)
-    return _bound("ratio transform", method.ratio_transform, params), _bound("token weight", method.token_weight, params)
+    return (_bound("ratio transform", method.ratio_transform, params),
+            _bound("token weight", method.token_weight, params))
 
 
 def _bound(kind: str, name: str | None, params: BaseModel) -> Callable[..., Tensor] | None:

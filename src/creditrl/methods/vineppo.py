@@ -22,12 +22,16 @@ class VinePPOParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     k: int = Field(9, ge=1, description="continuations per state (paper: 9; ablations 1, 3, 16)")
-    temperature: float | None = Field(None, ge=0.0, description="continuations' temperature (None: sampling.temperature; paper: 0.6 for both)")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="continuations' top-p (None: sampling.top_p; paper: 0.9 for both)")
+    temperature: float | None = Field(None, ge=0.0, description="continuations' temperature "
+                                                                "(None: sampling.temperature; paper: 0.6 for both)")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="continuations' top-p "
+                                                                  "(None: sampling.top_p; paper: 0.9 for both)")
     max_steps: int = Field(25, ge=1, description="states estimated per response, s_0 .. s_{max_steps−1}; later ones "
-                                                 "are filled backward (the official code's max_step_for_value_estimation "
-                                                 "= M estimates s_0 .. s_M: M = max_steps − 1)")
-    max_continuation_tokens: int | None = Field(None, ge=1, description="None: sampling.max_new_tokens minus the prefix length")
+                                                 "are filled backward (the official code's "
+                                                 "max_step_for_value_estimation = M estimates s_0 .. s_M: "
+                                                 "M = max_steps − 1)")
+    max_continuation_tokens: int | None = Field(None, ge=1,
+                                                description="None: sampling.max_new_tokens minus the prefix length")
     whiten: bool = True
     eps: float = Field(1e-8, gt=0.0)
 

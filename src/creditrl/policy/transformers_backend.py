@@ -226,7 +226,8 @@ class TransformersPolicy:
         restore = order.argsort()
 
         def joined(i: int) -> Tensor:
-            padded = [torch.nn.functional.pad(p[i], (0, 0) * (p[i].dim() - 2) + (0, width - p[i].shape[1])) for p in parts]
+            padded = [torch.nn.functional.pad(p[i], (0, 0) * (p[i].dim() - 2) + (0, width - p[i].shape[1]))
+                      for p in parts]
             return torch.cat(padded)[restore]
         return TokenScores(joined(0), joined(1) if with_entropy else None, joined(2) if with_hidden else None)
 
@@ -340,7 +341,8 @@ def _compiled_forward(layer_class: type, attention: tuple[SDPBackend, ...] | Non
 
 EAGER_ON_CPU_UP_TO = 512  # tokens per row
 WITHOUT_CUDNN = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
-CUDNN_WIDTH_MULTIPLE = 128  # scoring widths with scoring_attention="cudnn" (a 2,048-token limit: 16 shapes per row count)
+# scoring widths with scoring_attention="cudnn" (a 2,048-token limit: 16 shapes per row count)
+CUDNN_WIDTH_MULTIPLE = 128
 FORWARD_COST_TOKENS = 64  # what one more forward costs, in padded tokens (weight casts, gradient sums, launches)
 
 

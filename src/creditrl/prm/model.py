@@ -60,7 +60,8 @@ class StepClassifier(nn.Module):
         """(classifier, tokenizer) from a folder written by `save`, its weights in `dtype`."""
         folder = Path(folder)
         if not (folder / HEAD_FILE).exists():
-            raise FileNotFoundError(f"{folder} holds no trained PRM ({HEAD_FILE} is missing); train one with `creditrl prm train`")
+            raise FileNotFoundError(f"{folder} holds no trained PRM ({HEAD_FILE} is missing); "
+                                    "train one with `creditrl prm train`")
         model = cls(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype))
         model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
         return model.to(dtype).eval(), AutoTokenizer.from_pretrained(folder)

@@ -79,7 +79,8 @@ class QwenStyleReader:
 
     @torch.no_grad()
     def score(self, problem: str, steps: Sequence[str]) -> list[float]:
-        ids, marks = _marked_ids(self.tokenizer, self.text(problem, steps), self.separator_id, self.separator, len(steps))
+        ids, marks = _marked_ids(self.tokenizer, self.text(problem, steps), self.separator_id, self.separator,
+                                 len(steps))
         logits = _logits(self.model(input_ids=ids.to(self.model.device))).cpu()
         if logits.dim() != 3 or logits.shape[-1] != 2:
             raise ValueError(f"a Qwen-style PRM gives 2-class logits per position (1, L, 2), got {tuple(logits.shape)}")
@@ -147,7 +148,8 @@ class PublishedPRM:
         scores = torch.full((rollouts.batch_size, n_steps), torch.nan)
         for b in range(rollouts.batch_size):
             mask = rollouts.response_mask[b]
-            steps = step_texts(rollouts.response_ids[b][mask].tolist(), rollouts.step_ids[b][mask].tolist(), self.decode)
+            steps = step_texts(rollouts.response_ids[b][mask].tolist(), rollouts.step_ids[b][mask].tolist(),
+                               self.decode)
             if steps:
                 scores[b, : len(steps)] = torch.tensor(self.reader.score(rollouts.problems[b].prompt, steps))
                 self.forward_passes += 1

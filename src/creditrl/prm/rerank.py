@@ -21,7 +21,8 @@ from creditrl.tasks.base import Problem, Task
 def rerank_report(policy: TransformersPolicy, task: Task, problems: Sequence[Problem], scorer, n: int,
                   sampling: SamplingConfig, seed: int = 0,
                   aggregations: Sequence[Aggregation] = ("product", "min")) -> dict[str, float]:
-    """{"best_of_n_product", "best_of_n_min", "majority_vote", "avg", "pass", "problems", "n"}, fractions of problems."""
+    """{"best_of_n_product", "best_of_n_min", "majority_vote", "avg", "pass", "problems", "n"},
+    fractions of problems."""
     rollouts = collect_rollouts(policy, task, problems, n, sampling, RewardConfig(), seed=seed)
     step_scores = scorer.score_steps(rollouts)
     report = {}

@@ -63,14 +63,17 @@ def examples_to_rollouts(examples: list[StepExample], tokenizer) -> Rollouts:
         groups.setdefault(example.problem, len(groups))
     response_ids = pad_right(responses, tokenizer.pad_token_id or 0)
     width = max(len(p) for p in prompts)
-    prompt_ids = torch.stack([torch.cat([p.new_full((width - len(p),), tokenizer.pad_token_id or 0), p]) for p in prompts])
+    prompt_ids = torch.stack([torch.cat([p.new_full((width - len(p),), tokenizer.pad_token_id or 0), p])
+                              for p in prompts])
     prompt_mask = torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]
     n = len(examples)
     return Rollouts(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
-                    response_mask=torch.arange(response_ids.shape[1])[None, :] < torch.tensor([len(r) for r in responses])[:, None],
+                    response_mask=(torch.arange(response_ids.shape[1])[None, :]
+                                   < torch.tensor([len(r) for r in responses])[:, None]),
                     group_ids=torch.tensor([groups[e.problem] for e in examples]),
                     step_ids=pad_right(steps, -1, width=response_ids.shape[1]),
-                    rewards=torch.zeros(n), correct=torch.zeros(n, dtype=torch.bool), truncated=torch.zeros(n, dtype=torch.bool),
+                    rewards=torch.zeros(n), correct=torch.zeros(n, dtype=torch.bool),
+                    truncated=torch.zeros(n, dtype=torch.bool),
                     step_labels=pad_right(labels, -1))
 
 

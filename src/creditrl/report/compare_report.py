@@ -63,7 +63,8 @@ def plot_curves(results: dict, path: Path) -> None:
     target = results["summary"]["target"]
     if target is not None:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="GRPO final (mean)")
-    ax.set(xlabel="policy-update step", ylabel="held-out avg@k (pass@1)", title="learning curves (band: min–max over seeds)")
+    ax.set(xlabel="policy-update step", ylabel="held-out avg@k (pass@1)",
+           title="learning curves (band: min–max over seeds)")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -98,7 +99,8 @@ def results_rows(results: dict) -> tuple[list[str], list[list[str]]]:
         rows.append([method, _pct(s["start"]), f"{_pct(s['final_mean'])} ± {_pct(s['final_ci95'])}",
                      " ".join(_pct(f) for f in s["final"]), " ".join(_maybe(x, "{:d}") for x in s["steps_to_target"]),
                      " ".join(_maybe(x, "{:.0f}") for x in s["seconds_to_target"]), f"{c['seconds_per_step']:.2f}",
-                     f"{c['extra_generated_tokens']:.0f}", f"{c['extra_forward_passes']:.0f}", f"{c['critic_calls']:.0f}",
+                     f"{c['extra_generated_tokens']:.0f}", f"{c['extra_forward_passes']:.0f}",
+                     f"{c['critic_calls']:.0f}",
                      f"{c['gen_rounds']:.2f}", f"{c['skipped_steps']:.1f}", f"{c['peak_rss_mb']:.0f}"])
     return header, rows
 
@@ -125,7 +127,8 @@ def _context(results: dict) -> list[str]:
              f"evaluated every {spec['eval_every']} steps on {spec['eval_size']} held-out problems."),
             (f"Base config: {spec['config'] or 'defaults'}; overrides: {' '.join(spec['overrides']) or 'none'}; "
              f"per-method settings: {spec['method_overrides'] or 'none'}."),
-            "GRPO's mean final avg@k (the target): " + (_pct(target) if target is not None else "– (no GRPO run)") + ".",
+            ("GRPO's mean final avg@k (the target): "
+             + (_pct(target) if target is not None else "– (no GRPO run)") + "."),
             ("Train seconds: sum of per-step time, evaluations excluded (a skipped step logs no time). Extra forwards: "
              "sequences scored by the no-grad old-log-prob (and KL reference) forward, plus value-estimation generate "
              "calls. Peak RSS: " + ("each run's own peak (one process per run, "
@@ -163,7 +166,8 @@ def render_html(results: dict, pngs: dict[str, bytes]) -> str:
             "<h2>Results</h2>", _html_table(*results_rows(results))]
     for name, caption in PLOTS.items():
         data = base64.b64encode(pngs[name]).decode("ascii")
-        body += [f"<h2>{_e(caption.capitalize())}</h2>", f"<img alt='{_e(caption)}' src='data:image/png;base64,{data}'>"]
+        body += [f"<h2>{_e(caption.capitalize())}</h2>",
+                 f"<img alt='{_e(caption)}' src='data:image/png;base64,{data}'>"]
     if results["credit"] is not None:
         body += ["<h2>Credit accuracy</h2>", f"<p class='context'>{_e(_credit_context(results))}</p>",
                  _html_table(*credit_rows(results))]

@@ -92,7 +92,8 @@ def _groups(maps: CreditMaps) -> list[tuple[str, list[int]]]:
     rows: dict[int, list[int]] = {}
     for b, key in enumerate(keys):
         rows.setdefault(int(key), []).append(b)
-    return [(maps.prompts[key] if key < len(maps.prompts) else f"prompt {key}", members) for key, members in rows.items()]
+    return [(maps.prompts[key] if key < len(maps.prompts) else f"prompt {key}", members)
+            for key, members in rows.items()]
 
 
 def _e(text: object) -> str:
@@ -228,7 +229,8 @@ _BASE_CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#111;background:#fff}
 header,#legend,#methods,#accuracy{padding:0 1.2em}
 h1{font-size:1.4em;margin:.6em 0 .2em}h2{font-size:1.1em;margin:.8em 0 .3em}
-table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;font-size:.85em}\
+td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}
 tr.skipped td{color:#777}
 .scale{display:flex;align-items:center;gap:0}.scale .sw{display:inline-block;width:1.6em;height:1.1em}
 .scale .end{padding:0 .5em;font-weight:bold}

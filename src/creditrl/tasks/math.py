@@ -390,8 +390,8 @@ def hub_task(
         import datasets
     except ImportError as error:
         raise ImportError(
-            "hub_task needs the `datasets` package: `pip install 'creditrl[hub]'` (or pip install datasets). Or download the data as "
-            "jsonl and use JsonlTask, gsm8k_task or math500_task with local paths."
+            "hub_task needs the `datasets` package: `pip install 'creditrl[hub]'` (or pip install datasets). "
+            "Or download the data as jsonl and use JsonlTask, gsm8k_task or math500_task with local paths."
         ) from error
     cache = Path(cache_dir or Path.home() / ".cache" / "creditrl" / "hub")
     folder = cache / name.replace("/", "__") / (config or "default")
