@@ -534,8 +534,8 @@ def main() -> None:
         worker(json.loads(args.worker))
         return
 
-    from rich.console import Console
     import transformers
+    from rich.console import Console
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

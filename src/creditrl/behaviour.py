@@ -20,7 +20,6 @@ from creditrl.config import VERIFY_PHRASES
 from creditrl.tasks.math import extract_answer
 
 
-
 def length_stats(lengths: Sequence[int]) -> dict[str, float]:
     """10th/50th/90th percentile (linear interpolation) and maximum of the response lengths
     (their mean is `evaluate`'s mean_length)."""

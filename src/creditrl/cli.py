@@ -279,8 +279,14 @@ def compare(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " 
             out: Optional[Path] = typer.Option(None, help="report folder (default reports/compare, "
                                                           "or reports/compare-quick with --quick)")) -> None:
     """Methods × seeds with an equal budget, resumable per run: report.md, report.html and results.json."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from creditrl import compare as cmp
 
@@ -314,8 +320,14 @@ def methods() -> None:
     from rich.padding import Padding
     from rich.text import Text
 
-    from creditrl.methods import (ADVANTAGES, RATIO_TRANSFORMS, TOKEN_WEIGHTS, get_method, known_methods,
-                                  method_params_model)
+    from creditrl.methods import (
+        ADVANTAGES,
+        RATIO_TRANSFORMS,
+        TOKEN_WEIGHTS,
+        get_method,
+        known_methods,
+        method_params_model,
+    )
 
     for name in known_methods():
         m = get_method(name)

@@ -14,8 +14,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from creditrl.config import (ConfigError, MethodSpec, RunConfig, deep_merge, parse_overrides, read_config_file,
-                             set_dotted, validated)
+from creditrl.config import (
+    ConfigError,
+    MethodSpec,
+    RunConfig,
+    deep_merge,
+    parse_overrides,
+    read_config_file,
+    set_dotted,
+    validated,
+)
 from creditrl.methods import Method, UnknownMethodError, method_params_model, resolve_method
 from creditrl.policy.engines import get_engine
 from creditrl.sinks import known_sinks

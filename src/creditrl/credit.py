@@ -28,8 +28,8 @@ from creditrl.methods import compute_advantages, get_method, known_methods, loss
 from creditrl.methods.loss import token_weights
 from creditrl.policy.transformers_backend import TransformersPolicy
 from creditrl.rollouts import Rollouts
-from creditrl.tasks.base import Problem
 from creditrl.steps import token_end_offsets
+from creditrl.tasks.base import Problem
 
 
 @dataclass

@@ -36,8 +36,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors import SafetensorError
 
-from creditrl.checkpoint import (latest_checkpoint, load_master_weights, load_optimizer_state, load_trainer_state,
-                                 save_checkpoint)
+from creditrl.checkpoint import (
+    latest_checkpoint,
+    load_master_weights,
+    load_optimizer_state,
+    load_trainer_state,
+    save_checkpoint,
+)
 from creditrl.collect import collect_rollouts
 from creditrl.config import RunConfig, TrainConfig, save_config
 from creditrl.configure import check_config

@@ -6,15 +6,46 @@ applies them and checks the names that refer to registries.  Every section forbi
 keys, so a typo is an error that names the key instead of a setting silently ignored.
 """
 
-from creditrl.config.files import (ConfigError, deep_merge, describe_errors, parse_overrides, read_config_file,
-                                   save_config, set_dotted, validated)
+from creditrl.config.files import (
+                                   ConfigError,
+                                   deep_merge,
+                                   describe_errors,
+                                   parse_overrides,
+                                   read_config_file,
+                                   save_config,
+                                   set_dotted,
+                                   validated,
+)
 from creditrl.config.run import MethodSpec, RunConfig
-from creditrl.config.sections import (VERIFY_PHRASES, Aggregation, CriticConfig, EvalConfig, LoRAConfig, LossConfig,
-                                      ModelConfig, OutputConfig, PRMConfig, RewardConfig, RolloutConfig,
-                                      SamplingConfig, TrainConfig)
-from creditrl.config.tasks import (DatasetSection, GSM8KSection, HubSection, JsonlSection, LabSection,
-                                   LabTaskConfig, MATH500Section, TaskConfig, known_tasks, register_task_section,
-                                   task_config, task_section_model)
+from creditrl.config.sections import (
+                                   VERIFY_PHRASES,
+                                   Aggregation,
+                                   CriticConfig,
+                                   EvalConfig,
+                                   LoRAConfig,
+                                   LossConfig,
+                                   ModelConfig,
+                                   OutputConfig,
+                                   PRMConfig,
+                                   RewardConfig,
+                                   RolloutConfig,
+                                   SamplingConfig,
+                                   TrainConfig,
+)
+from creditrl.config.tasks import (
+                                   DatasetSection,
+                                   GSM8KSection,
+                                   HubSection,
+                                   JsonlSection,
+                                   LabSection,
+                                   LabTaskConfig,
+                                   MATH500Section,
+                                   TaskConfig,
+                                   known_tasks,
+                                   register_task_section,
+                                   task_config,
+                                   task_section_model,
+)
 
 __all__ = [
     "VERIFY_PHRASES", "Aggregation", "ConfigError", "CriticConfig", "DatasetSection", "EvalConfig", "GSM8KSection",

@@ -7,8 +7,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from creditrl.config.sections import (CriticConfig, EvalConfig, LossConfig, ModelConfig, OutputConfig, PRMConfig,
-                                      RewardConfig, RolloutConfig, SamplingConfig, TrainConfig)
+from creditrl.config.sections import (
+    CriticConfig,
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    OutputConfig,
+    PRMConfig,
+    RewardConfig,
+    RolloutConfig,
+    SamplingConfig,
+    TrainConfig,
+)
 from creditrl.config.tasks import LabSection, TaskConfig, task_section_model
 
 

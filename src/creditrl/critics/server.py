@@ -16,10 +16,10 @@ Only the standard library's `http.server` is used; it is meant for loopback and 
 from __future__ import annotations
 
 import hmac
-import secrets
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 import uuid

@@ -29,9 +29,8 @@ from torch import Tensor
 from trl import GRPOTrainer
 
 from creditrl.collect import aligned_step_labels, response_steps
-from creditrl.methods import (Method, compute_advantages, get_method, loss_hooks, method_params_model,
-                              on_policy_warning)
 from creditrl.config import LossConfig
+from creditrl.methods import Method, compute_advantages, get_method, loss_hooks, method_params_model, on_policy_warning
 from creditrl.methods.loss import policy_loss
 from creditrl.rollouts import Rollouts, pad_right
 from creditrl.steps import split_steps

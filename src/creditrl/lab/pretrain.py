@@ -116,7 +116,7 @@ def _batch(task: LabTask, tok, rng: random.Random, cfg: PretrainConfig) -> tuple
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id)
     lab = torch.full((len(rows), width), -100)
-    for i, (r, l) in enumerate(zip(rows, labels)):
-        ids[i, : len(r)] = torch.tensor(r)
-        lab[i, : len(l)] = torch.tensor(l)
+    for i, (row, row_labels) in enumerate(zip(rows, labels)):
+        ids[i, : len(row)] = torch.tensor(row)
+        lab[i, : len(row_labels)] = torch.tensor(row_labels)
     return ids, lab

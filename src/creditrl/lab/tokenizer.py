@@ -7,7 +7,6 @@ It is an ordinary `tokenizers` WordLevel model with a split-every-character pre-
 
 from __future__ import annotations
 
-
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 

@@ -2,11 +2,29 @@
 per method, each registering its pieces and named methods when imported (below)."""
 
 from creditrl.methods import capo, denser, fipo, grpo, grpo_lambda, prm, vineppo  # noqa: F401  (registers them)
-from creditrl.methods.registry import (ADVANTAGES, ENTRY_POINT_GROUP, METHODS, RATIO_TRANSFORMS, TOKEN_WEIGHTS,
-                                       Component, Method, NoParams, UnknownMethodError, compute_advantages,
-                                       get_component, get_method, known_methods, loss_hooks, method_params_model,
-                                       on_policy_warning, register_advantage, register_method,
-                                       register_ratio_transform, register_token_weight, resolve_method)
+from creditrl.methods.registry import (
+                                       ADVANTAGES,
+                                       ENTRY_POINT_GROUP,
+                                       METHODS,
+                                       RATIO_TRANSFORMS,
+                                       TOKEN_WEIGHTS,
+                                       Component,
+                                       Method,
+                                       NoParams,
+                                       UnknownMethodError,
+                                       compute_advantages,
+                                       get_component,
+                                       get_method,
+                                       known_methods,
+                                       loss_hooks,
+                                       method_params_model,
+                                       on_policy_warning,
+                                       register_advantage,
+                                       register_method,
+                                       register_ratio_transform,
+                                       register_token_weight,
+                                       resolve_method,
+)
 
 __all__ = [
     "ADVANTAGES", "ENTRY_POINT_GROUP", "METHODS", "RATIO_TRANSFORMS", "TOKEN_WEIGHTS", "Component", "Method",

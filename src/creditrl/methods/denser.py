@@ -11,8 +11,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from creditrl.methods.registry import Method, register_advantage, register_method
 from creditrl.methods.grpo import GRPOParams, grpo
+from creditrl.methods.registry import Method, register_advantage, register_method
 from creditrl.rollouts import Rollouts
 
 TEMPORARY_BYTES = 2 ** 28  # the similarity search's float32 temporaries, per window offset

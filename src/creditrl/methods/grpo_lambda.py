@@ -22,10 +22,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from creditrl.methods.registry import (Method, register_advantage, register_method, register_ratio_transform,
-                                       register_token_weight)
 from creditrl.methods.fipo import discounted_cumsum
 from creditrl.methods.grpo import GRPOParams, grpo
+from creditrl.methods.registry import (
+    Method,
+    register_advantage,
+    register_method,
+    register_ratio_transform,
+    register_token_weight,
+)
 from creditrl.rollouts import Rollouts
 
 

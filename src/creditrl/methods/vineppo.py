@@ -11,9 +11,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from creditrl.methods.registry import Method, register_advantage, register_method
 from creditrl.methods.grpo import step_values_on_tokens
 from creditrl.methods.loss import masked_mean
+from creditrl.methods.registry import Method, register_advantage, register_method
 from creditrl.rollouts import Rollouts
 from creditrl.value_estimation import PrefixState, ValueEstimator
 

@@ -22,7 +22,6 @@ import functools
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 
-
 import torch
 import transformers
 from torch import Tensor, nn
@@ -30,10 +29,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
 from creditrl.config import SamplingConfig
-from creditrl.policy.engines import get_engine
-from creditrl.policy.generation import Generation, TokenScores
 from creditrl.policy.compiling import compile_dynamic
 from creditrl.policy.decoding import sample_with_cache
+from creditrl.policy.engines import get_engine
+from creditrl.policy.generation import Generation, TokenScores
 from creditrl.policy.token_logprobs import chosen_token_logprobs
 from creditrl.rollouts import pad_right
 

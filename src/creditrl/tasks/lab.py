@@ -23,7 +23,6 @@ import random
 import re
 from dataclasses import dataclass
 
-
 from creditrl.config import LabSection, LabTaskConfig
 from creditrl.steps import split_steps
 from creditrl.tasks.base import Problem, Verdict
