@@ -40,11 +40,18 @@ from pathlib import Path
 
 import yaml
 
+from creditrl.collect import collect_rollouts
 from creditrl.config import RunConfig
 from creditrl.configure import load_config
+from creditrl.credit import compute_credit
+from creditrl.credit_metrics import credit_accuracy
 from creditrl.jsonl import read_jsonl
 from creditrl.methods import get_method, known_methods
-from creditrl.resources import resources_needed
+from creditrl.policy.loading import load_configured_policy
+from creditrl.report.compare_report import write_report
+from creditrl.resources import build_resources, resources_needed
+from creditrl.tasks import build_task
+from creditrl.trainer import Trainer, TrainingStopped, check_same_run
 
 BASELINE = "grpo"
 # Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30.
@@ -104,7 +111,6 @@ def run_grid(spec: GridSpec, on_progress: Callable[[int], None] | None = None, c
     (`TrainingStopped`), and so is a run in the folder that trained more steps than the spec's or
     evaluated on another schedule (the report compares curves step by step).
     """
-    from creditrl.trainer import _check_same_run
 
     report = on_progress or (lambda done: None)
     progress: dict[tuple[str, int], int] = {}
@@ -114,7 +120,7 @@ def run_grid(spec: GridSpec, on_progress: Callable[[int], None] | None = None, c
         progress[method, seed] = _steps_done(cfg.run_dir())
         _check_fits_the_grid(cfg, progress[method, seed], spec.steps)
         if progress[method, seed] == spec.steps:
-            _check_same_run(cfg.run_dir() / "config.yaml", cfg)
+            check_same_run(cfg.run_dir() / "config.yaml", cfg)
         else:
             progress[method, seed] = 0
             todo.append(((method, seed), cfg))
@@ -143,8 +149,6 @@ def run_grid(spec: GridSpec, on_progress: Callable[[int], None] | None = None, c
 
 
 def _train_run(cfg: RunConfig, on_step: Callable[[int], None], console=None) -> None:
-    from creditrl.trainer import Trainer
-
     Trainer(cfg, console=console, show_progress=False, on_step=on_step).train(resume=True, overwrite=True)
 
 
@@ -160,8 +164,6 @@ def _train_run_in_worker(cfg: RunConfig, key: tuple[str, int], steps_done) -> No
 
 def _check_fits_the_grid(cfg: RunConfig, steps_done: int, steps: int) -> None:
     """A run already in the grid's folder has at most the grid's steps and its evaluation schedule."""
-    from creditrl.trainer import TrainingStopped
-
     if steps_done > steps:
         raise TrainingStopped(f"{cfg.run_dir()} trained {steps_done} steps, more than the grid's {steps}: "
                               "compare into another --out folder")
@@ -263,13 +265,6 @@ def summarize(records: list[dict]) -> dict:
 def credit_accuracy_table(spec: GridSpec, prompts: int = 8) -> dict:
     """Every grid method's credit accuracy on one batch sampled from the starting policy, with the
     method parameters its runs train with (the batch's rewards are under the baseline's reward settings)."""
-    from creditrl.collect import collect_rollouts
-    from creditrl.credit import compute_credit
-    from creditrl.credit_metrics import credit_accuracy
-    from creditrl.policy.loading import load_configured_policy
-    from creditrl.resources import build_resources
-    from creditrl.tasks import build_task
-
     cfg = spec.run_config(BASELINE, spec.seeds[0])
     policy = load_configured_policy(cfg.model)
     task = build_task(cfg.task)
@@ -299,7 +294,5 @@ def collect_results(spec: GridSpec, credit: dict | None = None) -> dict:
 
 def compare(spec: GridSpec, on_progress: Callable[[int], None] | None = None, console=None) -> dict[str, Path]:
     """Run the grid (resumably), score credit on one shared batch, and write the report folder."""
-    from creditrl.report.compare_report import write_report
-
     run_grid(spec, on_progress, console)
     return write_report(spec.out, collect_results(spec, credit_accuracy_table(spec)))

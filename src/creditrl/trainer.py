@@ -150,7 +150,7 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
         if ckpt is None:
             return False
-        _check_same_run(self.run_dir / "config.yaml", self.cfg)
+        check_same_run(self.run_dir / "config.yaml", self.cfg)
         if is_lora(self.policy.model):
             load_adapter_state(self.policy.model, ckpt)
         else:
@@ -462,7 +462,7 @@ RESUMABLE_CHANGES = ("train.steps", "train.threads", "eval.", "output.", "critic
                      "critic.concurrency", "critic.cache_path")
 
 
-def _check_same_run(saved: Path, cfg: RunConfig) -> None:
+def check_same_run(saved: Path, cfg: RunConfig) -> None:
     """A resumed run must be the run that was checkpointed (it may only run longer or log differently)."""
     if not saved.exists():
         return
@@ -481,7 +481,7 @@ def _same_value(a: Any, b: Any) -> bool:
 
 def _same_or_no_config(saved: Path, cfg: RunConfig) -> bool:
     try:
-        _check_same_run(saved, cfg)
+        check_same_run(saved, cfg)
     except TrainingStopped:
         return False
     return True
