@@ -48,6 +48,7 @@ def test_updates_change_the_weights(tiny_lab_model_dir, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_the_same_weights(tiny_lab_model_dir, tmp_path):
     overrides = ["train.steps=10", "reward.overlong_max=12", "reward.overlong_buffer=8", "eval.before=false"]
     Trainer(_cfg(tiny_lab_model_dir, tmp_path / "clean", *overrides), show_progress=False).train()
@@ -258,7 +259,7 @@ def test_logged_entropy_is_the_policy_entropy_and_only_a_bonus_recomputes_it(tin
     assert update_calls == [entropy_coef > 0]
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_gradient_checkpointing_trains_to_the_same_weights(tiny_lab_model_dir, tmp_path, compiled):
     """With compiled scoring too: the checkpoint's recompute runs inside the compiled layers."""
     overrides = ["train.steps=2", "reward.overlong_max=12", "reward.overlong_buffer=8", "eval.before=false"]
