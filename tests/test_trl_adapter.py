@@ -126,6 +126,7 @@ def test_a_response_fipo_drops_leaves_its_neighbours_gradient_as_trls_global_tok
 
 # ---- (2) FIPO's token weights reach the loss -----------------------------------------------------
 
+@pytest.mark.slow
 def test_fipo_token_weights_are_applied(tiny_lab_model_dir, tmp_path):
     calls = []
 
