@@ -91,6 +91,7 @@ def test_by_difficulty_reads_math_level_and_skips_problems_without_one():
     assert by_difficulty([Problem("c", "q", "3")], _verdicts("3+")) == {}
 
 
+@pytest.mark.slow
 def test_evaluate_reports_behaviour_and_difficulty_metrics(tiny_policy):
     task = LabTask(LabTaskConfig(eval_size=3))
     problems = task.eval_problems()

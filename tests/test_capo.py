@@ -463,6 +463,7 @@ class LabOracle:
         return [[self.verdict(p), self.verdict(p), None, "no idea"][:k] for p in prompts]
 
 
+@pytest.mark.slow
 def test_capo_trains_the_lab_model_with_an_oracle_critic(tmp_path):
     cfg = load_config(None, [f"output.dir={tmp_path / 'run'}", "method=capo", "train.steps=2",
                              "rollout.prompts_per_step=6", "rollout.group_size=4", "task.lab.train_size=60",

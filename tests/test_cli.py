@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from creditrl.cli import app
@@ -56,6 +57,7 @@ def test_methods_lists_the_registry():
     assert code == 0 and all(name in out for name in ("grpo", "dr_grpo", "dapo", "rloo", "process_grpo"))
 
 
+@pytest.mark.slow
 def test_train_then_eval_a_tiny_model(tiny_lab_model_dir, tmp_path):
     run = tmp_path / "run"
     code, out = _invoke("train", "--quiet", f"model.name={tiny_lab_model_dir}", f"output.dir={run}", "train.steps=2",
@@ -83,6 +85,7 @@ def test_train_then_eval_a_tiny_model(tiny_lab_model_dir, tmp_path):
     assert "accuracy after 1 steps" in out and "pts" not in out
 
 
+@pytest.mark.slow
 def test_lab_pretrain_on_a_tiny_budget(tmp_path):
     out_dir = tmp_path / "lab"
     code, out = _invoke("lab", "pretrain", "--out", str(out_dir), "--quiet", "steps=3", "batch_size=4",

@@ -72,6 +72,7 @@ def test_default_grid_is_every_registered_method_and_runs_offline():
     assert GridSpec(["vineppo"], overrides=["method_params.k=9"]).run_config("vineppo", 0).method_params["k"] == 9
 
 
+@pytest.mark.slow
 def test_report_files_and_json(grid):
     spec, paths, progress = grid
     for name in ("report.md", "report.html", "results.json", "curves.png", "compute.png"):
@@ -93,6 +94,7 @@ def test_report_files_and_json(grid):
     assert progress[-1] == 4 * spec.steps
 
 
+@pytest.mark.slow
 def test_second_invocation_does_not_retrain(grid, tiny_lab_model_dir):
     spec, _, _ = grid
     files = [spec.run_dir(m, s) / "metrics.jsonl" for m in METHODS for s in SEEDS]
@@ -105,6 +107,7 @@ def test_second_invocation_does_not_retrain(grid, tiny_lab_model_dir):
     assert "report.html" in result.output
 
 
+@pytest.mark.slow
 def test_a_grid_folder_with_longer_runs_or_another_eval_schedule_is_refused(grid, tiny_lab_model_dir):
     """Resuming would have reported 2-step runs as 1-step ones, or averaged curves evaluated at other steps."""
     from creditrl.compare import run_grid
@@ -131,6 +134,7 @@ def test_extra_forward_passes_are_the_runs_logged_scoring_forwards_and_generate_
     assert compute["extra_forward_passes"] == (12 + 3 + 0 + 1) / 2 and compute["seconds_per_step"] == 1.5
 
 
+@pytest.mark.slow
 def test_parallel_runs_give_the_same_results_as_one_after_another(tiny_lab_model_dir, tmp_path):
     from creditrl.compare import collect_results, run_grid
 

@@ -1,11 +1,14 @@
 """Scoring through torch.compile (`model.compile`): eager's numbers, and one graph for every bucket shape."""
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend
 
 import creditrl.policy.transformers_backend as backend
 from creditrl.policy.loading import load_policy
+
+pytestmark = pytest.mark.slow  # each test compiles (tens of seconds on the 2-core CPU)
 
 
 def _batch(rows: int, prompt_len: int, response_len: int, seed: int):

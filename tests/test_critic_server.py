@@ -139,6 +139,7 @@ def test_capo_trains_through_the_server(server, tmp_path):
     assert metrics["critic_failures"] == 0 and metrics["critic_requests"] == server.requests_served > 0
 
 
+@pytest.mark.slow
 def test_the_serve_command_starts_a_server(tiny_lab_model_dir):
     env = {k: v for k, v in os.environ.items() if k not in PROXIES}
     proc = subprocess.Popen([sys.executable, "-m", "creditrl", "critic", "serve", "--model", str(tiny_lab_model_dir),

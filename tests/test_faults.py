@@ -39,6 +39,7 @@ def _cfg(model_dir, run_dir, *extra):
 
 # ---- the output folder: full disk, impossible folder --------------------------------------------
 
+@pytest.mark.slow
 def test_a_full_disk_mid_checkpoint_stops_cleanly_and_keeps_the_last_checkpoint(tiny_lab_model_dir, tmp_path,
                                                                                monkeypatch):
     run = tmp_path / "run"

@@ -27,6 +27,7 @@ def gpu():
     sys.path.remove(str(SCRIPT.parent))
 
 
+@pytest.mark.slow
 def test_sampling_lengths_and_update_parts_run_at_smoke_size(gpu, tmp_path):
     folder = tmp_path / "model"
     flops = gpu.build_model_folder(folder, gpu.TINY)
@@ -84,6 +85,7 @@ def test_peak_flops_by_card_name(gpu, monkeypatch):
     assert gpu.peak_flops(torch.device("cpu"), None) is None
 
 
+@pytest.mark.slow
 def test_an_engine_that_fails_is_a_row_and_the_part_goes_on(gpu, tmp_path, monkeypatch):
     folder = tmp_path / "model"
     gpu.build_model_folder(folder, gpu.TINY)

@@ -62,6 +62,7 @@ def test_sampling_with_generate_under_lora_keeps_the_models_generation_config(ti
     assert (kept.top_k, kept.eos_token_id) == (7, policy.tokenizer.eos_token_id)
 
 
+@pytest.mark.slow
 def test_a_resumed_lora_run_ends_like_an_uninterrupted_one(tiny_lab_model_dir, tmp_path):
     Trainer(_cfg(tiny_lab_model_dir, tmp_path / "clean"), show_progress=False).train()
     stopped = Trainer(_cfg(tiny_lab_model_dir, tmp_path / "killed", "train.steps=2"), show_progress=False)
@@ -136,6 +137,7 @@ def test_bad_lora_settings_are_named(tiny_lab_model_dir, tmp_path):
                     show_progress=False)
 
 
+@pytest.mark.slow
 def test_compiled_scoring_trains_the_adapters_as_eager_does(tiny_lab_model_dir, tmp_path):
     """peft's adapter layers inside the compiled decoder layers: the same adapters after two steps."""
     adapters = []

@@ -130,6 +130,7 @@ def _cfg(model_dir, run_dir, steps):
                               "reward.overlong_max=10", "reward.overlong_buffer=6"])
 
 
+@pytest.mark.slow
 def test_bf16_run_checkpoints_its_masters_and_resumes_to_the_same_weights(tiny_lab_model_dir, tmp_path):
     Trainer(_cfg(tiny_lab_model_dir, tmp_path / "clean", 4), show_progress=False).train()
     ckpt = tmp_path / "clean" / "checkpoints" / "step-000004"

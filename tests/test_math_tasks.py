@@ -348,6 +348,7 @@ def test_gsm8k_files_load_and_answers_verify():
         assert not task.verify(problem, f"#### {value + 1}").correct
 
 
+@pytest.mark.slow
 @needs_data
 def test_math500_file_loads_and_answers_verify():
     path = SHARED_DATA / "math500" / "test.jsonl"

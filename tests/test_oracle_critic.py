@@ -83,6 +83,7 @@ def test_capo_with_the_oracle_penalises_exactly_the_wrong_steps():
     assert torch.allclose(adv.float(), expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_default_critic_is_the_oracle_and_capo_trains_on_the_lab(tmp_path):
     cfg = load_config(None, [f"output.dir={tmp_path / 'run'}", "method=capo", "train.steps=2",
                              "rollout.prompts_per_step=4", "rollout.group_size=4", "task.lab.train_size=40",

@@ -129,7 +129,7 @@ def test_best_of_n_picks_each_groups_top_score():
 
 # ---- end to end: the bundled lab model with the oracle PRM -------------------------------------
 
-@pytest.mark.parametrize("method", ["prm", "pure"])
+@pytest.mark.parametrize("method", ["prm", pytest.param("pure", marks=pytest.mark.slow)])
 def test_rl_with_the_oracle_prm_on_the_lab_model(tmp_path, method):
     cfg = load_config(None, [f"output.dir={tmp_path / 'run'}", f"method={method}", "train.steps=2",
                              "rollout.prompts_per_step=3", "rollout.group_size=4", "task.lab.train_size=30",
@@ -207,6 +207,7 @@ def test_prm800k_errors_name_file_line_and_field(tmp_path, bad, message):
 
 # ---- a PRM trained on lab step labels, and the `creditrl prm` commands --------------------------
 
+@pytest.mark.slow
 def test_trained_prm_round_trip_and_cli(tmp_path):
     from typer.testing import CliRunner
 

@@ -30,7 +30,9 @@ def test_gradcheck_in_float64_with_the_entropy_gradient():
 
 
 @pytest.mark.parametrize("keep_logits", [False, True])
-@pytest.mark.parametrize(("entropy_grad", "compiled"), [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize(("entropy_grad", "compiled"), [(False, False), (True, False),
+                                                        pytest.param(False, True, marks=pytest.mark.slow),
+                                                        pytest.param(True, True, marks=pytest.mark.slow)])
 def test_chunks_match_full_autograd(entropy_grad, compiled, keep_logits):
     head, hidden, targets = _case()
     params = [hidden, head.weight, head.bias]
@@ -108,7 +110,7 @@ def test_bf16_autocast_over_float32_weights_matches_autograd_under_autocast():
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)  # both sides round the matmul inputs to bf16
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_the_entropy_of_bf16_logits_is_summed_in_float32_under_autocast(compiled):
     """Only the projection runs in bf16: H = lse − Σ p·z over its logits is float32 arithmetic."""
     from creditrl.policy.token_logprobs import _kernels

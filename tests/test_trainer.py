@@ -48,6 +48,7 @@ def test_updates_change_the_weights(tiny_lab_model_dir, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_the_same_weights(tiny_lab_model_dir, tmp_path):
     overrides = ["train.steps=10", "reward.overlong_max=12", "reward.overlong_buffer=8", "eval.before=false"]
     Trainer(_cfg(tiny_lab_model_dir, tmp_path / "clean", *overrides), show_progress=False).train()
@@ -74,6 +75,7 @@ def test_resume_after_kill_gives_the_same_weights(tiny_lab_model_dir, tmp_path):
     assert steps == list(range(1, 11))
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_never_loaded(tiny_lab_model_dir, tmp_path):
     run = tmp_path / "run"
     Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=2", "eval.before=false"), show_progress=False).train()
@@ -207,6 +209,7 @@ def test_scoring_forwards_counts_the_sequences_scored_without_gradients(tiny_lab
     assert metrics["scoring_forwards"] == sum(scored) == forwards_per_row * metrics["responses"]
 
 
+@pytest.mark.slow
 def test_an_earlier_run_is_never_silently_overwritten(tiny_lab_model_dir, tmp_path):
     run = tmp_path / "run"
     Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=2", "eval.before=false"), show_progress=False).train()
@@ -216,6 +219,7 @@ def test_an_earlier_run_is_never_silently_overwritten(tiny_lab_model_dir, tmp_pa
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000001"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_configuration(tiny_lab_model_dir, tmp_path):
     run = tmp_path / "run"
     Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=2", "eval.before=false"), show_progress=False).train()
@@ -258,6 +262,7 @@ def test_logged_entropy_is_the_policy_entropy_and_only_a_bonus_recomputes_it(tin
     assert update_calls == [entropy_coef > 0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True])
 def test_gradient_checkpointing_trains_to_the_same_weights(tiny_lab_model_dir, tmp_path, compiled):
     """With compiled scoring too: the checkpoint's recompute runs inside the compiled layers."""
@@ -279,6 +284,7 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_lab_model_dir, t
         torch.testing.assert_close(recomputed[key], plain[key])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
 def test_logits_kept_from_the_forward_train_to_the_same_weights(tiny_lab_model_dir, tmp_path, entropy_coef):
     """With an entropy bonus too, whose gradient reads the logits as well."""

@@ -67,15 +67,17 @@ def step_logs(trainer) -> list[dict]:
 # ---- (1) grpo through the adapter is TRL's GRPO --------------------------------------------------
 
 @pytest.mark.parametrize("options", [
-    pytest.param({}, id="dapo-two-iterations"),
+    pytest.param({}, id="dapo-two-iterations", marks=pytest.mark.slow),
     pytest.param({"loss_type": "grpo", "beta": 0.04, "use_bias_correction_kl": False}, id="grpo-kl"),
-    pytest.param({"loss_type": "dr_grpo", "delta": 1.5}, id="dr_grpo-two-sided-clip"),
+    pytest.param({"loss_type": "dr_grpo", "delta": 1.5}, id="dr_grpo-two-sided-clip", marks=pytest.mark.slow),
     pytest.param({"loss_type": "dapo", "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
-                  "num_iterations": 1}, id="dapo-accumulation"),
+                  "num_iterations": 1}, id="dapo-accumulation", marks=pytest.mark.slow),
     pytest.param({"loss_type": "bnpo", "per_device_train_batch_size": 2, "steps_per_generation": 2,
-                  "num_iterations": 1}, id="bnpo-two-minibatches"),
-    pytest.param({"loss_type": "grpo", "mask_truncated_completions": True}, id="grpo-masked-truncations"),
-    pytest.param({"loss_type": "grpo", "num_generations": 4, "reward": lab_reward_or_none}, id="grpo-unscorable"),
+                  "num_iterations": 1}, id="bnpo-two-minibatches", marks=pytest.mark.slow),
+    pytest.param({"loss_type": "grpo", "mask_truncated_completions": True}, id="grpo-masked-truncations",
+                 marks=pytest.mark.slow),
+    pytest.param({"loss_type": "grpo", "num_generations": 4, "reward": lab_reward_or_none}, id="grpo-unscorable",
+                 marks=pytest.mark.slow),
 ])
 def test_grpo_matches_trl(tiny_lab_model_dir, tmp_path, options):
     options = dict(options)
@@ -124,6 +126,7 @@ def test_a_response_fipo_drops_leaves_its_neighbours_gradient_as_trls_global_tok
 
 # ---- (2) FIPO's token weights reach the loss -----------------------------------------------------
 
+@pytest.mark.slow
 def test_fipo_token_weights_are_applied(tiny_lab_model_dir, tmp_path):
     calls = []
 
@@ -282,6 +285,7 @@ def test_an_eval_batch_larger_than_the_generation_batch_logs_its_advantages(tiny
 
 # ---- (4) LoRA through TRL's own peft_config --------------------------------------------------------
 
+@pytest.mark.slow
 def test_lora_through_peft_config_matches_trl(tiny_lab_model_dir, tmp_path):
     peft = pytest.importorskip("peft")
     lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],

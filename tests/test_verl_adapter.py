@@ -81,6 +81,7 @@ def test_names_are_registered_in_verl():
     assert core_algos.get_adv_estimator_fn("grpo") is core_algos.compute_grpo_outcome_advantage
 
 
+@pytest.mark.slow
 def test_verl_imports_the_module_from_its_environment_variable():
     code = ("import verl.trainer.ppo.core_algos as c; c.get_adv_estimator_fn('creditrl_capo'); "
             "c.get_policy_loss_fn('creditrl_fipo'); print('ok')")
@@ -375,6 +376,7 @@ def _leaf_keys(node, prefix: str = "") -> set[str]:
     return set().union(*(_leaf_keys(value, f"{prefix}.{key}" if prefix else key) for key, value in node.items()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["grpo", "fipo", "grpo_lambda", "capo", "prm"])
 def test_recipes_compose_and_pass_verls_own_config_checks(recipe, monkeypatch):
     """Hydra composes each recipe as `run.sh` launches it (verl's `ppo_trainer` below the recipe's

@@ -98,6 +98,7 @@ def test_rows_params_and_weight_pushes(tiny_policy, stand_in_vllm):
     torch.testing.assert_close(engine.pushes[2][name], tiny_policy.model.get_output_embeddings().weight.detach())
 
 
+@pytest.mark.slow
 def test_the_trainer_counts_its_optimizer_steps_on_the_policy(tiny_lab_model_dir, tmp_path):
     import json
 
