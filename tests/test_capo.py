@@ -10,17 +10,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from factories import make_rollouts
 
 from creditrl.config import ConfigError, save_config
 from creditrl.configure import load_config
-from creditrl.critics import (CriticStats, OpenAICompatibleCritic, StepCritic, TransformersCritic, build_critic,
-                              build_prompt, parse_wrong_steps, step_texts)
+from creditrl.critics import (
+    CriticStats,
+    OpenAICompatibleCritic,
+    StepCritic,
+    TransformersCritic,
+    build_critic,
+    build_prompt,
+    parse_wrong_steps,
+    step_texts,
+)
 from creditrl.methods import compute_advantages
 from creditrl.methods.capo import CAPOParams, step_penalties
 from creditrl.tasks.base import Problem
 from creditrl.tasks.lab import judge, parse_question
 from creditrl.trainer import Trainer
-from factories import make_rollouts
 
 # ---- (1) the parser -----------------------------------------------------------------------------
 

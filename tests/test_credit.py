@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from factories import make_rollouts
 from typer.testing import CliRunner
 
 import creditrl.methods as registry
@@ -19,7 +20,6 @@ from creditrl.policy.loading import load_policy
 from creditrl.policy.transformers_backend import SamplingConfig
 from creditrl.rewards import RewardConfig
 from creditrl.tasks.lab import LabTask, LabTaskConfig
-from factories import make_rollouts
 
 
 @pytest.fixture(scope="module")

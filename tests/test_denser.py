@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 import torch
+from factories import make_rollouts
 
 from creditrl.configure import load_config
 from creditrl.hidden_states import StoredHiddenStates
@@ -15,7 +16,6 @@ from creditrl.methods import compute_advantages, get_method
 from creditrl.methods.denser import DenseRParams, denser, denser_weights
 from creditrl.methods.grpo import grpo
 from creditrl.trainer import OldLogprobs, Trainer
-from factories import make_rollouts
 
 
 # ---- the slow reference: the formulas of methods.md §6 with plain loops, in float64 ------------------------

@@ -7,14 +7,13 @@ import math
 
 import pytest
 import torch
+from factories import make_rollouts as rollouts
 
 from creditrl.configure import load_config
-from creditrl.methods import Method, compute_advantages, get_method, loss_hooks
-from creditrl.methods import resolve_method
+from creditrl.methods import Method, compute_advantages, get_method, loss_hooks, resolve_method
 from creditrl.methods.fipo import FIPOParams, discounted_cumsum, fipo_weight
 from creditrl.methods.loss import LossConfig, policy_loss
 from creditrl.trainer import Trainer
-from factories import make_rollouts as rollouts
 
 
 # ---- independent references ------------------------------------------------------------------

@@ -8,12 +8,14 @@ import warnings
 
 import pytest
 import torch
+from factories import make_rollouts
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 import creditrl.methods.registry as registry
 from creditrl.methods import (
     ADVANTAGES,
     RATIO_TRANSFORMS,
+    TOKEN_WEIGHTS,
     Component,
     Method,
     UnknownMethodError,
@@ -22,14 +24,12 @@ from creditrl.methods import (
     known_methods,
     loss_hooks,
     method_params_model,
-    TOKEN_WEIGHTS,
     register_advantage,
     register_token_weight,
 )
 from creditrl.methods.grpo import GRPOParams, ProcessGRPOParams, grpo, process_grpo, rloo
 from creditrl.methods.loss import LossConfig, policy_loss
 from creditrl.rewards import RewardConfig, outcome_rewards, overlong_penalty
-from factories import make_rollouts
 
 NAN = float("nan")
 

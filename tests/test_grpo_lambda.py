@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from factories import make_rollouts as rollouts
 
 from creditrl.configure import load_config
 from creditrl.methods import compute_advantages, get_method, loss_hooks
 from creditrl.methods.grpo_lambda import TraceParams, TraceWeightParams, grpo_lambda_trace, grpo_lambda_weight
 from creditrl.methods.loss import LossConfig, policy_loss
 from creditrl.trainer import Trainer
-from factories import make_rollouts as rollouts
 
 
 # ---- independent references ------------------------------------------------------------------

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from factories import make_rollouts
 
 from creditrl.configure import load_config
 from creditrl.critics import OracleLabCritic, build_step_critic
 from creditrl.methods import compute_advantages
 from creditrl.trainer import Trainer
-from factories import make_rollouts
 
 
 def labelled(labels):

@@ -2,7 +2,6 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-
 from torch.nn.attention import SDPBackend
 
 from creditrl.policy.transformers_backend import SamplingConfig, _logits_are_plain_projection, left_pad, right_pad

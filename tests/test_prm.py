@@ -242,8 +242,9 @@ def test_trained_prm_round_trip_and_cli(tmp_path):
                                  "--max-new-tokens", "48", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "best_of_n_product" in result.output and "majority_vote" in result.output
-    from creditrl.lab.tokenizer import build_char_tokenizer
     from factories import save_lab_model
+
+    from creditrl.lab.tokenizer import build_char_tokenizer
 
     other = save_lab_model(tmp_path / "other-policy", hidden=16, layers=1, heads=2, ffn=32)
     tokenizer = build_char_tokenizer()

@@ -6,6 +6,7 @@ from typing import Literal
 
 import pytest
 import torch
+from factories import make_rollouts
 from pydantic import Field
 
 from creditrl.config import ConfigError, TaskConfig, known_tasks, task_config
@@ -13,7 +14,6 @@ from creditrl.configure import load_config
 from creditrl.methods import compute_advantages, get_method, loss_hooks, resolve_method
 from creditrl.policy.engines import ENGINES, get_engine, register_engine
 from creditrl.tasks import TASK_BUILDERS, LabTask, build_task, register_task
-from factories import make_rollouts
 
 
 # ---- methods composed in the config ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ import yaml
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 
+from factories import make_rollouts
 from omegaconf import OmegaConf
 from verl import DataProto
 from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls
@@ -29,7 +30,6 @@ import creditrl.integrations.verl as verl_adapter
 from creditrl.methods import compute_advantages, loss_hooks
 from creditrl.methods.capo import CAPOParams, capo_token_advantages
 from creditrl.methods.loss import LossConfig, policy_loss
-from factories import make_rollouts
 
 AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 

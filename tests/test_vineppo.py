@@ -5,6 +5,7 @@ import statistics
 
 import pytest
 import torch
+from factories import make_rollouts
 
 from creditrl.configure import load_config
 from creditrl.methods import compute_advantages
@@ -13,7 +14,6 @@ from creditrl.rewards import RewardConfig
 from creditrl.tasks.base import Problem, Verdict
 from creditrl.trainer import Trainer
 from creditrl.value_estimation import MonteCarloValues, PrefixState
-from factories import make_rollouts
 
 PROBLEM = Problem("p", "question", "1")
 
