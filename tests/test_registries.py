@@ -204,3 +204,32 @@ def test_a_composed_method_trains_and_warns_as_its_pieces_say(tiny_lab_model_dir
     assert summary["method"] == "rloo+fipo"
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(r["weight_mean"] == 1.0 for r in records)  # Δ = 0
+
+
+def test_a_sink_plugin_is_imported_through_its_entry_point_group(monkeypatch, tmp_path):
+    import creditrl.sinks as sinks
+
+    logged = []
+
+    def load_plugin():
+        @sinks.register_sink("plugin_sink")
+        class Recorded:
+            def __init__(self, run_dir, run_name, config, first_step):
+                pass
+
+            def log(self, prefix, metrics, step):
+                logged.append((prefix, step, metrics))
+
+            def close(self):
+                pass
+
+    monkeypatch.setattr(sinks, "entry_points", lambda group: [FakeEntryPoint("good", load_plugin)]
+                        if group == "creditrl.sinks" else [])
+    monkeypatch.setitem(sinks._plugins_state, "loaded", False)
+    try:
+        cfg = load_config(None, ["output.report_to=[plugin_sink]"])
+        opened = sinks.build_sinks(cfg.output.report_to, tmp_path, "run", {}, first_step=1)
+        opened[0].log("train", {"reward": 0.5}, 1)
+        assert logged == [("train", 1, {"reward": 0.5})]
+    finally:
+        sinks.SINKS.pop("plugin_sink", None)

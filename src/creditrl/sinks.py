@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections.abc import Callable, Iterable
+from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -54,7 +56,21 @@ def register_sink(name: str) -> Callable[[SinkFactory], SinkFactory]:
     return decorate
 
 
+ENTRY_POINT_GROUP = "creditrl.sinks"
+_plugins_state = {"loaded": False}
+
+
 def known_sinks() -> list[str]:
+    """Names of every sink: built-in, and those of packages in the entry-point group `creditrl.sinks` (imported
+    once, the first time; a broken one only warns)."""
+    if not _plugins_state["loaded"]:
+        _plugins_state["loaded"] = True
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                ep.load()
+            except Exception as exc:  # a plugin must not break the library
+                warnings.warn(f"creditrl: sink plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}",
+                              RuntimeWarning, stacklevel=2)
     return sorted(SINKS)
 
 
@@ -63,7 +79,7 @@ def build_sinks(names: Iterable[str], run_dir: Path, run_name: str, config: dict
     """Open the named sinks (each once) for a run that logs from `first_step` on.  An unknown name is a
     ValueError that lists the known ones; a sink that fails to open closes those opened before it."""
     names = list(dict.fromkeys(names))
-    unknown = [name for name in names if name not in SINKS]
+    unknown = [name for name in names if name not in known_sinks()]
     if unknown:
         raise ValueError(f"unknown sink {unknown[0]!r}; known sinks: {', '.join(known_sinks())}")
     sinks: list[Sink] = []
