@@ -106,7 +106,10 @@ def test_step_texts_follow_step_ids_and_tile_the_response(tiny_policy):
     assert step_texts(ids, [0] * 3 + [1] * 23, tiny_policy.decode) == ["7+5", "=12\n12*3=37\nAnswer: 37"]
     # a multi-character token: each step is cut where its last token's decode ends
     vocab = {1: "ab", 2: "c\n", 3: "de", 4: "f"}
-    decode = lambda ids: "".join(vocab[i] for i in ids)
+
+    def decode(ids):
+        return "".join(vocab[i] for i in ids)
+
     assert step_texts([1, 2, 3, 4], [0, 0, 1, 1], decode) == ["abc\n", "def"]
     assert step_texts([1, 2, 3, 4], [0, 0, 2, 2], decode) == ["abc\n", "", "def"]  # step 1 owns no token
 
@@ -166,8 +169,10 @@ def test_token_reward_and_group_normalisation_by_hand():
     assert torch.allclose(adv, expected, atol=1e-5)
     centred = compute_advantages("capo", _hand_batch(), {"k": 2, "std_normalize": False}, critic=critic)
     assert torch.allclose(centred[:2], torch.tensor([[1.2, 1.2, 0.2, 0.0], [-1.8, -0.8, 0.0, 0.0]]), atol=1e-6)
-    # union flags row 1's step 1 too: row 1 [−1, −1]; tokens [2, 2, 1, −1, −1], mean 0.6, centred [1.4, 1.4, 0.4, −1.6, −1.6]
-    union = compute_advantages("capo", _hand_batch(), {"k": 2, "voting": "union", "std_normalize": False}, critic=critic)
+    # union flags row 1's step 1 too: row 1 [−1, −1]; tokens [2, 2, 1, −1, −1], mean 0.6,
+    # centred [1.4, 1.4, 0.4, −1.6, −1.6]
+    union = compute_advantages("capo", _hand_batch(), {"k": 2, "voting": "union", "std_normalize": False},
+                               critic=critic)
     assert torch.allclose(union[:2], torch.tensor([[1.4, 1.4, 0.4, 0.0], [-1.6, -1.6, 0.0, 0.0]]), atol=1e-6)
     # W_process = 0 leaves the verifier alone: token-normalised outcome reward, same sign on every token of a row
     outcome = compute_advantages("capo", _hand_batch(), {"k": 2, "w_process": 0.0}, critic=critic)
@@ -235,7 +240,10 @@ def test_identical_responses_share_critiques_and_failures_are_counted(tiny_polic
     texts = ["7+5=12\nAnswer: 12", "7+5=12\nAnswer: 12", "7+5=13\nAnswer: 13"]
     steps = [[0] * 7 + [1] * 10] * 3
     batch = _text_batch(tiny_policy, texts, steps, [0, 0, 1])  # row 2, never judged, in a group of its own
-    script = lambda p, i: None if "13" in p else ("Wrong steps: [2]" if i == 0 else "hmm")
+
+    def script(p, i):
+        return None if "13" in p else ("Wrong steps: [2]" if i == 0 else "hmm")
+
     critic = StepCritic(Scripted(script), tiny_policy.decode, seed=5)
     verdicts = critic.wrong_steps(batch, 3)
     assert len(critic.critic.prompts[0]) == 2  # two distinct responses
@@ -291,7 +299,8 @@ class StubServer:
                     self.end_headers()
                     return
                 reply = b"{not json" if kind == "garbage" else json.dumps(
-                    {"choices": [{"message": {"role": "assistant", "content": f"{prompt} -> Wrong steps: [1]"}}]}).encode()
+                    {"choices": [{"message": {"role": "assistant",
+                                              "content": f"{prompt} -> Wrong steps: [1]"}}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(reply)))
@@ -387,7 +396,8 @@ def test_critiques_are_cached_in_memory_and_on_disk(stub, tmp_path):
     again = client.critique(["ok a", "ok b"], k=2, seed=1)  # another seed: still the same cache entries
     assert again == first[:2] and len(stub.requests) == before
     assert (client.stats.calls, client.stats.cache_hits) == (10, 4)
-    assert client.cache_key("ok a", 0) != client.cache_key("ok a", 1) != _client(stub, temperature=1.0).cache_key("ok a", 1)
+    assert client.cache_key("ok a", 0) != client.cache_key("ok a", 1) != _client(stub, temperature=1.0).cache_key(
+        "ok a", 1)
     with open(cache, "a") as fh:
         fh.write('{"key": "truncat')  # a run killed mid-write
     fresh = _client(stub, cache_path=cache)
@@ -441,7 +451,8 @@ def test_the_transformers_critic_samples_k_critiques_per_prompt(tiny_lab_model_d
     assert texts[1] == [None] * 3 and all(isinstance(t, str) for t in texts[0])
     assert (critic.stats.calls, critic.stats.failures) == (18, 3)
     with pytest.raises(ValueError, match=f"critic.max_tokens {critic.context} leaves no room"):
-        build_critic(load_config(None, ["method=capo", "critic.backend=transformers", f"critic.model={tiny_lab_model_dir}",
+        build_critic(load_config(None, ["method=capo", "critic.backend=transformers",
+                                        f"critic.model={tiny_lab_model_dir}",
                                         f"critic.max_tokens={critic.context}"]).critic)
 
 

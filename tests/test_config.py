@@ -22,7 +22,8 @@ def test_overrides_are_typed_and_nested():
 
 def test_method_defaults_sit_beneath_the_user(tmp_path):
     cfg = load_config(None, ["method=dapo"])
-    assert (cfg.loss.eps_high, cfg.loss.agg, cfg.reward.wrong, cfg.rollout.dynamic_sampling) == (0.28, "token-mean", -1.0, True)
+    assert (cfg.loss.eps_high, cfg.loss.agg, cfg.reward.wrong, cfg.rollout.dynamic_sampling) == (
+        0.28, "token-mean", -1.0, True)
     path = tmp_path / "c.yaml"
     path.write_text("method: dapo\nloss:\n  eps_high: 0.3\n")
     cfg = load_config(path, ["reward.wrong=0"])
@@ -103,7 +104,9 @@ def test_an_override_value_of_the_wrong_type_names_the_field():
 
 
 @pytest.mark.parametrize(("raw", "value"), [
-    ("0.5", 0.5), ("3e-5", "3e-5"), ("true", True),  # 3e-5 stays as written: pydantic reads a number setting from it ("null", None), ("[0.9, 0.99]", [0.9, 0.99]), ("-3", -3),
+    # 3e-5 stays as written: pydantic reads a number setting from it
+    # ("null", None), ("[0.9, 0.99]", [0.9, 0.99]), ("-3", -3),
+    ("0.5", 0.5), ("3e-5", "3e-5"), ("true", True),
     ("Solve {question} # carefully", "Solve {question} # carefully"),  # not a YAML comment
     ("Q: {question}", "Q: {question}"),  # not a mapping
     ("{question} Answer=", "{question} Answer="),  # a template, not a flow mapping
@@ -152,7 +155,8 @@ def test_yaml_that_would_lose_settings_silently_is_refused(tmp_path):
                                           "sampling:\n  <<: *d\n  max_new_tokens: 64\n")
     with pytest.raises(ConfigError, match="unknown key 'defaults"):  # YAML merge keys still read (the anchor's
         load_config(tmp_path / "merged.yaml")  # own section is not a setting)
-    (tmp_path / "merged.yaml").write_text("sampling:\n  <<: {temperature: 0.7, max_new_tokens: 32}\n  max_new_tokens: 64\n")
+    (tmp_path / "merged.yaml").write_text("sampling:\n  <<: {temperature: 0.7, max_new_tokens: 32}\n"
+                                          "  max_new_tokens: 64\n")
     merged = load_config(tmp_path / "merged.yaml").sampling
     assert (merged.temperature, merged.max_new_tokens) == (0.7, 64)  # an explicit key overrides a merged one
     (tmp_path / "value.yaml").write_text("train: 5\n")

@@ -80,7 +80,8 @@ def test_credit_is_what_the_loss_uses_at_the_first_update(lab, maps):
 def test_denser_gets_the_hidden_states_of_the_old_logprob_forward(lab, maps):
     policy, batch, _ = lab
     with torch.no_grad():  # one forward over the whole batch (the credit code goes group by group)
-        scores = policy.score(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, with_hidden=True)
+        scores = policy.score(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
+                              with_hidden=True)
     whole = StoredHiddenStates(scores.hidden_states, batch_size=batch.batch_size)
     torch.testing.assert_close(maps.credit["denser"], compute_advantages("denser", batch, hidden_states=whole),
                                rtol=1e-4, atol=1e-5)
@@ -119,7 +120,8 @@ def test_a_method_that_cannot_run_is_skipped_with_the_reason(monkeypatch):
         raise RuntimeError("kaboom")
 
     def nan_on_one_token(rollouts, params):
-        return torch.where(rollouts.response_mask & (torch.arange(rollouts.response_mask.shape[1]) == 1), torch.nan, 0.0)
+        return torch.where(rollouts.response_mask & (torch.arange(rollouts.response_mask.shape[1]) == 1),
+                           torch.nan, 0.0)
 
     monkeypatch.setitem(registry.ADVANTAGES, "boom", Component(boom))
     monkeypatch.setitem(registry.ADVANTAGES, "needy", Component(boom, needs=("sampler",)))
@@ -152,7 +154,8 @@ def test_credit_command(tiny_lab_model_dir, tmp_path):
     common = ["task.lab.train_size=4", "task.lab.eval_size=2", "sampling.max_new_tokens=12",
               "--model", str(tiny_lab_model_dir), "--prompts", "2", "--group-size", "2"]
     page, data, saved = tmp_path / "credit.html", tmp_path / "credit.json", tmp_path / "rollouts.pt"
-    result = runner.invoke(app, ["credit", *common, "--out", str(page), "--json", str(data), "--save-rollouts", str(saved)])
+    result = runner.invoke(app, ["credit", *common, "--out", str(page), "--json", str(data),
+                                 "--save-rollouts", str(saved)])
     out = " ".join(result.output.split())
     assert result.exit_code == 0, out
     assert "credit accuracy" in out and "heat map:" in out and "grpo" in out

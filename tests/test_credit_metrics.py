@@ -64,10 +64,11 @@ def test_normalized_entropy():
 def _batch(step_labels: bool = True) -> tuple[Rollouts, torch.Tensor]:
     """Four responses (T = 5; padding holds credit 9, which must be ignored):
 
-    row 0 wrong,   labels [1, 0, 1],  steps [0 0 1 1 2], credit [.125 .375 −.5 −.75 −.625] -> step credit [.25, −.625, −.625]
-    row 1 wrong,   labels [0, 0],     steps [0 1 1],     credit [−1 −1 −1]                  -> [−1, −1]
-    row 2 correct, labels [1, 1],     steps [0 0 1],     credit [.5 .5 1]                   -> [.5, 1]
-    row 3 wrong,   labels [1, −1],    steps [0 1],       credit [−1 −1]                     -> [−1, −1], no labelled error
+    row 0 wrong,   labels [1, 0, 1],  steps [0 0 1 1 2], credit [.125 .375 −.5 −.75 −.625]
+                                                         -> step credit [.25, −.625, −.625]
+    row 1 wrong,   labels [0, 0],     steps [0 1 1],     credit [−1 −1 −1] -> [−1, −1]
+    row 2 correct, labels [1, 1],     steps [0 0 1],     credit [.5 .5 1]  -> [.5, 1]
+    row 3 wrong,   labels [1, −1],    steps [0 1],       credit [−1 −1]    -> [−1, −1], no labelled error
     """
     lengths = [5, 3, 3, 2]
     steps = torch.tensor([[0, 0, 1, 1, 2], [0, 1, 1, -1, -1], [0, 0, 1, -1, -1], [0, 1, -1, -1, -1]])
@@ -77,7 +78,8 @@ def _batch(step_labels: bool = True) -> tuple[Rollouts, torch.Tensor]:
     mask = torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]
     rollouts = Rollouts(
         prompt_ids=torch.zeros(4, 1, dtype=torch.long), prompt_mask=torch.ones(4, 1, dtype=torch.bool),
-        response_ids=torch.zeros(4, 5, dtype=torch.long), response_mask=mask, group_ids=torch.zeros(4, dtype=torch.long),
+        response_ids=torch.zeros(4, 5, dtype=torch.long), response_mask=mask,
+        group_ids=torch.zeros(4, dtype=torch.long),
         step_ids=steps, rewards=torch.tensor([0.0, 0.0, 1.0, 0.0]), correct=torch.tensor([False, False, True, False]),
         truncated=torch.zeros(4, dtype=torch.bool), step_labels=labels if step_labels else None,
     )
@@ -111,5 +113,6 @@ def test_uniform_credit_is_at_chance():
 def test_without_step_labels_only_entropy_is_defined():
     rollouts, credit = _batch(step_labels=False)
     acc = credit_accuracy(credit, rollouts)
-    assert acc.n_wrong == 0 and all(math.isnan(x) for x in (acc.hit_rate, acc.auc, acc.auc_within, acc.before, acc.after))
+    assert acc.n_wrong == 0 and all(math.isnan(x)
+                                    for x in (acc.hit_rate, acc.auc, acc.auc_within, acc.before, acc.after))
     assert acc.entropy == pytest.approx(H_QUARTER_QUARTER_HALF)

@@ -49,11 +49,13 @@ def test_a_completion_follows_the_protocol(server):
     status, reply = post(server.url + "/chat/completions", ask(n=3))
     assert status == 200 and reply["object"] == "chat.completion" and reply["model"] == "tiny-lab"
     assert [c["index"] for c in reply["choices"]] == [0, 1, 2]
-    assert all(c["message"]["role"] == "assistant" and isinstance(c["message"]["content"], str) for c in reply["choices"])
+    assert all(c["message"]["role"] == "assistant" and isinstance(c["message"]["content"], str)
+               for c in reply["choices"])
     assert all(c["finish_reason"] in ("stop", "length") for c in reply["choices"])
     usage = reply["usage"]
     assert usage["prompt_tokens"] == len("Start 7. Add 5.\n")  # the lab tokenizer: one id per character
-    assert 1 <= usage["completion_tokens"] <= 3 * 8 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert 1 <= usage["completion_tokens"] <= 3 * 8 and usage["total_tokens"] == (
+        usage["prompt_tokens"] + usage["completion_tokens"])
     with urllib.request.urlopen(server.url + "/models", timeout=10) as models:
         assert [m["id"] for m in json.loads(models.read())["data"]] == ["tiny-lab"]
 

@@ -86,7 +86,8 @@ def test_matches_the_slow_reference(G, T, D, W, alpha_c, alpha_w, beta, n_groups
     params = DenseRParams(alpha_c=alpha_c, alpha_w=alpha_w, beta=beta, window=W)
 
     fast = denser(make_rollouts(rewards, group_ids, lengths, T=hidden.shape[1]), params, StoredHiddenStates(hidden))
-    slow = torch.tensor(ref_advantages(rewards, group_ids, lengths, hidden.double().tolist(), alpha_c, alpha_w, beta, W),
+    slow = torch.tensor(ref_advantages(rewards, group_ids, lengths, hidden.double().tolist(),
+                                       alpha_c, alpha_w, beta, W),
                         dtype=torch.float64)
     mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
     torch.testing.assert_close(fast.masked_fill(~mask, 0.0), slow, atol=1e-5, rtol=1e-5)
@@ -104,7 +105,8 @@ def test_rows_in_chunks_match_the_slow_reference(monkeypatch, rows_per_chunk):
     rewards = [0.0, 2.0, 1.0, 0.0, 2.0, 2.0, 0.0, 1.0]
     hidden = torch.randn(G, T, D, generator=gen)
     hidden[:, :, 0] += 1.5
-    fast = denser(make_rollouts(rewards, [0] * G, lengths, T=hidden.shape[1]), DenseRParams(alpha_w=0.3, beta=0.5), StoredHiddenStates(hidden))
+    fast = denser(make_rollouts(rewards, [0] * G, lengths, T=hidden.shape[1]), DenseRParams(alpha_w=0.3, beta=0.5),
+                  StoredHiddenStates(hidden))
     slow = torch.tensor(ref_advantages(rewards, [0] * G, lengths, hidden.double().tolist(), 1.0, 0.3, 0.5, 5),
                         dtype=torch.float64)
     mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
@@ -115,7 +117,8 @@ def test_bf16_states_are_used_in_float32():
     gen = torch.Generator().manual_seed(7)
     hidden = torch.randn(4, 6, 5, generator=gen).bfloat16()
     lengths, rewards = [6, 4, 5, 2], [1.0, 0.0, 1.0, 0.0]
-    fast = denser(make_rollouts(rewards, [0] * 4, lengths, T=hidden.shape[1]), DenseRParams(window=1), StoredHiddenStates(hidden))
+    fast = denser(make_rollouts(rewards, [0] * 4, lengths, T=hidden.shape[1]), DenseRParams(window=1),
+                  StoredHiddenStates(hidden))
     slow = ref_advantages(rewards, [0] * 4, lengths, hidden.double().tolist(), 1.0, 1.0, 1.0, 1)
     torch.testing.assert_close(fast, torch.tensor(slow, dtype=torch.float64), atol=1e-5, rtol=1e-5)
 

@@ -140,9 +140,10 @@ def test_non_finite_gradients_skip_the_update_and_are_counted(tiny_lab_model_dir
 
 # ---- malformed input, generated -----------------------------------------------------------------
 
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-                           max_leaves=8)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8)
 ROWS = st.one_of(
     JSON_VALUES.map(lambda v: json.dumps(v).encode()),
     st.fixed_dictionaries({"question": JSON_VALUES | st.text(max_size=2000), "answer": JSON_VALUES}).map(
@@ -218,8 +219,9 @@ def test_any_critique_parses_to_a_verdict_or_none(text, n_steps):
 PRM_ROWS = st.one_of(
     ROWS,
     st.fixed_dictionaries({"question": st.fixed_dictionaries({"problem": JSON_VALUES}),
-                           "label": st.fixed_dictionaries({"finish_reason": st.sampled_from(["solution", "found_error", "x"]),
-                                                           "steps": JSON_VALUES})}).map(lambda v: json.dumps(v).encode()),
+                           "label": st.fixed_dictionaries(
+                               {"finish_reason": st.sampled_from(["solution", "found_error", "x"]),
+                                "steps": JSON_VALUES})}).map(lambda v: json.dumps(v).encode()),
 )
 
 

@@ -102,7 +102,8 @@ def test_discounted_cumsum_empty_and_bad_chunk():
         (0, 4, 40, FIPOParams()),
         (1, 3, 300, FIPOParams(half_life=8.0)),  # crosses a 256-token chunk
         (2, 5, 33, FIPOParams(half_life=1.0, clip_mode="symmetric")),
-        (3, 2, 64, FIPOParams(half_life=1024.0, clip_mode="symmetric", rho_low=0.5, rho_high=0.7, safety_threshold=3.0)),
+        (3, 2, 64, FIPOParams(half_life=1024.0, clip_mode="symmetric", rho_low=0.5, rho_high=0.7,
+                              safety_threshold=3.0)),
         (4, 6, 20, FIPOParams(filter_threshold=20.0, drop_exploded_responses=False)),
     ],
 )

@@ -41,7 +41,8 @@ def test_sampling_lengths_and_update_parts_run_at_smoke_size(gpu, tmp_path):
     args = SimpleNamespace(prompts=2, group_size=2, new_tokens=4, update_iters=1, update_shapes=[(2, 80)],
                            update_sides=[*gpu.UPDATE_SIDES, "compiled+1gib+cudnn+keep"], profile=tmp_path / "profile")
     sampling = gpu.sampling_engines(folder, args, torch.device("cpu"))
-    assert [r["engine"] for r in sampling] == ["kv-cache", "generate", "generate, static cache", "kv-cache, bf16 weights"]
+    assert [r["engine"] for r in sampling] == ["kv-cache", "generate", "generate, static cache",
+                                               "kv-cache, bf16 weights"]
     assert all(0 < r["tokens"] <= 2 * 2 * 4 and r["tokens_per_s"] > 0 for r in sampling)
     lengths = gpu.new_lengths(folder, args, torch.device("cpu"))
     assert [r["call"].split(",")[0] for r in lengths] == ["warm-up"] + ["cuDNN left out"] * 2 + ["torch's order"] * 2
@@ -65,7 +66,8 @@ def test_model_flops_reproduce_the_mfu_the_issue_measured_plain_transformers_at(
     """The issue's facts for Qwen2.5-0.5B on an H100 (989.4 TFLOP/s): 60k tokens/s = 20% MFU at rows of
     1024 tokens, 70k tokens/s = 28% at 4096; N worked out by hand from the architecture."""
     embedding = 151936 * 896
-    layer = (896 * 896 + 896) + 2 * (896 * 128 + 128) + 896 * 896 + 3 * 896 * 4864 + 2 * 896  # q, k and v, o, MLP, norms
+    # q, k and v, o, MLP, norms
+    layer = (896 * 896 + 896) + 2 * (896 * 128 + 128) + 896 * 896 + 3 * 896 * 4864 + 2 * 896
     flops = gpu.ModelFlops(n_params=embedding + 24 * layer + 896, layers=24, attention_width=14 * 64)
     assert flops.n_params == 494_032_768
     assert round(flops.per_token(1024) * 60e3 / 989.4e12, 2) == 0.20

@@ -64,7 +64,8 @@ def _assert_as_close_as_bf16_allows(logprobs, grads, reference, baseline_grads):
     the default bf16 path's (1.2% at most on the CPU for this model) allows: 1.5 × its error + 1%."""
     reference_lp, reference_grads = reference
     torch.testing.assert_close(logprobs, reference_lp, atol=5e-2, rtol=5e-2)
-    for error, baseline in zip(_relative_errors(grads, reference_grads), _relative_errors(baseline_grads, reference_grads)):
+    for error, baseline in zip(_relative_errors(grads, reference_grads),
+                               _relative_errors(baseline_grads, reference_grads)):
         assert error <= 1.5 * baseline + 1e-2, (error, baseline)
 
 

@@ -78,7 +78,8 @@ def test_grpo_matches_statistics_module():
         if len(members) < 2:
             assert adv[i] == 0.0
         else:
-            assert adv[i] == pytest.approx((r - statistics.mean(members)) / (statistics.stdev(members) + 1e-6), rel=1e-9)
+            assert adv[i] == pytest.approx((r - statistics.mean(members)) / (statistics.stdev(members) + 1e-6),
+                                           rel=1e-9)
 
 
 def test_dr_grpo_drops_the_std():
@@ -109,7 +110,8 @@ def test_rloo_is_scaled_centering():
     rewards = [0.3, -1.2, 2.0, 0.7, 0.1]
     ro = make_rollouts(rewards, [0] * 5, [1] * 5)
     mean = sum(rewards) / 5
-    assert row_values(rloo(ro, registry.NoParams()), ro.response_mask) == pytest.approx([5 / 4 * (r - mean) for r in rewards])
+    assert row_values(rloo(ro, registry.NoParams()), ro.response_mask) == pytest.approx(
+        [5 / 4 * (r - mean) for r in rewards])
 
 
 # --- process-supervised GRPO ----------------------------------------------------------------
@@ -129,8 +131,8 @@ def test_a_group_of_equal_float32_rewards_gets_exactly_zero_advantage(value, siz
     from creditrl.methods.capo import CAPOParams, capo_token_advantages
 
     penalties = torch.ones(size, 1)
-    adv = capo_token_advantages(torch.zeros(size, dtype=torch.bool), penalties, r.step_ids, r.response_mask, r.group_ids,
-                                CAPOParams(w_process=-value if value < 0 else value))
+    adv = capo_token_advantages(torch.zeros(size, dtype=torch.bool), penalties, r.step_ids, r.response_mask,
+                                r.group_ids, CAPOParams(w_process=-value if value < 0 else value))
     assert torch.equal(adv, torch.zeros_like(adv))
 
 

@@ -1,4 +1,5 @@
-"""GRPO-λ's traces and weights against weight matrices built by plain loops, hand-worked numbers and a short training run."""
+"""GRPO-λ's traces and weights against weight matrices built by plain loops, hand-worked numbers and a short
+training run."""
 
 from __future__ import annotations
 
@@ -172,13 +173,16 @@ def test_advantage_is_grpo_clamped_below():
     assert adv[:, 0].tolist() == pytest.approx(expected, abs=1e-5)
     assert torch.all(adv[~r.response_mask] == 0)
     raw = compute_advantages("grpo_lambda", r, {"adv_clamp": None})
-    assert raw[:, 0].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5, -0.5 / math.sqrt(0.5), 0.5 / math.sqrt(0.5)], abs=1e-5)
+    assert raw[:, 0].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5, -0.5 / math.sqrt(0.5), 0.5 / math.sqrt(0.5)],
+                                               abs=1e-5)
 
 
 def test_methods_and_defaults():
     trace, weight = get_method("grpo_lambda"), get_method("grpo_lambda_weight")
-    assert (trace.advantage, trace.ratio_transform, trace.token_weight) == ("grpo_lambda", "grpo_lambda_trace", None)
-    assert (weight.advantage, weight.ratio_transform, weight.token_weight) == ("grpo_lambda", None, "grpo_lambda_weight")
+    assert (trace.advantage, trace.ratio_transform, trace.token_weight) == (
+        "grpo_lambda", "grpo_lambda_trace", None)
+    assert (weight.advantage, weight.ratio_transform, weight.token_weight) == (
+        "grpo_lambda", None, "grpo_lambda_weight")
     cfg = load_config(None, ["method=grpo_lambda"])
     assert cfg.loss.agg == "seq-mean-token-mean"
     assert cfg.method_params == {"eps": 1e-6, "scale_by_std": True, "adv_clamp": -0.1, "lam": 0.99, "gamma": 1.0,
@@ -189,10 +193,12 @@ def test_methods_and_defaults():
                                torch.tensor([[0.2, -0.2, 0.8]]))
 
 
-@pytest.mark.parametrize("method,extra", [("grpo_lambda", []), ("grpo_lambda_weight", ["method_params.trace_style=both"])])
+@pytest.mark.parametrize("method,extra", [("grpo_lambda", []),
+                                          ("grpo_lambda_weight", ["method_params.trace_style=both"])])
 def test_trains_a_few_steps(tiny_lab_model_dir, tmp_path, method, extra):
     run = tmp_path / "run"
-    cfg = load_config(None, [f"method={method}", f"model.name={tiny_lab_model_dir}", f"output.dir={run}", "train.steps=2",
+    cfg = load_config(None, [f"method={method}", f"model.name={tiny_lab_model_dir}", f"output.dir={run}",
+                             "train.steps=2",
                              "rollout.prompts_per_step=3", "rollout.group_size=4", "task.lab.eval_size=4",
                              "task.lab.train_size=50", "eval.k=1", "eval.before=false", "sampling.max_new_tokens=16",
                              "train.lr=1e-3", "train.n_minibatches=2",

@@ -21,7 +21,8 @@ from creditrl.report.heatmap import LEVELS, level_colour, write_heatmap
 from creditrl.rewards import RewardConfig
 from creditrl.tasks.lab import LabTask, LabTaskConfig, apply, parse_question
 
-CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
+CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))),
+                None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (Debian: apt-get install chromium)")
 
 WIDTH, HEIGHT = 1400, 2400
@@ -42,7 +43,8 @@ def _response(prompt: str, error_line: int | None = None) -> str:
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory) -> Path:
-    """Two lab prompts × 4 hand-written responses (right, error in step 1, right, error in step 2), every method's credit."""
+    """Two lab prompts × 4 hand-written responses (right, error in step 1, right, error in step 2), every method's
+    credit."""
     policy = load_policy("lab")
     task = LabTask(LabTaskConfig(train_size=1, eval_size=2))
     problems = task.eval_problems()

@@ -124,7 +124,8 @@ def test_verifier_steps_are_the_splitters_steps(text):
 @pytest.mark.parametrize(("settings", "message"), [
     ({"operations": "*"}, "no operation of '\\*' can follow the value"),
     ({"operations": "+", "value_max": 5, "start_max": 5}, "no operation of '\\+' can follow"),
-    ({"operations": "+", "min_steps": 1, "max_steps": 1, "start_max": 1, "operand_max": 1}, "too few distinct problems"),
+    ({"operations": "+", "min_steps": 1, "max_steps": 1, "start_max": 1, "operand_max": 1},
+     "too few distinct problems"),
     ({"start_max": 50, "value_max": 10}, "start_max \\(50\\) must not exceed value_max"),
 ])
 def test_settings_that_allow_no_problems_say_so_instead_of_crashing_or_hanging(settings, message):

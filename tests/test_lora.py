@@ -30,7 +30,8 @@ def test_only_the_adapters_train_and_final_holds_the_merged_weights(tiny_lab_mod
     frozen = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if not p.requires_grad}
     adapters_during, frozen_during = {}, {}
     trainer.on_step = lambda step: (
-        adapters_during.update({n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if "lora_" in n}),
+        adapters_during.update({n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()
+                                if "lora_" in n}),
         frozen_during.update({n: p.detach().clone() for n, p in trainer.policy.model.named_parameters()
                               if not p.requires_grad}))
     trainer.train()

@@ -16,7 +16,8 @@ def one_token(adv: float, ratio: float, cfg: LossConfig):
     """Loss, d loss / d logprob and metrics for a single token with the given advantage and ratio."""
     logp = torch.tensor([[math.log(ratio)]], dtype=torch.float64, requires_grad=True)
     old = torch.zeros(1, 1, dtype=torch.float64)
-    loss, metrics = policy_loss(logp, old, torch.tensor([[adv]], dtype=torch.float64), torch.ones(1, 1, dtype=torch.bool), cfg)
+    loss, metrics = policy_loss(logp, old, torch.tensor([[adv]], dtype=torch.float64),
+                                torch.ones(1, 1, dtype=torch.bool), cfg)
     loss.backward()
     return loss.item(), logp.grad.item(), metrics
 
@@ -99,7 +100,8 @@ def test_empty_mask_gives_zero_not_nan(agg):
     logp = torch.randn(3, 5, requires_grad=True)
     cfg = LossConfig(agg=agg, norm_length=5, kl_coef=0.1, entropy_coef=0.01)
     mask = torch.zeros(3, 5, dtype=torch.bool)
-    loss, metrics = policy_loss(logp, torch.randn(3, 5), torch.randn(3, 5), mask, cfg, ref_logprobs=torch.randn(3, 5), entropy=torch.rand(3, 5))
+    loss, metrics = policy_loss(logp, torch.randn(3, 5), torch.randn(3, 5), mask, cfg, ref_logprobs=torch.randn(3, 5),
+                                entropy=torch.rand(3, 5))
     loss.backward()
     assert loss.item() == 0.0
     assert all(torch.isfinite(v) for v in metrics.values())
@@ -146,7 +148,8 @@ def test_kl_estimators_are_unbiased_for_kl():
 
 def test_kl_requires_reference():
     with pytest.raises(ValueError, match="ref_logprobs"):
-        policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2, dtype=torch.bool), LossConfig(kl_coef=0.1))
+        policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2, dtype=torch.bool),
+                    LossConfig(kl_coef=0.1))
 
 
 def reference_loss(logp, old, adv, mask, cfg, ref=None, ent=None, weight=None):
@@ -208,7 +211,8 @@ def random_batch(seed: int, B: int = 5, T: int = 9):
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_policy_loss_matches_reference_loop(seed, agg):
     logp, old, adv, mask, ref, ent = random_batch(seed)
-    cfg = LossConfig(eps_low=0.2, eps_high=0.28, dual_clip=3.0, agg=agg, norm_length=12, kl_coef=0.05, entropy_coef=0.01)
+    cfg = LossConfig(eps_low=0.2, eps_high=0.28, dual_clip=3.0, agg=agg, norm_length=12, kl_coef=0.05,
+                     entropy_coef=0.01)
     loss, _ = policy_loss(logp, old, adv, mask, cfg, ref_logprobs=ref, entropy=ent)
     expected = reference_loss(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), cfg, ref.tolist(), ent.tolist())
     assert loss.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
@@ -220,7 +224,8 @@ def test_token_weight_matches_reference_loop():
     weight = lambda a, d, m: 1.0 + d.abs()  # noqa: E731
     loss, metrics = policy_loss(logp, old, adv, mask, cfg, token_weight=weight)
     w = (1.0 + (logp - old).abs()).tolist()
-    assert loss.item() == pytest.approx(reference_loss(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), cfg, weight=w), rel=1e-10)
+    assert loss.item() == pytest.approx(reference_loss(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), cfg,
+                                                       weight=w), rel=1e-10)
     expected_mean = sum(w[b][t] for b in range(5) for t in range(9) if mask[b, t]) / mask.sum().item()
     assert metrics["weight_mean"].item() == pytest.approx(expected_mean)
 
@@ -231,7 +236,8 @@ def test_identity_hooks_equal_no_hooks():
     a = logp.clone().requires_grad_()
     b = logp.clone().requires_grad_()
     plain, _ = policy_loss(a, old, adv, mask, cfg)
-    hooked, _ = policy_loss(b, old, adv, mask, cfg, ratio_transform=lambda d, m: d, token_weight=lambda A, d, m: torch.ones_like(A))
+    hooked, _ = policy_loss(b, old, adv, mask, cfg, ratio_transform=lambda d, m: d,
+                            token_weight=lambda A, d, m: torch.ones_like(A))
     plain.backward()
     hooked.backward()
     assert hooked.item() == plain.item()
@@ -302,7 +308,8 @@ def test_token_entropy():
 
 @pytest.mark.parametrize(
     "bad",
-    [{"eps_low": -0.1}, {"eps_low": 1.0}, {"eps_high": -0.1}, {"dual_clip": 1.0}, {"norm_length": 0}, {"kl_coef": -1.0}, {"agg": "mean"}, {"kl_estimator": "k4"}, {"clip": 0.2}],
+    [{"eps_low": -0.1}, {"eps_low": 1.0}, {"eps_high": -0.1}, {"dual_clip": 1.0}, {"norm_length": 0}, {"kl_coef": -1.0},
+     {"agg": "mean"}, {"kl_estimator": "k4"}, {"clip": 0.2}],
 )
 def test_loss_config_rejects(bad):
     with pytest.raises(ValidationError):

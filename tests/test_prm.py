@@ -250,7 +250,8 @@ def test_trained_prm_round_trip_and_cli(tmp_path):
     tokenizer = build_char_tokenizer()
     tokenizer.add_tokens(["<an extra token>"])
     tokenizer.save_pretrained(other)
-    result = runner.invoke(app, ["prm", "score", "--prm", str(out), "--model", str(other), "--n", "2", "--problems", "1"])
+    result = runner.invoke(app, ["prm", "score", "--prm", str(out), "--model", str(other), "--n", "2",
+                                 "--problems", "1"])
     assert result.exit_code == 2 and "another tokenizer than the policy's" in " ".join(result.output.split())
 
     cfg = load_config(None, [f"output.dir={tmp_path / 'run'}", "method=pure", "prm.kind=trained", f"prm.path={out}",
@@ -297,7 +298,8 @@ def _llama(kind, tokenizer):
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=2, pad_token_id=tokenizer.pad_token_id)
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=2,
+                         pad_token_id=tokenizer.pad_token_id)
     return (LlamaForTokenClassification if kind == "qwen" else LlamaForCausalLM)(config).eval()
 
 
@@ -327,8 +329,10 @@ def test_qwen_style_reads_class_one_at_each_separator_of_the_model_cards_chat(ch
     tokenizer = _tokenizer()
     if chat:
         tokenizer.chat_template = QWEN_LIKE_TEMPLATE
-        text = ("<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
-                "<|im_start|>user\n3*4+5?<|im_end|>\n<|im_start|>assistant\n3*4=12<extra_0>12+5=17<extra_0><|im_end|>\n")
+        text = ("<|im_start|>system\nPlease reason step by step, and put your final answer "
+                "within \\boxed{}.<|im_end|>\n"
+                "<|im_start|>user\n3*4+5?<|im_end|>\n"
+                "<|im_start|>assistant\n3*4=12<extra_0>12+5=17<extra_0><|im_end|>\n")
     else:
         text = "3*4+5?\n3*4=12<extra_0>12+5=17<extra_0>"
     model = _llama("qwen", tokenizer)
@@ -351,7 +355,8 @@ def test_shepherd_style_reads_p_plus_at_each_step_tag_of_the_model_cards_input()
     plus, minus = (_ids(tokenizer, t)[0] for t in ("+", "-"))
     expected = _scores_at(model, tokenizer, text, "ки", [plus, minus])[:, 0]
     reader = ShepherdStyleReader(model, tokenizer)
-    for steps in (STEPS, ["Step 1: 3*4=12", "12+5=17 ки"]):  # numbered steps keep their numbers; a tag inside is dropped
+    # numbered steps keep their numbers; a tag inside is dropped
+    for steps in (STEPS, ["Step 1: 3*4=12", "12+5=17 ки"]):
         assert reader.text("3*4+5?", steps) == text
         assert torch.allclose(torch.tensor(reader.score("3*4+5?", steps)), expected, atol=1e-6)
 
@@ -364,7 +369,10 @@ def test_published_prm_scores_rollouts_from_config(tmp_path, kind):
     tokenizer = _tokenizer()
     _llama(kind, tokenizer).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
     response = _ids(tokenizer, "3*4=12\n12+5=17")
     r = make_rollouts([1.0, 0.0], [0, 0], [len(response), 3],
                       step_ids=[[0] * 7 + [1] * 7, [0, 0, 0] + [-1] * 11])
@@ -426,7 +434,8 @@ def test_prm_commands_explain_bad_input(tmp_path):
     unusable = tmp_path / "give_up.jsonl"
     unusable.write_text(json.dumps({**rows[0], "label": {**rows[0]["label"], "finish_reason": "give_up"}}) + "\n")
     result = CliRunner().invoke(app, ["prm", "train", "--out", str(tmp_path / "a"), "--prm800k", str(unusable)])
-    assert result.exit_code == 2 and "give_up.jsonl" in result.output and "no row has" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "give_up.jsonl" in result.output and "no row has" in " ".join(
+        result.output.split())
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps(rows[0]) + "\n")
     result = CliRunner().invoke(app, ["prm", "train", "--out", str(tmp_path / "b"), "--prm800k", str(one), "epochs=1"])

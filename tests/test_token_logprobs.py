@@ -25,8 +25,9 @@ def test_gradcheck_in_float64_with_the_entropy_gradient():
     head, hidden, targets = _case(torch.float64, n=6, d=4, vocab=7)
     weight = head.weight.detach().requires_grad_()
     bias = head.bias.detach().requires_grad_()
-    assert torch.autograd.gradcheck(lambda h, w, b: ProjectedLogprobs.apply(h, w, b, targets, 0.7, True, True, False, 4),
-                                    (hidden, weight, bias))  # two chunks: 4 positions and 2
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: ProjectedLogprobs.apply(h, w, b, targets, 0.7, True, True, False, 4),
+        (hidden, weight, bias))  # two chunks: 4 positions and 2
 
 
 @pytest.mark.parametrize("keep_logits", [False, True])
@@ -55,7 +56,8 @@ def test_gradcheck_in_float64_with_the_logits_kept_from_the_forward():
     weight = head.weight.detach().requires_grad_()
     bias = head.bias.detach().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda h, w, b: ProjectedLogprobs.apply(h, w, b, targets, 0.7, True, True, False, 4, True), (hidden, weight, bias))
+        lambda h, w, b: ProjectedLogprobs.apply(h, w, b, targets, 0.7, True, True, False, 4, True),
+        (hidden, weight, bias))
 
 
 def test_logits_are_kept_only_when_a_backward_can_use_them():

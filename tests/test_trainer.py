@@ -179,7 +179,8 @@ def test_kl_to_a_frozen_reference(tiny_lab_model_dir, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("kl" in r for r in records)
     assert records[-1]["kl"] > 0  # the policy moved away from the reference ...
-    assert all(torch.equal(v, trainer.reference.state_dict()[k]) for k, v in reference.items())  # ... which stayed frozen
+    # ... which stayed frozen
+    assert all(torch.equal(v, trainer.reference.state_dict()[k]) for k, v in reference.items())
 
 
 @pytest.mark.parametrize(("extra", "forwards_per_row"), [
@@ -215,7 +216,8 @@ def test_an_earlier_run_is_never_silently_overwritten(tiny_lab_model_dir, tmp_pa
     Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=2", "eval.before=false"), show_progress=False).train()
     with pytest.raises(TrainingStopped, match="earlier run.*--resume.*--overwrite"):
         Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=2", "eval.before=false"), show_progress=False).train()
-    Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=1", "eval.before=false"), show_progress=False).train(overwrite=True)
+    Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=1", "eval.before=false"), show_progress=False).train(
+        overwrite=True)
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000001"]
 
 
@@ -270,7 +272,8 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_lab_model_dir, t
     Trainer(_cfg(tiny_lab_model_dir, tmp_path / "plain", *overrides), show_progress=False).train()
     trainer = Trainer(_cfg(tiny_lab_model_dir, tmp_path / "ckpt", *overrides, "train.gradient_checkpointing=true",
                            f"model.compile={str(compiled).lower()}"), show_progress=False)
-    model = trainer.policy.model  # transformers 5 says activation checkpointing, earlier releases gradient checkpointing
+    # transformers 5 says activation checkpointing, earlier releases gradient checkpointing
+    model = trainer.policy.model
     assert trainer.policy.checkpointing_activations and any(
         getattr(model, name, False) for name in ("is_activation_checkpointing", "is_gradient_checkpointing"))
     torch._dynamo.reset()  # graphs an earlier test compiled would be reused, and not counted

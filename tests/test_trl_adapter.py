@@ -105,7 +105,8 @@ def test_a_response_fipo_drops_leaves_its_neighbours_gradient_as_trls_global_tok
 
     big = float(torch.tensor(20.0).log())  # r = 20 > c = 10
     ratio_transform, token_weight = loss_hooks(get_method("fipo"), {})
-    fake = SimpleNamespace(loss_type="dapo", current_gradient_accumulation_steps=1, args=SimpleNamespace(steps_per_generation=1),
+    fake = SimpleNamespace(loss_type="dapo", current_gradient_accumulation_steps=1,
+                           args=SimpleNamespace(steps_per_generation=1),
                            loss_config=LossConfig(eps_high=0.28, dual_clip=10.0), ratio_transform=ratio_transform,
                            token_weight=token_weight, model=SimpleNamespace(training=True),
                            _log_loss_metrics=lambda mode, metrics: None)
@@ -115,7 +116,8 @@ def test_a_response_fipo_drops_leaves_its_neighbours_gradient_as_trls_global_tok
         logps = torch.tensor([[0.0] * 4, second_row], dtype=torch.float64, requires_grad=True)
         fake._get_per_token_logps_and_entropies = lambda *a, **k: (logps, torch.zeros_like(logps), None)
         inputs = {"prompt_ids": torch.zeros(2, 1, dtype=torch.long), "prompt_mask": torch.ones(2, 1, dtype=torch.long),
-                  "completion_ids": torch.zeros(2, 4, dtype=torch.long), "completion_mask": torch.ones(2, 4, dtype=torch.long),
+                  "completion_ids": torch.zeros(2, 4, dtype=torch.long),
+                  "completion_mask": torch.ones(2, 4, dtype=torch.long),
                   "old_per_token_logps": torch.zeros(2, 4, dtype=torch.float64),
                   "advantages": torch.tensor([[1.0] * 4, [-1.0] * 4], dtype=torch.float64),
                   "num_items_in_batch": torch.tensor(16.0)}
@@ -255,7 +257,8 @@ def test_unsupported_methods_say_why(method, resources, reason):
 
 
 def test_a_method_on_step_rewards_needs_a_task_before_any_model_is_loaded():
-    with pytest.raises(ValueError, match=re.escape("method 'process_grpo' needs step rewards: give task and problem_of")):
+    with pytest.raises(ValueError,
+                       match=re.escape("method 'process_grpo' needs step rewards: give task and problem_of")):
         CreditGRPOTrainer(method="process_grpo")
 
 

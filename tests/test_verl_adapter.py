@@ -86,7 +86,8 @@ def test_verl_imports_the_module_from_its_environment_variable():
     code = ("import verl.trainer.ppo.core_algos as c; c.get_adv_estimator_fn('creditrl_capo'); "
             "c.get_policy_loss_fn('creditrl_fipo'); print('ok')")
     env = {**os.environ, "VERL_USE_EXTERNAL_MODULES": "creditrl.integrations.verl", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
 
@@ -96,9 +97,11 @@ def test_verl_imports_the_module_from_its_environment_variable():
 @pytest.mark.parametrize("norm_by_std", [True, False])
 def test_grpo_estimator_matches_verl_grpo(seed, norm_by_std):
     rewards, mask, uids = outcome_batch(seed)
-    expected, _ = core_algos.compute_grpo_outcome_advantage(rewards.clone(), mask, uids, norm_adv_by_std_in_grpo=norm_by_std)
+    expected, _ = core_algos.compute_grpo_outcome_advantage(rewards.clone(), mask, uids,
+                                                            norm_adv_by_std_in_grpo=norm_by_std)
     got, returns = core_algos.get_adv_estimator_fn("creditrl_grpo")(
-        token_level_rewards=rewards, response_mask=mask, index=uids, config=AlgoConfig(norm_adv_by_std_in_grpo=norm_by_std))
+        token_level_rewards=rewards, response_mask=mask, index=uids,
+        config=AlgoConfig(norm_adv_by_std_in_grpo=norm_by_std))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(returns, got)
 
@@ -106,16 +109,19 @@ def test_grpo_estimator_matches_verl_grpo(seed, norm_by_std):
 @pytest.mark.parametrize("norm_by_std", [True, False])
 def test_grpo_lambda_estimator_is_verl_grpo_clamped_at_minus_a_tenth(norm_by_std):
     rewards, mask, uids = outcome_batch(4)
-    grpo, _ = core_algos.compute_grpo_outcome_advantage(rewards.clone(), mask, uids, norm_adv_by_std_in_grpo=norm_by_std)
+    grpo, _ = core_algos.compute_grpo_outcome_advantage(rewards.clone(), mask, uids,
+                                                        norm_adv_by_std_in_grpo=norm_by_std)
     got, _ = core_algos.get_adv_estimator_fn("creditrl_grpo_lambda")(
-        token_level_rewards=rewards, response_mask=mask, index=uids, config=AlgoConfig(norm_adv_by_std_in_grpo=norm_by_std))
+        token_level_rewards=rewards, response_mask=mask, index=uids,
+        config=AlgoConfig(norm_adv_by_std_in_grpo=norm_by_std))
     torch.testing.assert_close(got, torch.where(mask.bool(), grpo.clamp(min=-0.1), 0.0), rtol=1e-5, atol=1e-5)
 
 
 def test_rloo_estimator_matches_verl_rloo():
     rewards, mask, uids = outcome_batch(3)
     expected, _ = core_algos.compute_rloo_outcome_advantage(rewards.clone(), mask, uids)
-    got, _ = core_algos.get_adv_estimator_fn("creditrl_rloo")(token_level_rewards=rewards, response_mask=mask, index=uids)
+    got, _ = core_algos.get_adv_estimator_fn("creditrl_rloo")(token_level_rewards=rewards, response_mask=mask,
+                                                              index=uids)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -238,7 +244,8 @@ def test_process_grpo_estimator_matches_creditrl():
 
 def test_capo_estimator_matches_creditrl_capo_token_advantages():
     rewards, mask, uids = marked_rewards()
-    got, _ = core_algos.get_adv_estimator_fn("creditrl_capo")(token_level_rewards=rewards, response_mask=mask, index=uids)
+    got, _ = core_algos.get_adv_estimator_fn("creditrl_capo")(token_level_rewards=rewards, response_mask=mask,
+                                                              index=uids)
     # the same step rewards from a verdict and penalties: R = 2·r_v − 1·penalty
     correct = torch.tensor([True, False, True, False])
     penalties = torch.tensor([[1.5, 2.0, 1.0], [1.0, -0.25, 0.0], [2.0, 0.0, 2.0], [-1.0, 0.5, -0.75]])
@@ -256,7 +263,8 @@ def test_step_estimators_refuse_kl_in_reward():
 
 def test_prm_and_capo_step_reward_helpers():
     assert verl_adapter.prm_step_rewards([0.9, 0.2], outcome=1.0, outcome_weight=0.5) == [0.9, 0.7]
-    assert verl_adapter.capo_step_rewards([{1}, {1, 2}, None], 3, correct=True, voting="intersection") == [2.0, 1.0, 2.0]
+    assert verl_adapter.capo_step_rewards([{1}, {1, 2}, None], 3, correct=True, voting="intersection") == [
+        2.0, 1.0, 2.0]
 
 
 class CharTokenizer:
@@ -364,7 +372,8 @@ def test_recipes_name_registered_pieces(recipe):
     assert core_algos.get_policy_loss_fn(config["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"])
     if "reward" in config:
         assert get_reward_manager_cls(config["reward"]["reward_manager"]["name"])
-        assert config["reward"]["reward_model"]["enable"] and not config["reward"]["reward_model"]["enable_resource_pool"]
+        assert config["reward"]["reward_model"]["enable"] and not config["reward"]["reward_model"][
+            "enable_resource_pool"]
     command = "VERL_USE_EXTERNAL_MODULES=creditrl.integrations.verl python -m verl.trainer.main_ppo"
     assert command in (folder / "run.sh").read_text()
     assert command in (folder / "README.md").read_text() and "verl 0.9.1" in (folder / "README.md").read_text()
@@ -389,7 +398,8 @@ def test_recipes_compose_and_pass_verls_own_config_checks(recipe, monkeypatch):
 
     monkeypatch.setenv("HOME", "/home/someone")
     folder = RECIPES / recipe
-    overrides = ["reward.custom_reward_function.path=/abs/reward_fn.py"] if "REWARD_FN" in (folder / "run.sh").read_text() else []
+    overrides = (["reward.custom_reward_function.path=/abs/reward_fn.py"]
+                 if "REWARD_FN" in (folder / "run.sh").read_text() else [])
     with hydra.initialize_config_dir(config_dir=str(folder), version_base=None):
         config = hydra.compose(config_name="config", overrides=overrides)
     with hydra.initialize_config_module(config_module="verl.trainer.config", version_base=None):

@@ -183,7 +183,8 @@ def test_identical_states_across_the_batch_are_estimated_once():
     steps = [[0, 0, 1, -1], [0, 0, 1, -1], [0, 0, 1, 1], [0, 0, 1, -1], [0, 1, -1, -1], [0, 0, -1, -1]]
     r = make_rollouts([1.0, 0.0, 1.0, 0.0, 1.0, 0.0], [0, 0, 0, 1, 1, 1], [3, 3, 4, 3, 2, 2], step_ids=steps)
     r.prompt_ids = torch.tensor([[5]] * 3 + [[6]] * 3)
-    r.response_ids = torch.tensor([[7, 8, 9, 0], [7, 8, 9, 0], [7, 8, 10, 10], [7, 8, 9, 0], [3, 9, 0, 0], [3, 4, 0, 0]])
+    r.response_ids = torch.tensor([[7, 8, 9, 0], [7, 8, 9, 0], [7, 8, 10, 10], [7, 8, 9, 0], [3, 9, 0, 0],
+                                   [3, 4, 0, 0]])
     r.problems = [PROBLEM] * 6
     policy = CoinPolicy({})
     estimator = _estimator(policy, batch_size=8)
@@ -244,7 +245,8 @@ def test_on_the_bundled_lab_model_every_token_of_a_step_shares_its_advantage(tmp
     trainer = Trainer(_lab_cfg(tmp_path / "run", "sampling.max_new_tokens=48"), show_progress=False)
     rollouts, _ = trainer.collect()
     trainer.resources["value_estimator"].reset(seed=0)
-    adv = compute_advantages(trainer.method, rollouts, trainer.cfg.method_params, value_estimator=trainer.resources["value_estimator"])
+    adv = compute_advantages(trainer.method, rollouts, trainer.cfg.method_params,
+                             value_estimator=trainer.resources["value_estimator"])
     counts = trainer.resources["value_estimator"].metrics()
     assert counts["states_estimated"] + counts["states_deduplicated"] == rollouts.num_steps.sum().item() > 6
     assert counts["states_deduplicated"] >= 4  # at least s_0, shared by the 3 responses of each prompt

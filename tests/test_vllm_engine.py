@@ -39,7 +39,8 @@ class _StandInLLM:
         per_prompt = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         assert len(per_prompt) == len(prompts)
         return [types.SimpleNamespace(outputs=[
-            types.SimpleNamespace(token_ids=[prompt["prompt_token_ids"][-1], j], finish_reason="length" if j else "stop")
+            types.SimpleNamespace(token_ids=[prompt["prompt_token_ids"][-1], j],
+                                  finish_reason="length" if j else "stop")
             for j in range(p.n)]) for prompt, p in zip(prompts, per_prompt)]
 
 
@@ -83,7 +84,8 @@ def test_rows_params_and_weight_pushes(tiny_policy, stand_in_vllm):
     optimizer.step()
     tiny_policy.sample(prompts, 1, cfg, seed=0)
     assert len(engine.pushes) == 2 and engine.resets == 2
-    name = next(n for n, p in tiny_policy.model.named_parameters() if p is tiny_policy.model.get_output_embeddings().weight)
+    name = next(n for n, p in tiny_policy.model.named_parameters()
+                if p is tiny_policy.model.get_output_embeddings().weight)
     torch.testing.assert_close(engine.pushes[1][name], tiny_policy.model.get_output_embeddings().weight.detach())
     assert not torch.equal(engine.pushes[1][name], engine.pushes[0][name])
 
