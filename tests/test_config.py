@@ -104,9 +104,8 @@ def test_an_override_value_of_the_wrong_type_names_the_field():
 
 
 @pytest.mark.parametrize(("raw", "value"), [
-    # 3e-5 stays as written: pydantic reads a number setting from it
-    # ("null", None), ("[0.9, 0.99]", [0.9, 0.99]), ("-3", -3),
-    ("0.5", 0.5), ("3e-5", "3e-5"), ("true", True),
+    ("0.5", 0.5), ("3e-5", "3e-5"), ("true", True),  # 3e-5 stays as written: pydantic reads a number setting from it
+    ("null", None), ("[0.9, 0.99]", [0.9, 0.99]), ("-3", -3),
     ("Solve {question} # carefully", "Solve {question} # carefully"),  # not a YAML comment
     ("Q: {question}", "Q: {question}"),  # not a mapping
     ("{question} Answer=", "{question} Answer="),  # a template, not a flow mapping
