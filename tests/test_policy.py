@@ -171,7 +171,7 @@ def test_sampling_no_prompts_gives_an_empty_generation(tiny_policy):
 @pytest.mark.parametrize("engine", ["kv-cache", "generate"])
 def test_a_generation_counts_the_engine_calls_that_made_it(tiny_policy, monkeypatch, engine, batch_size, n, expected):
     """A group never straddles two calls: 5 prompts × 3 in batches of 8 take 3 calls (2 prompts each), not ⌈15/8⌉."""
-    method = "_sample_cached" if engine == "kv-cache" else "_generate"
+    method = "sample_kv_cache_call" if engine == "kv-cache" else "generate_call"
     calls = []
     real = getattr(type(tiny_policy), method)
     monkeypatch.setattr(type(tiny_policy), method, lambda self, *a: calls.append(1) or real(self, *a))
