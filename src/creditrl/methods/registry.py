@@ -61,17 +61,19 @@ class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-Warning = Callable[[RunConfig, BaseModel], "str | None"]
+ConfigCheck = Callable[[RunConfig, BaseModel], "str | None"]  # (run config, piece params) -> a warning
 
 
 @dataclass(frozen=True)
 class Component:
+    """A registered piece: its function, its params model and what it declares (see the module docstring)."""
+
     fn: Callable[..., Tensor]
     params_model: type[BaseModel] = NoParams
     needs: tuple[str, ...] = ()
     group_relative: bool = False
     needs_off_policy: bool = False
-    warn: Warning | None = None
+    warn: ConfigCheck | None = None
 
 
 ADVANTAGES: dict[str, Component] = {}
@@ -150,20 +152,20 @@ def _registrar(kind: str, name: str, **declared: Any) -> Callable[[Callable], Ca
 
 
 def register_advantage(name: str, params: type[BaseModel] = NoParams, needs: tuple[str, ...] = (),
-                       group_relative: bool = False, warn: Warning | None = None) -> Callable[[Callable], Callable]:
+                       group_relative: bool = False, warn: ConfigCheck | None = None) -> Callable[[Callable], Callable]:
     """Register `fn(rollouts, params, **needs) -> (B, T)` advantages, 0 off the response mask."""
     return _registrar("advantage", name, params_model=params, needs=tuple(needs), group_relative=group_relative,
                       warn=warn)
 
 
 def register_ratio_transform(name: str, params: type[BaseModel] = NoParams,
-                             warn: Warning | None = None) -> Callable[[Callable], Callable]:
+                             warn: ConfigCheck | None = None) -> Callable[[Callable], Callable]:
     """Register `fn(delta, mask, params) -> delta'` (B, T); the gradient flows through it."""
     return _registrar("ratio transform", name, params_model=params, warn=warn)
 
 
 def register_token_weight(name: str, params: type[BaseModel] = NoParams, needs_off_policy: bool = False,
-                          warn: Warning | None = None) -> Callable[[Callable], Callable]:
+                          warn: ConfigCheck | None = None) -> Callable[[Callable], Callable]:
     """Register `fn(advantages, delta, mask, params) -> f` (B, T), or `(f, keep)` with keep (B, T) bool to take
     tokens out of the loss (and its denominator); called under no_grad with delta detached.  `needs_off_policy`:
     the weight is 1 where Δ = 0, so it does nothing unless the policy moves between sampling and an update."""
