@@ -17,9 +17,12 @@ ROOT = Path(__file__).parents[1]
 
 @pytest.mark.slow
 def test_one_grpo_step_on_smollm2_with_its_chat_template(tmp_path):
+    data = tmp_path / "gsm8k"  # the shipped config's task on a two-file copy of the fixture
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text((ROOT / "tests" / "fixtures" / "gsm8k_mini.jsonl").read_text())
     cfg = load_config(ROOT / "configs" / "gsm8k-smollm2-grpo.yaml", [
-        "task.name=jsonl", "task.data_dir=null", f"task.eval_path={ROOT / 'tests' / 'fixtures' / 'gsm8k_mini.jsonl'}",
-        "task.answer_is_solution=true", "task.eval_size=1", "train.steps=1", "rollout.prompts_per_step=1",
+        f"task.data_dir={data}", "task.eval_size=1", "train.steps=1", "rollout.prompts_per_step=1",
         "rollout.group_size=2", "sampling.max_new_tokens=12", "eval.k=1", "eval.before=false", "eval.greedy=false",
         "train.lr=1e-4", "train.n_minibatches=1",
         "loss.entropy_coef=0.01",  # 12-token answers all score 0, so the entropy term supplies the gradient
