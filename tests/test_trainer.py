@@ -301,3 +301,21 @@ def test_logits_kept_from_the_forward_train_to_the_same_weights(tiny_lab_model_d
     assert any(not torch.equal(start[k], rebuilt[k]) for k in rebuilt)
     for key in rebuilt:
         torch.testing.assert_close(kept[key], rebuilt[key])
+
+
+def test_a_resume_says_when_it_starts_over_and_reports_the_whole_runs_wall_time(tiny_lab_model_dir, tmp_path):
+    import json
+
+    from rich.console import Console
+
+    run, quick = tmp_path / "run", ["eval.before=false", "output.checkpoint_every=1"]
+    console = Console(record=True, width=200)
+    Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=1", *quick), console=console,
+            show_progress=False).train(resume=True)  # nothing to resume yet
+    assert "no complete checkpoint in" in console.export_text()
+    state = json.loads((run / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
+    summary = Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=2", *quick), show_progress=False).train(resume=True)
+    # the segment before the resume counts up to the checkpoint the run resumed from
+    assert summary["total_wall_seconds"] == pytest.approx(state["wall_seconds"] + summary["wall_seconds"], abs=0.11)
+    assert state["wall_seconds"] > 0
+

@@ -123,7 +123,10 @@ def _print_summary(s: dict) -> None:
                           f"{100 * (after[key] - before[key]):+.1f} pts")
     console.print(table)
     run_dir = Path(s["run_dir"])
-    console.print(f"wall time {s['wall_seconds'] / 60:.1f} min; skipped updates: {s['skipped_updates']}")
+    resumed = s["total_wall_seconds"] != s["wall_seconds"]
+    wall = f"{s['total_wall_seconds'] / 60:.1f} min ({s['wall_seconds'] / 60:.1f} min since the resume)" if resumed \
+        else f"{s['wall_seconds'] / 60:.1f} min"
+    console.print(f"wall time {wall}; skipped updates: {s['skipped_updates']}")
     console.print(f"metrics: {run_dir / 'metrics.jsonl'} and {run_dir / 'eval.jsonl'}\n"
                   f"checkpoints: {run_dir / 'checkpoints'}   final model: {s['final_model']}\n"
                   f"config: {run_dir / 'config.yaml'}   summary: {run_dir / 'summary.json'}")

@@ -209,7 +209,8 @@ def run_record(run_dir: Path) -> dict:
     steps = read_jsonl(run_dir / "metrics.jsonl")
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"method": cfg["method"], "seed": cfg["train"]["seed"], "run_dir": str(run_dir),
-            "wall_seconds": summary["wall_seconds"], "curve": [{"step": e["step"], "avg@k": e["avg@k"]} for e in evals],
+            "wall_seconds": summary["total_wall_seconds"],
+            "curve": [{"step": e["step"], "avg@k": e["avg@k"]} for e in evals],
             "step_seconds": [m.get("time_step", 0.0) for m in steps], "compute": run_compute(steps)}
 
 

@@ -125,6 +125,8 @@ class Trainer:
         self.bad_in_a_row = 0
         self.skipped_updates = 0
         self.sinks: list[Sink] = []
+        self.started = time.time()  # when this process's segment of the run began training
+        self.earlier_seconds = 0.0  # wall time of the segments before a resume, up to its checkpoint
         self._build_optimizer()
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -161,6 +163,7 @@ class Trainer:
         self.step, self.position = trainer_state["step"], trainer_state["position"]
         self.skipped_updates = trainer_state.get("skipped_updates", 0)
         self.bad_in_a_row = trainer_state.get("bad_in_a_row", 0)
+        self.earlier_seconds = trainer_state.get("wall_seconds", 0.0)
         truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
         truncate_jsonl(self.run_dir / "eval.jsonl", self.step)
         self.console.print(f"resumed from {ckpt} (step {self.step})")
@@ -354,11 +357,13 @@ class Trainer:
         cfg = self.cfg
         _check_writable(self.run_dir)
         resumed = resume and self._resume()
+        if resume and not resumed:
+            # killed before its first checkpoint: nothing was saved, so the run starts over
+            self.console.print(f"no complete checkpoint in {self.run_dir / 'checkpoints'}: starting from step 0")
         if not resumed:
-            # --resume with no complete checkpoint yet (killed before the first): nothing was saved, start over
             self._clear_earlier_run(overwrite or (resume and _same_or_no_config(self.run_dir / "config.yaml", cfg)))
         save_config(cfg, self.run_dir / "config.yaml")
-        started = time.time()
+        self.started = time.time()
         self.sinks = build_sinks(["jsonl", *cfg.output.report_to], self.run_dir, self.run_dir.name,
                                  cfg.model_dump(mode="json"), first_step=self.step + 1)
         evals = read_jsonl(self.run_dir / "eval.jsonl")
@@ -393,7 +398,10 @@ class Trainer:
             raise TrainingStopped(f"cannot write the final model to {final_dir} ({err}); the last checkpoint is "
                                   f"{latest_checkpoint(self.run_dir / 'checkpoints')}: free the space and run again "
                                   "with --resume") from None
-        summary = {"method": cfg.method_name, "steps": self.step, "wall_seconds": round(time.time() - started, 1),
+        segment = time.time() - self.started
+        summary = {"method": cfg.method_name, "steps": self.step, "wall_seconds": round(segment, 1),
+                   # the segments before a resume, up to the checkpoint it resumed from, and this one
+                   "total_wall_seconds": round(self.earlier_seconds + segment, 1),
                    "before": evals[0] if evals[0]["step"] == 0 else None,  # None with eval.before=false
                    "after": evals[-1], "skipped_updates": self.skipped_updates,
                    "run_dir": str(self.run_dir), "final_model": str(final_dir)}
@@ -441,7 +449,8 @@ class Trainer:
         try:
             save_checkpoint(folder, self.step, self.policy.model, self.policy.tokenizer, self.optimizer, self.scheduler,
                             {"position": self.position, "skipped_updates": self.skipped_updates,
-                             "bad_in_a_row": self.bad_in_a_row},
+                             "bad_in_a_row": self.bad_in_a_row,
+                             "wall_seconds": self.earlier_seconds + time.time() - self.started},
                             keep=self.cfg.output.keep_checkpoints, master_weights=self.masters.state_dict())
         except (OSError, SafetensorError) as err:  # safetensors reports its own failed writes as SafetensorError
             shutil.rmtree(folder / f"step-{self.step:06d}.tmp", ignore_errors=True)
