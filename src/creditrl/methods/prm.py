@@ -134,6 +134,7 @@ register_method(
         advantage="prm_grpo",
         defaults={"loss.agg": "seq-mean-token-mean"},
         summary="Process-supervised GRPO on a PRM's step scores, plus the outcome reward at the last step "
-                "(methods.md §2a); `pure` is the min-form alternative.",
+                "(Lightman et al., arXiv 2305.20050; GRPO process supervision as in DeepSeekMath, arXiv 2402.03300); "
+                "`pure` is the min-form alternative.",
     )
 )
