@@ -114,8 +114,9 @@ def _print_summary(s: dict) -> None:
     table.add_column("metric")
     for column in (["before", "after", "change"] if before is not None else ["after"]):
         table.add_column(column, justify="right")
-    for key, label in [("avg@k", f"avg@{after.get('k', '')} (T = sampling temperature)"), ("greedy", "greedy"),
-                       ("maj@k", "maj@k"), (f"pass@{after.get('k', 1)}", f"pass@{after.get('k', 1)}")]:
+    k = after.get("k", 1)
+    for key, label in [("avg@k", f"avg@{k} (T = sampling temperature)"), ("greedy", "greedy"), ("maj@k", f"maj@{k}"),
+                       (f"pass@{k}", f"pass@{k}")]:
         if key in after and before is None:
             table.add_row(label, f"{after[key]:.1%}")
         elif key in after and key in before:
