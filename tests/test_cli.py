@@ -70,7 +70,7 @@ def test_train_then_eval_a_tiny_model(tiny_lab_model_dir, tmp_path):
     code, out = _invoke("eval", "task.lab.eval_size=4", "sampling.max_new_tokens=16", "--model", str(run / "final"),
                         "--k", "2", "--json", str(tmp_path / "eval.json"))
     assert code == 0, out
-    assert "avg@k" in out and "pass@2" in out and "greedy" in out
+    assert "avg@2" in out and "pass@2" in out and "greedy" in out
     metrics = json.loads((tmp_path / "eval.json").read_text())
     assert metrics["problems"] == 4 and 0.0 <= metrics["avg@k"] <= 1.0 and metrics["k"] == 2
     code, out = _invoke("eval", "--model", str(run / "final"), "--json", str(tmp_path / "no-such-folder" / "e.json"))
@@ -83,6 +83,27 @@ def test_train_then_eval_a_tiny_model(tiny_lab_model_dir, tmp_path):
     assert code == 0, out
     assert json.loads((tmp_path / "run2" / "summary.json").read_text())["before"] is None
     assert "accuracy after 1 steps" in out and "pts" not in out
+
+
+def test_eval_of_a_runs_final_model_with_its_config_reproduces_the_runs_final_table(tiny_lab_model_dir, tmp_path):
+    run = tmp_path / "run"
+    code, out = _invoke("train", "--quiet", f"model.name={tiny_lab_model_dir}", f"output.dir={run}", "train.steps=1",
+                        "rollout.prompts_per_step=2", "rollout.group_size=2", "task.lab.eval_size=6", "eval.k=3",
+                        "eval.before=false", "sampling.max_new_tokens=16", "train.seed=5")
+    assert code == 0, out
+    summary = json.loads((run / "summary.json").read_text())
+    assert f"evaluation sampling seed {summary['eval_seed']}" in out
+    final = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()][-1]
+    result = runner.invoke(app, ["eval", str(run / "config.yaml"), "--model", str(run / "final"),
+                                 "--json", str(tmp_path / "eval.json")], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    table = result.output[result.output.index("held-out problems"):]
+    assert max(len(line) for line in table.splitlines()) <= 80
+    assert all(f" {name} " in table for name in ("avg@3", "pass@1", "pass@3", "maj@3", "greedy"))
+    assert f"sampling seed {summary['eval_seed']}" in " ".join(result.output.split())
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert metrics["seed"] == summary["eval_seed"]
+    assert {key: metrics[key] for key in final if key != "step"} == {k: v for k, v in final.items() if k != "step"}
 
 
 @pytest.mark.slow

@@ -127,7 +127,8 @@ def _print_summary(s: dict) -> None:
     resumed = s["total_wall_seconds"] != s["wall_seconds"]
     wall = f"{s['total_wall_seconds'] / 60:.1f} min ({s['wall_seconds'] / 60:.1f} min since the resume)" if resumed \
         else f"{s['wall_seconds'] / 60:.1f} min"
-    console.print(f"wall time {wall}; skipped updates: {s['skipped_updates']}")
+    console.print(f"wall time {wall}; skipped updates: {s['skipped_updates']}; "
+                  f"evaluation sampling seed {s['eval_seed']}")
     console.print(f"metrics: {run_dir / 'metrics.jsonl'} and {run_dir / 'eval.jsonl'}\n"
                   f"checkpoints: {run_dir / 'checkpoints'}   final model: {s['final_model']}\n"
                   f"config: {run_dir / 'config.yaml'}   summary: {run_dir / 'summary.json'}")
@@ -145,7 +146,7 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
     """Evaluate a policy on the task's held-out split: avg@k, pass@1, pass@k, maj@k, greedy."""
 
     def run():
-        from creditrl.evaluate import evaluate
+        from creditrl.evaluate import evaluate, evaluation_seed
         from creditrl.policy.loading import load_configured_policy
         from creditrl.tasks import build_task
 
@@ -156,21 +157,26 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         problems = task.eval_problems()[:limit] if limit is not None else task.eval_problems()
         start = time.time()
         samples = k if k is not None else cfg.eval.k
-        metrics = evaluate(policy, task, problems, samples, cfg.sampling, seed=cfg.train.seed, greedy=greedy,
+        seed = evaluation_seed(cfg.train.seed)  # the trainer's: a run's final/ gives the run's final table
+        metrics = evaluate(policy, task, problems, samples, cfg.sampling, seed=seed, greedy=greedy,
                            behaviour=cfg.eval.behaviour, verify_phrases=cfg.eval.verify_phrases)
-        return name, len(problems), metrics, time.time() - start
+        return name, len(problems), metrics, time.time() - start, seed
 
     if json_out is not None and not json_out.parent.is_dir():  # found out now, not after the evaluation
         _fail(f"--json: the folder {json_out.parent} does not exist")
-    name, n, metrics, seconds = _guarded(run)
-    table = Table(title=f"{name} on {n} held-out problems ({seconds:.0f} s)")
+    name, n, metrics, seconds, seed = _guarded(run)
+    table = Table(title=f"{name}\n{n} held-out problems, sampling seed {seed}, {seconds:.0f} s")
     table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, _format_metric(key, value))
+    k = metrics.get("k", 1)
+    for key in dict.fromkeys(("avg@k", "pass@1", f"pass@{k}", "maj@k", "greedy", "mean_length")):
+        if key in metrics:
+            table.add_row(key.replace("@k", f"@{k}"), _format_metric(key, metrics[key]))
     console.print(table)
     if json_out:
-        json_out.write_text(json.dumps({"model": name, "problems": n, **metrics}, indent=2))
+        json_out.write_text(json.dumps({"model": name, "problems": n, "seed": seed, **metrics}, indent=2))
+    else:
+        console.print("the headline metrics; --json FILE writes all of them (behaviour, by difficulty)")
 
 
 def _format_metric(key: str, value: float) -> str:

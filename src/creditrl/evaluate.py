@@ -60,6 +60,12 @@ def by_difficulty(problems: Sequence[Problem], per_problem: Sequence[Sequence[Ve
             for name, x in sampled_accuracy(groups[value]).items()}
 
 
+def evaluation_seed(train_seed: int) -> int:
+    """The sampling seed of every evaluation of a run with `train.seed` = train_seed: the trainer's and
+    `creditrl eval`'s, so that evaluating a run's final model reproduces the run's final table."""
+    return hash((train_seed, 10**6)) % (2**31)
+
+
 def evaluate(policy: TransformersPolicy, task: Task, problems: Sequence[Problem], k: int,
              sampling: SamplingConfig, seed: int, greedy: bool = True, behaviour: bool = True,
              verify_phrases: Sequence[str] = VERIFY_PHRASES) -> dict[str, float]:

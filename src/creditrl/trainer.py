@@ -46,7 +46,7 @@ from creditrl.checkpoint import (
 from creditrl.collect import collect_rollouts
 from creditrl.config import RunConfig, TrainConfig, save_config
 from creditrl.configure import check_config
-from creditrl.evaluate import evaluate
+from creditrl.evaluate import evaluate, evaluation_seed
 from creditrl.jsonl import read_jsonl, truncate_jsonl
 from creditrl.master_weights import MasterWeights, descend
 from creditrl.methods import compute_advantages, loss_hooks, resolve_method
@@ -340,7 +340,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         e = self.cfg.eval
         return evaluate(self.policy, self.task, self.eval_problems, e.k, self.cfg.sampling,
-                        seed=self._seed(10**6), greedy=e.greedy, behaviour=e.behaviour,
+                        seed=evaluation_seed(self.cfg.train.seed), greedy=e.greedy, behaviour=e.behaviour,
                         verify_phrases=e.verify_phrases)
 
     def train(self, resume: bool = False, overwrite: bool = False) -> dict:
@@ -402,6 +402,7 @@ class Trainer:
         summary = {"method": cfg.method_name, "steps": self.step, "wall_seconds": round(segment, 1),
                    # the segments before a resume, up to the checkpoint it resumed from, and this one
                    "total_wall_seconds": round(self.earlier_seconds + segment, 1),
+                   "eval_seed": evaluation_seed(cfg.train.seed),
                    "before": evals[0] if evals[0]["step"] == 0 else None,  # None with eval.before=false
                    "after": evals[-1], "skipped_updates": self.skipped_updates,
                    "run_dir": str(self.run_dir), "final_model": str(final_dir)}
