@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants, is_offline_mode
+from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import get_session
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from creditrl.config import ModelConfig
@@ -13,6 +18,9 @@ from creditrl.lab.model import BUNDLED_NAME, bundled_lab_dir
 from creditrl.policy.transformers_backend import TransformersPolicy
 
 SMOLLM2_NAME = "smollm2"
+BUILT_IN_NAMES = (BUNDLED_NAME, SMOLLM2_NAME)
+PATH_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json", ".yaml", ".yml")
+HUB_PROBE_SECONDS = 2.0
 
 
 def smollm2_location() -> tuple[Path, str]:
@@ -27,8 +35,73 @@ def smollm2_location() -> tuple[Path, str]:
     return folder, files[0].name
 
 
+def model_source(name: str) -> tuple[Path | str, bool]:
+    """Where a name other than a built-in loads from: (a local folder, False) or (a hub id, whether only the
+    hub's local cache may be read). A name that can load from neither fails now, not after huggingface_hub's
+    minute of retries ending in a network error."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path, False
+    if path.exists() or looks_like_path(name):
+        raise missing_folder_error(name)
+    unreachable = hub_unreachable()
+    if unreachable is None:
+        return name, False
+    if (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=name, repo_type="model")).is_dir():
+        return name, True
+    close = difflib.get_close_matches(name, BUILT_IN_NAMES, n=1)
+    hint = f" — did you mean {close[0]}? —" if close else ","
+    raise FileNotFoundError(f"no such model: {name} (not a built-in model{hint} nor a local folder nor in the "
+                            f"Hugging Face cache, and the Hugging Face hub is unreachable: {unreachable})")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether `name` means a folder rather than a hub id: it starts with '.', '~' or 'runs', ends with a file
+    suffix, or has a separator other than the single one of a hub id's `namespace/name` (whose namespace is no
+    local folder: `runs/x` is a path)."""
+    if name.startswith((".", "~", "runs")) or name.endswith(PATH_SUFFIXES) or (os.sep != "/" and os.sep in name):
+        return True
+    parts = name.split("/")
+    return len(parts) > 2 or not all(parts) or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def missing_folder_error(name: str) -> FileNotFoundError:
+    """`no such model folder: name`, suggesting the existing folder closest to the first missing part of the path
+    (among its would-be siblings), else the closest built-in name."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return FileNotFoundError(f"no such model folder: {name} is a file (name the folder that holds the model)")
+    parts = path.parts
+    depth = max(i for i in range(len(parts)) if Path(*parts[:i]).is_dir())  # parts[:0] is '.'
+    parent, missing = Path(*parts[:depth]), parts[depth]
+    close = difflib.get_close_matches(missing, [p.name for p in parent.iterdir() if p.is_dir()], n=1)
+    if close:
+        fixed = Path(*parts[:depth], close[0], *parts[depth + 1:])
+        return FileNotFoundError(f"no such model folder: {name} — did you mean "
+                                 f"{fixed if fixed.is_dir() else parent / close[0]}?")
+    built_in = difflib.get_close_matches(path.name, BUILT_IN_NAMES, n=1)
+    hint = f"did you mean the built-in model {built_in[0]}?" if built_in else \
+        f"{parent.resolve()} has no folder like {missing!r}"
+    return FileNotFoundError(f"no such model folder: {name} — {hint}")
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode, or no answer to one request within
+    HUB_PROBE_SECONDS), or None when it can: a quick probe instead of the hub client's retries."""
+    offline_vars = [var for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+                    if os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")]
+    if offline_vars or is_offline_mode():
+        return f"{(offline_vars or ['HF_HUB_OFFLINE'])[0]} is set"
+    try:  # huggingface_hub's own session: its proxies, endpoint (HF_ENDPOINT) and offline check
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except Exception as err:  # whichever HTTP client the installed huggingface_hub uses (httpx2, httpx, requests)
+        return f"{constants.ENDPOINT} did not answer ({err})"
+    return None
+
+
 def load_model_and_tokenizer(name: str, gguf_file: str | None = None, dtype: str = "float32"):
     """(model, tokenizer) for 'lab', 'smollm2', a local folder or a hub id, with `dtype` weights."""
+    cache_only = False
     if name == BUNDLED_NAME:
         source, gguf_file = bundled_lab_dir(), None
         if not (source / "model.safetensors").exists():
@@ -37,8 +110,10 @@ def load_model_and_tokenizer(name: str, gguf_file: str | None = None, dtype: str
     elif name == SMOLLM2_NAME:
         source, gguf_file = smollm2_location()
     else:
-        source = Path(name) if Path(name).exists() else name
+        source, cache_only = model_source(name)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if cache_only:
+        kwargs["local_files_only"] = True
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
     if gguf_file:
