@@ -2,10 +2,12 @@
 
 Each response is a block with one row per method, its tokens coloured by credit on a diverging
 scale symmetric around 0 (red: negative credit, blame; white: 0; blue: positive).  Each method has
-its own scale ±s_m, s_m = the SCALE_QUANTILE quantile of |credit| of that method over the page's
-tokens (its max if that quantile is 0), so a method's rows compare across responses and one outlier
-token does not wash out the rest: a token of credit c gets level k = round(LEVELS·c / s_m),
-clamped to [−LEVELS, LEVELS].
+its own scale ±s_m for all its rows, so they compare across responses: s_m = the 95th percentile
+(SCALE_QUANTILE) of |credit| over the method's response tokens on the page, or their max when that
+is 0.  The 95th, not the 99th: a page holds a few hundred tokens, 1% of them two or three, so a
+method with an outlier or two per response (DenseR's divergence weights) would still be scaled by its
+outliers.  A token of credit c gets level k = round(LEVELS·c / s_m), clamped to [−LEVELS, LEVELS]; a
+token with |c| > s_m is clipped, outlined and its hover says so (every hover shows the exact c).
 Step boundaries are vertical bars; a verifier row shows the step labels (green right, red wrong);
 the true first wrong step is underlined in every row.  Prompts are browsed with prev/next buttons,
 the arrow keys or the list.  Inline CSS and JS only, no network; all text is escaped.
@@ -24,7 +26,7 @@ from creditrl.credit import CreditMaps
 from creditrl.credit_metrics import CreditAccuracy, first_wrong_step
 
 LEVELS = 8
-SCALE_QUANTILE = 0.99
+SCALE_QUANTILE = 0.95
 NEUTRAL = (247, 247, 247)
 NEGATIVE = (178, 24, 43)
 POSITIVE = (33, 102, 172)
@@ -46,7 +48,8 @@ def credit_level(credit: float, scale: float) -> int:
 
 
 def method_scale(values: torch.Tensor) -> float:
-    """s = the SCALE_QUANTILE quantile of |values|, or their max when that is 0 (0 for no values)."""
+    """s = the SCALE_QUANTILE quantile of |values| (linear interpolation), or their max when that is 0
+    (0 for no values); colours saturate beyond ±s."""
     magnitudes = values.double().abs()
     if magnitudes.numel() == 0:
         return 0.0
@@ -123,9 +126,10 @@ def _legend() -> str:
     return (
         '<section id="legend"><h2>Legend</h2>'
         f'<div class="scale"><span class="end">−s</span>{swatches}<span class="end">+s</span></div>'
-        f"<p>Colour = credit / s, where s is the row's method scale (shown as ±s next to its name): the "
-        f"{100 * SCALE_QUANTILE:g}th percentile of |credit| over that method's tokens on this page (larger credit is "
-        "drawn at full colour). <b>Red</b>: negative credit (the token is pushed down), <b>blue</b>: positive, "
+        f"<p>Colour scale per method, the same for all its rows: ±s (shown next to its name), the "
+        f"{100 * SCALE_QUANTILE:g}th percentile of |credit| over that method's tokens on this page (their max if "
+        f'that is 0); <span class="t {_level_class(LEVELS)} clip">outlined</span> tokens lie beyond it and are '
+        "clipped to full colour. <b>Red</b>: negative credit (the token is pushed down), <b>blue</b>: positive, "
         "white: 0. Hover a token for its exact credit.</p>"
         '<p>Steps are counted from 1; <span class="t z sb">a bar</span> starts a new step; '
         '<span class="t z fw">underlined</span> tokens form the true first wrong step; '
@@ -195,12 +199,14 @@ def _response_block(maps: CreditMaps, scales: Mapping[str, float], b: int, k: in
                           [_token(texts[t], steps, t, wrong, _label_class(labels, steps[t]), f"step {steps[t] + 1}")
                            for t in range(n)]))
     for name, credit in maps.credit.items():
-        cells = []
+        scale, cells = scales[name], []
         for t in range(n):
             c = float(credit[b, t])
-            cells.append(_token(texts[t], steps, t, wrong, _level_class(credit_level(c, scales[name])),
-                                f"{c:+.4f} · step {steps[t] + 1}"))
-        lines.append(_row(f"{_e(name)} <small>±{scales[name]:.3g}</small>", maps.notes[name], cells))
+            colour, tip = _level_class(credit_level(c, scale)), f"{c:+.4f} · step {steps[t] + 1}"
+            if abs(c) > scale:
+                colour, tip = f"{colour} clip", f"{c:+.4f}, beyond ±{scale:.3g}: clipped · step {steps[t] + 1}"
+            cells.append(_token(texts[t], steps, t, wrong, colour, tip))
+        lines.append(_row(f"{_e(name)} <small>±{scale:.3g}</small>", maps.notes[name], cells))
     return (f'<div class="response"><div class="verdict">{" · ".join(facts)}</div>'
             f'<div class="rows">{"".join(lines)}</div></div>')
 
@@ -252,6 +258,7 @@ body.js section.prompt{display:none}body.js section.prompt.current{display:block
 .t{display:inline-block;white-space:pre;padding:1px 0;border-left:2px solid transparent}
 .t.sb{border-left-color:#111}
 .t.fw{box-shadow:inset 0 -3px 0 #111}
+.t.clip{outline:1px solid #111;outline-offset:1px}
 .t.ok{color:#1a7f37}.t.bad{color:#b2182b;font-weight:bold}.t.unk{color:#888}
 """
 
