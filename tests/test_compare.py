@@ -40,11 +40,26 @@ def test_mean_ci_by_hand():
     assert math.isnan(mean_ci([0.3])[1])
 
 
-def _record(method, seed, curve, step_seconds):
-    compute = {"train_seconds": sum(step_seconds), "seconds_per_step": 1.0, "extra_generated_tokens": 0.0,
-               "extra_forward_passes": 0.0, "critic_calls": 0.0, "gen_rounds": 1.0, "peak_rss_mb": 100.0 + seed}
+def _record(method, seed, curve, step_seconds, cpu=None, loads=None):
+    """A run record as `run_record` gives it; without `cpu` and `loads`, one logged before those fields."""
+    compute = {"train_seconds": sum(step_seconds), "seconds_per_step": 1.0, "cpu_seconds_per_step": cpu,
+               "extra_generated_tokens": 0.0, "extra_forward_passes": 0.0, "critic_calls": 0.0, "gen_rounds": 1.0,
+               "skipped_steps": 0.0, "peak_rss_mb": 100.0 + seed}
     return {"method": method, "seed": seed, "wall_seconds": 10.0, "step_seconds": step_seconds,
-            "curve": [{"step": s, "avg@k": a} for s, a in curve], "compute": compute}
+            "curve": [{"step": s, "avg@k": a} for s, a in curve], "compute": compute, "step_load": loads or []}
+
+
+def _results(records):
+    spec = {"methods": sorted({r["method"] for r in records}), "seeds": [0, 1], "steps": 2, "eval_every": 2,
+            "eval_size": 6, "config": None, "overrides": [], "method_overrides": {}, "jobs": 1}
+    return {"spec": spec, "runs": records, "summary": summarize(records), "credit": None}
+
+
+def _cell(results, method, column):
+    from creditrl.report.compare_report import results_rows
+
+    header, rows = results_rows(results)
+    return next(row for row in rows if row[0] == method)[header.index(column)]
 
 
 def test_steps_and_seconds_to_grpo_final_by_hand():
@@ -87,7 +102,8 @@ def test_report_files_and_json(grid):
         assert key in grpo
     assert set(grpo["compute"]) >= {"seconds_per_step", "extra_generated_tokens", "extra_forward_passes",
                                     "critic_calls", "peak_rss_mb"}
-    assert grpo["compute"]["peak_rss_mb"] > 0
+    assert grpo["compute"]["peak_rss_mb"] > 0 and grpo["compute"]["cpu_seconds_per_step"] > 0
+    assert results["summary"]["load"]["peak"] >= results["summary"]["load"]["mean"] >= 0
     assert [p["step"] for p in results["runs"][0]["curve"]] == [0, 1, 2]
     assert set(results["credit"]["metrics"]) == set(METHODS)
     assert "| grpo |" in paths["md"].read_text()
@@ -148,3 +164,46 @@ def test_parallel_runs_give_the_same_results_as_one_after_another(tiny_lab_model
         runs = collect_results(spec)["runs"]
         finals[jobs] = [(r["method"], r["curve"]) for r in runs]
     assert finals[1] == finals[2]
+
+
+def test_cpu_seconds_per_step_come_from_the_logged_cpu_step():
+    from creditrl.compare import run_compute
+
+    steps = [{"time_step": 2.0, "cpu_step": 1.5}, {"skipped": 1.0}, {"time_step": 3.0, "cpu_step": 4.5}]
+    assert run_compute(steps)["cpu_seconds_per_step"] == (1.5 + 4.5) / 3  # a skipped step counts as one, as for wall
+    curve = [(0, 0.1), (2, 0.3)]
+    results = _results([_record("grpo", 0, curve, [1, 1], cpu=2.0), _record("grpo", 1, curve, [1, 1], cpu=2.5)])
+    assert results["summary"]["methods"]["grpo"]["compute"]["cpu_seconds_per_step"] == pytest.approx(2.25)
+    assert _cell(results, "grpo", "CPU s / step") == "2.25" and _cell(results, "grpo", "s / step") == "1.00"
+
+
+def test_runs_logged_before_cpu_and_load_show_a_dash():
+    from creditrl.compare import run_compute
+    from creditrl.report.compare_report import render_markdown
+
+    assert run_compute([{"time_step": 2.0}, {"time_step": 3.0}])["cpu_seconds_per_step"] is None
+    curve = [(0, 0.1), (2, 0.3)]
+    results = _results([_record("grpo", 0, curve, [1, 1]), _record("grpo", 1, curve, [1, 1], cpu=2.0)])
+    assert results["summary"]["methods"]["grpo"]["compute"]["cpu_seconds_per_step"] is None
+    assert results["summary"]["load"]["mean"] is None and results["summary"]["load"]["peak"] is None
+    assert _cell(results, "grpo", "CPU s / step") == "–"
+    page = render_markdown(results)
+    assert "mean –, peak –" in page and "busy" not in page
+
+
+@pytest.mark.parametrize("loads, busy", [([2.0, 3.0, 2.5, 2.5], True), ([1.0, 3.0, 2.0, 2.0], False)])
+def test_the_busy_machine_warning_appears_when_the_mean_load_exceeds_the_cores(monkeypatch, loads, busy):
+    """Means 2.5 and 2.0 on 2 cores: the second grid's peak (3.0) is above the cores, its mean is not."""
+    import os
+
+    from creditrl.report.compare_report import PLOTS, render_html, render_markdown
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    curve = [(0, 0.1), (2, 0.3)]
+    results = _results([_record("grpo", 0, curve, [1, 1], cpu=1.0, loads=loads[:2]),
+                        _record("grpo", 1, curve, [1, 1], cpu=1.0, loads=loads[2:])])
+    mean = sum(loads) / 4
+    assert results["summary"]["load"] == {"mean": mean, "peak": 3.0, "cores": 2}
+    warning = f"the machine was busy: load {mean:.2f} on 2 cores; wall times are inflated, compare CPU times"
+    assert (warning in render_markdown(results)) == busy
+    assert (warning in render_html(results, {name: b"" for name in PLOTS})) == busy

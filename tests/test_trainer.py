@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -33,6 +34,8 @@ def test_training_writes_metrics_checkpoints_and_summary(tiny_lab_model_dir, tmp
     for key in ("reward", "accuracy", "response_length", "entropy", "clip_frac", "grad_norm", "adv_mean",
                 "zero_spread_groups", "time_sample", "time_update", "tokens_per_s"):
         assert key in lines[-1]
+    last = json.loads(lines[-1])
+    assert math.isfinite(last["cpu_step"]) and last["cpu_step"] > 0 and math.isfinite(last["load_avg"])
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert (run / "config.yaml").exists() and (run / "final" / "model.safetensors").exists()
     assert summary["before"]["step"] == 0 and summary["after"]["step"] == 4

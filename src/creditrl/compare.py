@@ -13,7 +13,9 @@ What is reported per method (statistics over seeds):
   mean ± the 95% Student-t interval half-width;
 - steps and training seconds to reach GRPO's mean final avg@k: the first evaluation after step 0
   at or above it; seconds are the sum of `time_step` up to that step (evaluations excluded);
-- compute per step, from metrics.jsonl: seconds, extra generated tokens (value estimation),
+- compute per step, from metrics.jsonl: wall seconds, CPU seconds (`cpu_step`, the process's CPU time over
+  all its threads: it leaves out time spent waiting for a core, so it ranks costs on a busy machine where
+  wall seconds do not), extra generated tokens (value estimation),
   extra forward passes, critic calls, sampling rounds (dynamic sampling), and the peak RSS.
   Extra forward passes = sequences put through a no-grad forward besides sampling and the
   update (the trainer's `scoring_forwards`: the old-log-prob forward when the sampler's
@@ -24,6 +26,9 @@ What is reported per method (statistics over seeds):
   The peak RSS is `ru_maxrss`, the process's peak so far: with `jobs` > 1 each run has its own
   process, so it is the run's own peak; with `jobs` = 1 the runs share this process, so a run's
   reading is at least that of the runs before it.
+- the machine's load over the grid's steps (`load_avg`, the 1-minute load average logged after each
+  step): mean and peak, beside the number of cores; a mean above the cores means wall seconds are inflated.
+Runs logged before `cpu_step` and `load_avg` existed report None for them.
 """
 
 from __future__ import annotations
@@ -211,7 +216,8 @@ def run_record(run_dir: Path) -> dict:
     return {"method": cfg["method"], "seed": cfg["train"]["seed"], "run_dir": str(run_dir),
             "wall_seconds": summary["total_wall_seconds"],
             "curve": [{"step": e["step"], "avg@k": e["avg@k"]} for e in evals],
-            "step_seconds": [m.get("time_step", 0.0) for m in steps], "compute": run_compute(steps)}
+            "step_seconds": [m.get("time_step", 0.0) for m in steps], "compute": run_compute(steps),
+            "step_load": [m["load_avg"] for m in steps if "load_avg" in m]}
 
 
 def run_compute(steps: list[dict]) -> dict:
@@ -221,7 +227,9 @@ def run_compute(steps: list[dict]) -> dict:
     def per_step(key: str) -> float:
         return sum(m.get(key, 0.0) for m in steps) / n
 
+    cpu_logged = all("cpu_step" in m for m in steps if "time_step" in m) and any("cpu_step" in m for m in steps)
     return {"train_seconds": sum(m.get("time_step", 0.0) for m in steps), "seconds_per_step": per_step("time_step"),
+            "cpu_seconds_per_step": per_step("cpu_step") if cpu_logged else None,
             "extra_generated_tokens": per_step("extra_generated_tokens"),
             "extra_forward_passes": per_step("scoring_forwards") + per_step("extra_generate_calls"),
             "critic_calls": per_step("critic_calls"), "gen_rounds": per_step("gen_rounds"),
@@ -239,7 +247,8 @@ def first_reach(record: dict, target: float) -> tuple[int | None, float | None]:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Per-method statistics over seeds, and GRPO's mean final avg@k as the target (None without GRPO)."""
+    """Per-method statistics over seeds, GRPO's mean final avg@k as the target (None without GRPO), and the
+    machine's load over the grid's steps (mean and peak: None when no run logged it) beside its cores."""
     by_method: dict[str, list[dict]] = {}
     for r in records:
         by_method.setdefault(r["method"], []).append(r)
@@ -251,7 +260,7 @@ def summarize(records: list[dict]) -> dict:
         reach = [first_reach(r, target) if target is not None else (None, None) for r in rs]
         hit_steps = [s for s, _ in reach if s is not None]
         hit_seconds = [sec for _, sec in reach if sec is not None]
-        compute = {key: statistics.fmean(r["compute"][key] for r in rs) for key in rs[0]["compute"]}
+        compute = {key: _mean_or_none([r["compute"][key] for r in rs]) for key in rs[0]["compute"]}
         compute["peak_rss_mb"] = max(r["compute"]["peak_rss_mb"] for r in rs)
         methods[m] = {"seeds": [r["seed"] for r in rs], "start": statistics.fmean(r["curve"][0]["avg@k"] for r in rs),
                       "final": finals[m], "final_mean": mean, "final_ci95": None if math.isnan(half) else half,
@@ -259,7 +268,15 @@ def summarize(records: list[dict]) -> dict:
                       "mean_steps_to_target": statistics.fmean(hit_steps) if hit_steps else None,
                       "mean_seconds_to_target": statistics.fmean(hit_seconds) if hit_seconds else None,
                       "wall_seconds": statistics.fmean(r["wall_seconds"] for r in rs), "compute": compute}
-    return {"target": target, "methods": methods}
+    loads = [x for r in records for x in r["step_load"]]
+    load = {"mean": statistics.fmean(loads) if loads else None, "peak": max(loads, default=None),
+            "cores": os.cpu_count()}
+    return {"target": target, "methods": methods, "load": load}
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    """The mean, or None when a value is missing (a run logged before the quantity was)."""
+    return None if None in values else statistics.fmean(values)
 
 
 # ---- credit accuracy on one shared batch --------------------------------------------------------

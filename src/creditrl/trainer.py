@@ -19,6 +19,7 @@ import copy
 import functools
 import json
 import math
+import os
 import random
 import resource
 import shutil
@@ -228,7 +229,7 @@ class Trainer:
         return outcome
 
     def _sample_and_update(self) -> StepOutcome:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()  # process CPU time: every thread, no waiting for a core
         rollouts, extra = self.collect()
         t_sample = time.perf_counter() - t0
         metrics = {**extra, **_rollout_metrics(rollouts)}
@@ -261,6 +262,7 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         metrics.update(time_sample=t_sample, time_score=t_score, time_advantage=t_adv, time_update=t_update,
                        time_step=elapsed, tokens_per_s=mask.sum().item() / elapsed,
+                       cpu_step=time.process_time() - cpu0, load_avg=os.getloadavg()[0],
                        # the process's peak so far (Linux reports KiB)
                        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return StepOutcome(metrics, bad)

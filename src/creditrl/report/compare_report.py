@@ -1,7 +1,8 @@
 """The `creditrl compare` report: report.md, a self-contained report.html, results.json and two PNG plots.
 
 The results table gives, per method, the final held-out avg@k (pass@1) mean ± 95% t interval over
-seeds, the steps and training seconds to reach GRPO's mean final avg@k, and compute per step.
+seeds, the steps and training seconds to reach GRPO's mean final avg@k, and compute per step (wall and CPU
+seconds among them); a warning line follows when the machine's mean load over the grid's steps exceeded its cores.
 Plots: learning curves (mean avg@k over seeds, band from the lowest to the highest seed) and
 final accuracy against training seconds per step (error bars: the 95% interval).  The HTML page
 embeds the PNGs as base64 data URIs; inline CSS only, no network; all text is escaped.
@@ -79,6 +80,7 @@ def plot_compute(results: dict, path: Path) -> None:
         half = s["final_ci95"] or 0.0
         ax.errorbar([s["compute"]["seconds_per_step"]], [s["final_mean"]], yerr=[half], capsize=3, linestyle="none",
                     label=method, **styles[method])
+    ax.margins(0.1)  # no marker on the axes' edge
     ax.set(xlabel="training seconds per step (mean over seeds)", ylabel="final avg@k (pass@1)",
            title="accuracy against compute (bars: 95% interval)")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -91,14 +93,15 @@ def plot_compute(results: dict, path: Path) -> None:
 def results_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the results table, as text."""
     header = ["method", "start", "final avg@k (mean ± 95% CI)", "per seed", "steps to GRPO's final",
-              "train s to GRPO's final", "s / step", "extra gen. tokens / step", "extra forwards / step",
-              "critic calls / step", "sampling rounds / step", "skipped steps", "peak RSS MB"]
+              "train s to GRPO's final", "s / step", "CPU s / step", "extra gen. tokens / step",
+              "extra forwards / step", "critic calls / step", "sampling rounds / step", "skipped steps", "peak RSS MB"]
     rows = []
     for method, s in results["summary"]["methods"].items():
         c = s["compute"]
         rows.append([method, _pct(s["start"]), f"{_pct(s['final_mean'])} ± {_pct(s['final_ci95'])}",
                      " ".join(_pct(f) for f in s["final"]), " ".join(_maybe(x, "{:d}") for x in s["steps_to_target"]),
                      " ".join(_maybe(x, "{:.0f}") for x in s["seconds_to_target"]), f"{c['seconds_per_step']:.2f}",
+                     _maybe(c["cpu_seconds_per_step"], "{:.2f}"),
                      f"{c['extra_generated_tokens']:.0f}", f"{c['extra_forward_passes']:.0f}",
                      f"{c['critic_calls']:.0f}",
                      f"{c['gen_rounds']:.2f}", f"{c['skipped_steps']:.1f}", f"{c['peak_rss_mb']:.0f}"])
@@ -122,7 +125,7 @@ def _maybe(x: float | None, fmt: str) -> str:
 
 
 def _context(results: dict) -> list[str]:
-    spec, target = results["spec"], results["summary"]["target"]
+    spec, target, load = results["spec"], results["summary"]["target"], results["summary"]["load"]
     return [(f"{len(spec['methods'])} methods × seeds {spec['seeds']}, {spec['steps']} policy-update steps each, "
              f"evaluated every {spec['eval_every']} steps on {spec['eval_size']} held-out problems."),
             (f"Base config: {spec['config'] or 'defaults'}; overrides: {' '.join(spec['overrides']) or 'none'}; "
@@ -133,7 +136,20 @@ def _context(results: dict) -> list[str]:
              "sequences scored by the no-grad old-log-prob (and KL reference) forward, plus value-estimation generate "
              "calls. Peak RSS: " + ("each run's own peak (one process per run, "
                                     f"{spec['jobs']} at a time)." if spec.get("jobs", 1) > 1 else
-                                    "the process's peak so far (runs share one process)."))]
+                                    "the process's peak so far (runs share one process).")),
+            ("s / step is wall time; CPU s / step is the process's CPU time over all its threads. CPU time ranks "
+             "cost robustly on a shared machine, since it does not count time spent waiting for a core. "
+             f"Machine load over the grid's steps (1-minute average): mean {_maybe(load['mean'], '{:.2f}')}, "
+             f"peak {_maybe(load['peak'], '{:.2f}')}, on {load['cores'] or '–'} cores.")]
+
+
+def _load_warning(results: dict) -> str | None:
+    """The warning when the machine's mean load over the grid's steps exceeded its cores, else None."""
+    load = results["summary"]["load"]
+    if load["mean"] is None or not load["cores"] or load["mean"] <= load["cores"]:
+        return None
+    return (f"Warning: the machine was busy: load {load['mean']:.2f} on {load['cores']} cores; "
+            "wall times are inflated, compare CPU times.")
 
 
 def _credit_context(results: dict) -> str:
@@ -145,7 +161,9 @@ def _credit_context(results: dict) -> str:
 
 # ---- markdown -----------------------------------------------------------------------------------
 def render_markdown(results: dict) -> str:
-    parts = ["# creditrl compare", "", *_context(results), "", "## Results", "", _md_table(*results_rows(results)), "",
+    warning = _load_warning(results)
+    parts = ["# creditrl compare", "", *_context(results), "", *([f"**{warning}**", ""] if warning else []),
+             "## Results", "", _md_table(*results_rows(results)), "",
              "## Learning curves", "", "![learning curves](curves.png)", "",
              "## Accuracy against compute", "", "![accuracy against compute](compute.png)", ""]
     if results["credit"] is not None:
@@ -162,7 +180,9 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 # ---- html ---------------------------------------------------------------------------------------
 def render_html(results: dict, pngs: dict[str, bytes]) -> str:
     """The whole page as one string; `pngs` maps a PLOTS file name to its bytes."""
+    warning = _load_warning(results)
     body = ["<h1>creditrl compare</h1>", *(f"<p class='context'>{_e(line)}</p>" for line in _context(results)),
+            *([f"<p class='warning'>{_e(warning)}</p>"] if warning else []),
             "<h2>Results</h2>", _html_table(*results_rows(results))]
     for name, caption in PLOTS.items():
         data = base64.b64encode(pngs[name]).decode("ascii")
@@ -188,6 +208,7 @@ def _e(text: object) -> str:
 def _css() -> str:
     return ("body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}"
             ".context{color:#555;font-size:.9em;margin:.2em 0}"
+            ".warning{color:#a40;font-weight:bold;margin:.6em 0}"
             "table{border-collapse:collapse;margin:.8em 0;font-size:.85em}"
             "th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}"
             "th:first-child,td:first-child{text-align:left}"
