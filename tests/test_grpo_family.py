@@ -11,6 +11,7 @@ import torch
 from factories import make_rollouts
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+import creditrl.config.plugins as plugins
 import creditrl.methods.registry as registry
 from creditrl.methods import (
     ADVANTAGES,
@@ -344,8 +345,8 @@ class FakeEntryPoint:
 def test_entry_point_plugins(monkeypatch):
     plugin = Method("plugin_method", advantage="rloo", summary="from a plugin")
     eps = [FakeEntryPoint("broken", error=ImportError("no module named nowhere")), FakeEntryPoint("good", obj=[plugin])]
-    monkeypatch.setattr(registry, "entry_points", lambda group: eps if group == "creditrl.methods" else [])
-    monkeypatch.setitem(registry._plugins_state, "loaded", False)
+    monkeypatch.setattr(plugins, "entry_points", lambda group: eps if group == "creditrl.methods" else [])
+    monkeypatch.setattr(plugins, "_loaded", set())
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -146,6 +146,7 @@ class FakeEntryPoint:
 
 
 def test_a_task_plugin_is_imported_when_its_name_is_first_asked_for(monkeypatch):
+    import creditrl.config.plugins as plugins
     import creditrl.config.tasks as task_sections
 
     def load_plugin():  # what importing a user's module does: its decorator registers the task
@@ -158,8 +159,8 @@ def test_a_task_plugin_is_imported_when_its_name_is_first_asked_for(monkeypatch)
         raise ImportError("no module named nowhere")
 
     eps = [FakeEntryPoint("broken", broken), FakeEntryPoint("good", load_plugin)]
-    monkeypatch.setattr(task_sections, "entry_points", lambda group: eps if group == "creditrl.tasks" else [])
-    monkeypatch.setitem(task_sections._plugins_state, "loaded", False)
+    monkeypatch.setattr(plugins, "entry_points", lambda group: eps if group == "creditrl.tasks" else [])
+    monkeypatch.setattr(plugins, "_loaded", set())
     try:
         with pytest.warns(RuntimeWarning, match="task plugin 'broken'"):
             cfg = load_config(None, ["task.name=plugin_task"])
@@ -170,14 +171,14 @@ def test_a_task_plugin_is_imported_when_its_name_is_first_asked_for(monkeypatch)
 
 
 def test_an_engine_plugin_is_imported_when_its_name_is_first_asked_for(monkeypatch):
-    import creditrl.policy.engines as engines
+    import creditrl.config.plugins as plugins
 
     def load_plugin():
         register_engine("plugin_engine")(lambda policy, prompt_ids, n, cfg, seed: None)
 
-    monkeypatch.setattr(engines, "entry_points", lambda group: [FakeEntryPoint("good", load_plugin)]
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [FakeEntryPoint("good", load_plugin)]
                         if group == "creditrl.engines" else [])
-    monkeypatch.setitem(engines._plugins_state, "loaded", False)
+    monkeypatch.setattr(plugins, "_loaded", set())
     try:
         assert load_config(None, ["sampling.engine=plugin_engine"]).sampling.engine == "plugin_engine"
         assert get_engine("plugin_engine").takes_lora
@@ -207,6 +208,7 @@ def test_a_composed_method_trains_and_warns_as_its_pieces_say(tiny_lab_model_dir
 
 
 def test_a_sink_plugin_is_imported_through_its_entry_point_group(monkeypatch, tmp_path):
+    import creditrl.config.plugins as plugins
     import creditrl.sinks as sinks
 
     logged = []
@@ -223,9 +225,9 @@ def test_a_sink_plugin_is_imported_through_its_entry_point_group(monkeypatch, tm
             def close(self):
                 pass
 
-    monkeypatch.setattr(sinks, "entry_points", lambda group: [FakeEntryPoint("good", load_plugin)]
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [FakeEntryPoint("good", load_plugin)]
                         if group == "creditrl.sinks" else [])
-    monkeypatch.setitem(sinks._plugins_state, "loaded", False)
+    monkeypatch.setattr(plugins, "_loaded", set())
     try:
         cfg = load_config(None, ["output.report_to=[plugin_sink]"])
         opened = sinks.build_sinks(cfg.output.report_to, tmp_path, "run", {}, first_step=1)

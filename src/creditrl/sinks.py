@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import importlib
 import os
-import warnings
 from collections.abc import Callable, Iterable
-from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+from creditrl.config.plugins import load_plugins
 from creditrl.jsonl import append_jsonl
 
 PROJECT = "creditrl"  # the W&B project (unless WANDB_PROJECT names another) and the trackio project
@@ -57,20 +56,11 @@ def register_sink(name: str) -> Callable[[SinkFactory], SinkFactory]:
 
 
 ENTRY_POINT_GROUP = "creditrl.sinks"
-_plugins_state = {"loaded": False}
 
 
 def known_sinks() -> list[str]:
-    """Names of every sink: built-in, and those of packages in the entry-point group `creditrl.sinks` (imported
-    once, the first time; a broken one only warns)."""
-    if not _plugins_state["loaded"]:
-        _plugins_state["loaded"] = True
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            try:
-                ep.load()
-            except Exception as exc:  # a plugin must not break the library
-                warnings.warn(f"creditrl: sink plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}",
-                              RuntimeWarning, stacklevel=2)
+    """Names of every sink: built-in, and those of packages in the entry-point group `creditrl.sinks`."""
+    load_plugins(ENTRY_POINT_GROUP, "sink")
     return sorted(SINKS)
 
 

@@ -9,13 +9,12 @@ the group `creditrl.tasks` are imported the first time a name is not found, so t
 
 from __future__ import annotations
 
-import warnings
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from creditrl.config.plugins import load_plugins
 from creditrl.config.sections import Section
 
 ENTRY_POINT_GROUP = "creditrl.tasks"
@@ -128,32 +127,16 @@ def register_task_section(model: type[TaskConfig]) -> type[TaskConfig]:
 for _model in (LabSection, GSM8KSection, MATH500Section, JsonlSection, HubSection):
     register_task_section(_model)
 
-_plugins_state = {"loaded": False}
-
-
-def _load_task_plugins() -> None:
-    """Import the packages that declare tasks in the entry-point group (once; a broken one only warns)."""
-    if _plugins_state["loaded"]:
-        return
-    _plugins_state["loaded"] = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as exc:  # a plugin must not break the library
-            warnings.warn(f"creditrl: task plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}",
-                          RuntimeWarning, stacklevel=2)
-
-
 def known_tasks() -> list[str]:
     """Names of every task (built-in and plugins), sorted."""
-    _load_task_plugins()
+    load_plugins(ENTRY_POINT_GROUP, "task")
     return sorted(TASK_SECTIONS)
 
 
 def task_section_model(name: str) -> type[TaskConfig]:
     """The section model of the task called `name`; a ValueError lists the known tasks."""
     if name not in TASK_SECTIONS:
-        _load_task_plugins()
+        load_plugins(ENTRY_POINT_GROUP, "task")
     if name not in TASK_SECTIONS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASK_SECTIONS))}")
     return TASK_SECTIONS[name]

@@ -36,15 +36,14 @@ from __future__ import annotations
 
 import copy
 import functools
-import warnings
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, Callable, Mapping
 
 from pydantic import BaseModel, ConfigDict, create_model
 from torch import Tensor
 
 from creditrl.config import MethodSpec, RunConfig
+from creditrl.config.plugins import load_plugins
 from creditrl.methods.loss import RatioTransform, TokenWeight
 from creditrl.rollouts import Rollouts
 
@@ -181,22 +180,15 @@ def register_method(method: Method) -> Method:
     return method
 
 
-_plugins_state = {"loaded": False}
+def _register_plugin_methods(loaded: Any) -> None:
+    """A method plugin's entry point names a `Method` or a list of them (its pieces register on import)."""
+    for item in loaded if isinstance(loaded, (list, tuple)) else [loaded]:
+        if isinstance(item, Method):
+            register_method(item)
 
 
 def _load_plugins() -> None:
-    if _plugins_state["loaded"]:
-        return
-    _plugins_state["loaded"] = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-            for item in obj if isinstance(obj, (list, tuple)) else [obj]:
-                if isinstance(item, Method):
-                    register_method(item)
-        except Exception as exc:  # a plugin must not break the library
-            warnings.warn(f"creditrl: method plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}", RuntimeWarning,
-                          stacklevel=2)
+    load_plugins(ENTRY_POINT_GROUP, "method", _register_plugin_methods)
 
 
 def known_methods() -> list[str]:

@@ -15,12 +15,11 @@ entry-point group `creditrl.engines` so that it is imported when its name is fir
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 
 from creditrl.config import SamplingConfig
+from creditrl.config.plugins import load_plugins
 from creditrl.policy import vllm_engine
 from creditrl.policy.generation import Generation
 
@@ -50,19 +49,10 @@ def register_engine(name: str, takes_lora: bool = True) -> Callable[[SampleFn], 
     return decorate
 
 
-_plugins_state = {"loaded": False}
-
-
 def get_engine(name: str) -> Engine:
     """The engine called `name`; a ValueError lists the known engines."""
-    if name not in ENGINES and not _plugins_state["loaded"]:
-        _plugins_state["loaded"] = True
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            try:
-                ep.load()
-            except Exception as exc:  # a plugin must not break the library
-                warnings.warn(f"creditrl: engine plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}",
-                              RuntimeWarning, stacklevel=2)
+    if name not in ENGINES:
+        load_plugins(ENTRY_POINT_GROUP, "engine")
     if name not in ENGINES:
         raise ValueError(f"unknown sampling engine {name!r}; known engines: {', '.join(sorted(ENGINES))}")
     return ENGINES[name]
