@@ -33,3 +33,20 @@ def test_difficulty_values_of_mixed_types_are_reported_not_a_crash():
     verdicts = [[Verdict(correct=True)], [Verdict(correct=False)], [Verdict(correct=False)], [Verdict(correct=True)]]
     report = by_difficulty(problems, verdicts)
     assert [report[f"avg@k_level={v}"] for v in (1, 2, "Level 3", None)] == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_evaluation_reports_its_progress_call_by_call(tiny_policy):
+    from creditrl.config import LabTaskConfig, SamplingConfig
+    from creditrl.evaluate import evaluate, evaluation_steps
+    from creditrl.tasks.lab import LabTask
+    from creditrl.trainer import _bar_stats
+
+    task = LabTask(LabTaskConfig(eval_size=5, train_size=10))
+    problems = task.eval_problems()
+    done = []
+    evaluate(tiny_policy, task, problems, 2, SamplingConfig(max_new_tokens=4, batch_size=4), seed=0,
+             progress=done.append)
+    # 4 rows per call: 2 prompts × k = 2 per sampled call (2, 2, 1), then 4 greedy prompts per call (4, 1)
+    assert done == [2, 2, 1, 4, 1] and sum(done) == evaluation_steps(problems, greedy=True)
+    assert tiny_policy.on_sampled is None  # the callback lasts as long as the evaluation
+    assert _bar_stats({}, [{"step": 0, "avg@k": 0.25}]) == "eval at step 0: avg@k 0.250"

@@ -146,7 +146,9 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
     """Evaluate a policy on the task's held-out split: avg@k, pass@1, pass@k, maj@k, greedy."""
 
     def run():
-        from creditrl.evaluate import evaluate, evaluation_seed
+        from rich.progress import Progress
+
+        from creditrl.evaluate import evaluate, evaluation_seed, evaluation_steps, progress_task
         from creditrl.policy.loading import load_configured_policy
         from creditrl.tasks import build_task
 
@@ -158,8 +160,10 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         start = time.time()
         samples = k if k is not None else cfg.eval.k
         seed = evaluation_seed(cfg.train.seed)  # the trainer's: a run's final/ gives the run's final table
-        metrics = evaluate(policy, task, problems, samples, cfg.sampling, seed=seed, greedy=greedy,
-                           behaviour=cfg.eval.behaviour, verify_phrases=cfg.eval.verify_phrases)
+        with Progress(console=console, transient=True) as display, \
+                progress_task(display, "evaluating", evaluation_steps(problems, greedy)) as advance:
+            metrics = evaluate(policy, task, problems, samples, cfg.sampling, seed=seed, greedy=greedy,
+                               behaviour=cfg.eval.behaviour, verify_phrases=cfg.eval.verify_phrases, progress=advance)
         return name, len(problems), metrics, time.time() - start, seed
 
     if json_out is not None and not json_out.parent.is_dir():  # found out now, not after the evaluation

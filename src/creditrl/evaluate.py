@@ -10,8 +10,12 @@ are computed from the same samples.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from math import comb
 from typing import Sequence
+
+from rich.progress import Progress
 
 from creditrl.behaviour import VERIFY_PHRASES, behaviour_metrics
 from creditrl.policy.transformers_backend import SamplingConfig, TransformersPolicy
@@ -66,11 +70,38 @@ def evaluation_seed(train_seed: int) -> int:
     return hash((train_seed, 10**6)) % (2**31)
 
 
+def evaluation_steps(problems: Sequence[Problem], greedy: bool) -> int:
+    """How many prompt samplings `evaluate` reports to its `progress` callback: each problem once, twice with greedy."""
+    return len(problems) * (1 + int(greedy))
+
+
+@contextmanager
+def progress_task(progress: Progress, description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A task on a rich progress display for the length of the block; yields its `advance(done)` callback."""
+    task = progress.add_task(description, total=total, stats="")
+    try:
+        yield lambda done: progress.advance(task, done)
+    finally:
+        progress.remove_task(task)
+
+
 def evaluate(policy: TransformersPolicy, task: Task, problems: Sequence[Problem], k: int,
              sampling: SamplingConfig, seed: int, greedy: bool = True, behaviour: bool = True,
-             verify_phrases: Sequence[str] = VERIFY_PHRASES) -> dict[str, float]:
+             verify_phrases: Sequence[str] = VERIFY_PHRASES,
+             progress: Callable[[int], None] | None = None) -> dict[str, float]:
     """Sample k responses per problem (and one greedy one); return the accuracy metrics and, when
-    `behaviour`, the behaviour metrics of the sampled responses."""
+    `behaviour`, the behaviour metrics of the sampled responses.  `progress` is called with the number
+    of problems each sampling call finished (`evaluation_steps` in all)."""
+    policy.on_sampled = progress
+    try:
+        return _evaluate(policy, task, problems, k, sampling, seed, greedy, behaviour, verify_phrases)
+    finally:
+        policy.on_sampled = None
+
+
+def _evaluate(policy: TransformersPolicy, task: Task, problems: Sequence[Problem], k: int,
+              sampling: SamplingConfig, seed: int, greedy: bool, behaviour: bool,
+              verify_phrases: Sequence[str]) -> dict[str, float]:
     prompts = [policy.encode_prompt(p.prompt) for p in problems]
     metrics: dict[str, float] = {}
     if k > 0:

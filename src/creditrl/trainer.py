@@ -26,6 +26,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -47,7 +48,7 @@ from creditrl.checkpoint import (
 from creditrl.collect import collect_rollouts
 from creditrl.config import RunConfig, TrainConfig, save_config
 from creditrl.configure import check_config
-from creditrl.evaluate import evaluate, evaluation_seed
+from creditrl.evaluate import evaluate, evaluation_seed, evaluation_steps, progress_task
 from creditrl.jsonl import read_jsonl, truncate_jsonl
 from creditrl.master_weights import MasterWeights, descend
 from creditrl.methods import compute_advantages, loss_hooks, resolve_method
@@ -339,11 +340,16 @@ class Trainer:
         return bad if n_updates == 0 else None
 
     # ---- the run ------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, progress: Progress | None = None) -> dict[str, float]:
+        """The held-out evaluation, shown as a task on `progress` (the training bar's display) or on a display
+        of its own."""
         e = self.cfg.eval
-        return evaluate(self.policy, self.task, self.eval_problems, e.k, self.cfg.sampling,
-                        seed=evaluation_seed(self.cfg.train.seed), greedy=e.greedy, behaviour=e.behaviour,
-                        verify_phrases=e.verify_phrases)
+        display = progress or self._progress()
+        with display if progress is None else nullcontext(), \
+                progress_task(display, "evaluating", evaluation_steps(self.eval_problems, e.greedy)) as advance:
+            return evaluate(self.policy, self.task, self.eval_problems, e.k, self.cfg.sampling,
+                            seed=evaluation_seed(self.cfg.train.seed), greedy=e.greedy, behaviour=e.behaviour,
+                            verify_phrases=e.verify_phrases, progress=advance)
 
     def train(self, resume: bool = False, overwrite: bool = False) -> dict:
         """Run to `train.steps`.  `resume`: continue from the run folder's last complete checkpoint;
@@ -384,7 +390,7 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(self.step)
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
-                    evals.append(self._log_eval(self.step))
+                    evals.append(self._log_eval(self.step, progress))
                 if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.train.steps:
                     self._checkpoint()
         if not evals or evals[-1]["step"] != self.step:
@@ -436,8 +442,8 @@ class Trainer:
                                   f"{self.cfg.train.max_bad_steps}); the last good checkpoint is in "
                                   f"{self.run_dir / 'checkpoints'}")
 
-    def _log_eval(self, step: int) -> dict:
-        metrics = self.evaluate()
+    def _log_eval(self, step: int, progress: Progress | None = None) -> dict:
+        metrics = self.evaluate(progress)
         record = {"step": step, **metrics}
         self._to_sinks("eval", metrics, step)
         return record
@@ -539,7 +545,7 @@ def _bar_stats(m: dict[str, float], evals: list[dict]) -> str:
     if "reward" in m:
         parts.append(f"reward {m['reward']:.2f}  acc {m['accuracy']:.2f}  len {m['response_length']:.0f}")
     if evals:
-        parts.append(f"eval avg@k {evals[-1].get('avg@k', float('nan')):.3f}")
+        parts.append(f"eval at step {evals[-1]['step']}: avg@k {evals[-1].get('avg@k', float('nan')):.3f}")
     return "  ".join(parts)
 
 

@@ -56,6 +56,8 @@ class TransformersPolicy:
         # optimizer steps taken on the weights, counted by the trainer: an engine holding a copy of the weights
         # (vLLM) re-copies when it moves (a fused AdamW step leaves the parameters' `_version` as it was)
         self.updates = 0
+        # called with the number of prompts each sampling call finished (an evaluation's progress bar)
+        self.on_sampled: Callable[[int], None] | None = None
 
     def enable_activation_checkpointing(self) -> None:
         """Keep each decoder layer's input for the backward and recompute the rest there (train mode only:
@@ -122,7 +124,10 @@ class TransformersPolicy:
         prompts_per_call = max(1, cfg.batch_size // n)
         with evaluation_mode(self.model), self._autocast(), self._attention_kernels():
             for start in range(0, len(prompt_ids), prompts_per_call):
-                parts.append(one_call(prompt_ids[start:start + prompts_per_call], n, cfg))
+                chunk = prompt_ids[start:start + prompts_per_call]
+                parts.append(one_call(chunk, n, cfg))
+                if self.on_sampled is not None:
+                    self.on_sampled(len(chunk))
         return Generation([p for p in prompt_ids for _ in range(n)],
                           [r for g in parts for r in g.response_ids], [t for g in parts for t in g.truncated],
                           None if parts[0].logprobs is None else [lp for g in parts for lp in g.logprobs],

@@ -41,6 +41,8 @@ def sample_with_vllm(policy, prompt_ids: list[list[int]], n: int, cfg: SamplingC
             rows.append(ids)
             responses.append(list(completion.token_ids))
             truncated.append(completion.finish_reason == "length")
+    if policy.on_sampled is not None:
+        policy.on_sampled(len(prompt_ids))
     return Generation(rows, responses, truncated)
 
 
