@@ -301,12 +301,11 @@ def credit_accuracy_table(spec: GridSpec, prompts: int = 8) -> dict:
 def collect_results(spec: GridSpec, credit: dict | None = None) -> dict:
     """The grid's raw JSON: the spec, every run's record, the per-method summary and the credit table."""
     records = [run_record(spec.run_dir(m, s)) for m in spec.methods for s in spec.seeds]
+    overrides = {m: list(get_method(m).compare_overrides) for m in spec.methods}
     return {"spec": {"methods": spec.methods, "seeds": spec.seeds, "steps": spec.steps, "eval_every": spec.eval_every,
                      "jobs": spec.jobs,
                      "eval_size": spec.eval_size, "config": str(spec.config) if spec.config else None,
-                     "overrides": spec.overrides, "method_overrides": {m: list(get_method(m).compare_overrides)
-                                                                       for m in spec.methods
-                                                                       if get_method(m).compare_overrides}},
+                     "overrides": spec.overrides, "method_overrides": {m: o for m, o in overrides.items() if o}},
             "runs": records, "summary": summarize(records), "credit": credit}
 
 

@@ -44,7 +44,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
 def check_config(cfg: RunConfig, where: Path | str | None = None) -> RunConfig:
     """Validate what the schemas cannot: the method's parameters (filled with their defaults), the group
     size a group-relative method needs, the sampling engine, and the settings a method fills in."""
-    method = _named_method(cfg.method if isinstance(cfg.method, str) else cfg.method.model_dump(), where)
+    method = _named_method(cfg.method, where)
     cfg.method_params = validated(method_params_model(method), cfg.method_params, where, "method_params.").model_dump()
     if method.group_relative and cfg.rollout.group_size < 2:
         raise ConfigError(f"{_at(where)}rollout.group_size: method {method.name!r} compares the responses to one "
@@ -56,10 +56,11 @@ def check_config(cfg: RunConfig, where: Path | str | None = None) -> RunConfig:
     if cfg.model.lora is not None and not engine.takes_lora:
         raise ConfigError(f"{_at(where)}sampling.engine={engine.name} does not take LoRA adapters (model.lora): "
                           "their parameter names are not the base model's; use sampling.engine=kv-cache")
-    unknown = [name for name in cfg.output.report_to if name not in known_sinks()]
+    sinks = known_sinks()
+    unknown = [name for name in cfg.output.report_to if name not in sinks]
     if unknown:
         raise ConfigError(f"{_at(where)}output.report_to: unknown sink {unknown[0]!r}; known sinks: "
-                          f"{', '.join(known_sinks())}")
+                          f"{', '.join(sinks)}")
     if method.overlong_shaping and cfg.reward.overlong_max is None:  # DAPO's 20480 / 4096, scaled
         cfg.reward.overlong_max = cfg.sampling.max_new_tokens
         if "overlong_buffer" not in cfg.reward.model_fields_set:  # a buffer the user gave stays

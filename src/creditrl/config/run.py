@@ -19,7 +19,7 @@ from creditrl.config.sections import (
     SamplingConfig,
     TrainConfig,
 )
-from creditrl.config.tasks import LabSection, TaskConfig, task_section_model
+from creditrl.config.tasks import LabSection, TaskConfig, task_config
 
 
 class MethodSpec(BaseModel):
@@ -65,9 +65,7 @@ class RunConfig(BaseModel):
     @classmethod
     def _task_by_name(cls, value: Any) -> Any:
         """A mapping becomes the section model of the task it names (lab when it names none)."""
-        if isinstance(value, dict):
-            return task_section_model(value.get("name", "lab")).model_validate(value)
-        return value
+        return task_config(**value) if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _dr_grpo_length(self) -> RunConfig:
