@@ -291,3 +291,24 @@ def test_fipo_trains_and_its_weights_move(tiny_lab_model_dir, tmp_path):
     for r in records:
         assert all(math.isfinite(v) for v in r.values() if isinstance(v, float))
     assert any(abs(r["weight_mean"] - 1.0) > 1e-6 for r in records)
+
+
+def test_a_log_ratio_below_minus_twenty_is_clamped_before_the_weight_sees_it():
+    # Δ = [0, −25, 2.1 × 10] at τ = 10⁶ (γ ≈ 1), symmetric [0.8, 1.2], A > 0: by hand, with Δ clamped to
+    # −20 first (as the official code), F_0 = 0 − 20 + 21 = 1 and f_0 = clip(e¹) = 1.2; the raw −25 would give
+    # F_0 = −4 and f_0 = 0.8.  F_1 = −20 + 21 = 1 too; F_2 = 21 → 1.2 (2.1 < log 10, so no token is filtered).
+    delta = torch.tensor([[0.0, -25.0] + [2.1] * 10], dtype=torch.float64)
+    old = torch.zeros_like(delta)
+    mask = torch.ones_like(delta, dtype=torch.bool)
+    _, weight_hook = loss_hooks(Method("f", advantage="grpo", token_weight="fipo"),
+                                {"half_life": 1e6, "clip_mode": "symmetric", "drop_exploded_responses": False})
+    seen = {}
+
+    def recording(advantages, d, m):
+        seen["delta"], seen["weight"] = d, weight_hook(advantages, d, m)
+        return seen["weight"]
+
+    policy_loss(delta, old, torch.ones_like(delta), mask, LossConfig(), token_weight=recording)
+    assert seen["delta"][0, 1].item() == -20.0
+    assert seen["weight"][0, 0].item() == pytest.approx(1.2)
+    assert seen["weight"][0, 1].item() == pytest.approx(1.2)

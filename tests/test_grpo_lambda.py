@@ -209,3 +209,19 @@ def test_trains_a_few_steps(tiny_lab_model_dir, tmp_path, method, extra):
     for r in records:
         assert all(math.isfinite(v) for v in r.values() if isinstance(v, float))
     assert any(r["approx_kl"] > 0 for r in records)  # Δ ≠ 0 in the second minibatch
+
+
+def test_the_trace_sums_log_ratios_clamped_to_twenty():
+    # Δ = [−25, −25, 0] with γλ = 1 (`recent`): by hand the trace is [−20, −40, −40] once each Δ is clamped
+    # to −20 before the transform; the raw Δ would give [−25, −50, −50], 10 further at the end.
+    logp = torch.tensor([[-25.0, -25.0, 0.0]], dtype=torch.float64)
+    transform, _ = loss_hooks("grpo_lambda", {"lam": 1.0, "gamma": 1.0})
+    seen = {}
+
+    def recording(delta, mask):
+        seen["trace"] = transform(delta, mask)
+        return seen["trace"]
+
+    policy_loss(logp, torch.zeros_like(logp), torch.ones_like(logp), torch.ones_like(logp, dtype=torch.bool),
+                LossConfig(), ratio_transform=recording)
+    assert seen["trace"].tolist() == [[-20.0, -40.0, -40.0]]

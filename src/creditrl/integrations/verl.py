@@ -54,7 +54,7 @@ from verl.trainer.ppo.core_algos import get_policy_loss_fn, register_adv_est, re
 
 from creditrl.methods import compute_advantages, loss_hooks, method_params_model
 from creditrl.methods.capo import CAPOParams, Voting, capo_token_advantages, step_penalties
-from creditrl.methods.loss import LOG_RATIO_CLAMP, masked_mean, token_weights
+from creditrl.methods.loss import clamped_log_ratio, masked_mean, token_weights
 from creditrl.rollouts import Rollouts
 from creditrl.steps import split_steps, token_end_offsets, token_step_ids
 
@@ -278,7 +278,8 @@ def hooked_policy_loss(
 ) -> tuple[Tensor, dict[str, Any]]:
     """verl's `vanilla` clipped loss with the creditrl method's token weight and ratio transform.
 
-    A' = A·f(A, Δ) with f under no_grad (Δ detached); Δ' = transform(Δ), with gradient; verl's
+    Δ = clamp(log π − log π_old, ±20), as in `policy_loss`; A' = A·f(A, Δ) with f under no_grad (Δ detached);
+    Δ' = transform(Δ), with gradient; verl's
     `vanilla` loss then runs on log_prob = Δ', old_log_prob = 0, advantages = A' (clip
     `clip_ratio_low/high`, dual clip `clip_ratio_c`, `loss_agg_mode` over verl's global batch).  Tokens
     the weight takes out of the loss (FIPO's dropped responses) leave the mask the loss sums over; verl's
@@ -288,7 +289,7 @@ def hooked_policy_loss(
     """
     ratio_transform, token_weight = loss_hooks(method, method_params(method))
     mask = response_mask.bool()
-    delta = log_prob - old_log_prob
+    delta = clamped_log_ratio(log_prob, old_log_prob, mask)
     weight, kept = token_weights(token_weight, advantages, delta, mask)
     transformed = ratio_transform(delta, mask) if ratio_transform is not None else delta
     loss, metrics = get_policy_loss_fn("vanilla")(
@@ -301,7 +302,7 @@ def hooked_policy_loss(
         rollout_is_weights=rollout_is_weights,
     )
     with torch.no_grad():
-        metrics["actor/ppo_kl"] = masked_mean(-delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), mask).item()
+        metrics["actor/ppo_kl"] = masked_mean(-delta, mask).item()
         metrics["actor/creditrl_weight_mean"] = masked_mean(weight.float(), mask).item()
     return loss, metrics
 

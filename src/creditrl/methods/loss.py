@@ -10,7 +10,10 @@ where A' < 0, r = exp(Δ') and A' = A·f.  A method changes the loss only throug
   out of the surrogate altogether, its aggregation's denominator included (FIPO's dropped responses;
   the KL and entropy terms and the metrics still cover every response token).
 
-Both default to the identity (Δ' = Δ, f = 1).  Shapes: B rows, T padded response tokens;
+Both default to the identity (Δ' = Δ, f = 1).  Δ is clamped to ±20 once, before either hook, and every
+piece sees the clamped Δ (the future-KL sum, filter and safety rule of FIPO, GRPO-λ's trace, the ratio),
+as FIPO's official code does; exp clamps Δ' again, since a transform may leave that range (a trace sums
+Δs).  A clamped token gets no gradient, as under verl's clamp.  Shapes: B rows, T padded response tokens;
 `mask` is the response mask (True on real tokens) and every mean below is over it.
 """
 
@@ -78,6 +81,11 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: Literal["k1", 
     raise ValueError(f"unknown KL estimator {estimator!r}; expected k1, k2 or k3")
 
 
+def clamped_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Δ = clamp(log π − log π_old, ±20) on the mask, 0 off it (B, T): the one Δ every loss piece reads."""
+    return torch.where(mask, logprobs - old_logprobs, 0.0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
 def token_weights(token_weight: TokenWeight | None, advantages: Tensor, delta: Tensor, mask: Tensor
                   ) -> tuple[Tensor, Tensor]:
     """(f, the mask of the tokens that stay in the loss): the token weight's output under no_grad, Δ detached;
@@ -118,7 +126,7 @@ def policy_loss(
     mask = mask.bool()
     # off the mask every input is replaced, not just left out: a NaN there would still reach the
     # gradient (0 · NaN) through the masked aggregation's backward
-    delta = torch.where(mask, logprobs - old_logprobs, 0.0)
+    delta = clamped_log_ratio(logprobs, old_logprobs, mask)
     delta_t = ratio_transform(delta, mask) if ratio_transform is not None else delta
     ratio = torch.exp(delta_t.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
@@ -149,7 +157,7 @@ def policy_loss(
         metrics["entropy"] = masked_mean(entropy.detach(), mask)
 
     with torch.no_grad():
-        raw = delta.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        raw = delta.detach()  # the untransformed Δ
         metrics.update(
             pg_loss=pg_loss.detach(),
             clip_frac=masked_mean((clipped > unclipped).float(), mask),
