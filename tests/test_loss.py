@@ -308,8 +308,8 @@ def test_token_entropy():
 
 @pytest.mark.parametrize(
     "bad",
-    [{"eps_low": -0.1}, {"eps_low": 1.0}, {"eps_high": -0.1}, {"dual_clip": 1.0}, {"norm_length": 0}, {"kl_coef": -1.0},
-     {"agg": "mean"}, {"kl_estimator": "k4"}, {"clip": 0.2}],
+    [{"eps_low": -0.1}, {"eps_low": 1.01}, {"eps_high": -0.1}, {"dual_clip": 1.0}, {"norm_length": 0},
+     {"kl_coef": -1.0}, {"agg": "mean"}, {"kl_estimator": "k4"}, {"clip": 0.2}],
 )
 def test_loss_config_rejects(bad):
     with pytest.raises(ValidationError):

@@ -336,6 +336,7 @@ def methods() -> None:
 
     from creditrl.methods import (
         ADVANTAGES,
+        POLICY_LOSSES,
         RATIO_TRANSFORMS,
         TOKEN_WEIGHTS,
         get_method,
@@ -347,14 +348,14 @@ def methods() -> None:
         m = get_method(name)
         params = ", ".join(f"{k}={v}" for k, v in method_params_model(m)().model_dump().items())
         pieces = (f"advantage {m.advantage}, ratio transform {m.ratio_transform or '-'}, "
-                  f"token weight {m.token_weight or '-'}")
+                  f"token weight {m.token_weight or '-'}, policy loss {m.policy_loss or 'ppo clip'}")
         console.print(f"[bold]{name}[/bold]  [dim]{pieces}[/dim]")
         console.print(Padding(escape(m.summary), (0, 0, 0, 2)))
         console.print(Padding(Text(f"method_params: {params or '-'}", style="dim"), (0, 0, 1, 2)))
     console.print("[bold]pieces[/bold] (compose them: method.advantage=… method.ratio_transform=… "
-                  "method.token_weight=…)")
+                  "method.token_weight=… method.policy_loss=…)")
     for kind, table in (("advantage", ADVANTAGES), ("ratio_transform", RATIO_TRANSFORMS),
-                        ("token_weight", TOKEN_WEIGHTS)):
+                        ("token_weight", TOKEN_WEIGHTS), ("policy_loss", POLICY_LOSSES)):
         console.print(Padding(f"{kind}: {', '.join(sorted(table))}", (0, 0, 0, 2)))
 
 

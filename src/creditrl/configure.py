@@ -77,7 +77,7 @@ def _named_method(value: Any, where: Path | str | None) -> Method:
         spec = validated(MethodSpec, value, where, "method.") if isinstance(value, dict) else value
         if not isinstance(spec, (str, MethodSpec)):
             raise ConfigError(f"{_at(where)}method: a method name or a mapping of pieces "
-                              f"(advantage, ratio_transform, token_weight), got {value!r}")
+                              f"(advantage, ratio_transform, token_weight, policy_loss), got {value!r}")
         return resolve_method(spec)
     except UnknownMethodError as err:
         raise ConfigError(f"{_at(where)}method: {err}") from None

@@ -5,7 +5,7 @@
         A          = method.advantage(rollouts, **resources)     # (B, T), the one place advantages are made
         old logp   = OldLogprobs: REUSE (1 epoch × 1 minibatch), SAMPLED (the sampler's), or RECOMPUTE
         for epoch in ppo_epochs, minibatch in n_minibatches:
-            loss   = policy_loss(logp, old logp, A, hooks)      # the method's ratio transform / weight
+            loss   = policy_loss(logp, old logp, A, hooks)      # the method's ratio transform, weight, surrogate
             AdamW step (clipped gradients), lr schedule
         log metrics; checkpoint every N steps; evaluate every M steps
 
@@ -51,7 +51,7 @@ from creditrl.configure import check_config
 from creditrl.evaluate import evaluate, evaluation_seed, evaluation_steps, progress_task
 from creditrl.jsonl import read_jsonl, truncate_jsonl
 from creditrl.master_weights import MasterWeights, descend
-from creditrl.methods import compute_advantages, loss_hooks, resolve_method
+from creditrl.methods import compute_advantages, loss_hooks, loss_surrogate, resolve_method
 from creditrl.methods.groups import group_spread
 from creditrl.methods.loss import masked_mean, policy_loss
 from creditrl.policy.loading import load_configured_policy
@@ -115,6 +115,7 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             self.policy.enable_activation_checkpointing()
         self.ratio_transform, self.token_weight = loss_hooks(self.method, cfg.method_params)
+        self.surrogate = loss_surrogate(self.method, cfg.method_params)
         for warning in self.method.warnings(cfg):
             self.console.print(f"[yellow]warning: {warning}[/yellow]")
         # Resources an advantage may need from the trainer, built only when it needs them; each has
@@ -323,7 +324,8 @@ class Trainer:
                 loss, m = policy_loss(scores.logprobs, old, adv, sub.response_mask, self.cfg.loss,
                                       ref_logprobs=sub.ref_logprobs,
                                       entropy=scores.entropy if scores.entropy is not None else sub.old_entropy,
-                                      ratio_transform=self.ratio_transform, token_weight=self.token_weight)
+                                      ratio_transform=self.ratio_transform, token_weight=self.token_weight,
+                                      surrogate=self.surrogate)
                 if not torch.isfinite(loss):
                     bad = "non-finite loss"
                     continue

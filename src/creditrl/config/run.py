@@ -24,18 +24,21 @@ from creditrl.config.tasks import LabSection, TaskConfig, task_config
 
 class MethodSpec(BaseModel):
     """A method composed from registered pieces instead of named: `method: {advantage: capo, token_weight: fipo}`
-    (or `method.advantage=capo method.token_weight=fipo`).  Its parameters are the pieces' own."""
+    (or `method.advantage=capo method.token_weight=fipo`; `policy_loss: cispo` replaces PPO's clipped surrogate).
+    Its parameters are the pieces' own."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     advantage: str
     ratio_transform: str | None = None
     token_weight: str | None = None
+    policy_loss: str | None = None
 
     @property
     def name(self) -> str:
         """`capo+fipo`: the pieces' names joined, used for the run folder."""
-        return "+".join(p for p in (self.advantage, self.ratio_transform, self.token_weight) if p is not None)
+        pieces = (self.advantage, self.ratio_transform, self.token_weight, self.policy_loss)
+        return "+".join(p for p in pieces if p is not None)
 
 
 class RunConfig(BaseModel):

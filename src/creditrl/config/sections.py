@@ -99,7 +99,7 @@ class LossConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    eps_low: float = Field(0.2, ge=0.0, lt=1.0)
+    eps_low: float = Field(0.2, ge=0.0, le=1.0, description="1: no lower clip (CISPO)")
     eps_high: float = Field(0.2, ge=0.0)
     dual_clip: float | None = Field(3.0, gt=1.0)
     agg: Aggregation = "token-mean"

@@ -1,33 +1,47 @@
 """The one policy loss every method shares (methods.md §0).
 
-Per token ℓ = max(−A'·r, −A'·clip(r, 1−ε_low, 1+ε_high)), with a dual clip ℓ = min(ℓ, −A'·c)
-where A' < 0, r = exp(Δ') and A' = A·f.  A method changes the loss only through two hooks:
+Per token ℓ = surrogate(r, A') with r = exp(Δ') and A' = A·f; the default surrogate is PPO's clipped
+one, ℓ = max(−A'·r, −A'·clip(r, 1−ε_low, 1+ε_high)), with a dual clip ℓ = min(ℓ, −A'·c) where A' < 0.
+A method changes the loss only through three hooks:
 
 - a ratio transform, `(Δ, mask) -> Δ'` with Δ = log π − log π_old (B, T); the gradient flows
-  through it (GRPO-λ's traced log-ratio);
+  through it (GRPO-λ's traced log-ratio, GSPO's sequence ratio);
 - a token weight, `(A, Δ.detach(), mask) -> f` (B, T), evaluated under `torch.no_grad()`
   (FIPO's future-KL influence); it may also return `(f, keep)`, keep (B, T) bool, to take tokens
   out of the surrogate altogether, its aggregation's denominator included (FIPO's dropped responses;
-  the KL and entropy terms and the metrics still cover every response token).
+  the KL and entropy terms and the metrics still cover every response token);
+- a surrogate, `(Δ', log π, A', cfg) -> Surrogate` (B, T), the per-token loss in place of the
+  clipped one (CISPO's clipped stop-gradient weight, SAPO's soft gate).
 
-Both default to the identity (Δ' = Δ, f = 1).  Δ is clamped to ±20 once, before either hook, and every
-piece sees the clamped Δ (the future-KL sum, filter and safety rule of FIPO, GRPO-λ's trace, the ratio),
-as FIPO's official code does; exp clamps Δ' again, since a transform may leave that range (a trace sums
-Δs).  A clamped token gets no gradient, as under verl's clamp.  Shapes: B rows, T padded response tokens;
-`mask` is the response mask (True on real tokens) and every mean below is over it.
+The first two default to the identity (Δ' = Δ, f = 1).  Δ is clamped to ±20 once, before any hook, and
+every piece sees the clamped Δ (the future-KL sum, filter and safety rule of FIPO, GRPO-λ's trace, the
+ratio), as FIPO's official code does; the ratio clamps Δ' again, since a transform may leave that range
+(a trace sums Δs).  A clamped token gets no gradient, as under verl's clamp.  Shapes: B rows, T padded
+response tokens; `mask` is the response mask (True on real tokens) and every mean below is over it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from creditrl.config import Aggregation, LossConfig
 
+
+class Surrogate(NamedTuple):
+    """A surrogate's per-token loss (B, T), the ratio it used (B, T) and (B, T) bool flags, each logged
+    as its token mean under its name (`clip_frac`: tokens where the clip took effect)."""
+
+    loss: Tensor
+    ratio: Tensor
+    flags: dict[str, Tensor]
+
+
 RatioTransform = Callable[[Tensor, Tensor], Tensor]
 TokenWeight = Callable[[Tensor, Tensor, Tensor], "Tensor | tuple[Tensor, Tensor]"]
+PolicySurrogate = Callable[[Tensor, Tensor, Tensor, LossConfig], Surrogate]
 
 
 LOG_RATIO_CLAMP = 20.0
@@ -86,6 +100,29 @@ def clamped_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> T
     return torch.where(mask, logprobs - old_logprobs, 0.0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
 
+def importance_ratio(log_ratio: Tensor) -> Tensor:
+    """r = exp(clamp(Δ', ±20)) (B, T)."""
+    return torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+def clipped_surrogate(log_ratio: Tensor, logprobs: Tensor, advantages: Tensor, cfg: LossConfig) -> Surrogate:
+    """PPO's clipped surrogate (Schulman et al. 2017) with clip-higher (DAPO) and dual clip (Ye et al. 2020).
+
+    ℓ = max(−A·r, −A·clip(r, 1−ε_low, 1+ε_high)), then ℓ = min(ℓ, −A·c) where A < 0 (c = `dual_clip`).
+    Flags: `clip_frac` (the clipped branch is the larger one), `dual_clip_frac`.  Shapes: (B, T) each.
+    """
+    ratio = importance_ratio(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+    loss_mat = torch.maximum(unclipped, clipped)
+    dual_active = torch.zeros_like(advantages, dtype=torch.bool)
+    if cfg.dual_clip is not None:
+        bound = -advantages * cfg.dual_clip
+        dual_active = (advantages < 0) & (loss_mat > bound)
+        loss_mat = torch.where(advantages < 0, torch.minimum(loss_mat, bound), loss_mat)
+    return Surrogate(loss_mat, ratio, {"clip_frac": clipped > unclipped, "dual_clip_frac": dual_active})
+
+
 def token_weights(token_weight: TokenWeight | None, advantages: Tensor, delta: Tensor, mask: Tensor
                   ) -> tuple[Tensor, Tensor]:
     """(f, the mask of the tokens that stay in the loss): the token weight's output under no_grad, Δ detached;
@@ -109,12 +146,13 @@ def policy_loss(
     entropy: Tensor | None = None,
     ratio_transform: RatioTransform | None = None,
     token_weight: TokenWeight | None = None,
+    surrogate: PolicySurrogate | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate (PPO, Schulman et al. 2017) with clip-higher (DAPO) and dual clip (Ye et al. 2020).
+    """The surrogate (default `clipped_surrogate`) on r = exp(Δ') and A·f, aggregated, with KL and entropy terms.
 
     All tensors are (B, T).  Returns the scalar loss and detached scalar metrics:
-    `pg_loss` (aggregated surrogate), `clip_frac` (tokens where the clipped branch is the
-    larger one), `dual_clip_frac`, `ratio_mean` (of the transformed ratio), `approx_kl`
+    `pg_loss` (aggregated surrogate), the surrogate's flags as token means (the clipped one's
+    `clip_frac` and `dual_clip_frac`), `ratio_mean` (of the transformed ratio), `approx_kl`
     (mean of k3 = r − 1 − Δ on the untransformed Δ: an unbiased estimate of KL(π_old‖π) from
     π_old's samples), `weight_mean` (of f), and `kl` / `entropy` (token means) when given.
     """
@@ -128,21 +166,12 @@ def policy_loss(
     # gradient (0 · NaN) through the masked aggregation's backward
     delta = clamped_log_ratio(logprobs, old_logprobs, mask)
     delta_t = ratio_transform(delta, mask) if ratio_transform is not None else delta
-    ratio = torch.exp(delta_t.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-
-    weight, kept = token_weights(token_weight, advantages, delta, mask)  # kept: the tokens the surrogate sums over
+    # kept: the tokens the surrogate sums over
+    weight, kept = token_weights(token_weight, advantages, delta, mask)
     adv = torch.where(kept, advantages * weight, 0.0)
+    terms = (surrogate or clipped_surrogate)(delta_t, torch.where(mask, logprobs, 0.0), adv, cfg)
 
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
-    loss_mat = torch.maximum(unclipped, clipped)
-    dual_active = torch.zeros_like(mask)
-    if cfg.dual_clip is not None:
-        bound = -adv * cfg.dual_clip
-        dual_active = (adv < 0) & (loss_mat > bound)
-        loss_mat = torch.where(adv < 0, torch.minimum(loss_mat, bound), loss_mat)
-
-    pg_loss = aggregate(loss_mat, kept, cfg.agg, cfg.norm_length)
+    pg_loss = aggregate(terms.loss, kept, cfg.agg, cfg.norm_length)
     loss = pg_loss
     metrics: dict[str, Tensor] = {}
     if cfg.kl_coef > 0:
@@ -160,9 +189,8 @@ def policy_loss(
         raw = delta.detach()  # the untransformed Δ
         metrics.update(
             pg_loss=pg_loss.detach(),
-            clip_frac=masked_mean((clipped > unclipped).float(), mask),
-            dual_clip_frac=masked_mean(dual_active.float(), mask),
-            ratio_mean=masked_mean(ratio.detach(), mask),
+            **{name: masked_mean(flag.float(), mask) for name, flag in terms.flags.items()},
+            ratio_mean=masked_mean(terms.ratio.detach(), mask),
             approx_kl=masked_mean(torch.exp(raw) - 1.0 - raw, mask),
             weight_mean=masked_mean(weight.float(), mask),
         )

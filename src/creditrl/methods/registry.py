@@ -1,10 +1,11 @@
-"""The method registry: every credit-assignment method is at most three pieces.
+"""The method registry: every credit-assignment method is at most four pieces.
 
 | piece            | registered signature                                   | runs                              |
 |------------------|--------------------------------------------------------|-----------------------------------|
 | advantage        | `fn(rollouts, params, **needs) -> A (B, T)`            | once per rollout batch            |
 | ratio transform  | `fn(delta, mask, params) -> delta' (B, T)`, with grad  | inside the loss, every minibatch  |
 | token weight | `fn(advantages, delta, mask, params) -> f (B, T)`, or `(f, keep)` | inside the loss, under no_grad |
+| policy loss | `fn(log_ratio, logprobs, advantages, loss_cfg, params) -> Surrogate` | inside the loss (PPO clip) |
 
 `params` is an instance of the piece's own pydantic model (extra="forbid", published defaults).
 A piece declares what it needs, so no code outside `methods/` tests a method's name:
@@ -44,7 +45,7 @@ from torch import Tensor
 
 from creditrl.config import MethodSpec, RunConfig
 from creditrl.config.plugins import load_plugins
-from creditrl.methods.loss import RatioTransform, TokenWeight
+from creditrl.methods.loss import PolicySurrogate, RatioTransform, TokenWeight
 from creditrl.rollouts import Rollouts
 
 ENTRY_POINT_GROUP = "creditrl.methods"
@@ -78,9 +79,11 @@ class Component:
 ADVANTAGES: dict[str, Component] = {}
 RATIO_TRANSFORMS: dict[str, Component] = {}
 TOKEN_WEIGHTS: dict[str, Component] = {}
+POLICY_LOSSES: dict[str, Component] = {}
 METHODS: dict[str, "Method"] = {}
 
-_KINDS = {"advantage": ADVANTAGES, "ratio transform": RATIO_TRANSFORMS, "token weight": TOKEN_WEIGHTS}
+_KINDS = {"advantage": ADVANTAGES, "ratio transform": RATIO_TRANSFORMS, "token weight": TOKEN_WEIGHTS,
+          "policy loss": POLICY_LOSSES}
 
 
 @dataclass(frozen=True)
@@ -94,11 +97,12 @@ class Method:
     needs_step_rewards: bool = False
     overlong_shaping: bool = False  # DAPO's: with reward.overlong_max unset, L_max = max new tokens, L_cache = a fifth
     compare_overrides: tuple[str, ...] = ()  # what `creditrl compare` sets for the method to be itself in a short grid
+    policy_loss: str | None = None  # None: PPO's clipped surrogate
 
     def pieces(self) -> list[tuple[str, str]]:
         """(kind, name) of each piece the method uses."""
         named = [("advantage", self.advantage), ("ratio transform", self.ratio_transform),
-                 ("token weight", self.token_weight)]
+                 ("token weight", self.token_weight), ("policy loss", self.policy_loss)]
         return [(kind, name) for kind, name in named if name is not None]
 
     @property
@@ -171,6 +175,13 @@ def register_token_weight(name: str, params: type[BaseModel] = NoParams, needs_o
     return _registrar("token weight", name, params_model=params, needs_off_policy=needs_off_policy, warn=warn)
 
 
+def register_policy_loss(name: str, params: type[BaseModel] = NoParams,
+                         warn: ConfigCheck | None = None) -> Callable[[Callable], Callable]:
+    """Register `fn(log_ratio, logprobs, advantages, loss_cfg, params) -> Surrogate`: the per-token loss (B, T)
+    in place of PPO's clipped one, from Δ' (with gradient), log π (with gradient), A·f and the `loss` section."""
+    return _registrar("policy loss", name, params_model=params, warn=warn)
+
+
 def register_method(method: Method) -> Method:
     """Add a named method; its pieces must exist and its `method_params.*` defaults must validate."""
     if method.name in METHODS and METHODS[method.name] != method:
@@ -213,7 +224,7 @@ def resolve_method(method: Method | MethodSpec | str) -> Method:
         return get_method(method)
     if isinstance(method, MethodSpec):
         method = Method(method.name, advantage=method.advantage, ratio_transform=method.ratio_transform,
-                        token_weight=method.token_weight)
+                        token_weight=method.token_weight, policy_loss=method.policy_loss)
     for kind, name in method.pieces():
         _component(kind, name)
     return method
@@ -221,7 +232,7 @@ def resolve_method(method: Method | MethodSpec | str) -> Method:
 
 
 def get_component(kind: str, name: str) -> Component:
-    """The piece of the given kind ('advantage', 'ratio transform', 'token weight') called `name`."""
+    """The piece of the given kind ('advantage', 'ratio transform', 'token weight', 'policy loss') called `name`."""
     _load_plugins()
     return _component(kind, name)
 
@@ -317,6 +328,14 @@ def loss_hooks(
     params = _validated(method, params)
     return (_bound("ratio transform", method.ratio_transform, params),
             _bound("token weight", method.token_weight, params))
+
+
+def loss_surrogate(
+    method: Method | MethodSpec | str, params: BaseModel | Mapping[str, Any] | None = None
+) -> PolicySurrogate | None:
+    """The method's policy loss with its params bound, for `policy_loss(surrogate=...)`; None: the clipped one."""
+    method = resolve_method(method)
+    return _bound("policy loss", method.policy_loss, _validated(method, params))
 
 
 def _bound(kind: str, name: str | None, params: BaseModel) -> Callable[..., Tensor] | None:
