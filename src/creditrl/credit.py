@@ -84,7 +84,8 @@ def method_credit(name: str, rollouts: Rollouts, params: Mapping[str, Any] | Non
     note = "advantage A"
     credit = adv
     if token_weight is not None:
-        weight, kept = token_weights(token_weight, adv, torch.zeros_like(adv), mask)
+        # the sampler's entropy is π_θ's at the first update, for a weight that reads it
+        weight, kept = token_weights(token_weight, adv, torch.zeros_like(adv), mask, rollouts.old_entropy)
         credit = torch.where(kept, adv * weight, 0.0)
         note = f"A·f, f = the {method.token_weight} token weight at Δ = 0 (first update, π_θ = π_old)"
         if bool((weight[mask] == 1).all()):

@@ -310,15 +310,18 @@ class Trainer:
         n_updates = 0
         bad = None
         self.policy.model.train()
-        # the logged entropy comes from the sampler when it gave one; an entropy bonus needs its gradient
+        # the logged entropy comes from the sampler when it gave one; an entropy bonus needs its gradient, and a
+        # token weight reading the entropy needs the current policy's
         bonus = self.cfg.loss.entropy_coef > 0
+        with_entropy = bonus or self.method.needs_entropy
         for _ in range(t.ppo_epochs):
             order = torch.randperm(rollouts.batch_size, generator=generator)
             for rows in order.tensor_split(min(t.n_minibatches, rollouts.batch_size)):  # sizes differ by ≤ 1
                 sub = trimmed(rollouts.select(rows)).to(self.policy.device)
                 adv = advantages[rows][:, : sub.response_ids.shape[1]].to(self.policy.device)
                 scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
-                                           self.cfg.sampling.temperature, with_entropy=bonus or sub.old_entropy is None,
+                                           self.cfg.sampling.temperature,
+                                           with_entropy=with_entropy or sub.old_entropy is None,
                                            entropy_grad=bonus, buckets=t.length_buckets)
                 old = scores.logprobs.detach() if source is OldLogprobs.REUSE else sub.old_logprobs
                 loss, m = policy_loss(scores.logprobs, old, adv, sub.response_mask, self.cfg.loss,

@@ -9,6 +9,7 @@ from creditrl.methods import (  # noqa: F401  (registers them)
     grpo,
     grpo_lambda,
     gspo,
+    high_entropy,
     prm,
     sapo,
     vineppo,

@@ -9,7 +9,9 @@ A method changes the loss only through three hooks:
 - a token weight, `(A, Δ.detach(), mask) -> f` (B, T), evaluated under `torch.no_grad()`
   (FIPO's future-KL influence); it may also return `(f, keep)`, keep (B, T) bool, to take tokens
   out of the surrogate altogether, its aggregation's denominator included (FIPO's dropped responses;
-  the KL and entropy terms and the metrics still cover every response token);
+  the KL and entropy terms and the metrics still cover every response token).  A weight with the
+  attribute `needs_entropy = True` is called `(A, Δ, mask, H)` with the policy's per-token entropy
+  H (B, T), detached (the 80/20 rule's high-entropy tokens);
 - a surrogate, `(Δ', log π, A', cfg) -> Surrogate` (B, T), the per-token loss in place of the
   clipped one (CISPO's clipped stop-gradient weight, SAPO's soft gate).
 
@@ -40,7 +42,7 @@ class Surrogate(NamedTuple):
 
 
 RatioTransform = Callable[[Tensor, Tensor], Tensor]
-TokenWeight = Callable[[Tensor, Tensor, Tensor], "Tensor | tuple[Tensor, Tensor]"]
+TokenWeight = Callable[..., "Tensor | tuple[Tensor, Tensor]"]
 PolicySurrogate = Callable[[Tensor, Tensor, Tensor, LossConfig], Surrogate]
 
 
@@ -123,14 +125,19 @@ def clipped_surrogate(log_ratio: Tensor, logprobs: Tensor, advantages: Tensor, c
     return Surrogate(loss_mat, ratio, {"clip_frac": clipped > unclipped, "dual_clip_frac": dual_active})
 
 
-def token_weights(token_weight: TokenWeight | None, advantages: Tensor, delta: Tensor, mask: Tensor
-                  ) -> tuple[Tensor, Tensor]:
-    """(f, the mask of the tokens that stay in the loss): the token weight's output under no_grad, Δ detached;
-    f = 1 and the mask as given without one.  Shapes: (B, T) each."""
+def token_weights(token_weight: TokenWeight | None, advantages: Tensor, delta: Tensor, mask: Tensor,
+                  entropy: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(f, the mask of the tokens that stay in the loss): the token weight's output under no_grad, Δ detached,
+    with the entropy when it `needs_entropy`; f = 1 and the mask as given without one.  Shapes: (B, T) each."""
     if token_weight is None:
         return torch.ones_like(advantages), mask
+    inputs = [advantages, delta.detach(), mask]
+    if getattr(token_weight, "needs_entropy", False):
+        if entropy is None:
+            raise ValueError("the token weight reads the policy's per-token entropy: pass entropy= to policy_loss")
+        inputs.append(torch.where(mask, entropy.detach(), 0.0))
     with torch.no_grad():
-        out = token_weight(advantages, delta.detach(), mask)
+        out = token_weight(*inputs)
     weight, keep = out if isinstance(out, tuple) else (out, None)
     return weight, mask if keep is None else mask & keep
 
@@ -167,7 +174,7 @@ def policy_loss(
     delta = clamped_log_ratio(logprobs, old_logprobs, mask)
     delta_t = ratio_transform(delta, mask) if ratio_transform is not None else delta
     # kept: the tokens the surrogate sums over
-    weight, kept = token_weights(token_weight, advantages, delta, mask)
+    weight, kept = token_weights(token_weight, advantages, delta, mask, entropy)
     adv = torch.where(kept, advantages * weight, 0.0)
     terms = (surrogate or clipped_surrogate)(delta_t, torch.where(mask, logprobs, 0.0), adv, cfg)
 

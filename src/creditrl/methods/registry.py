@@ -17,6 +17,8 @@ A piece declares what it needs, so no code outside `methods/` tests a method's n
   must be at least 2;
 - `needs_off_policy`: a loss piece reads Δ = log π_θ − log π_old, so it does nothing (and the run
   is its base method) unless the policy moves between sampling and an update;
+- `needs_entropy`: a token weight reads the policy's per-token entropy, `fn(advantages, delta, mask,
+  entropy, params)`, so the trainer computes it for every update;
 - `warn(cfg, params)`: a message for a run configured so that the piece cannot do its work.
 
 A `Method` names its pieces and carries published defaults as dotted config keys
@@ -74,6 +76,7 @@ class Component:
     group_relative: bool = False
     needs_off_policy: bool = False
     warn: ConfigCheck | None = None
+    needs_entropy: bool = False
 
 
 ADVANTAGES: dict[str, Component] = {}
@@ -119,6 +122,11 @@ class Method:
     def needs_off_policy(self) -> bool:
         """Whether a loss piece reads Δ = log π_θ − log π_old, and so does nothing while every update is on-policy."""
         return any(get_component(kind, name).needs_off_policy for kind, name in self.pieces())
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether a loss piece reads the policy's per-token entropy (the trainer then computes it)."""
+        return any(get_component(kind, name).needs_entropy for kind, name in self.pieces())
 
     def warnings(self, cfg: RunConfig) -> list[str]:
         """The pieces' warnings about this run's configuration."""
@@ -168,11 +176,14 @@ def register_ratio_transform(name: str, params: type[BaseModel] = NoParams,
 
 
 def register_token_weight(name: str, params: type[BaseModel] = NoParams, needs_off_policy: bool = False,
-                          warn: ConfigCheck | None = None) -> Callable[[Callable], Callable]:
+                          warn: ConfigCheck | None = None, needs_entropy: bool = False
+                          ) -> Callable[[Callable], Callable]:
     """Register `fn(advantages, delta, mask, params) -> f` (B, T), or `(f, keep)` with keep (B, T) bool to take
     tokens out of the loss (and its denominator); called under no_grad with delta detached.  `needs_off_policy`:
-    the weight is 1 where Δ = 0, so it does nothing unless the policy moves between sampling and an update."""
-    return _registrar("token weight", name, params_model=params, needs_off_policy=needs_off_policy, warn=warn)
+    the weight is 1 where Δ = 0, so it does nothing unless the policy moves between sampling and an update.
+    `needs_entropy`: `fn(advantages, delta, mask, entropy, params)`, entropy the policy's (B, T), detached."""
+    return _registrar("token weight", name, params_model=params, needs_off_policy=needs_off_policy, warn=warn,
+                      needs_entropy=needs_entropy)
 
 
 def register_policy_loss(name: str, params: type[BaseModel] = NoParams,
@@ -342,7 +353,9 @@ def _bound(kind: str, name: str | None, params: BaseModel) -> Callable[..., Tens
     if name is None:
         return None
     component = _component(kind, name)
-    return functools.partial(_call_with_params, component.fn, _piece_params(component, params))
+    bound = functools.partial(_call_with_params, component.fn, _piece_params(component, params))
+    bound.needs_entropy = component.needs_entropy  # read by `policy_loss`, which then passes the entropy
+    return bound
 
 
 def _call_with_params(fn: Callable[..., Tensor], params: BaseModel, *tensors: Tensor) -> Tensor:
