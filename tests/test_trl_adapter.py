@@ -108,7 +108,7 @@ def test_a_response_fipo_drops_leaves_its_neighbours_gradient_as_trls_global_tok
     fake = SimpleNamespace(loss_type="dapo", current_gradient_accumulation_steps=1,
                            args=SimpleNamespace(steps_per_generation=1),
                            loss_config=LossConfig(eps_high=0.28, dual_clip=10.0), ratio_transform=ratio_transform,
-                           token_weight=token_weight, model=SimpleNamespace(training=True),
+                           token_weight=token_weight, surrogate=None, model=SimpleNamespace(training=True),
                            _log_loss_metrics=lambda mode, metrics: None)
     fake._loss_scale = lambda *a: CreditGRPOTrainer._loss_scale(fake, *a)
     grads = []
@@ -244,6 +244,30 @@ def test_capo_logs_the_advantages_it_uses(tiny_lab_model_dir, tmp_path, monkeypa
     assert list(trainer._logs["advantages"]) == pytest.approx((expected.sum(dim=1) / lengths).tolist())
 
 
+# ---- TRL's own GSPO, CISPO, SAPO and 80/20 options are creditrl methods ------------------------------
+
+@pytest.mark.parametrize(("method", "our_options", "trl_options"), [
+    ("cispo", {"loss_type": "dapo", "epsilon": 1.0, "epsilon_high": 4.0}, {"loss_type": "cispo", "epsilon_high": 5.0}),
+    ("sapo", {"loss_type": "grpo"}, {"loss_type": "sapo"}),
+    # GSPO-token and TRL's sequence ratio reach the same gradient through different float32 sums; Adam's first
+    # step, about g/|g|, would blow their rounding up where g ≈ 0, so these two runs take plain SGD steps
+    pytest.param("gspo", {"loss_type": "grpo", "epsilon": 3e-4, "epsilon_high": 4e-4, "optim": "sgd"},
+                 {"loss_type": "grpo", "importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4,
+                  "optim": "sgd"}, marks=pytest.mark.slow),
+    pytest.param("high_entropy", {"loss_type": "grpo"}, {"loss_type": "grpo", "top_entropy_quantile": 0.2},
+                 marks=pytest.mark.slow),
+])
+def test_trls_own_losses_match_the_creditrl_methods(tiny_lab_model_dir, tmp_path, method, our_options, trl_options):
+    ours = train(CreditGRPOTrainer, tiny_lab_model_dir, make_args(tmp_path, **our_options), method=method,
+                 method_params={"eps": 1e-4})  # TRL's eps
+    theirs = train(GRPOTrainer, tiny_lab_model_dir, make_args(tmp_path, **trl_options))
+    for mine, trl in zip(step_logs(ours), step_logs(theirs), strict=True):
+        assert mine["loss"] == pytest.approx(trl["loss"], rel=1e-4, abs=1e-7)
+    assert any(entry["loss"] != 0 for entry in step_logs(theirs))
+    for (name, mine), (_, trl) in zip(ours.model.named_parameters(), theirs.model.named_parameters(), strict=True):
+        torch.testing.assert_close(mine, trl, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # ---- methods TRL cannot feed ----------------------------------------------------------------------
 
 @pytest.mark.parametrize(("method", "resources", "reason"), [
@@ -263,9 +287,12 @@ def test_a_method_on_step_rewards_needs_a_task_before_any_model_is_loaded():
 
 
 @pytest.mark.parametrize(("options", "trainer_options", "reason"), [
-    ({"loss_type": "sapo"}, {}, "supports loss_type"),
+    ({"loss_type": "sapo"}, {}, "pass method='sapo' with loss_type='grpo'"),
+    ({"loss_type": "cispo"}, {}, "pass method='cispo' with loss_type='dapo'"),
+    ({"importance_sampling_level": "sequence"}, {}, "pass method='gspo'"),
+    ({"loss_type": "luspo"}, {}, "supports loss_type"),
     ({"beta": 0.04}, {}, "use_bias_correction_kl=False"),  # TRL's default multiplies the KL term by the ratio
-    ({"top_entropy_quantile": 0.5}, {}, "top_entropy_quantile"),
+    ({"top_entropy_quantile": 0.5}, {}, "pass method='high_entropy'"),
     ({"delta": 1.1}, {}, "delta < 1 + epsilon_high"),  # TRL would also cap the ratio of positive advantages
     ({}, {"rollout_func": lambda prompts, trainer: {}}, "rollout_func"),
 ])

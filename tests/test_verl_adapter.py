@@ -186,6 +186,31 @@ def test_micro_batches_on_data_parallel_ranks_add_up_to_the_whole_batch_loss(met
     torch.testing.assert_close(verl_grad, our_grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("method", "reason"), [("cispo", "loss_mode=cispo"), ("sapo", "loss_mode=sapo"),
+                                              ("high_entropy", "entropy")])
+def test_the_hooked_loss_refuses_what_verl_computes_otherwise(method, reason):
+    old, new, adv, mask = loss_batch(3)
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        verl_adapter.hooked_policy_loss(method, old, new, adv, mask, "token-mean", actor_config("token-mean"), None)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_gspo_through_the_hooked_loss_is_verls_gspo(agg):
+    # creditrl's gspo ratio transform handed to verl's `vanilla` (no dual clip where A < 0 matters only past
+    # r = 3) is verl's own `gspo` loss
+    old, new, adv, mask = loss_batch(8)
+    new = (old + 1e-3 * (new - old)).detach().requires_grad_(True)
+    config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, clip_ratio_low=3e-4,
+                         clip_ratio_high=4e-4, loss_agg_mode=agg)
+    ours, _ = verl_adapter.hooked_policy_loss("gspo", old, new, adv, mask, agg, config, None)
+    our_grad, = torch.autograd.grad(ours, new)
+    theirs, _ = core_algos.get_policy_loss_fn("gspo")(old_log_prob=old, log_prob=new, advantages=adv,
+                                                      response_mask=mask, loss_agg_mode=agg, config=config)
+    their_grad, = torch.autograd.grad(theirs, new)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_method_params_come_from_the_environment(monkeypatch):
     old, new, adv, mask = loss_batch(6)
     fipo = core_algos.get_policy_loss_fn("creditrl_fipo")

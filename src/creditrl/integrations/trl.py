@@ -8,9 +8,17 @@ functions, old / reference log-probs, buffering over `steps_per_generation` and
   generated and scored, and replaces TRL's sequence advantages (B,) with the method's per-token
   advantages (B, T) from `creditrl.methods.compute_advantages`;
 - `_compute_loss` computes the loss with creditrl's `policy_loss`, passing the method's ratio
-  transform and token weight (`creditrl.methods.loss_hooks`), with a `LossConfig` mapped from
-  TRL's arguments (`epsilon` / `epsilon_high` -> clip, `delta` -> dual clip, `beta` -> k3 KL
-  coefficient, `loss_type` -> aggregation, normalised for gradient accumulation as TRL does).
+  transform, token weight and policy loss (`creditrl.methods.loss_hooks`, `loss_surrogate`), with a
+  `LossConfig` mapped from TRL's arguments (`epsilon` / `epsilon_high` -> clip, `delta` -> dual clip,
+  `beta` -> k3 KL coefficient, `loss_type` -> aggregation, normalised for gradient accumulation as TRL
+  does).
+
+TRL's own GSPO, CISPO, SAPO and 80/20 options are creditrl methods here, refused as TRL options with
+the method to use: `importance_sampling_level="sequence"` is `method="gspo"`, `loss_type="cispo"` is
+`method="cispo"` with `loss_type="dapo"` (TRL's `epsilon_high` is the weight's cap 1 + ε_high there, so
+TRL's 5.0 is `epsilon=1.0, epsilon_high=4.0` here), `loss_type="sapo"` is `method="sapo"` with
+`loss_type="grpo"` (temperatures in `method_params`), and `top_entropy_quantile=ρ` is
+`method="high_entropy"` with `method_params={"rho": ρ}`; each also composes with any other advantage.
 
 Shapes: B completions in the local batch (prompt-major: the `num_generations` completions of a
 prompt are contiguous), T padded completion length.  Single process, text-only, no tools.
@@ -30,7 +38,15 @@ from trl import GRPOTrainer
 
 from creditrl.collect import aligned_step_labels, response_steps
 from creditrl.config import LossConfig
-from creditrl.methods import Method, compute_advantages, get_method, loss_hooks, method_params_model, on_policy_warning
+from creditrl.methods import (
+    Method,
+    compute_advantages,
+    get_method,
+    loss_hooks,
+    loss_surrogate,
+    method_params_model,
+    on_policy_warning,
+)
 from creditrl.methods.loss import policy_loss
 from creditrl.rollouts import Rollouts, pad_right
 from creditrl.steps import split_steps
@@ -40,6 +56,17 @@ from creditrl.tasks.base import Problem, Task
 # loss is rescaled from the local token mean to TRL's global token count (see `_loss_scale`).
 AGGREGATION = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
                "dapo": "token-mean"}
+
+# TRL options that are creditrl methods: what to pass instead.
+AS_METHODS = {
+    "importance_sampling_level='sequence'": "method='gspo' (GSPO's sequence ratio, GSPO-token form) with "
+                                            "importance_sampling_level='token'",
+    "loss_type='cispo'": "method='cispo' with loss_type='dapo', epsilon=1.0 and epsilon_high=4.0 (the weight's cap "
+                         "1 + epsilon_high = TRL's 5.0)",
+    "loss_type='sapo'": "method='sapo' with loss_type='grpo' (temperatures: method_params tau_pos, tau_neg)",
+    "top_entropy_quantile < 1": "method='high_entropy' (or a method with token_weight='high_entropy') with "
+                                "method_params={'rho': top_entropy_quantile}",
+}
 
 # Resources no TRL run can hand to an advantage.
 UNAVAILABLE = {
@@ -88,6 +115,7 @@ class CreditGRPOTrainer(GRPOTrainer):
         self.step_splitter = task.step_splitter if task is not None else step_splitter
         split_steps("", self.step_splitter)  # an unknown splitter fails here, not at the first batch
         self.ratio_transform, self.token_weight = loss_hooks(self.method, self.method_params)
+        self.surrogate = loss_surrogate(self.method, self.method_params)
         super().__init__(*args, **kwargs)
         self._check_trl_options()
         self.loss_config = LossConfig(eps_low=self.epsilon_low, eps_high=self.epsilon_high, dual_clip=self.args.delta,
@@ -105,12 +133,17 @@ class CreditGRPOTrainer(GRPOTrainer):
     def _check_trl_options(self) -> None:
         """Refuse the GRPOConfig options whose loss terms `policy_loss` does not compute."""
         args = self.args
+        native = {"importance_sampling_level='sequence'": args.importance_sampling_level != "token",
+                  "loss_type='cispo'": self.loss_type == "cispo", "loss_type='sapo'": self.loss_type == "sapo",
+                  "top_entropy_quantile < 1": args.top_entropy_quantile < 1.0}
+        for option, on in native.items():
+            if on:
+                raise ValueError(f"CreditGRPOTrainer does not take TRL's {option}: it is a creditrl method here; "
+                                 f"pass {AS_METHODS[option]}")
         if self.loss_type not in AGGREGATION:
             raise ValueError(f"CreditGRPOTrainer supports loss_type {', '.join(AGGREGATION)} (the clipped surrogate); "
                              f"got {self.loss_type!r}")
         unsupported = {
-            "importance_sampling_level='sequence'": args.importance_sampling_level != "token",
-            "top_entropy_quantile < 1": args.top_entropy_quantile < 1.0,
             "off_policy_mask_threshold": args.off_policy_mask_threshold is not None,
             "use_vllm": args.use_vllm,
             "entropy_coef / adaptive entropy": self._entropy_bonus_enabled,
@@ -218,16 +251,18 @@ class CreditGRPOTrainer(GRPOTrainer):
         old_logps = inputs.get("old_per_token_logps")
         kept = {"mask": mask}  # the tokens the surrogate sums over: fewer when the token weight drops some (FIPO)
 
-        def weight_keeping_track(advantages: Tensor, delta: Tensor, weight_mask: Tensor):
-            out = self.token_weight(advantages, delta, weight_mask)
+        def weight_keeping_track(advantages: Tensor, delta: Tensor, weight_mask: Tensor, *entropy: Tensor):
+            out = self.token_weight(advantages, delta, weight_mask, *entropy)
             if isinstance(out, tuple):
                 kept["mask"] = weight_mask & out[1]
             return out
 
+        weight_keeping_track.needs_entropy = getattr(self.token_weight, "needs_entropy", False)
+
         loss, metrics = policy_loss(
             logps, logps.detach() if old_logps is None else old_logps, inputs["advantages"], mask, self.loss_config,
             ref_logprobs=inputs.get("ref_per_token_logps"), entropy=entropies, ratio_transform=self.ratio_transform,
-            token_weight=None if self.token_weight is None else weight_keeping_track)
+            token_weight=None if self.token_weight is None else weight_keeping_track, surrogate=self.surrogate)
         mode = "train" if self.model.training else "eval"
         self._log_loss_metrics(mode, metrics)
         return loss * self._loss_scale(inputs, kept["mask"], mode)

@@ -18,6 +18,11 @@ Importing it registers, in verl's own registries:
   with gradient) and hands A·f and Δ' to verl's own `vanilla` loss, which clips, dual-clips and
   aggregates exactly as creditrl's `policy_loss` does, but over verl's global batch (data
   parallel ranks and micro-batches), which only verl knows.
+- GSPO, CISPO and SAPO are verl's own losses: `policy_loss.loss_mode=gspo` (the GSPO-token form of
+  creditrl's `gspo` ratio transform), `cispo` and `sapo` (`tau_pos`, `tau_neg`) compute what creditrl's
+  methods of those names compute on the same tensors, value and gradient, so they combine with the
+  estimators above directly.  The 80/20 rule (`high_entropy`) cannot run here: verl hands a policy
+  loss no entropy (its own `entropy_coeff` term is computed apart).
 - a reward manager (`reward.reward_manager.name=creditrl_step_rewards`) for step rewards (PRM,
   CAPO): it cuts each response into steps with creditrl's step splitter, asks the user's
   `compute_score(..., steps=[...])` for one reward per step, and writes step j's reward on the
@@ -52,7 +57,7 @@ from verl.experimental.reward_loop.reward_manager import register as register_re
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 from verl.trainer.ppo.core_algos import get_policy_loss_fn, register_adv_est, register_policy_loss
 
-from creditrl.methods import compute_advantages, loss_hooks, method_params_model
+from creditrl.methods import compute_advantages, loss_hooks, method_params_model, resolve_method
 from creditrl.methods.capo import CAPOParams, Voting, capo_token_advantages, step_penalties
 from creditrl.methods.loss import clamped_log_ratio, masked_mean, token_weights
 from creditrl.rollouts import Rollouts
@@ -287,6 +292,7 @@ def hooked_policy_loss(
     Metrics: verl's, with `actor/ppo_kl` on the untransformed Δ, plus `actor/creditrl_weight_mean`.
     Shapes: all tensors (B, T) -> scalar loss.
     """
+    _refuse_what_verl_computes_otherwise(method)
     ratio_transform, token_weight = loss_hooks(method, method_params(method))
     mask = response_mask.bool()
     delta = clamped_log_ratio(log_prob, old_log_prob, mask)
@@ -305,6 +311,17 @@ def hooked_policy_loss(
         metrics["actor/ppo_kl"] = masked_mean(-delta, mask).item()
         metrics["actor/creditrl_weight_mean"] = masked_mean(weight.float(), mask).item()
     return loss, metrics
+
+
+def _refuse_what_verl_computes_otherwise(method: str) -> None:
+    """`hooked_policy_loss` hands the clipped surrogate to verl's `vanilla` and has no entropy to give."""
+    resolved = resolve_method(method)
+    if resolved.policy_loss is not None:
+        raise ValueError(f"method {method!r} replaces the clipped surrogate with {resolved.policy_loss!r}; verl ships "
+                         f"it: actor_rollout_ref.actor.policy_loss.loss_mode={resolved.policy_loss}")
+    if resolved.needs_entropy:
+        raise ValueError(f"method {method!r} reads the policy's per-token entropy, which verl does not hand to a "
+                         "policy loss")
 
 
 @register_policy_loss("creditrl_fipo")
