@@ -57,6 +57,12 @@ def test_methods_lists_the_registry():
     assert code == 0 and all(name in out for name in ("grpo", "dr_grpo", "dapo", "rloo", "process_grpo"))
 
 
+def test_methods_lists_the_policy_losses_and_the_methods_built_on_them():
+    code, out = _invoke("methods")
+    assert code == 0 and all(name in out for name in ("gspo", "cispo", "sapo", "high_entropy"))
+    assert "policy loss cispo" in out and "policy_loss: cispo, sapo" in out
+
+
 @pytest.mark.slow
 def test_train_then_eval_a_tiny_model(tiny_lab_model_dir, tmp_path):
     run = tmp_path / "run"
