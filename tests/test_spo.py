@@ -9,8 +9,11 @@ from factories import make_rollouts
 from creditrl.configure import load_config
 from creditrl.methods import compute_advantages
 from creditrl.methods.spo import segment_starts
+from creditrl.policy.transformers_backend import SamplingConfig
+from creditrl.rewards import RewardConfig
 from creditrl.tasks.base import Problem
 from creditrl.trainer import Trainer
+from creditrl.value_estimation import MonteCarloValues
 
 PROBLEM = Problem("p", "question", "1")
 
@@ -148,6 +151,20 @@ def test_without_sampled_log_probs_the_error_names_the_engine():
 def test_without_an_estimator_the_error_says_what_is_missing():
     with pytest.raises(ValueError, match="value_estimator"):
         compute_advantages("spo", _rollouts([[5]], [[0.5]], [1.0]))
+
+
+def test_identical_boundary_states_are_estimated_once():
+    from test_vineppo import CoinPolicy, EndsInOne  # the coin policy whose V(s) is known
+
+    # one prompt, three responses; fixed segments of 2 tokens: s_0 three times, s_2 = [5 6] twice (the
+    # two-token response has s_0 only): 5 states, 2 distinct
+    r = _rollouts([[5, 6, 7], [5, 6, 8, 9], [4, 6]], [[0.5] * 3, [0.5] * 4, [0.5] * 2], [1.0, 0.0, 1.0])
+    policy = CoinPolicy({})
+    estimator = MonteCarloValues(policy, EndsInOne(), SamplingConfig(max_new_tokens=8), RewardConfig())
+    compute_advantages("spo", r, {"partition": "fixed", "interval": 2, "k": 3}, value_estimator=estimator)
+    assert sorted(map(tuple, policy.calls[0])) == [(1,)] * 3 + [(1, 5, 6)] * 3  # K = 3 continuations of each
+    metrics = estimator.metrics()
+    assert (metrics["states_estimated"], metrics["states_deduplicated"]) == (2.0, 3.0)
 
 
 # ---- (4) end to end on the tiny lab model ------------------------------------------------------------
