@@ -15,10 +15,10 @@ responses containing it, c = n_c − a, d = n_w − b, and f_c (f_w) its occurre
     tf_c       = (f_c/N_c)(k1 + 1) / (f_c/N_c + k1(1 − b_tf + b_tf·N_c/N̄)),  N̄ = (N_c + N_w)/2 (BM25's)
     weight  w  = top · (2σ(s) − 1),  s = (α F + β I) · x / (α + β)
 
-p = 1 is decided exactly (every table counts); the published code compares a float32 sum with 1, which
-misses by a rounding for most such tables and then uses F = e^−2.  A group whose responses are all
-correct or all wrong gives w = 0.  The token that ends a finished
-response (the end-of-sequence token, which the published code zeroes by its id) gets w = 0.
+p = 1 is decided exactly (every table counts); the published code compares a float32 sum with 1,
+which misses by a rounding for most such tables and then uses F = e^−2.  A group whose responses
+are all correct or all wrong gives w = 0.  The token that ends a finished response (the
+end-of-sequence token, which the published code zeroes by its id) gets w = 0.
 """
 
 from __future__ import annotations
