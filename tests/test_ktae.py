@@ -23,27 +23,32 @@ def _rollouts(rows, rewards, group_ids=None, truncated=None):
 
 # ---- (1) a hand-worked group -----------------------------------------------------------------------
 #
-# correct: [5 7 7 2], [5 6 2]; wrong: [6 7 2], [6 6 8 2]; 2 ends every response.  n_c = n_w = 2,
-# N_c = N_w = 7 tokens, so N̄ = 7 and BM25's k1(1 − b + b·N/N̄) = 2:  tf(f) = (f/7)·3 / (f/7 + 2).
-# GRPO: R = 1, 1, 0, 0 → mean ½, unbiased std √(1/3) → A = ±0.5/(0.5773503 + 1e-6) = ±0.8660246.
+# correct: [5 2], [5 2], [5 6 2], [7 2]; wrong: [6 2], [6 6 2], [7 2], [7 6 2]; 2 ends every response.
+# n_c = n_w = 4; N_c = 9, N_w = 10 tokens, N̄ = 9.5; BM25: K_c = 2(½ + ½·9/9.5) = 1.947368,
+# K_w = 2(½ + ½·10/9.5) = 2.052632, tf(f, N, K) = (f/N)·3 / (f/N + K).
+# GRPO: R = 1 ×4, 0 ×4 → mean ½, unbiased std √(2/7) = 0.5345225 → A = ±0.5/(0.5345225 + 1e-6) = ±0.9354126.
 #
-# token 6: a = 1, b = 2, c = 1, d = 0.  Fisher: margins row 3, col 2, n 4, tables k = 1, 2 each
-#   C(2,k)C(2,3−k)/C(4,3) = ½ → p = 1 → F = 0.  IG = H(½) − ¾H(⅓) − ¼·0 = 1 − 0.75·0.9182958 = 0.3112781.
-#   x = asin√½ − asin√1 + tf(1)/(tf(3) + 1e-5) − tf(3)/(tf(1) + 1e-5), tf(1) = 0.2, tf(3) = 0.5294118:
-#     −0.7853982 + 0.3777640 − 2.6469198 = −3.0545540.
-#   s = (F + IG)·x/2 = −0.4754079 → w = 2σ(s) − 1 = −0.2333259.
-# token 7: a = 1, b = 1, c = 1, d = 1 → tables k = 0, 1, 2 with 1/6, 4/6, 1/6, p = 1, F = 0;
-#   IG = 1 − ½·1 − ½·1 = 0 → w = 0 (its frequencies differ, but nothing multiplies them).
-# token 5: a = 2, b = 0 → p = 1/6 + 1/6, F = e^(−2/3); IG = 1; x = π/2 + tf(2)/1e-5 = 37501.57 → w = 1.
-# token 8: a = 0, b = 1 → p = 1, F = 0; IG = 1 − ¾H(⅓) = 0.3112781; x = −π/4 − tf(1)/1e-5 → w = −1.
-# token 2 ends each (finished) response → w = 0.
+# token 6: a = 1, b = 3, c = 3, d = 1.  Fisher: margins row 4, col 4, n 8: P(k) = C(4,k)C(4,4−k)/70 =
+#   1, 16, 36, 16, 1 (/70); observed k = 1 (16/70): p = 34/70, F = e^(−68/70) = 0.3785419.
+#   IG = 1 − ½H(¼) − ½H(¾) = 1 − 0.8112781 = 0.1887219.
+#   x = asin√¼ − asin√¾ + tf_c/(tf_w + 1e-5) − tf_w/(tf_c + 1e-5), tf_c = tf(1, 9, K_c) = 0.1619318,
+#     tf_w = tf(4, 10, K_w) = 0.4892704:  −0.5235988 + 0.3309522 − 3.0212657 = −3.2139123.
+#   s = (F + IG)·x/2 = −0.9115680 → w = 2σ(s) − 1 = −0.4266418.
+# token 7: a = 1, b = 2, c = 3, d = 2.  P(k) = C(4,k)C(4,3−k)/56 = 4, 24, 24, 4 (/56), observed 24/56:
+#   every table counts, p = 1, but the token is not in every response: F = e^(−2) = 0.1353353.
+#   IG = 1 − ⅜H(⅓) − ⅝H(⅗) = 0.0487949.  tf_w = tf(2, 10, K_w) = 0.2663551;
+#   x = asin√¼ − asin√½ + 0.1619318/0.2663651 − 0.2663551/0.1619418 = −1.2986259.
+#   s = (F + IG)·x/2 = −0.1195581 → w = −0.0597080.
+# token 5: a = 3, b = 0 → tf_w = 0, x ≈ tf_c/1e-5 ≈ 4·10⁴, F, IG > 0 → w = 1.
+# token 2 is in every response: F = 0, IG = 0 → w = 0 (and it ends each finished response).
+# The published estimator (ComputeKeyTokens) gives 1, −0.4266418, −0.0597079 and 0 on this group.
 
 def test_a_hand_worked_group():
-    rows = [[5, 7, 7, 2], [5, 6, 2], [6, 7, 2], [6, 6, 8, 2]]
-    adv = compute_advantages("ktae", _rollouts(rows, [1.0, 1.0, 0.0, 0.0]))
-    g = 0.5 / (math.sqrt(1 / 3) + 1e-6)
-    w = {5: 1.0, 6: -0.2333259, 7: 0.0, 8: -1.0, 2: 0.0}
-    expected = [[(g if i < 2 else -g) + w[t] for t in row] + [0.0] * (4 - len(row)) for i, row in enumerate(rows)]
+    rows = [[5, 2], [5, 2], [5, 6, 2], [7, 2], [6, 2], [6, 6, 2], [7, 2], [7, 6, 2]]
+    adv = compute_advantages("ktae", _rollouts(rows, [1.0] * 4 + [0.0] * 4))
+    g = 0.5 / (math.sqrt(2 / 7) + 1e-6)
+    w = {5: 1.0, 6: -0.4266418, 7: -0.0597080, 2: 0.0}
+    expected = [[(g if i < 4 else -g) + w[t] for t in row] + [0.0] * (3 - len(row)) for i, row in enumerate(rows)]
     assert torch.allclose(adv, torch.tensor(expected, dtype=adv.dtype), atol=1e-6)
 
 
@@ -96,7 +101,7 @@ def _reference(rows, rewards, groups, truncated, alpha=1.0, beta=1.0, gamma_tf=T
                 a, b = sum(tok in r for r in good), sum(tok in r for r in bad)
                 c, d = len(good) - a, len(bad) - b
                 p = _fisher_p(a, b, c, d)
-                fisher = 0.0 if p == 1 else math.exp(-2 * float(p))
+                fisher = 0.0 if a + b == len(good) + len(bad) else math.exp(-2 * float(p))
                 n = a + b + c + d
 
                 def h(x, y):
