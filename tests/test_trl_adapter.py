@@ -268,11 +268,45 @@ def test_trls_own_losses_match_the_creditrl_methods(tiny_lab_model_dir, tmp_path
         torch.testing.assert_close(mine, trl, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
+def test_ktae_uses_the_key_token_advantages_of_trls_completions(tiny_lab_model_dir, tmp_path):
+    from test_ktae import _reference  # the float64 loop KTAE is tested against
+
+    batches = []
+
+    class Recorded(CreditGRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            batch = super()._generate_and_score_completions(inputs)
+            batches.append(({k: v.clone() for k, v in batch.items() if torch.is_tensor(v)},
+                             self._rewards_per_func.sum(dim=1).tolist()))
+            return batch
+
+    def digits_minus_a_third(completions, problem, **kwargs):  # rewards on both sides of 0: correct and wrong rows
+        return [r - 1 / 3 for r in lab_reward(completions, problem, **kwargs)]
+
+    trainer = train(Recorded, tiny_lab_model_dir, make_args(tmp_path, num_iterations=1, num_generations=4,
+                                                            per_device_train_batch_size=8),
+                    digits_minus_a_third, method="ktae")
+    weighted = 0
+    for batch, rewards in batches:
+        mask = batch["completion_mask"].bool()
+        rows = [batch["completion_ids"][b][mask[b]].tolist() for b in range(len(mask))]
+        truncated = [not row or row[-1] not in trainer.eos_token_ids for row in rows]
+        groups = [b // 4 for b in range(len(rows))]
+        expected = _reference(rows, rewards, groups, truncated)
+        grpo_only = _reference(rows, rewards, groups, truncated, top=1e-12)
+        for b, row in enumerate(expected):
+            assert batch["advantages"][b, :len(row)].tolist() == pytest.approx(row, abs=1e-5)
+            weighted += sum(abs(x - y) > 1e-3 for x, y in zip(row, grpo_only[b]))
+    assert weighted > 0  # some tokens carry a key-token weight
+
+
 # ---- methods TRL cannot feed ----------------------------------------------------------------------
 
 @pytest.mark.parametrize(("method", "resources", "reason"), [
     ("denser", None, "hidden states"),
     ("vineppo", None, "continuations"),
+    ("spo", None, "continuations"),
     ("capo", None, "resources={'critic': ...}"),
 ])
 def test_unsupported_methods_say_why(method, resources, reason):

@@ -70,7 +70,7 @@ AS_METHODS = {
 
 # Resources no TRL run can hand to an advantage.
 UNAVAILABLE = {
-    "value_estimator": ("its Monte Carlo values come from K continuations of every step prefix, sampled by "
+    "value_estimator": ("its Monte Carlo values come from K continuations of response prefixes, sampled by "
                         "creditrl's own policy backend (creditrl.value_estimation.MonteCarloValues); TRL's "
                         "generation only samples whole completions of dataset prompts"),
     "hidden_states": ("it reads the policy's hidden states (B, T, D) from the old-log-prob forward; TRL's "

@@ -28,6 +28,11 @@ Importing it registers, in verl's own registries:
   `compute_score(..., steps=[...])` for one reward per step, and writes step j's reward on the
   last token of step j.
 
+Not carried: `ktae` weighs each token by its token id, and verl 0.9.1's `compute_advantage` hands
+an estimator no token ids (only its own GDPO gets the batch); `vineppo` and `spo` need Monte Carlo
+continuations of response prefixes, and `denser` the policy's hidden states, which verl's trainer
+does not produce between sampling and the advantage.
+
 The dense-reward trap: verl's built-in estimators `grpo` (and `rloo`, `reinforce_plus_plus`, ...)
 sum `token_level_rewards` over the response into one scalar, so step rewards given to them are
 silently turned into an outcome reward.  Step rewards need `creditrl_process_grpo` or

@@ -10,8 +10,10 @@ from creditrl.methods import (  # noqa: F401  (registers them)
     grpo_lambda,
     gspo,
     high_entropy,
+    ktae,
     prm,
     sapo,
+    spo,
     vineppo,
 )
 from creditrl.methods.registry import (
