@@ -1,11 +1,10 @@
 import json
-import math
 
 import pytest
 from typer.testing import CliRunner
 
 from creditrl.cli import app
-from creditrl.compare import GridSpec, compare, default_methods, first_reach, mean_ci, summarize, t_quantile
+from creditrl.compare import GridSpec, compare, default_methods, first_reach, summarize
 
 METHODS, SEEDS = ["grpo", "grpo_lambda"], [0, 1]
 
@@ -22,22 +21,6 @@ def grid(tiny_lab_model_dir, tmp_path_factory):
     progress = []
     paths = compare(spec, progress.append)
     return spec, paths, progress
-
-
-def test_t_quantile_matches_tables():
-    assert t_quantile(1) == pytest.approx(12.706, abs=1e-3)
-    assert t_quantile(2) == pytest.approx(4.303, abs=1e-3)
-    assert t_quantile(30) == pytest.approx(2.042, abs=1e-3)
-    assert t_quantile(60) == pytest.approx(2.000, abs=3e-3)
-
-
-def test_mean_ci_by_hand():
-    # mean 0.6, sd 0.1, se 0.1/√3 = 0.057735, half-width 4.3027 · 0.057735 = 0.24842
-    mean, half = mean_ci([0.5, 0.6, 0.7])
-    assert mean == pytest.approx(0.6) and half == pytest.approx(0.24842, abs=1e-4)
-    # two seeds: sd = |a − b|/√2, half-width 12.7062 · sd/√2 = 12.7062 · 0.1 = 1.27062
-    assert mean_ci([0.2, 0.4])[1] == pytest.approx(1.27062, abs=1e-4)
-    assert math.isnan(mean_ci([0.3])[1])
 
 
 def _record(method, seed, curve, step_seconds, cpu=None, loads=None):

@@ -55,14 +55,11 @@ from creditrl.methods import get_method, known_methods
 from creditrl.policy.loading import load_configured_policy
 from creditrl.report.compare_report import write_report
 from creditrl.resources import build_resources, resources_needed
+from creditrl.stats import mean_ci
 from creditrl.tasks import build_task
 from creditrl.trainer import Trainer, TrainingStopped, check_same_run
 
 BASELINE = "grpo"
-# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30.
-T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
 
 
 @dataclass
@@ -185,25 +182,6 @@ def _check_fits_the_grid(cfg: RunConfig, steps_done: int, steps: int) -> None:
 def _steps_done(run_dir: Path) -> int:
     summary = run_dir / "summary.json"
     return json.loads(summary.read_text())["steps"] if summary.exists() else 0
-
-
-# ---- statistics ---------------------------------------------------------------------------------
-def t_quantile(df: int) -> float:
-    """t_{0.975, df}: exact to 4 decimals for df ≤ 30, z + (z³ + z) / (4·df) beyond."""
-    if df < 1:
-        raise ValueError("the t quantile needs df ≥ 1")
-    if df <= len(T_975):
-        return T_975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df)
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% t interval); the half-width is NaN for fewer than 2 values."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    return mean, t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 # ---- reading runs back --------------------------------------------------------------------------
