@@ -262,14 +262,18 @@ def _print_credit_accuracy(context: str, accuracy: dict, skipped: dict[str, str]
         return "–" if math.isnan(x) else f"{x:.3f}"
 
     table = Table(title=f"credit accuracy ({context})")
-    for col in ("method", "hit@1 (chance)", "AUC", "AUC within", "before", "from error", "entropy", "wrong / correct"):
+    for col in ("method", "hit@1 (chance)", "AUC", "AUC within", "F1 (error / correct)", "before", "from error",
+                "entropy", "wrong / correct"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for name, a in accuracy.items():
         table.add_row(name, f"{cell(a.hit_rate)} ({cell(a.hit_chance)})", cell(a.auc), cell(a.auc_within),
-                      cell(a.before), cell(a.after), cell(a.entropy), f"{a.n_wrong} / {a.n_correct}")
+                      f"{cell(a.f1)} ({cell(a.error_accuracy)} / {cell(a.correct_accuracy)})", cell(a.before),
+                      cell(a.after), cell(a.entropy), f"{a.n_wrong} / {a.n_correct}")
     console.print(table)
     console.print("hit@1: wrong responses whose lowest mean step credit is the first wrong step; AUC: -step credit "
-                  "separating wrong from right steps (all steps; within wrong responses); before / from error: mean "
+                  "separating wrong from right steps (all steps; within wrong responses); F1: ProcessBench's, a step "
+                  "flagged when its credit is negative (wrong responses whose first flagged step is the first wrong "
+                  "step / correct responses with none flagged); before / from error: mean "
                   "step credit in wrong responses; entropy: of |credit| over a correct response's tokens (1 = even).")
     if not labelled:
         console.print("[yellow]these rollouts have no step labels: only the entropy is defined[/yellow]")

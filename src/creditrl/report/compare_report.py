@@ -26,6 +26,8 @@ import matplotlib.pyplot as plt
 
 PLOTS = {"curves.png": "learning curves", "compute.png": "accuracy against compute"}
 CREDIT_COLUMNS = [("hit_rate", "hit@1"), ("hit_chance", "chance"), ("auc", "AUC"), ("auc_within", "AUC within"),
+                  ("f1", "F1 (ProcessBench)"), ("error_accuracy", "first error found"),
+                  ("correct_accuracy", "correct unflagged"),
                   ("before", "before"), ("after", "from error"), ("entropy", "entropy")]
 
 
