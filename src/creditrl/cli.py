@@ -489,8 +489,19 @@ def prm_score(prm: str = typer.Option(..., help="'oracle' (the lab verifier's st
               max_new_tokens: int = typer.Option(64, min=1),
               temperature: float = typer.Option(1.0, min=0.0),
               seed: int = typer.Option(0),
+              processbench: Optional[Path] = typer.Option(None, help="instead: score this ProcessBench file (JSON "
+                                                                      "rows with problem, steps, label) and report "
+                                                                      "its F1; needs a `prm train` folder"),
+              threshold: float = typer.Option(0.5, min=0.0, max=1.0,
+                                              help="ProcessBench: a step is flagged when its score is below this"),
+              json_out: Optional[Path] = typer.Option(None, "--json", help="ProcessBench: also write the scores, "
+                                                                           "predictions and F1 to this JSON file"),
               threads: Optional[int] = typer.Option(None, help="torch CPU threads")) -> None:
-    """Best-of-N by PRM score (product and min of step scores) against majority vote on lab problems."""
+    """Best-of-N by PRM score (product and min of step scores) against majority vote on lab problems; or,
+    with --processbench, ProcessBench's F1 of finding each solution's first wrong step."""
+    if processbench is not None:
+        _guarded(lambda: _processbench(prm, processbench, threshold, json_out, threads))
+        return
 
     def run():
         import torch
@@ -518,6 +529,33 @@ def prm_score(prm: str = typer.Option(..., help="'oracle' (the lab verifier's st
         console.print(table)
 
     _guarded(run)
+
+
+def _processbench(prm: str, path: Path, threshold: float, json_out: Path | None, threads: int | None) -> None:
+    import torch
+
+    from creditrl.prm.model import TrainedPRM
+    from creditrl.prm.processbench import load_processbench, predicted_error, processbench_scores, step_scores
+
+    if prm == "oracle":
+        raise ValueError("--processbench: the oracle PRM reads the lab's step labels, not text; give --prm a folder "
+                         "written by `creditrl prm train`")
+    if threads:
+        torch.set_num_threads(threads)
+    rows = load_processbench(path)
+    scores = step_scores(TrainedPRM(prm), rows)
+    predictions = [predicted_error(s, threshold) for s in scores]
+    report = processbench_scores(rows, predictions)
+    table = Table(title=f"ProcessBench: {path} ({report['n_error']} with an error, {report['n_correct']} without)")
+    for column in ("first error found", "no error found in correct", "F1"):
+        table.add_column(column, justify="right")
+    table.add_row(*(f"{report[k]:.3f}" for k in ("error_accuracy", "correct_accuracy", "f1")))
+    console.print(table)
+    console.print(f"a step is flagged when the PRM's P(correct) < {threshold:g}; the prediction is the first flagged "
+                  "step (none: no error); F1 is the harmonic mean of the two shares")
+    if json_out:
+        json_out.write_text(json.dumps({"file": str(path), "prm": prm, "threshold": threshold, **report,
+                                        "scores": scores, "predictions": predictions}, indent=2))
 
 
 @critic_app.command("serve")
