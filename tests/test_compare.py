@@ -328,6 +328,8 @@ def test_a_grid_file_with_a_sweep_runs_resumes_and_reports(tiny_lab_model_dir, t
     assert results["spec"]["task"] == "lab" and len(results["runs"]) == 6
     entries = results["summary"]["methods"]
     assert set(entries) == {"grpo", "rloo [train.lr=0.001]", "rloo [train.lr=0.0001]"}
+    # the learning rate does not change the starting policy's batch: every entry's credit is read on the same one
+    assert set(results["credit"]["metrics"]) == set(entries) and len(results["credit"]["batches"]) == 1
     for name in ("rloo [train.lr=0.001]", "rloo [train.lr=0.0001]"):
         finals = {r["seed"]: r["curve"][-1]["avg@k"] for r in results["runs"] if r["entry"] == name}
         grpo = {r["seed"]: r["curve"][-1]["avg@k"] for r in results["runs"] if r["entry"] == "grpo"}

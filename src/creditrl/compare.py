@@ -389,21 +389,37 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 
 # ---- credit accuracy on one shared batch --------------------------------------------------------
 def credit_accuracy_table(spec: GridSpec, prompts: int = 8) -> dict:
-    """Every grid method's credit accuracy on one batch sampled from the starting policy, with the
-    method parameters its unswept runs train with (the batch's rewards are under the baseline's reward settings)."""
-    cfg = spec.run_config(spec.baseline, spec.seeds[0])
-    policy = load_configured_policy(cfg.model)
-    task = build_task(cfg.task)
-    problems = task.eval_problems()[:prompts]
-    batch = collect_rollouts(policy, task, problems, cfg.rollout.group_size, cfg.sampling, cfg.reward,
-                             seed=cfg.train.seed)
-    params = {m: spec.run_config(m, spec.seeds[0]).method_params for m in spec.methods}  # as the grid trains them
-    maps = compute_credit(batch, [p.prompt for p in problems], policy, spec.methods, params=params,
-                          resources=build_resources(spec.methods, cfg, policy, task))
-    metrics = {name: {k: None if isinstance(v, float) and math.isnan(v) else v
-                      for k, v in credit_accuracy(c, batch).as_dict().items()} for name, c in maps.credit.items()}
-    return {"responses": batch.batch_size, "prompts": len(problems),
-            "correct": batch.correct.float().mean().item(), "metrics": metrics, "skipped": maps.skipped}
+    """Every entry's credit accuracy on a batch sampled from the starting policy with the grid's first seed, under
+    the entry's own settings (its method parameters, critic or PRM, task): entries whose task, sampling, reward
+    and group size agree score the same batch, so at an unswept cell every method reads the same responses."""
+    policies, batches, metrics, skipped = {}, {}, {}, {}
+    for entry in spec.entries():
+        cfg = spec.run_config(entry, spec.seeds[0])
+        model_key = cfg.model.model_dump_json()
+        if model_key not in policies:
+            policies[model_key] = load_configured_policy(cfg.model)
+        policy = policies[model_key]
+        batch_key = json.dumps([cfg.model_dump(mode="json")[k] for k in ("task", "sampling", "reward")]
+                               + [cfg.rollout.group_size, model_key])
+        if batch_key not in batches:
+            task = build_task(cfg.task)
+            problems = task.eval_problems()[:prompts]
+            batches[batch_key] = (len(batches), task, problems,
+                                  collect_rollouts(policy, task, problems, cfg.rollout.group_size, cfg.sampling,
+                                                   cfg.reward, seed=cfg.train.seed))
+        number, task, problems, batch = batches[batch_key]
+        maps = compute_credit(batch, [p.prompt for p in problems], policy, [entry.method],
+                              params={entry.method: cfg.method_params},
+                              resources=build_resources([entry.method], cfg, policy, task))
+        if entry.method in maps.credit:
+            accuracy = credit_accuracy(maps.credit[entry.method], batch).as_dict()
+            metrics[spec.label(entry)] = {"batch": number, **{k: None if isinstance(v, float) and math.isnan(v) else v
+                                                              for k, v in accuracy.items()}}
+        else:
+            skipped[spec.label(entry)] = maps.skipped[entry.method]
+    return {"prompts": prompts, "metrics": metrics, "skipped": skipped,
+            "batches": [{"responses": b.batch_size, "correct": b.correct.float().mean().item()}
+                        for _, _, _, b in batches.values()]}
 
 
 def collect_results(spec: GridSpec, credit: dict | None = None) -> dict:

@@ -240,8 +240,13 @@ def _difficulty_context(results: dict) -> str:
 def _credit_context(results: dict) -> str:
     c = results["credit"]
     skipped = "; ".join(f"{m}: {why}" for m, why in c["skipped"].items())
-    return (f"One batch from the starting policy: {c['prompts']} held-out prompts, {c['responses']} responses "
-            f"({100 * c['correct']:.0f}% correct)." + (f" Skipped: {skipped}." if skipped else ""))
+    batches = c["batches"]
+    sampled = (f"One batch from the starting policy: {c['prompts']} held-out prompts, {batches[0]['responses']} "
+               f"responses ({100 * batches[0]['correct']:.0f}% correct)." if len(batches) == 1 else
+               f"{len(batches)} batches from the starting policy, one per distinct task, sampling and reward setting "
+               f"of the entries: {c['prompts']} held-out prompts each ("
+               + ", ".join(f"{100 * b['correct']:.0f}%" for b in batches) + " correct).")
+    return sampled + (f" Skipped: {skipped}." if skipped else "")
 
 
 # ---- markdown -----------------------------------------------------------------------------------
