@@ -342,3 +342,43 @@ def test_a_grid_file_with_a_sweep_runs_resumes_and_reports(tiny_lab_model_dir, t
     mtimes = [f.stat().st_mtime_ns for f in (tmp_path / "out" / "runs").glob("*/metrics.jsonl")]
     assert CliRunner().invoke(app, ["compare", "--grid", str(study), "--jobs", "1"]).exit_code == 0
     assert [f.stat().st_mtime_ns for f in (tmp_path / "out" / "runs").glob("*/metrics.jsonl")] == mtimes
+
+
+STUDIES = sorted((Path(__file__).parents[1] / "studies").glob("*.yaml"))
+
+
+def _study_tasks(study):
+    from creditrl.config.study import load_study
+
+    spec = GridSpec.from_study(load_study(study))
+    assert spec.out == Path("docs/studies") / study.stem and len(spec.seeds) >= 5
+    tasks = {}
+    for entry in spec.entries():
+        cfg = spec.run_config(entry, spec.seeds[0])
+        tasks.setdefault(cfg.task.model_dump_json(), cfg.task)
+    return spec, tasks.values()
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
+def test_every_study_file_resolves_each_runs_config(study):
+    _study_tasks(study)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
+def test_every_study_builds_its_tasks_with_the_held_out_size_asked(study):
+    from creditrl.tasks import build_task
+
+    spec, tasks = _study_tasks(study)
+    for section in tasks:
+        assert len(build_task(section).eval_problems()) == (spec.eval_size or 400)
+
+
+def test_a_study_of_all_methods_runs_every_registered_one(tmp_path):
+    from creditrl.config.study import load_study
+    from creditrl.methods import known_methods
+
+    path = tmp_path / "all.yaml"
+    path.write_text("methods: all\nsweeps:\n  - set: critic.recall\n    values: [1, 0.5]\n    methods: [capo]\n")
+    spec = GridSpec.from_study(load_study(path))
+    assert spec.methods == known_methods() and len(spec.entries()) == len(known_methods()) + 1

@@ -111,7 +111,10 @@ class GridSpec:
 
     @classmethod
     def from_study(cls, study: Study, jobs: int = 1) -> GridSpec:
-        return cls(list(study.methods), list(study.seeds), study.steps, study.eval_every, study.eval_size,
+        methods = default_methods() if study.methods == "all" else list(study.methods)
+        if study.baseline not in methods:
+            raise ConfigError(f"baseline: {study.baseline!r} is not a registered method")
+        return cls(methods, list(study.seeds), study.steps, study.eval_every, study.eval_size,
                    study.config, list(study.overrides), Path(study.out), jobs, study.baseline, list(study.sweeps),
                    study.detect, study.task)
 

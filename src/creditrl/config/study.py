@@ -1,6 +1,6 @@
 """A study: the grid file `creditrl compare --grid studies/<name>.yaml` runs, resumes and reports.
 
-    methods: [grpo, capo, prm]        # the registered methods compared
+    methods: [grpo, capo, prm]        # the registered methods compared ("all": every registered one)
     baseline: grpo                    # each entry's paired difference is against it
     seeds: [0, 1, 2, 3, 4]
     steps: 15                         # policy-update steps per run
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -74,7 +74,8 @@ class Study(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    methods: list[str] = Field(min_length=1)
+    methods: list[str] | Literal["all"] = Field(description="the methods compared; 'all': every registered method "
+                                                            "when the grid runs")
     baseline: str = "grpo"
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     steps: int = Field(15, ge=1)
@@ -90,12 +91,14 @@ class Study(BaseModel):
 
     @model_validator(mode="after")
     def _names_are_the_grids(self) -> Study:
-        if self.baseline not in self.methods:
+        if not self.methods:
+            raise ValueError("methods: name at least one method, or 'all'")
+        if self.methods != "all" and self.baseline not in self.methods:
             raise ValueError(f"baseline {self.baseline!r} is not among the methods {self.methods}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds repeat: {self.seeds}")
         for i, sweep in enumerate(self.sweeps):
-            unknown = sorted(set(sweep.methods or []) - set(self.methods))
+            unknown = [] if self.methods == "all" else sorted(set(sweep.methods or []) - set(self.methods))
             if unknown:
                 raise ValueError(f"sweeps[{i}].methods names {unknown}, which are not among the methods")
         return self
