@@ -382,3 +382,17 @@ def test_a_study_of_all_methods_runs_every_registered_one(tmp_path):
     path.write_text("methods: all\nsweeps:\n  - set: critic.recall\n    values: [1, 0.5]\n    methods: [capo]\n")
     spec = GridSpec.from_study(load_study(path))
     assert spec.methods == known_methods() and len(spec.entries()) == len(known_methods()) + 1
+
+
+@pytest.mark.slow
+def test_compare_runs_on_a_task_other_than_the_lab_and_says_so(tiny_lab_model_dir, tmp_path):
+    rows = Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl"
+    overrides = [o for o in _overrides(tiny_lab_model_dir) if not o.startswith("task.")]
+    spec = GridSpec(["grpo", "rloo"], [0], steps=1, eval_every=1, eval_size=3, task="jsonl", out=tmp_path / "out",
+                    overrides=[*overrides, f"task.eval_path={rows}", f"task.train_path={rows}",
+                               "task.answer_is_solution=true"])
+    assert spec.run_config("grpo", 0).task.eval_size == 3
+    paths = compare(spec)
+    results = json.loads(paths["json"].read_text())
+    assert results["spec"]["task"] == "jsonl" and "Task jsonl:" in paths["md"].read_text()
+    assert [p["step"] for p in results["runs"][0]["curve"]] == [0, 1]
