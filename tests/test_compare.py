@@ -291,7 +291,8 @@ def test_a_grid_file_is_checked_naming_the_field(tmp_path):
     path.write_text("methods: [grpo, capo]\nseeds: [0, 1]\nsteps: 3\nsweeps:\n"
                     "  - set: critic.recall\n    values: [1, 0.5]\n    methods: [capo]\n")
     study = load_study(path)
-    assert study.out == Path("docs/studies/tiny") and study.sweeps[0].overrides(1) == ["critic.recall=0.5"]
+    assert study.out == Path("docs/studies/tiny") and study.runs == Path("runs/studies/tiny")
+    assert study.sweeps[0].overrides(1) == ["critic.recall=0.5"]
     spec = GridSpec.from_study(study)
     assert len(spec.entries()) == 3 and spec.seeds == [0, 1] and spec.steps == 3
     for text, message in [("methods: [grpo]\nstep: 3\n", "unknown key 'step'"),
@@ -320,7 +321,7 @@ def test_a_grid_file_with_a_sweep_runs_resumes_and_reports(tiny_lab_model_dir, t
     study = tmp_path / "tiny.yaml"
     overrides = "\n".join(f"  - {o}" for o in _overrides(tiny_lab_model_dir))
     study.write_text(f"methods: [grpo, rloo]\nseeds: [0, 1]\nsteps: 1\neval_every: 1\neval_size: 4\n"
-                     f"out: {tmp_path / 'out'}\noverrides:\n{overrides}\n"
+                     f"out: {tmp_path / 'out'}\nruns: {tmp_path / 'runs'}\noverrides:\n{overrides}\n"
                      "sweeps:\n  - set: train.lr\n    values: [0.001, 0.0001]\n    methods: [rloo]\n")
     result = CliRunner().invoke(app, ["compare", "--grid", str(study), "--jobs", "1"])
     assert result.exit_code == 0, result.output
@@ -337,11 +338,17 @@ def test_a_grid_file_with_a_sweep_runs_resumes_and_reports(tiny_lab_model_dir, t
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Paired against grpo" in report and "| rloo [train.lr=0.0001] | grpo | 2 |" in report
     assert "Task lab:" in report and "## By difficulty" in report
-    files = sorted(p.name for p in (tmp_path / "out" / "runs").iterdir())
+    files = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert files[0] == "grpo-seed0" and "rloo@train.lr=0.001-seed1" in files
-    mtimes = [f.stat().st_mtime_ns for f in (tmp_path / "out" / "runs").glob("*/metrics.jsonl")]
+    # the report folder holds each run's logs, the same bytes, and no checkpoint or model
+    for name in files:
+        for log in ("config.yaml", "metrics.jsonl", "eval.jsonl", "summary.json"):
+            copied, original = tmp_path / "out" / "metrics" / name / log, tmp_path / "runs" / name / log
+            assert copied.read_bytes() == original.read_bytes()
+    assert not list((tmp_path / "out").rglob("*.safetensors")) and not (tmp_path / "out" / "runs").exists()
+    mtimes = [f.stat().st_mtime_ns for f in (tmp_path / "runs").glob("*/metrics.jsonl")]
     assert CliRunner().invoke(app, ["compare", "--grid", str(study), "--jobs", "1"]).exit_code == 0
-    assert [f.stat().st_mtime_ns for f in (tmp_path / "out" / "runs").glob("*/metrics.jsonl")] == mtimes
+    assert [f.stat().st_mtime_ns for f in (tmp_path / "runs").glob("*/metrics.jsonl")] == mtimes
 
 
 STUDIES = sorted((Path(__file__).parents[1] / "studies").glob("*.yaml"))

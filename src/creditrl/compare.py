@@ -55,6 +55,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import statistics
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -108,6 +109,8 @@ class GridSpec:
     sweeps: list[Sweep] = field(default_factory=list)
     detect: float = 0.05  # the accuracy difference the power calculation sizes seeds for
     task: str | None = None  # task.name (None: the base config's)
+    runs: Path | None = None  # where the run folders go (None: <out>/runs); elsewhere, their logs are copied to
+    # <out>/metrics/ so that the report folder holds every run's numbers and no checkpoint
 
     @classmethod
     def from_study(cls, study: Study, jobs: int = 1) -> GridSpec:
@@ -116,7 +119,7 @@ class GridSpec:
             raise ConfigError(f"baseline: {study.baseline!r} is not a registered method")
         return cls(methods, list(study.seeds), study.steps, study.eval_every, study.eval_size,
                    study.config, list(study.overrides), Path(study.out), jobs, study.baseline, list(study.sweeps),
-                   study.detect, study.task)
+                   study.detect, study.task, Path(study.runs) if study.runs else None)
 
     def entries(self) -> list[Entry]:
         """Every method at every combination of the sweeps that apply to it (the cartesian product)."""
@@ -137,7 +140,7 @@ class GridSpec:
     def run_dir(self, method: str | Entry, seed: int) -> Path:
         entry = method if isinstance(method, Entry) else Entry(method)
         cell = ",".join(self.sweeps[i].label(v) for i, v in entry.cell)
-        return self.out / "runs" / f"{entry.method}{'@' + cell if cell else ''}-seed{seed}"
+        return (self.runs or self.out / "runs") / f"{entry.method}{'@' + cell if cell else ''}-seed{seed}"
 
     def run_config(self, method: str | Entry, seed: int) -> RunConfig:
         """The base config with this run's method, cell, seed, budget and folder."""
@@ -439,7 +442,24 @@ def collect_results(spec: GridSpec, credit: dict | None = None) -> dict:
             "runs": records, "summary": summarize(records, spec.detect), "credit": credit}
 
 
+RUN_LOGS = ("config.yaml", "metrics.jsonl", "eval.jsonl", "summary.json")
+
+
+def copy_run_logs(spec: GridSpec) -> None:
+    """Each run's logs (RUN_LOGS, not its checkpoints or model) into <out>/metrics/<run folder name>/."""
+    for entry, seed in ((e, s) for e in spec.entries() for s in spec.seeds):
+        source = spec.run_dir(entry, seed)
+        target = spec.out / "metrics" / source.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RUN_LOGS:
+            shutil.copyfile(source / name, target / name)
+
+
 def compare(spec: GridSpec, on_progress: Callable[[int], None] | None = None, console=None) -> dict[str, Path]:
-    """Run the grid (resumably), score credit on one shared batch, and write the report folder."""
+    """Run the grid (resumably), score credit per entry, and write the report folder (with the runs' logs when
+    the runs live elsewhere)."""
     run_grid(spec, on_progress, console)
-    return write_report(spec.out, collect_results(spec, credit_accuracy_table(spec)))
+    paths = write_report(spec.out, collect_results(spec, credit_accuracy_table(spec)))
+    if spec.runs is not None:
+        copy_run_logs(spec)
+    return paths

@@ -13,7 +13,8 @@
         values: [1, 0.8, 0.6]         #   set: [prm.false_positive, prm.false_negative] with values
         methods: [capo]               #   [0, 0.1] (both get each value) or [[0, 0], [0.1, 0.2]]
     detect: 0.05                      # the difference the power calculation sizes seeds for
-    out: docs/studies/credit-precision
+    out: docs/studies/credit-precision   # report.md, plots, results.json and metrics/<run>/ (the runs' logs)
+    runs: runs/studies/credit-precision  # the run folders, checkpoints included (not committed)
 
 A sweep applies to the methods it names (default: every method); a method runs once per
 combination of the sweeps that apply to it.  Every key is checked: an unknown one is an error naming it.
@@ -88,6 +89,8 @@ class Study(BaseModel):
     detect: float = Field(0.05, gt=0.0, le=1.0, description="the accuracy difference the power calculation sizes "
                                                             "seeds for")
     out: Path | None = Field(None, description="the report folder (None: docs/studies/<file name>)")
+    runs: Path | None = Field(None, description="the run folders, checkpoints included (None: "
+                                                "runs/studies/<file name>); their logs are copied to <out>/metrics/")
 
     @model_validator(mode="after")
     def _names_are_the_grids(self) -> Study:
@@ -110,6 +113,9 @@ def written(value: Any) -> str:
 
 
 def load_study(path: Path) -> Study:
-    """The study in a grid file; its `out` defaults to docs/studies/<file name without .yaml>."""
+    """The study in a grid file; `out` defaults to docs/studies/<name>, `runs` to runs/studies/<name> (<name>: the
+    file's name without .yaml)."""
     study = validated(Study, read_config_file(path), where=path)
-    return study if study.out is not None else study.model_copy(update={"out": Path("docs/studies") / Path(path).stem})
+    name = Path(path).stem
+    return study.model_copy(update={"out": study.out or Path("docs/studies") / name,
+                                    "runs": study.runs or Path("runs/studies") / name})
