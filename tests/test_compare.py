@@ -231,6 +231,7 @@ def test_paired_differences_area_noise_and_power_by_hand():
     header, rows = paired_rows(results)
     assert rows == [["x", "grpo", "3", "+20.0 ± 24.8 pts", "not distinguishable", _area(p),
                      "5.0 pts", "10.0 pts", "34", "31.0 pts"]]
+    assert _cell(results, "x", "sd over seeds") == "20.0 pts" and _cell(results, "x", "eval SE") == "4.0 pts"
     header, rows = difficulty_rows(results)
     assert header == ["entry", "steps=2", "steps=5"] and rows[1][0] == "x" and rows[1][2].startswith("60.0% (+10.0 ±")
 

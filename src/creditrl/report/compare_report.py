@@ -1,7 +1,8 @@
 """The `creditrl compare` report: report.md, a self-contained report.html, results.json and two PNG plots.
 
 The results table gives, per entry (a method, at a cell of the sweeps), the final held-out avg@k (pass@1)
-mean ± 95% t interval over seeds, the steps and training seconds to reach its baseline's mean final avg@k,
+mean ± 95% t interval over seeds, its standard deviation over seeds beside the final evaluation's standard error
+over problems (mean over seeds), the steps and training seconds to reach its baseline's mean final avg@k,
 and compute per step (wall and CPU seconds among them); a warning line follows when the machine's mean load
 over the grid's steps exceeded its cores.  The paired table gives each entry's differences from its baseline
 seed by seed (final avg@k, area under the learning curve), the verdict, the evaluation's standard error
@@ -98,14 +99,16 @@ def plot_compute(results: dict, path: Path) -> None:
 # ---- tables -------------------------------------------------------------------------------------
 def results_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the results table, as text."""
-    header = ["entry", "start", "final avg@k (mean ± 95% CI)", "per seed", "steps to baseline's final",
+    header = ["entry", "start", "final avg@k (mean ± 95% CI)", "per seed", "sd over seeds", "eval SE",
+              "steps to baseline's final",
               "train s to baseline's final", "s / step", "CPU s / step", "extra gen. tokens / step",
               "extra forwards / step", "critic calls / step", "sampling rounds / step", "skipped steps", "peak RSS MB"]
     rows = []
     for method, s in results["summary"]["methods"].items():
         c = s["compute"]
         rows.append([method, _pct(s["start"]), f"{_pct(s['final_mean'])} ± {_pct(s['final_ci95'])}",
-                     " ".join(_pct(f) for f in s["final"]), " ".join(_maybe(x, "{:d}") for x in s["steps_to_target"]),
+                     " ".join(_pct(f) for f in s["final"]), _pts(s.get("seed_sd")), _pts(s.get("eval_se")),
+                     " ".join(_maybe(x, "{:d}") for x in s["steps_to_target"]),
                      " ".join(_maybe(x, "{:.0f}") for x in s["seconds_to_target"]), f"{c['seconds_per_step']:.2f}",
                      _maybe(c["cpu_seconds_per_step"], "{:.2f}"),
                      f"{c['extra_generated_tokens']:.0f}", f"{c['extra_forward_passes']:.0f}",
