@@ -338,7 +338,7 @@ def test_a_grid_file_with_a_sweep_runs_resumes_and_reports(tiny_lab_model_dir, t
         assert entries[name]["paired"]["final"]["diffs"] == pytest.approx([finals[s] - grpo[s] for s in (0, 1)])
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Paired against grpo" in report and "| rloo [train.lr=0.0001] | grpo | 2 |" in report
-    assert "Task lab:" in report and "## By difficulty" in report
+    assert "Task lab:" in report and "## By difficulty" in report and "each run's logs: `metrics/<run>/`" in report
     files = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert files[0] == "grpo-seed0" and "rloo@train.lr=0.001-seed1" in files
     # the report folder holds each run's logs, the same bytes, and no checkpoint or model

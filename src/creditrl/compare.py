@@ -436,6 +436,7 @@ def collect_results(spec: GridSpec, credit: dict | None = None) -> dict:
     task = spec.run_config(spec.baseline, spec.seeds[0]).task.name
     return {"spec": {"methods": spec.methods, "seeds": spec.seeds, "steps": spec.steps, "eval_every": spec.eval_every,
                      "jobs": spec.jobs, "task": task, "baseline": spec.baseline, "detect": spec.detect,
+                     "runs": str(spec.runs) if spec.runs else None,
                      "sweeps": [s.model_dump() for s in spec.sweeps], "entries": len(spec.entries()),
                      "eval_size": spec.eval_size, "config": str(spec.config) if spec.config else None,
                      "overrides": spec.overrides, "method_overrides": {m: o for m, o in overrides.items() if o}},

@@ -261,7 +261,9 @@ def render_markdown(results: dict) -> str:
              "## Accuracy against compute", "", "![accuracy against compute](compute.png)", ""]
     if results["credit"] is not None:
         parts += ["## Credit accuracy", "", _credit_context(results), "", _md_table(*credit_rows(results)), ""]
-    parts += ["Raw numbers: `results.json`; run folders: `runs/<method>[@<cell>]-seed<s>/`.", ""]
+    runs = results["spec"].get("runs")
+    parts += ["Raw numbers: `results.json`; " + (f"each run's logs: `metrics/<run>/` (run folders in `{runs}`)." if runs
+                                                 else "run folders: `runs/<method>[@<cell>]-seed<s>/`."), ""]
     return "\n".join(parts)
 
 
