@@ -23,7 +23,9 @@ when its mean credit is negative, c̄_j < 0 (the method blames it), and a respon
 error is its first flagged step (none: "no error").  err = the share of wrong responses whose first
 flagged step is exactly j*; ok = the share of correct responses with no step flagged (responses with
 at least one step); F1 = 2·err·ok / (err + ok) (0 when both are 0).  Outcome-level credit (GRPO: every
-token of a wrong response negative) flags step 0, so its err is the share of errors at step 0.
+token of a wrong response negative) flags step 0, so its err is the share of errors at step 0; so does
+credit that rescales the outcome advantage by positive token weights (FIPO's): F1 sees signs and zeros
+(DenseR's weight 0 unflags a step), hit@1 and AUC within a response see the rescaling.
 
 Undefined numbers (no wrong response, no labelled step of a class) are NaN.  All in float64.
 """
