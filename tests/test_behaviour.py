@@ -103,7 +103,7 @@ def test_evaluate_reports_behaviour_and_difficulty_metrics(tiny_policy):
     steps = {p.meta["steps"] for p in problems}
     assert {f"pass@k_steps={s}" for s in steps} <= set(metrics)
     plain = evaluate(tiny_policy, task, problems, 2, sampling, seed=0, greedy=False, behaviour=False)
-    assert set(plain) == {"avg@k", "pass@1", "pass@2", "maj@k", "mean_length", "k"}
+    assert set(plain) == {"avg@k", "avg@k_se", "pass@1", "pass@2", "maj@k", "mean_length", "k"}
 
 
 def test_config_and_cli_formatting():

@@ -1,11 +1,11 @@
 import json
-import math
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from creditrl.cli import app
-from creditrl.compare import GridSpec, compare, default_methods, first_reach, mean_ci, summarize, t_quantile
+from creditrl.compare import GridSpec, compare, default_methods, first_reach, summarize
 
 METHODS, SEEDS = ["grpo", "grpo_lambda"], [0, 1]
 
@@ -22,22 +22,6 @@ def grid(tiny_lab_model_dir, tmp_path_factory):
     progress = []
     paths = compare(spec, progress.append)
     return spec, paths, progress
-
-
-def test_t_quantile_matches_tables():
-    assert t_quantile(1) == pytest.approx(12.706, abs=1e-3)
-    assert t_quantile(2) == pytest.approx(4.303, abs=1e-3)
-    assert t_quantile(30) == pytest.approx(2.042, abs=1e-3)
-    assert t_quantile(60) == pytest.approx(2.000, abs=3e-3)
-
-
-def test_mean_ci_by_hand():
-    # mean 0.6, sd 0.1, se 0.1/√3 = 0.057735, half-width 4.3027 · 0.057735 = 0.24842
-    mean, half = mean_ci([0.5, 0.6, 0.7])
-    assert mean == pytest.approx(0.6) and half == pytest.approx(0.24842, abs=1e-4)
-    # two seeds: sd = |a − b|/√2, half-width 12.7062 · sd/√2 = 12.7062 · 0.1 = 1.27062
-    assert mean_ci([0.2, 0.4])[1] == pytest.approx(1.27062, abs=1e-4)
-    assert math.isnan(mean_ci([0.3])[1])
 
 
 def _record(method, seed, curve, step_seconds, cpu=None, loads=None):
@@ -207,3 +191,216 @@ def test_the_busy_machine_warning_appears_when_the_mean_load_exceeds_the_cores(m
     warning = f"the machine was busy: load {mean:.2f} on 2 cores; wall times are inflated, compare CPU times"
     assert (warning in render_markdown(results)) == busy
     assert (warning in render_html(results, {name: b"" for name in PLOTS})) == busy
+
+
+def _paired_records():
+    """grpo and x over seeds 0..2, with the final evaluations' standard errors and accuracy by difficulty."""
+    records = []
+    for method, finals, mids, se in [("grpo", [0.4, 0.5, 0.6], [0.3, 0.3, 0.3], 0.03),
+                                     ("x", [0.5, 0.7, 0.9], [0.4, 0.3, 0.5], 0.04)]:
+        for seed, (final, mid) in enumerate(zip(finals, mids)):
+            r = _record(method, seed, [(0, 0.1), (2, mid), (4, final)], [1, 1, 1, 1])
+            r["final_se"] = se
+            r["final_by_difficulty"] = {"steps=2": final + 0.1, "steps=5": final - 0.1 * (method == "x")}
+            records.append(r)
+    return records
+
+
+def test_paired_differences_area_noise_and_power_by_hand():
+    from creditrl.report.compare_report import difficulty_rows, paired_rows
+
+    summary = summarize(_paired_records(), detect=0.05)
+    x = summary["methods"]["x"]
+    assert summary["methods"]["grpo"]["paired"] is None and x["baseline"] == "grpo"
+    p = x["paired"]
+    # final differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1, half-width t_{0.975,2}·0.1/√3 = 4.3027·0.057735 = 0.24842
+    assert p["final"]["mean"] == pytest.approx(0.2) and p["final"]["ci95"] == pytest.approx(0.24842, abs=1e-4)
+    assert p["final"]["verdict"] == "not distinguishable"
+    # areas (evaluations after step 0): grpo 0.35, 0.4, 0.45; x 0.45, 0.5, 0.7 -> differences 0.1, 0.1, 0.25
+    assert x["area"] == pytest.approx([0.45, 0.5, 0.7]) and p["area"]["mean"] == pytest.approx(0.15)
+    # eval SE of the difference: √(0.04² + 0.03²) = 0.05; the seeds' sd of x's finals: 0.2
+    assert p["eval_se"] == pytest.approx(0.05) and x["seed_sd"] == pytest.approx(0.2) and x["eval_se"] == 0.04
+    # sd/δ = 2: n = 34 is the first with n ≥ ((t_{.975,n−1} + t_{.80,n−1})·2)² (33.34 at 34; 33.41 at 33)
+    assert p["seeds_needed"] == 34
+    # detectable with 3 seeds: (4.3027 + 1.0607)·0.1/√3 = 0.30966
+    assert p["detectable"] == pytest.approx(0.30966, abs=1e-4)
+    # by difficulty: steps=2 differences as the finals' (mean 0.2); steps=5 differences 0.0, 0.1, 0.2 (mean 0.1)
+    assert p["by_difficulty"]["steps=2"]["mean"] == pytest.approx(0.2)
+    assert p["by_difficulty"]["steps=5"]["mean"] == pytest.approx(0.1)
+    results = _results(_paired_records())
+    header, rows = paired_rows(results)
+    assert rows == [["x", "grpo", "3", "+20.0 ± 24.8 pts", "not distinguishable", _area(p),
+                     "5.0 pts", "10.0 pts", "34", "31.0 pts"]]
+    assert _cell(results, "x", "sd over seeds") == "20.0 pts" and _cell(results, "x", "eval SE") == "4.0 pts"
+    header, rows = difficulty_rows(results)
+    assert header == ["entry", "steps=2", "steps=5"] and rows[1][0] == "x" and rows[1][2].startswith("60.0% (+10.0 ±")
+
+
+def _area(p):
+    return f"{100 * p['area']['mean']:+.1f} ± {100 * p['area']['ci95']:.1f} pts"
+
+
+def test_a_method_better_on_every_seed_by_more_than_the_noise_is_better():
+    records = _paired_records()
+    for r in records:
+        if r["method"] == "x":
+            r["curve"][-1]["avg@k"] = {0: 0.5, 1: 0.61, 2: 0.69}[r["seed"]]  # differences 0.1, 0.11, 0.09
+    assert summarize(records)["methods"]["x"]["paired"]["final"]["verdict"] == "better"
+    for r in records:
+        if r["method"] == "x":
+            r["curve"][-1]["avg@k"] -= 0.2  # differences −0.1, −0.09, −0.11
+    assert summarize(records)["methods"]["x"]["paired"]["final"]["verdict"] == "worse"
+
+
+def test_sweeps_make_a_cartesian_grid_paired_with_the_baseline_at_the_same_cell():
+    from creditrl.compare import Entry
+    from creditrl.config.study import Sweep
+
+    recall = Sweep(set="critic.recall", values=[1, 0.8], methods=["capo"])
+    size = Sweep(set=["task.lab.min_steps", "task.lab.max_steps"], values=[2, [3, 4]])
+    spec = GridSpec(["grpo", "capo"], [0], sweeps=[recall, size])
+    entries = spec.entries()
+    assert [e for e in entries if e.method == "grpo"] == [Entry("grpo", ((1, 0),)), Entry("grpo", ((1, 1),))]
+    assert len([e for e in entries if e.method == "capo"]) == 4  # 2 recalls × 2 sizes
+    capo = Entry("capo", ((0, 1), (1, 1)))
+    assert spec.baseline_of(capo) == Entry("grpo", ((1, 1),))  # recall does not apply to grpo: its one run
+    assert spec.label(capo) == "capo [critic.recall=0.8, task.lab.min_steps=3,task.lab.max_steps=4]"
+    assert spec.label(Entry("grpo", ((1, 0),))) == "grpo [task.lab.min_steps+task.lab.max_steps=2]"
+    cfg = spec.run_config(capo, 0)
+    assert cfg.critic.recall == 0.8 and (cfg.task.lab.min_steps, cfg.task.lab.max_steps) == (3, 4)
+    assert cfg.run_dir().name == "capo@critic.recall=0.8,task.lab.min_steps=3,task.lab.max_steps=4-seed0"
+    assert cfg.task.lab.eval_size == 200 and spec.run_config("grpo", 0).critic.recall == 1.0
+
+
+def test_eval_size_is_set_wherever_the_tasks_section_keeps_it():
+    from creditrl.compare import eval_size_setting
+    from creditrl.config import ConfigError, GSM8KSection, LabSection
+    from creditrl.config.tasks import TaskConfig
+
+    assert eval_size_setting(LabSection()) == "task.lab.eval_size"
+    assert eval_size_setting(GSM8KSection()) == "task.eval_size"
+    with pytest.raises(ConfigError, match="task.name=plain: its section has no eval_size"):
+        eval_size_setting(TaskConfig(name="plain"))
+    assert GridSpec(["grpo"], eval_size=None).run_config("grpo", 0).task.lab.eval_size == 400  # the task's own
+
+
+def test_a_grid_file_is_checked_naming_the_field(tmp_path):
+    from creditrl.config import ConfigError
+    from creditrl.config.study import load_study
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text("methods: [grpo, capo]\nseeds: [0, 1]\nsteps: 3\nsweeps:\n"
+                    "  - set: critic.recall\n    values: [1, 0.5]\n    methods: [capo]\n")
+    study = load_study(path)
+    assert study.out == Path("docs/studies/tiny") and study.runs == Path("runs/studies/tiny")
+    assert study.sweeps[0].overrides(1) == ["critic.recall=0.5"]
+    spec = GridSpec.from_study(study)
+    assert len(spec.entries()) == 3 and spec.seeds == [0, 1] and spec.steps == 3
+    for text, message in [("methods: [grpo]\nstep: 3\n", "unknown key 'step'"),
+                          ("methods: [capo]\n", "baseline 'grpo' is not among the methods"),
+                          ("methods: [grpo]\nsweeps:\n  - set: a.b\n    values: [1]\n    methods: [capo]\n",
+                           "sweeps\\[0\\].methods names \\['capo'\\]"),
+                          ("methods: [grpo]\nsweeps:\n  - set: [a, b]\n    values: [[1, 2, 3]]\n",
+                           "values\\[0\\] has 3 items"),
+                          ("methods: [grpo]\nsweeps:\n  - set: a.b\n    values: []\n", "sweeps.0.values")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_study(path)
+
+
+def test_compare_refuses_grid_options_beside_a_grid_file(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text("methods: [grpo]\n")
+    result = CliRunner().invoke(app, ["compare", "--grid", str(path), "--seeds", "0,1"])
+    assert result.exit_code == 2 and "set --seeds in the grid file" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["compare", "--methods", "grpo,rloo", "--baseline", "dapo"])
+    assert result.exit_code == 2 and "--baseline: 'dapo' is not among the methods" in " ".join(result.output.split())
+
+
+@pytest.mark.slow
+def test_a_grid_file_with_a_sweep_runs_resumes_and_reports(tiny_lab_model_dir, tmp_path):
+    study = tmp_path / "tiny.yaml"
+    overrides = "\n".join(f"  - {o}" for o in _overrides(tiny_lab_model_dir))
+    study.write_text(f"methods: [grpo, rloo]\nseeds: [0, 1]\nsteps: 1\neval_every: 1\neval_size: 4\n"
+                     f"out: {tmp_path / 'out'}\nruns: {tmp_path / 'runs'}\noverrides:\n{overrides}\n"
+                     "sweeps:\n  - set: train.lr\n    values: [0.001, 0.0001]\n    methods: [rloo]\n")
+    result = CliRunner().invoke(app, ["compare", "--grid", str(study), "--jobs", "1"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["spec"]["task"] == "lab" and len(results["runs"]) == 6
+    entries = results["summary"]["methods"]
+    assert set(entries) == {"grpo", "rloo [train.lr=0.001]", "rloo [train.lr=0.0001]"}
+    # the learning rate does not change the starting policy's batch: every entry's credit is read on the same one
+    assert set(results["credit"]["metrics"]) == set(entries) and len(results["credit"]["batches"]) == 1
+    for name in ("rloo [train.lr=0.001]", "rloo [train.lr=0.0001]"):
+        finals = {r["seed"]: r["curve"][-1]["avg@k"] for r in results["runs"] if r["entry"] == name}
+        grpo = {r["seed"]: r["curve"][-1]["avg@k"] for r in results["runs"] if r["entry"] == "grpo"}
+        assert entries[name]["paired"]["final"]["diffs"] == pytest.approx([finals[s] - grpo[s] for s in (0, 1)])
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Paired against grpo" in report and "| rloo [train.lr=0.0001] | grpo | 2 |" in report
+    assert "Task lab:" in report and "## By difficulty" in report and "each run's logs: `metrics/<run>/`" in report
+    files = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert files[0] == "grpo-seed0" and "rloo@train.lr=0.001-seed1" in files
+    # the report folder holds each run's logs, the same bytes, and no checkpoint or model
+    for name in files:
+        for log in ("config.yaml", "metrics.jsonl", "eval.jsonl", "summary.json"):
+            copied, original = tmp_path / "out" / "metrics" / name / log, tmp_path / "runs" / name / log
+            assert copied.read_bytes() == original.read_bytes()
+    assert not list((tmp_path / "out").rglob("*.safetensors")) and not (tmp_path / "out" / "runs").exists()
+    mtimes = [f.stat().st_mtime_ns for f in (tmp_path / "runs").glob("*/metrics.jsonl")]
+    assert CliRunner().invoke(app, ["compare", "--grid", str(study), "--jobs", "1"]).exit_code == 0
+    assert [f.stat().st_mtime_ns for f in (tmp_path / "runs").glob("*/metrics.jsonl")] == mtimes
+
+
+STUDIES = sorted((Path(__file__).parents[1] / "studies").glob("*.yaml"))
+
+
+def _study_tasks(study):
+    from creditrl.config.study import load_study
+
+    spec = GridSpec.from_study(load_study(study))
+    assert spec.out == Path("docs/studies") / study.stem and len(spec.seeds) >= 5
+    tasks = {}
+    for entry in spec.entries():
+        cfg = spec.run_config(entry, spec.seeds[0])
+        tasks.setdefault(cfg.task.model_dump_json(), cfg.task)
+    return spec, tasks.values()
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
+def test_every_study_file_resolves_each_runs_config(study):
+    _study_tasks(study)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
+def test_every_study_builds_its_tasks_with_the_held_out_size_asked(study):
+    from creditrl.tasks import build_task
+
+    spec, tasks = _study_tasks(study)
+    for section in tasks:
+        assert len(build_task(section).eval_problems()) == (spec.eval_size or 400)
+
+
+def test_a_study_of_all_methods_runs_every_registered_one(tmp_path):
+    from creditrl.config.study import load_study
+    from creditrl.methods import known_methods
+
+    path = tmp_path / "all.yaml"
+    path.write_text("methods: all\nsweeps:\n  - set: critic.recall\n    values: [1, 0.5]\n    methods: [capo]\n")
+    spec = GridSpec.from_study(load_study(path))
+    assert spec.methods == known_methods() and len(spec.entries()) == len(known_methods()) + 1
+
+
+@pytest.mark.slow
+def test_compare_runs_on_a_task_other_than_the_lab_and_says_so(tiny_lab_model_dir, tmp_path):
+    rows = Path(__file__).parent / "fixtures" / "gsm8k_mini.jsonl"
+    overrides = [o for o in _overrides(tiny_lab_model_dir) if not o.startswith("task.")]
+    spec = GridSpec(["grpo", "rloo"], [0], steps=1, eval_every=1, eval_size=3, task="jsonl", out=tmp_path / "out",
+                    overrides=[*overrides, f"task.eval_path={rows}", f"task.train_path={rows}",
+                               "task.answer_is_solution=true"])
+    assert spec.run_config("grpo", 0).task.eval_size == 3
+    paths = compare(spec)
+    results = json.loads(paths["json"].read_text())
+    assert results["spec"]["task"] == "jsonl" and "Task jsonl:" in paths["md"].read_text()
+    assert [p["step"] for p in results["runs"][0]["curve"]] == [0, 1]

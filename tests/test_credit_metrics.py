@@ -116,3 +116,20 @@ def test_without_step_labels_only_entropy_is_defined():
     assert acc.n_wrong == 0 and all(math.isnan(x)
                                     for x in (acc.hit_rate, acc.auc, acc.auc_within, acc.before, acc.after))
     assert acc.entropy == pytest.approx(H_QUARTER_QUARTER_HALF)
+
+
+def test_processbench_f1_hand_worked():
+    rollouts, credit = _batch()
+    acc = credit_accuracy(credit, rollouts)
+    # row 0: step credit [.25, −.625, −.625], first negative step 1 = its first wrong step: found
+    # row 1: [−1, −1], first negative 0 = its first wrong step: found; correct row 2: [.5, 1], nothing flagged
+    assert (acc.error_accuracy, acc.correct_accuracy, acc.f1) == (1.0, 1.0, 1.0)
+    # outcome-level credit flags step 0 of every wrong response: row 0 missed (error at 1), row 1 found
+    uniform = torch.where(rollouts.response_mask, torch.where(rollouts.correct, 1.0, -1.0)[:, None], 0.0)
+    acc = credit_accuracy(uniform, rollouts)
+    assert acc.error_accuracy == 0.5 and acc.correct_accuracy == 1.0 and acc.f1 == pytest.approx(2 * 0.5 / 1.5)
+    # a negative step in the correct response: flagged, so ok = 0 and F1 = 2·1·0 / (1 + 0) = 0
+    credit[2, 2] = -1.0  # row 2 step credit [.5, −1]
+    acc = credit_accuracy(credit, rollouts)
+    assert acc.correct_accuracy == 0.0 and acc.f1 == 0.0
+    assert math.isnan(credit_accuracy(credit, _batch(step_labels=False)[0]).f1)

@@ -50,3 +50,26 @@ def test_evaluation_reports_its_progress_call_by_call(tiny_policy):
     assert done == [2, 2, 1, 4, 1] and sum(done) == evaluation_steps(problems, greedy=True)
     assert tiny_policy.on_sampled is None  # the callback lasts as long as the evaluation
     assert _bar_stats({}, [{"step": 0, "avg@k": 0.25}]) == "eval at step 0: avg@k 0.250"
+
+
+def test_avg_at_k_standard_error_is_over_the_problems_shares_by_hand(tiny_policy):
+    from creditrl.config import LabTaskConfig, SamplingConfig
+    from creditrl.evaluate import evaluate, standard_error
+    from creditrl.tasks.base import Verdict
+    from creditrl.tasks.lab import LabTask
+
+    class EveryOtherProblem(LabTask):
+        """Problems 0, 2, 4 always solved, 1 and 3 never, whatever is sampled."""
+
+        def verify(self, problem, text):
+            return Verdict(correct=self.eval_problems().index(problem) % 2 == 0)
+
+    task = EveryOtherProblem(LabTaskConfig(eval_size=5, train_size=10))
+    metrics = evaluate(tiny_policy, task, task.eval_problems(), 2, SamplingConfig(max_new_tokens=4), seed=0,
+                       greedy=False, behaviour=False)
+    # shares 1, 0, 1, 0, 1: mean 0.6, sample variance (3·0.4² + 2·0.6²)/4 = 0.3, SE = √(0.3/5) = 0.24495
+    assert metrics["avg@k"] == pytest.approx(0.6) and metrics["avg@k_se"] == pytest.approx(0.24495, abs=1e-5)
+    assert standard_error([0.2, 0.4]) == pytest.approx(0.1)  # sd 0.1414 / √2
+    one = evaluate(tiny_policy, task, task.eval_problems()[:1], 2, SamplingConfig(max_new_tokens=4), seed=0,
+                   greedy=False, behaviour=False)
+    assert "avg@k_se" not in one  # undefined for one problem

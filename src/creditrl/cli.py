@@ -262,14 +262,18 @@ def _print_credit_accuracy(context: str, accuracy: dict, skipped: dict[str, str]
         return "–" if math.isnan(x) else f"{x:.3f}"
 
     table = Table(title=f"credit accuracy ({context})")
-    for col in ("method", "hit@1 (chance)", "AUC", "AUC within", "before", "from error", "entropy", "wrong / correct"):
+    for col in ("method", "hit@1 (chance)", "AUC", "AUC within", "F1 (error / correct)", "before", "from error",
+                "entropy", "wrong / correct"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for name, a in accuracy.items():
         table.add_row(name, f"{cell(a.hit_rate)} ({cell(a.hit_chance)})", cell(a.auc), cell(a.auc_within),
-                      cell(a.before), cell(a.after), cell(a.entropy), f"{a.n_wrong} / {a.n_correct}")
+                      f"{cell(a.f1)} ({cell(a.error_accuracy)} / {cell(a.correct_accuracy)})", cell(a.before),
+                      cell(a.after), cell(a.entropy), f"{a.n_wrong} / {a.n_correct}")
     console.print(table)
     console.print("hit@1: wrong responses whose lowest mean step credit is the first wrong step; AUC: -step credit "
-                  "separating wrong from right steps (all steps; within wrong responses); before / from error: mean "
+                  "separating wrong from right steps (all steps; within wrong responses); F1: ProcessBench's, a step "
+                  "flagged when its credit is negative (wrong responses whose first flagged step is the first wrong "
+                  "step / correct responses with none flagged); before / from error: mean "
                   "step credit in wrong responses; entropy: of |credit| over a correct response's tokens (1 = even).")
     if not labelled:
         console.print("[yellow]these rollouts have no step labels: only the entropy is defined[/yellow]")
@@ -284,15 +288,28 @@ def compare(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " 
             seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default 0,1,2)"),
             steps: Optional[int] = typer.Option(None, min=1, help="policy-update steps per run (default 15)"),
             eval_every: Optional[int] = typer.Option(None, min=0, help="evaluate every N steps (default 5)"),
-            eval_size: Optional[int] = typer.Option(None, min=1,
-                                                    help="held-out lab problems per evaluation (default 50)"),
+            eval_size: Optional[int] = typer.Option(None, min=0,
+                                                    help="held-out problems per evaluation (default 200; 0: the "
+                                                         "task's whole held-out set)"),
+            baseline: Optional[str] = typer.Option(None, help="the method every other is paired against "
+                                                              "(default grpo)"),
+            sweep: Optional[list[str]] = typer.Option(None, "--sweep",
+                                                      help="KEY=V1,V2,...: run every method at each value (repeat "
+                                                           "the option for a cartesian grid)"),
+            detect: Optional[float] = typer.Option(None, min=0.0, max=1.0,
+                                                   help="the accuracy difference the power calculation sizes seeds "
+                                                        "for (default 0.05)"),
+            grid: Optional[Path] = typer.Option(None, "--grid", help="a study's grid file (studies/<name>.yaml): "
+                                                                     "its methods, seeds, budget, sweeps and task"),
             quick: bool = typer.Option(False, "--quick",
                                        help="a smoke grid: grpo and grpo_lambda, seeds 0 1, 10 steps"),
             jobs: int = typer.Option(2, min=1, help="runs trained at once, each in its own process with "
                                                     "cores // jobs threads (1: one after another in this process)"),
             out: Optional[Path] = typer.Option(None, help="report folder (default reports/compare, "
-                                                          "or reports/compare-quick with --quick)")) -> None:
-    """Methods × seeds with an equal budget, resumable per run: report.md, report.html and results.json."""
+                                                          "reports/compare-quick with --quick, or the grid file's)")) \
+        -> None:
+    """Methods × seeds (× sweeps) with an equal budget, resumable per run, paired against a baseline:
+    report.md, report.html and results.json."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -305,19 +322,17 @@ def compare(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " 
     from creditrl import compare as cmp
 
     def run():
-        config, rest = _config_and_overrides(args)
-        spec = cmp.quick_spec(config=config, overrides=rest) if quick else cmp.GridSpec(
-            cmp.default_methods(), config=config, overrides=rest)
-        spec.out = out or spec.out
-        spec.methods = _listed("--methods", methods, str) if methods is not None else spec.methods
-        spec.seeds = _listed("--seeds", seeds, int) if seeds is not None else spec.seeds
-        spec.steps, spec.eval_every = steps or spec.steps, spec.eval_every if eval_every is None else eval_every
-        spec.eval_size, spec.jobs = eval_size or spec.eval_size, jobs
-        for name in spec.methods:
-            spec.run_config(name, spec.seeds[0])  # an unknown method or a bad override fails before any training
-        runs = len(spec.methods) * len(spec.seeds)
-        console.print(f"[bold]creditrl compare[/bold]: {', '.join(spec.methods)} × seeds {spec.seeds}, "
-                      f"{spec.steps} steps each → {spec.out}")
+        if grid is not None:
+            spec = _grid_spec(grid, args, jobs, methods=methods, seeds=seeds, steps=steps, eval_every=eval_every,
+                              eval_size=eval_size, baseline=baseline, sweep=sweep, detect=detect, quick=quick)
+        else:
+            spec = _option_spec(args, methods, seeds, steps, eval_every, eval_size, baseline, sweep, detect, quick)
+        spec.out, spec.jobs = out or spec.out, jobs
+        for entry in spec.entries():
+            spec.run_config(entry, spec.seeds[0])  # an unknown method or a bad override fails before any training
+        runs = len(spec.entries()) * len(spec.seeds)
+        console.print(f"[bold]creditrl compare[/bold]: {', '.join(spec.methods)} ({len(spec.entries())} entries) × "
+                      f"seeds {spec.seeds}, {spec.steps} steps each → {spec.out}")
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TimeRemainingColumn(), console=console) as progress:
             bar = progress.add_task(f"{runs} runs", total=runs * spec.steps)
@@ -325,6 +340,45 @@ def compare(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " 
 
     paths = _guarded(run)
     console.print(f"report: {paths['md']}  {paths['html']}\nraw numbers: {paths['json']}")
+
+
+def _grid_spec(path: Path, args: list[str] | None, jobs: int, **options):
+    """The grid file's spec; a grid option given beside it is an error naming it (the file is the study)."""
+    from creditrl import compare as cmp
+    from creditrl.config.study import load_study
+
+    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value not in (None, False, [])]
+    if args or given:
+        raise ValueError(f"--grid {path}: set {', '.join(given) or 'the overrides'} in the grid file, not beside it")
+    return cmp.GridSpec.from_study(load_study(path), jobs)
+
+
+def _option_spec(args, methods, seeds, steps, eval_every, eval_size, baseline, sweep, detect, quick):
+    """The spec from the command line's options."""
+    from creditrl import compare as cmp
+
+    config, rest = _config_and_overrides(args)
+    spec = cmp.quick_spec(config=config, overrides=rest) if quick else cmp.GridSpec(
+        cmp.default_methods(), config=config, overrides=rest)
+    spec.methods = _listed("--methods", methods, str) if methods is not None else spec.methods
+    spec.seeds = _listed("--seeds", seeds, int) if seeds is not None else spec.seeds
+    spec.steps, spec.eval_every = steps or spec.steps, spec.eval_every if eval_every is None else eval_every
+    spec.eval_size = spec.eval_size if eval_size is None else (eval_size or None)
+    spec.baseline, spec.detect = baseline or spec.baseline, spec.detect if detect is None else detect
+    spec.sweeps = [_sweep(text) for text in sweep or []]
+    if spec.baseline not in spec.methods:
+        raise ValueError(f"--baseline: {spec.baseline!r} is not among the methods {spec.methods}")
+    return spec
+
+
+def _sweep(text: str):
+    """`--sweep KEY=V1,V2`: one sweep over every method."""
+    from creditrl.config.study import Sweep
+
+    key, sep, values = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--sweep {text!r}: give KEY=V1,V2,... (e.g. critic.recall=1,0.8,0.6)")
+    return Sweep(set=[key.strip()], values=_listed(f"--sweep {key.strip()}", values, str))
 
 
 @app.command()
@@ -436,8 +490,19 @@ def prm_score(prm: str = typer.Option(..., help="'oracle' (the lab verifier's st
               max_new_tokens: int = typer.Option(64, min=1),
               temperature: float = typer.Option(1.0, min=0.0),
               seed: int = typer.Option(0),
+              processbench: Optional[Path] = typer.Option(None, help="instead: score this ProcessBench file (JSON "
+                                                                      "rows with problem, steps, label) and report "
+                                                                      "its F1; needs a `prm train` folder"),
+              threshold: float = typer.Option(0.5, min=0.0, max=1.0,
+                                              help="ProcessBench: a step is flagged when its score is below this"),
+              json_out: Optional[Path] = typer.Option(None, "--json", help="ProcessBench: also write the scores, "
+                                                                           "predictions and F1 to this JSON file"),
               threads: Optional[int] = typer.Option(None, help="torch CPU threads")) -> None:
-    """Best-of-N by PRM score (product and min of step scores) against majority vote on lab problems."""
+    """Best-of-N by PRM score (product and min of step scores) against majority vote on lab problems; or,
+    with --processbench, ProcessBench's F1 of finding each solution's first wrong step."""
+    if processbench is not None:
+        _guarded(lambda: _processbench(prm, processbench, threshold, json_out, threads))
+        return
 
     def run():
         import torch
@@ -465,6 +530,33 @@ def prm_score(prm: str = typer.Option(..., help="'oracle' (the lab verifier's st
         console.print(table)
 
     _guarded(run)
+
+
+def _processbench(prm: str, path: Path, threshold: float, json_out: Path | None, threads: int | None) -> None:
+    import torch
+
+    from creditrl.prm.model import TrainedPRM
+    from creditrl.prm.processbench import load_processbench, predicted_error, processbench_scores, step_scores
+
+    if prm == "oracle":
+        raise ValueError("--processbench: the oracle PRM reads the lab's step labels, not text; give --prm a folder "
+                         "written by `creditrl prm train`")
+    if threads:
+        torch.set_num_threads(threads)
+    rows = load_processbench(path)
+    scores = step_scores(TrainedPRM(prm), rows)
+    predictions = [predicted_error(s, threshold) for s in scores]
+    report = processbench_scores(rows, predictions)
+    table = Table(title=f"ProcessBench: {path} ({report['n_error']} with an error, {report['n_correct']} without)")
+    for column in ("first error found", "no error found in correct", "F1"):
+        table.add_column(column, justify="right")
+    table.add_row(*(f"{report[k]:.3f}" for k in ("error_accuracy", "correct_accuracy", "f1")))
+    console.print(table)
+    console.print(f"a step is flagged when the PRM's P(correct) < {threshold:g}; the prediction is the first flagged "
+                  "step (none: no error); F1 is the harmonic mean of the two shares")
+    if json_out:
+        json_out.write_text(json.dumps({"file": str(path), "prm": prm, "threshold": threshold, **report,
+                                        "scores": scores, "predictions": predictions}, indent=2))
 
 
 @critic_app.command("serve")

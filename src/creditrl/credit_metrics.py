@@ -18,6 +18,15 @@ response, ΣU_b / Σ n_w,b·n_r,b, so only localisation counts (credit uniform i
 Uniformity on correct responses: H = −Σ_t p_t·log p_t / log n, p_t = |c_t| / Σ_s |c_s| over the n
 response tokens (1: credit spread evenly); responses with Σ|c| = 0 or n < 2 are left out.
 
+Credit F1 as ProcessBench defines it (Zheng et al. 2024, arXiv 2412.06559): a step is *flagged*
+when its mean credit is negative, c̄_j < 0 (the method blames it), and a response's predicted first
+error is its first flagged step (none: "no error").  err = the share of wrong responses whose first
+flagged step is exactly j*; ok = the share of correct responses with no step flagged (responses with
+at least one step); F1 = 2·err·ok / (err + ok) (0 when both are 0).  Outcome-level credit (GRPO: every
+token of a wrong response negative) flags step 0, so its err is the share of errors at step 0; so does
+credit that rescales the outcome advantage by positive token weights (FIPO's): F1 sees signs and zeros
+(DenseR's weight 0 unflags a step), hit@1 and AUC within a response see the rescaling.
+
 Undefined numbers (no wrong response, no labelled step of a class) are NaN.  All in float64.
 """
 
@@ -45,6 +54,9 @@ class CreditAccuracy:
     entropy: float  # mean normalised entropy of |credit| over the tokens of correct responses
     n_wrong: int  # wrong responses with a labelled first wrong step
     n_correct: int  # correct responses that entered the entropy
+    error_accuracy: float = NAN  # ProcessBench: wrong responses whose first flagged step is the first wrong step
+    correct_accuracy: float = NAN  # ProcessBench: correct responses with no step flagged
+    f1: float = NAN  # ProcessBench: the harmonic mean of the two
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -77,6 +89,20 @@ def top1_hit(step_values: Tensor, target: int) -> float:
     lowest = step_values[present].min()
     at_min = present & (step_values == lowest)
     return 1.0 / int(at_min.sum()) if bool(at_min[target]) else 0.0
+
+
+def first_flagged(step_values: Tensor) -> int:
+    """The index of the first step with negative mean credit (S,), NaN steps skipped; −1 when none is."""
+    flagged = (step_values < 0).nonzero()
+    return int(flagged[0]) if len(flagged) else -1
+
+
+def processbench_f1(error_accuracy: float, correct_accuracy: float) -> float:
+    """2·a·b / (a + b): 0 when both are 0, NaN when either is NaN."""
+    if math.isnan(error_accuracy) or math.isnan(correct_accuracy):
+        return NAN
+    total = error_accuracy + correct_accuracy
+    return 2 * error_accuracy * correct_accuracy / total if total else 0.0
 
 
 def rank_auc(positive: list[float], negative: list[float]) -> float:
@@ -121,7 +147,7 @@ def credit_accuracy(credit: Tensor, rollouts: Rollouts) -> CreditAccuracy:
     hits, chances, before, after = [], [], [], []
     wrong_steps, right_steps = [], []
     u_within, pairs_within = 0.0, 0
-    entropies = []
+    entropies, found, unflagged = [], [], []
     mask = rollouts.response_mask.bool()
     for b in range(rollouts.batch_size):
         if bool(rollouts.correct[b]):
@@ -132,6 +158,8 @@ def credit_accuracy(credit: Tensor, rollouts: Rollouts) -> CreditAccuracy:
             continue
         values = step_credit(credit[b], torch.where(mask[b], rollouts.step_ids[b], -1))
         labels = rollouts.step_labels[b, : len(values)]
+        if bool(rollouts.correct[b]) and len(values) and not bool(torch.isnan(values).all()):
+            unflagged.append(float(first_flagged(values) == -1))
         labelled = [(float(v), int(lab)) for v, lab in zip(values, labels) if lab >= 0 and not math.isnan(v)]
         wrong_steps += [v for v, lab in labelled if lab == 0]
         right_steps += [v for v, lab in labelled if lab == 1]
@@ -139,6 +167,7 @@ def credit_accuracy(credit: Tensor, rollouts: Rollouts) -> CreditAccuracy:
         if bool(rollouts.correct[b]) or target is None or math.isnan(values[target]):
             continue
         hits.append(top1_hit(values, target))
+        found.append(float(first_flagged(values) == target))
         chances.append(1.0 / int((~torch.isnan(values)).sum()))
         before += [float(v) for v in values[:target] if not math.isnan(v)]
         after += [float(v) for v in values[target:] if not math.isnan(v)]
@@ -151,7 +180,8 @@ def credit_accuracy(credit: Tensor, rollouts: Rollouts) -> CreditAccuracy:
         auc=rank_auc([-v for v in wrong_steps], [-v for v in right_steps]),
         auc_within=u_within / pairs_within if pairs_within else NAN,
         before=_mean(before), after=_mean(after), entropy=_mean(entropies),
-        n_wrong=len(hits), n_correct=len(entropies),
+        n_wrong=len(hits), n_correct=len(entropies), error_accuracy=_mean(found), correct_accuracy=_mean(unflagged),
+        f1=processbench_f1(_mean(found), _mean(unflagged)),
     )
 
 

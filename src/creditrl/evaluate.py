@@ -2,9 +2,11 @@
 
 pass@k uses the unbiased estimator of Chen et al. 2021 (Codex): with n samples of which c are
 correct, pass@k = 1 − C(n−c, k) / C(n, k).  avg@k is the mean correctness over all samples at the
-sampling temperature, the number RL papers report as accuracy.  The same three are broken down by
-difficulty (the lab's step count, MATH's level), and the behaviour metrics of `creditrl.behaviour`
-are computed from the same samples.
+sampling temperature, the number RL papers report as accuracy; its standard error over problems,
+avg@k_se = sqrt(Σ_i (p_i − p̄)² / (n·(n − 1))) with p_i = c_i / k the i-th problem's share of correct
+samples, counts both the draw of the n problems and the k samples' noise (it needs n ≥ 2).  The
+accuracies are broken down by difficulty (the lab's step count, MATH's level), and the behaviour
+metrics of `creditrl.behaviour` are computed from the same samples.
 """
 
 from __future__ import annotations
@@ -64,6 +66,13 @@ def by_difficulty(problems: Sequence[Problem], per_problem: Sequence[Sequence[Ve
             for name, x in sampled_accuracy(groups[value]).items()}
 
 
+def standard_error(values: Sequence[float]) -> float:
+    """sqrt(Σ (x − x̄)² / (n·(n − 1))): the standard error of the mean of n ≥ 2 values."""
+    n = len(values)
+    mean = sum(values) / n
+    return (sum((x - mean) ** 2 for x in values) / (n * (n - 1))) ** 0.5
+
+
 def evaluation_seed(train_seed: int) -> int:
     """The sampling seed of every evaluation of a run with `train.seed` = train_seed: the trainer's and
     `creditrl eval`'s, so that evaluating a run's final model reproduces the run's final table."""
@@ -111,6 +120,8 @@ def _evaluate(policy: TransformersPolicy, task: Task, problems: Sequence[Problem
         per_problem = [verdicts[i * k:(i + 1) * k] for i in range(len(problems))]
         counts = [sum(v.correct for v in vs) for vs in per_problem]
         metrics["avg@k"] = sum(counts) / (k * len(problems))
+        if len(problems) > 1:
+            metrics["avg@k_se"] = standard_error([c / k for c in counts])
         for kk in sorted({1, k}):
             metrics[f"pass@{kk}"] = sum(pass_at_k(k, c, kk) for c in counts) / len(problems)
         metrics["maj@k"] = sum(majority_correct([v.answer for v in vs], [v.correct for v in vs])

@@ -149,18 +149,23 @@ def _methods_table(maps: CreditMaps, scales: Mapping[str, float]) -> str:
 
 def _accuracy_table(accuracy: Mapping[str, CreditAccuracy]) -> str:
     head = ("<tr><th>method</th><th>hit@1 first wrong step (chance)</th><th>AUC wrong vs right steps</th>"
-            "<th>AUC within wrong responses</th><th>credit before first error</th><th>credit from first error on</th>"
+            "<th>AUC within wrong responses</th><th>ProcessBench F1 (error / correct)</th>"
+            "<th>credit before first error</th><th>credit from first error on</th>"
             "<th>entropy, correct responses</th><th>wrong / correct responses</th></tr>")
     rows = "".join(
         f"<tr><td>{_e(n)}</td><td>{_number(a.hit_rate)} ({_number(a.hit_chance)})</td><td>{_number(a.auc)}</td>"
-        f"<td>{_number(a.auc_within)}</td><td>{_number(a.before)}</td><td>{_number(a.after)}</td>"
+        f"<td>{_number(a.auc_within)}</td>"
+        f"<td>{_number(a.f1)} ({_number(a.error_accuracy)} / {_number(a.correct_accuracy)})</td>"
+        f"<td>{_number(a.before)}</td><td>{_number(a.after)}</td>"
         f"<td>{_number(a.entropy)}</td><td>{a.n_wrong} / {a.n_correct}</td></tr>" for n, a in accuracy.items())
     return ('<section id="accuracy"><h2>Credit accuracy</h2><p>Step credit = mean token credit of the step. hit@1: '
             "share of wrong responses whose lowest step credit is the first wrong step (ties split; chance = uniform "
             "credit). AUC: −step credit separating wrong from right steps, over all labelled steps, and over pairs "
-            "within the same wrong response (0.5 when credit is uniform within a response). Before / from the first "
-            "error on: mean step credit in wrong responses. Entropy: normalised entropy of |credit| over the tokens "
-            "of a correct response (1 = spread evenly).</p>"
+            "within the same wrong response (0.5 when credit is uniform within a response). ProcessBench F1: a step is "
+            "flagged when its credit is negative; the harmonic mean of the share of wrong responses whose first "
+            "flagged step is the first wrong step and the share of correct responses with no step flagged. Before / "
+            "from the first error on: mean step credit in wrong responses. Entropy: normalised entropy of |credit| "
+            "over the tokens of a correct response (1 = spread evenly).</p>"
             f"<table>{head}{rows}</table></section>")
 
 
