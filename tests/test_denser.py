@@ -165,6 +165,28 @@ def test_identical_states_or_zero_alphas_give_weight_one():
     torch.testing.assert_close(denser_weights(torch.randn(3, 6, 4), mask, negative, zero), torch.ones(3, 6))
 
 
+@pytest.mark.parametrize("dim", [5, 64, 896, 4096])
+def test_identical_random_states_give_weight_one_despite_rounding(dim):
+    # cos(h, h) of a random h is 1 ± a float32 rounding, so c is rounding noise; ĉ must still be 1, not
+    # noise / mean(noise)
+    gen = torch.Generator().manual_seed(0)
+    same = torch.randn(1, 8, dim, generator=gen).expand(4, 8, dim).contiguous()
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    w = denser_weights(same, mask, torch.tensor([False, True, False, True]), DenseRParams())
+    torch.testing.assert_close(w, torch.ones(4, 8), atol=0, rtol=0)
+
+
+def test_a_small_real_divergence_is_kept():
+    # two states at angle θ: D_cross = 1 − cos θ ≈ θ²/2 = 2e-4, far above the rounding tolerance; W = 0, so
+    # each token meets one state of the other row: tokens (a, a) against (a, b) give c = (0, 1 − cos θ) + D_within
+    theta = 0.02
+    a, b = [1.0, 0.0], [math.cos(theta), math.sin(theta)]
+    hidden = torch.tensor([[a, a], [a, b]])
+    w = denser_weights(hidden, torch.ones(2, 2, dtype=torch.bool), torch.tensor([False, True]),
+                       DenseRParams(window=0, alpha_w=0.0))
+    torch.testing.assert_close(w, torch.tensor([[0.0, 2.0], [0.0, 2.0]]), atol=1e-3, rtol=0)
+
+
 def test_zero_spread_groups_groups_of_one_and_beta_zero_give_grpo():
     hidden = torch.randn(6, 5, 3)
     r = make_rollouts([1.0, 1.0, 1.0, 0.0, 1.0, 2.0], [0, 0, 0, 1, 1, 2], [5, 3, 4, 5, 2, 5], T=5)

@@ -16,6 +16,11 @@ from creditrl.methods.registry import Method, register_advantage, register_metho
 from creditrl.rollouts import Rollouts
 
 TEMPORARY_BYTES = 2 ** 28  # the similarity search's float32 temporaries, per window offset
+# A row whose mean divergence, c̄ / (α_c + α_w), is below this has c ≡ 0 up to rounding: a float32 cosine of
+# unit vectors is off by a few 2⁻²⁴ (about 1e-7, 1e-6 at most for D in the thousands), so identical
+# states give c of that size and c / c̄ would be noise / noise.  1e-5 is ten times that bound, and
+# a real divergence that small (1 − cos θ = 1e-5: θ ≈ 0.26°) is not resolved in float32 either.
+DIVERGENCE_TOLERANCE = 1e-5
 
 
 class DenseRParams(GRPOParams):
@@ -32,7 +37,8 @@ def denser_weights(hidden: Tensor, mask: Tensor, negative: Tensor, params: Dense
     s_ij(t) = max(0, max_{|u − c| ≤ W, m_{j,u}} cos(h_{i,t}, h_{j,u})) with c = ⌊t·T_j / T_i⌋
     (0 if the window holds no token of j); Div_S(i,t) = (1 − mean_{j ∈ S} s_ij(t))·m_{i,t}, which is
     m_{i,t} when S is empty.  c = α_c·Div_cross + α_w·Div_within (S: the opposite class, the own
-    class without i); ĉ = c / mean over i's tokens of c (ĉ = 1 where c ≡ 0); w = (1 − β) + β·ĉ.
+    class without i); ĉ = c / mean over i's tokens of c (ĉ = 1 where c ≡ 0, i.e. where that mean
+    is below (α_c + α_w)·DIVERGENCE_TOLERANCE); w = (1 − β) + β·ĉ.
     Computed in float32 for a few rows i at a time, so that the (rows, G, T, D) temporaries of
     each window offset stay near TEMPORARY_BYTES (a whole group at once: 15 GiB for 16 rows of
     4096 tokens at D = 3584).
@@ -64,7 +70,8 @@ def denser_weights(hidden: Tensor, mask: Tensor, negative: Tensor, params: Dense
     within = same & ~torch.eye(n_rows, dtype=torch.bool, device=mask.device)
     credit = params.alpha_c * _divergence(sim, ~same, mask) + params.alpha_w * _divergence(sim, within, mask)
     mean = credit.sum(1, keepdim=True) / lengths[:, None].clamp(min=1)
-    normed = torch.where(mean > 0, credit / torch.where(mean > 0, mean, 1.0), 1.0)
+    real = mean > (params.alpha_c + params.alpha_w) * DIVERGENCE_TOLERANCE
+    normed = torch.where(real, credit / torch.where(real, mean, 1.0), 1.0)
     return (1.0 - params.beta) + params.beta * normed
 
 
