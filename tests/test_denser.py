@@ -151,8 +151,9 @@ def test_window_similarity_matches_the_slow_reference(monkeypatch, tile_rows, wi
     mask[5, ::3] = False  # holes: the mask need not be a prefix
     hidden = torch.randn(G, T, D, generator=gen)
     hidden[:, :, 0] += 1.0
-    unit = torch.nn.functional.normalize(hidden, dim=-1)
-    fast = denser_module.window_similarity(unit, mask, window)
+    hidden *= torch.rand(G, T, 1, generator=gen) * 10  # norms from 0 to about 20: the cosine scales them away
+    hidden[0, 3] = 0.0  # a zero state: cosine 0
+    fast = denser_module.window_similarity(hidden, mask, window)
     slow = ref_window_similarity(hidden.double().tolist(), mask.tolist(), window)
     torch.testing.assert_close(fast.double(), slow, atol=1e-6, rtol=0)
     assert (slow > 0).sum() > 100 and (slow[:, 2] == 0).all() and (slow[2] == 0).all()

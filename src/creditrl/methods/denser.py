@@ -15,7 +15,7 @@ from creditrl.methods.grpo import GRPOParams, grpo
 from creditrl.methods.registry import Method, register_advantage, register_method
 from creditrl.rollouts import Rollouts
 
-TILE_ROWS = 16  # tokens of row i per tile of the band search (fewer when the other rows are longer)
+TILE_ROWS = 24  # tokens of row i per tile of the band search (fewer when the other rows are longer)
 KEY_BYTES = 2 ** 25  # the other rows' tokens gathered for one chunk of the band search
 # A row whose mean divergence, c̄ / (α_c + α_w), is below this has c ≡ 0 up to rounding: a float32 cosine of
 # unit vectors is off by a few 2⁻²⁴ (about 1e-7, 1e-6 at most for D in the thousands), so identical
@@ -31,8 +31,8 @@ class DenseRParams(GRPOParams):
     window: int = Field(5, ge=0, description="W: half-width of the aligned window searched in each other rollout")
 
 
-def window_similarity(unit: Tensor, mask: Tensor, window: int) -> Tensor:
-    """s_ij(t) = max(0, max_{|u − c| ≤ W, m_{j,u}} h_{i,t}·h_{j,u}), c = ⌊t·T_j / T_i⌋, for i ≠ j and m_{i,t}.
+def window_similarity(states: Tensor, mask: Tensor, window: int) -> Tensor:
+    """s_ij(t) = max(0, max_{|u − c| ≤ W, m_{j,u}} cos(h_{i,t}, h_{j,u})), c = ⌊t·T_j / T_i⌋, for i ≠ j, m_{i,t}.
 
     The dot products needed form a band of width 2W + 1 around the line u = t·T_j / T_i.  For each
     row i the band is covered by tiles: k consecutive tokens of i against the span of j's tokens
@@ -41,15 +41,18 @@ def window_similarity(unit: Tensor, mask: Tensor, window: int) -> Tensor:
     a tile spans about TILE_ROWS tokens of the longest; the tiles hold about (TILE_ROWS + 2W + 1) /
     (2W + 1) times the band's products.  The other rows' tokens are gathered into one buffer of
     KEY_BYTES, as many rows j at a time as fit (one row at least).  Cost O(G²·T·(TILE_ROWS + 2W)·D),
-    memory O(G²·T) besides the buffer.  T_i = Σ_t m_{i,t}; entries with i = j or m_{i,t} = 0 stay 0.
-    Shapes: unit (G, T, D) float, rows of unit norm; mask (G, T) bool -> s (G, G, T).
+    memory O(G²·T) besides the buffer.  cos(h, h') = h·h' / (max(‖h‖, ε)·max(‖h'‖, ε)), ε = 1e-12 (as
+    torch's `normalize`): the products of the states as given, scaled afterwards, so that the
+    states are not copied.  T_i = Σ_t m_{i,t}; entries with i = j or m_{i,t} = 0 stay 0.
+    Shapes: states (G, T, D) float; mask (G, T) bool -> s (G, G, T).
     """
-    n_rows, width, dim = unit.shape
+    n_rows, width, dim = states.shape
     lengths = mask.sum(1)
-    tokens = unit.reshape(n_rows * width, dim)
-    sim = unit.new_zeros(n_rows, n_rows, width)
+    inverse_norm = 1.0 / torch.linalg.vector_norm(states, dim=-1).clamp(min=1e-12)  # (G, T)
+    tokens = states.reshape(n_rows * width, dim)
+    sim = states.new_zeros(n_rows, n_rows, width)
     offsets = torch.arange(2 * window + 1, device=mask.device)
-    buffer = unit.new_empty(0)
+    buffer = states.new_empty(0)
     for i in range(n_rows):
         positions = torch.nonzero(mask[i]).squeeze(1)
         others = torch.nonzero(torch.arange(n_rows, device=mask.device) != i).squeeze(1)
@@ -61,18 +64,20 @@ def window_similarity(unit: Tensor, mask: Tensor, window: int) -> Tensor:
         # the last tile is filled up with i's last token, so that its span stays within j's length
         t = positions[torch.arange(n_tiles * rows_per_tile, device=mask.device).clamp(max=n_pos - 1)]
         t = t.view(n_tiles, rows_per_tile)
-        queries = unit[i].index_select(0, t.flatten()).view(n_tiles, rows_per_tile, dim)
+        queries = states[i].index_select(0, t.flatten()).view(n_tiles, rows_per_tile, dim)
+        query_scale = inverse_norm[i, t][None, :, :, None]  # (1, tiles, k, 1)
+        others = others[torch.argsort(lengths[others])]  # chunks of rows j of similar lengths: similar spans
         centre = t * lengths[others, None, None] // length  # (J, tiles, k)
         first = centre[:, :, :1]  # each tile's span of j's tokens starts at first − W
-        span = int((centre[:, :, -1:] - first).max()) + 2 * window + 1
-        band = (centre - first)[..., None] + offsets  # (J, tiles, k, 2W + 1): positions in the span
-        keys_per_row = n_tiles * span * dim
-        per_chunk = max(1, KEY_BYTES // unit.element_size() // keys_per_row)
+        spans = (centre[:, :, -1] - centre[:, :, 0]).amax(1) + 2 * window + 1  # (J,)
+        keys_per_row = n_tiles * int(spans.max()) * dim
+        per_chunk = max(1, KEY_BYTES // states.element_size() // keys_per_row)
         if buffer.numel() < min(per_chunk, len(others)) * keys_per_row:  # at least one row j's keys
-            buffer = unit.new_empty(min(per_chunk, len(others)) * keys_per_row)
+            buffer = states.new_empty(min(per_chunk, len(others)) * keys_per_row)
         for start in range(0, len(others), per_chunk):
             rows = slice(start, start + per_chunk)
-            js = others[rows]
+            js, span = others[rows], int(spans[rows].max())
+            band = (centre[rows] - first[rows])[..., None] + offsets  # (J', tiles, k, 2W + 1): places in the span
             u = first[rows] - window + torch.arange(span, device=mask.device)  # (J', tiles, span)
             inside = (u >= 0) & (u < width)
             u = u.clamp(0, width - 1)
@@ -81,9 +86,10 @@ def window_similarity(unit: Tensor, mask: Tensor, window: int) -> Tensor:
             keys = torch.index_select(tokens, 0, flat, out=buffer[:flat.numel() * dim].view(-1, dim))
             dots = torch.bmm(queries, keys.view(n_tiles, -1, dim).transpose(1, 2))  # (tiles, k, J'·span)
             dots = dots.view(n_tiles, rows_per_tile, len(js), span).permute(2, 0, 1, 3)
-            in_window = dots.gather(-1, band[rows])
-            valid = inside[:, :, None, :].expand(-1, -1, rows_per_tile, -1).gather(-1, band[rows])
-            best = in_window.masked_fill(~valid, 0.0).amax(-1).clamp(min=0.0)  # (J', tiles, k)
+            key_scale = inverse_norm[js[:, None, None], u][:, :, None, :].expand(-1, -1, rows_per_tile, -1)
+            cos = dots.gather(-1, band) * query_scale * key_scale.gather(-1, band)
+            valid = inside[:, :, None, :].expand(-1, -1, rows_per_tile, -1).gather(-1, band)
+            best = cos.masked_fill(~valid, 0.0).amax(-1).clamp(min=0.0)  # (J', tiles, k)
             sim[i, js[:, None], positions] = best.flatten(1)[:, :n_pos]
     return sim
 
@@ -104,7 +110,7 @@ def denser_weights(hidden: Tensor, mask: Tensor, negative: Tensor, params: Dense
     if negative.all() or not negative.any():
         return torch.ones(n_rows, width, device=hidden.device)
     mask = mask.bool()
-    sim = window_similarity(torch.nn.functional.normalize(hidden.float(), dim=-1), mask, params.window)
+    sim = window_similarity(hidden.float(), mask, params.window)
     same = negative[:, None] == negative[None, :]
     within = same & ~torch.eye(n_rows, dtype=torch.bool, device=mask.device)
     credit = params.alpha_c * _divergence(sim, ~same, mask) + params.alpha_w * _divergence(sim, within, mask)
