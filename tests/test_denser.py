@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,8 @@ from creditrl.methods import compute_advantages, get_method
 from creditrl.methods.denser import DenseRParams, denser, denser_weights
 from creditrl.methods.grpo import grpo
 from creditrl.trainer import OldLogprobs, Trainer
+
+CREDIT_COST = Path(__file__).parents[1] / "benchmarks" / "credit_cost.py"
 
 
 # ---- the slow reference: the formulas of methods.md §6 with plain loops, in float64 ------------------------
@@ -94,12 +98,13 @@ def test_matches_the_slow_reference(G, T, D, W, alpha_c, alpha_w, beta, n_groups
     assert not torch.allclose(fast, grpo(make_rollouts(rewards, group_ids, lengths, T=T), params))  # w ≢ 1
 
 
-@pytest.mark.parametrize("rows_per_chunk", [1, 3])
-def test_rows_in_chunks_match_the_slow_reference(monkeypatch, rows_per_chunk):
+@pytest.mark.parametrize("tile_rows,key_rows", [(1, 1), (3, 10), (16, 100_000)])
+def test_tiles_and_key_chunks_match_the_slow_reference(monkeypatch, tile_rows, key_rows):
     import creditrl.methods.denser as denser_module
 
     G, T, D = 8, 9, 4
-    monkeypatch.setattr(denser_module, "TEMPORARY_BYTES", 4 * T * D * G * rows_per_chunk)
+    monkeypatch.setattr(denser_module, "TILE_ROWS", tile_rows)
+    monkeypatch.setattr(denser_module, "KEY_BYTES", 4 * D * key_rows)  # room for key_rows tokens
     gen = torch.Generator().manual_seed(7)
     lengths = torch.randint(1, T + 1, (G,), generator=gen).tolist()
     rewards = [0.0, 2.0, 1.0, 0.0, 2.0, 2.0, 0.0, 1.0]
@@ -111,6 +116,71 @@ def test_rows_in_chunks_match_the_slow_reference(monkeypatch, rows_per_chunk):
                         dtype=torch.float64)
     mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
     torch.testing.assert_close(fast.masked_fill(~mask, 0.0), slow, atol=1e-5, rtol=1e-5)
+
+
+def ref_window_similarity(hidden, mask, window):
+    """s_ij(t) by the formula, float64 loops; any mask (not only a prefix), i ≠ j and m_{i,t} only."""
+    G, T = len(mask), len(mask[0])
+    lengths = [sum(row) for row in mask]
+    sim = [[[0.0] * T for _ in range(G)] for _ in range(G)]
+    for i in range(G):
+        for j in range(G):
+            if i == j:
+                continue
+            for t in range(T):
+                if not mask[i][t]:
+                    continue
+                c = t * lengths[j] // lengths[i]
+                for u in range(max(c - window, 0), min(c + window + 1, T)):
+                    if mask[j][u]:
+                        sim[i][j][t] = max(sim[i][j][t], ref_cos(hidden[i][t], hidden[j][u]))
+    return torch.tensor(sim, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("tile_rows", [1, 4, 16])
+@pytest.mark.parametrize("window", [0, 2, 40])
+def test_window_similarity_matches_the_slow_reference(monkeypatch, tile_rows, window):
+    import creditrl.methods.denser as denser_module
+
+    monkeypatch.setattr(denser_module, "TILE_ROWS", tile_rows)
+    monkeypatch.setattr(denser_module, "KEY_BYTES", 4 * 3 * 7)  # a few tokens per chunk: one row j at a time
+    gen = torch.Generator().manual_seed(window + 10 * tile_rows)
+    G, T, D = 6, 24, 3
+    lengths = [24, 1, 0, 3, 17, 24]  # ratios from 1/24 to 24, an empty row, windows past both ends
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    mask[5, ::3] = False  # holes: the mask need not be a prefix
+    hidden = torch.randn(G, T, D, generator=gen)
+    hidden[:, :, 0] += 1.0
+    hidden *= torch.rand(G, T, 1, generator=gen) * 10  # norms from 0 to about 20: the cosine scales them away
+    hidden[0, 3] = 0.0  # a zero state: cosine 0
+    fast = denser_module.window_similarity(hidden, mask, window)
+    slow = ref_window_similarity(hidden.double().tolist(), mask.tolist(), window)
+    torch.testing.assert_close(fast.double(), slow, atol=1e-6, rtol=0)
+    assert (slow > 0).sum() > 100 and (slow[:, 2] == 0).all() and (slow[2] == 0).all()
+
+
+def _gathered_formulation():
+    """The benchmark's windowed-gather `denser_weights`, the formulation the band search replaced."""
+    spec = importlib.util.spec_from_file_location("credit_cost", CREDIT_COST)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.denser_weights_gathered
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_equals_the_gathered_formulation(seed):
+    gen = torch.Generator().manual_seed(seed)
+    G, T, D = 8, 70, 16
+    lengths = torch.randint(0, T + 1, (G,), generator=gen)
+    lengths[0] = T
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    hidden = torch.randn(G, T, D, generator=gen)
+    hidden[:, :, 0] += 1.0
+    negative = torch.arange(G) % 3 == 0
+    params = DenseRParams(alpha_c=1.0, alpha_w=0.3, beta=0.7, window=int(torch.randint(0, 8, (1,), generator=gen)))
+    fast = denser_weights(hidden, mask, negative, params)
+    torch.testing.assert_close(fast, _gathered_formulation()(hidden, mask, negative, params), atol=1e-5, rtol=1e-5)
+    assert fast[mask].std() > 0.01
 
 
 def test_bf16_states_are_used_in_float32():
@@ -163,6 +233,28 @@ def test_identical_states_or_zero_alphas_give_weight_one():
     torch.testing.assert_close(denser_weights(same, mask, negative, DenseRParams()), torch.ones(3, 6))
     zero = DenseRParams(alpha_c=0.0, alpha_w=0.0)
     torch.testing.assert_close(denser_weights(torch.randn(3, 6, 4), mask, negative, zero), torch.ones(3, 6))
+
+
+@pytest.mark.parametrize("dim", [5, 64, 896, 4096])
+def test_identical_random_states_give_weight_one_despite_rounding(dim):
+    # cos(h, h) of a random h is 1 ± a float32 rounding, so c is rounding noise; ĉ must still be 1, not
+    # noise / mean(noise)
+    gen = torch.Generator().manual_seed(0)
+    same = torch.randn(1, 8, dim, generator=gen).expand(4, 8, dim).contiguous()
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    w = denser_weights(same, mask, torch.tensor([False, True, False, True]), DenseRParams())
+    torch.testing.assert_close(w, torch.ones(4, 8), atol=0, rtol=0)
+
+
+def test_a_small_real_divergence_is_kept():
+    # two states at angle θ: D_cross = 1 − cos θ ≈ θ²/2 = 2e-4, far above the rounding tolerance; W = 0, so
+    # each token meets one state of the other row: tokens (a, a) against (a, b) give c = (0, 1 − cos θ) + D_within
+    theta = 0.02
+    a, b = [1.0, 0.0], [math.cos(theta), math.sin(theta)]
+    hidden = torch.tensor([[a, a], [a, b]])
+    w = denser_weights(hidden, torch.ones(2, 2, dtype=torch.bool), torch.tensor([False, True]),
+                       DenseRParams(window=0, alpha_w=0.0))
+    torch.testing.assert_close(w, torch.tensor([[0.0, 2.0], [0.0, 2.0]]), atol=1e-3, rtol=0)
 
 
 def test_zero_spread_groups_groups_of_one_and_beta_zero_give_grpo():

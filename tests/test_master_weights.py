@@ -88,6 +88,20 @@ def test_descend_clips_the_float32_gradient_steps_the_masters_and_skips_a_non_fi
     assert masters.parameters()[0].grad is None and layer.weight.grad is None
 
 
+def test_gradients_of_micro_batches_add_up_in_float32():
+    layer = _bf16_linear()
+    x = torch.randn(5, 16).to(torch.bfloat16)
+    masters = MasterWeights(layer)
+    # by hand: each micro-batch's bf16 gradient, in float32, summed in float32
+    parts = [x[:2], x[2:]]
+    by_hand = sum(torch.autograd.grad(layer(p).float().square().sum(), layer.weight)[0].float() for p in parts)
+    for p in parts:
+        layer(p).float().square().sum().backward()
+        masters.take_gradients(add=True)
+        assert layer.weight.grad is None
+    assert torch.equal(masters.parameters()[0].grad, by_hand)
+
+
 def test_float32_parameters_are_their_own_masters():
     layer = torch.nn.Linear(4, 4)
     masters = MasterWeights(layer)

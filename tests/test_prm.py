@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,22 @@ def test_prm_grpo_adds_the_outcome_at_the_last_step_and_reuses_process_grpo():
     by_hand = compute_advantages("process_grpo", make_rollouts([1.0, 0.0], [0, 0], [3, 2],
                                  step_ids=[[0, 1, 2], [0, 1, -1]], step_rewards=step_rewards.tolist()), {})
     assert torch.allclose(adv.float(), by_hand.float())
+
+
+def test_prm_grpo_gives_an_empty_response_no_step():
+    # group of 3: row 0 has steps 0, 1, 1; row 1 has step 0; row 2 is empty (no steps); R = (0, 1, 1), w = 1.
+    # Step rewards: row 0 (0.9, 0.2 + 0), row 1 (0.8 + 1), row 2 none: the statistics see 0.9, 0.2, 1.8 only.
+    r = make_rollouts([0.0, 1.0, 1.0], [0, 0, 0], [3, 1, 0], step_ids=[[0, 1, 1], [0, -1, -1], [-1, -1, -1]])
+    scores = [[0.9, 0.2], [0.8, nan], [nan, nan]]
+    step_rewards = with_outcome(torch.tensor(scores), r, 1.0)
+    assert torch.isnan(step_rewards[2]).all()  # no phantom step for the empty response
+    valid = [0.9, 0.2, 1.8]
+    mean, std = statistics.mean(valid), statistics.stdev(valid)
+    z = [(x - mean) / (std + 1e-6) for x in valid]
+    expected = torch.tensor([[z[0] + z[1], z[1], z[1]], [z[2], 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    adv = compute_advantages("prm", r, {}, prm=FixedPRM(scores))
+    torch.testing.assert_close(adv.double(), expected, atol=1e-5, rtol=1e-5)
+    assert adv[0, 0] == pytest.approx(-1.04, abs=0.005)
 
 
 # ---- the oracle PRM ------------------------------------------------------------------------------

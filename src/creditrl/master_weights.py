@@ -40,12 +40,20 @@ class MasterWeights:
         """What the optimizer steps."""
         return self.masters
 
-    def take_gradients(self) -> None:
-        """Move each weight's gradient, in float32, to its master (call after `backward`)."""
+    def take_gradients(self, add: bool = False) -> None:
+        """Move each weight's gradient, in float32, to its master (call after `backward`).  With `add`, a
+        master that holds a gradient already (an earlier micro-batch of the same step) gets it added in
+        float32, and one whose weight got no gradient keeps its own."""
         for weights, masters in self._by_dtype.values():
-            pairs = [(w, m) for w, m in zip(weights, masters) if w.grad is not None]
+            if add:
+                for weight, master in zip(weights, masters):
+                    if weight.grad is not None and master.grad is not None:
+                        master.grad.add_(weight.grad)
+            pairs = [(w, m) for w, m in zip(weights, masters)
+                     if w.grad is not None and not (add and m.grad is not None)]
             for weight, master in zip(weights, masters):
-                master.grad = None if weight.grad is None else torch.empty_like(master)
+                if not add or master.grad is None:
+                    master.grad = None if weight.grad is None else torch.empty_like(master)
             if pairs:  # a few multi-tensor kernels where one cast per parameter made hundreds of launches
                 torch._foreach_copy_([m.grad for _, m in pairs], [w.grad for w, _ in pairs])
             for weight in weights:
@@ -85,6 +93,13 @@ def descend(loss: Tensor, optimizer: torch.optim.Optimizer, masters: MasterWeigh
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     masters.take_gradients()
+    return apply_gradients(optimizer, masters, max_norm)
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, masters: MasterWeights, max_norm: float | None) -> Tensor:
+    """The step of `descend` once the masters hold g (after one or several backward + `take_gradients`):
+    clip to ‖g‖ ≤ max_norm, step, round into the weights.  Returns ‖g‖ before clipping; when it is not
+    finite, nothing is stepped and the gradients are dropped."""
     norm = torch.nn.utils.clip_grad_norm_(masters.parameters(), max_norm or float("inf"))
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)

@@ -50,10 +50,11 @@ from creditrl.config import RunConfig, TrainConfig, save_config
 from creditrl.configure import check_config
 from creditrl.evaluate import evaluate, evaluation_seed, evaluation_steps, progress_task
 from creditrl.jsonl import read_jsonl, truncate_jsonl
-from creditrl.master_weights import MasterWeights, descend
+from creditrl.master_weights import MasterWeights, apply_gradients
 from creditrl.methods import compute_advantages, loss_hooks, loss_surrogate, resolve_method
 from creditrl.methods.groups import group_spread
 from creditrl.methods.loss import masked_mean, policy_loss
+from creditrl.microbatch import MinibatchTotals, combine_metrics, micro_batches, pack_rows
 from creditrl.policy.loading import load_configured_policy
 from creditrl.policy.lora import apply_lora, is_lora, load_adapter_state, merged
 from creditrl.policy.transformers_backend import evaluation_mode
@@ -290,17 +291,22 @@ class Trainer:
         return scored
 
     def _logprobs(self, policy, rollouts: Rollouts) -> torch.Tensor:
-        """(B, T) log-probs of the responses under `policy`, in chunks of rows, as the sampler samples (eval
-        mode: no dropout; the sampling temperature)."""
-        width, size = rollouts.response_ids.shape[1], self.cfg.train.logprob_batch_size
+        """(B, T) log-probs of the responses under `policy`, in chunks of rows (`train.logprob_batch_size`
+        rows, or micro-batches under `train.max_tokens_per_microbatch`), as the sampler samples (eval mode: no
+        dropout; the sampling temperature)."""
+        width, t = rollouts.response_ids.shape[1], self.cfg.train
+        if t.max_tokens_per_microbatch is None:
+            chunks = list(torch.arange(rollouts.batch_size).split(t.logprob_batch_size))
+        else:
+            chunks = pack_rows(rollouts.prompt_mask.sum(1), rollouts.response_mask.sum(1), t.max_tokens_per_microbatch)
         parts = []
         with evaluation_mode(self.policy.model):
-            for rows in torch.arange(rollouts.batch_size).split(size):
+            for rows in chunks:
                 sub = trimmed(rollouts.select(rows)).to(self.policy.device)
                 scores = policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
-                                      self.cfg.sampling.temperature, buckets=self.cfg.train.length_buckets)
+                                      self.cfg.sampling.temperature, buckets=t.length_buckets)
                 parts.append(pad_cols(scores.logprobs.cpu(), width))
-        return torch.cat(parts)
+        return torch.cat(parts)[torch.argsort(torch.cat(chunks))]  # back in the batch's row order
 
     def _update(self, rollouts: Rollouts, advantages: torch.Tensor, metrics: dict, source: OldLogprobs
                 ) -> str | None:
@@ -317,28 +323,42 @@ class Trainer:
         for _ in range(t.ppo_epochs):
             order = torch.randperm(rollouts.batch_size, generator=generator)
             for rows in order.tensor_split(min(t.n_minibatches, rollouts.batch_size)):  # sizes differ by ≤ 1
-                sub = trimmed(rollouts.select(rows)).to(self.policy.device)
-                adv = advantages[rows][:, : sub.response_ids.shape[1]].to(self.policy.device)
-                scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
-                                           self.cfg.sampling.temperature,
-                                           with_entropy=with_entropy or sub.old_entropy is None,
-                                           entropy_grad=bonus, buckets=t.length_buckets)
-                old = scores.logprobs.detach() if source is OldLogprobs.REUSE else sub.old_logprobs
-                loss, m = policy_loss(scores.logprobs, old, adv, sub.response_mask, self.cfg.loss,
-                                      ref_logprobs=sub.ref_logprobs,
-                                      entropy=scores.entropy if scores.entropy is not None else sub.old_entropy,
-                                      ratio_transform=self.ratio_transform, token_weight=self.token_weight,
-                                      surrogate=self.surrogate)
-                if not torch.isfinite(loss):
+                # one forward and backward per micro-batch, their gradients summed, one step per minibatch
+                budget = t.max_tokens_per_microbatch
+                totals = None if budget is None else MinibatchTotals.of(rollouts.response_mask[rows])
+                self.optimizer.zero_grad(set_to_none=True)
+                parts, finite = [], True
+                for micro in micro_batches(rollouts, rows, budget):
+                    sub = trimmed(rollouts.select(micro)).to(self.policy.device)
+                    adv = advantages[micro][:, : sub.response_ids.shape[1]].to(self.policy.device)
+                    scores = self.policy.score(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
+                                               self.cfg.sampling.temperature,
+                                               with_entropy=with_entropy or sub.old_entropy is None, entropy_grad=bonus,
+                                               buckets=t.length_buckets)
+                    old = scores.logprobs.detach() if source is OldLogprobs.REUSE else sub.old_logprobs
+                    loss, m = policy_loss(scores.logprobs, old, adv, sub.response_mask, self.cfg.loss,
+                                          ref_logprobs=sub.ref_logprobs,
+                                          entropy=scores.entropy if scores.entropy is not None else sub.old_entropy,
+                                          ratio_transform=self.ratio_transform, token_weight=self.token_weight,
+                                          surrogate=self.surrogate, totals=totals)
+                    finite = bool(torch.isfinite(loss))
+                    if not finite:
+                        break
+                    loss.backward()
+                    self.masters.take_gradients(add=True)
+                    parts.append(({**m, "loss": loss.detach()}, int(rollouts.response_mask[micro].sum())))
+                if not finite:
+                    self.optimizer.zero_grad(set_to_none=True)
                     bad = "non-finite loss"
                     continue
-                norm = descend(loss, self.optimizer, self.masters, t.grad_clip)
+                norm = apply_gradients(self.optimizer, self.masters, t.grad_clip)
                 if not torch.isfinite(norm):
                     bad = "non-finite gradient norm"
                     continue
                 n_updates += 1
                 self.policy.updates += 1
-                for key, value in {**m, "loss": loss.detach(), "grad_norm": norm}.items():
+                minibatch = combine_metrics(parts, summed=("pg_loss", "loss"))
+                for key, value in {**minibatch, "grad_norm": norm}.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
         metrics.update({k: v / max(n_updates, 1) for k, v in sums.items()})
         metrics["updates"] = float(n_updates)

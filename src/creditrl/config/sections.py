@@ -152,6 +152,11 @@ class TrainConfig(Section):
     ppo_epochs: int = Field(1, ge=1)
     n_minibatches: int = Field(1, ge=1)
     logprob_batch_size: int = Field(64, ge=1, description="rows per forward when scoring rollouts")
+    max_tokens_per_microbatch: int | None = Field(None, ge=1, description="split each minibatch's update, and the "
+                                                  "scoring of old and reference log-probs, into forwards of at most "
+                                                  "this many tokens (rows × (prompt + response) after trimming), "
+                                                  "accumulating gradients: memory bounded by the budget, not the "
+                                                  "batch (None: logprob_batch_size rows, whole minibatches)")
     length_buckets: int = Field(4, ge=1, description="at most this many forwards per minibatch, rows sorted by "
                                                      "length (less padding; the count is chosen per batch)")
     gradient_checkpointing: bool = Field(False, description="keep only each decoder layer's input for the backward "

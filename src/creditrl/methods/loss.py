@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from creditrl.config import Aggregation, LossConfig
+from creditrl.microbatch import MinibatchTotals
 
 
 class Surrogate(NamedTuple):
@@ -55,7 +56,8 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
-def aggregate(loss_mat: Tensor, mask: Tensor, agg: Aggregation, norm_length: int | None = None) -> Tensor:
+def aggregate(loss_mat: Tensor, mask: Tensor, agg: Aggregation, norm_length: int | None = None,
+              totals: MinibatchTotals | None = None) -> Tensor:
     """Reduce per-token losses (B, T) to a scalar.
 
     - `token-mean`: Σ ℓ·m / Σ m over the whole batch (DAPO).
@@ -63,21 +65,24 @@ def aggregate(loss_mat: Tensor, mask: Tensor, agg: Aggregation, norm_length: int
       are left out of the mean over rows.
     - `seq-mean-token-sum-norm`: Σ ℓ·m / (B·norm_length) with a constant norm_length (Dr. GRPO).
 
-    Masked entries never contribute (not even NaN there); a batch without tokens gives 0.
+    Masked entries never contribute (not even NaN there); a batch without tokens gives 0.  With
+    `totals` (a micro-batch of a minibatch) the denominators are the minibatch's, so the
+    micro-batches' results add up to the minibatch's.
     """
     mask = mask.bool()
     summed = torch.where(mask, loss_mat, 0.0)
+    lengths = mask.sum(dim=1)
     if agg == "token-mean":
-        return summed.sum() / mask.sum().clamp(min=1)
+        tokens = lengths.sum() if totals is None else torch.tensor(totals.tokens)
+        return summed.sum() / tokens.clamp(min=1)
     if agg == "seq-mean-token-mean":
-        lengths = mask.sum(dim=1)
-        row_means = summed.sum(dim=1) / lengths.clamp(min=1)
-        return row_means.sum() / (lengths > 0).sum().clamp(min=1)
+        rows = (lengths > 0).sum() if totals is None else torch.tensor(totals.rows_with_tokens)
+        return (summed.sum(dim=1) / lengths.clamp(min=1)).sum() / rows.clamp(min=1)
     if agg == "seq-mean-token-sum-norm":
         if norm_length is None:
             raise ValueError("loss.agg 'seq-mean-token-sum-norm' needs loss.norm_length "
                              "(the constant L_max, e.g. the max new tokens)")
-        return summed.sum() / (max(loss_mat.shape[0], 1) * norm_length)
+        return summed.sum() / (max(loss_mat.shape[0] if totals is None else totals.rows, 1) * norm_length)
     raise ValueError(f"unknown aggregation {agg!r}; expected token-mean, seq-mean-token-mean "
                      "or seq-mean-token-sum-norm")
 
@@ -154,6 +159,7 @@ def policy_loss(
     ratio_transform: RatioTransform | None = None,
     token_weight: TokenWeight | None = None,
     surrogate: PolicySurrogate | None = None,
+    totals: MinibatchTotals | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The surrogate (default `clipped_surrogate`) on r = exp(Δ') and A·f, aggregated, with KL and entropy terms.
 
@@ -162,6 +168,7 @@ def policy_loss(
     `clip_frac` and `dual_clip_frac`), `ratio_mean` (of the transformed ratio), `approx_kl`
     (mean of k3 = r − 1 − Δ on the untransformed Δ: an unbiased estimate of KL(π_old‖π) from
     π_old's samples), `weight_mean` (of f), and `kl` / `entropy` (token means) when given.
+    `totals`: the minibatch's, when these rows are one micro-batch of it (see `aggregate`).
     """
     if not (logprobs.shape == old_logprobs.shape == advantages.shape == mask.shape):
         raise ValueError(
@@ -175,21 +182,26 @@ def policy_loss(
     delta_t = ratio_transform(delta, mask) if ratio_transform is not None else delta
     # kept: the tokens the surrogate sums over
     weight, kept = token_weights(token_weight, advantages, delta, mask, entropy)
+    if totals is not None and not torch.equal(kept, mask):
+        raise ValueError("train.max_tokens_per_microbatch: the token weight took tokens out of the loss (FIPO's "
+                         "method_params.drop_exploded_responses), so the minibatch's token count is known only "
+                         "after every micro-batch's forward; set method_params.drop_exploded_responses=false or "
+                         "leave train.max_tokens_per_microbatch unset")
     adv = torch.where(kept, advantages * weight, 0.0)
     terms = (surrogate or clipped_surrogate)(delta_t, torch.where(mask, logprobs, 0.0), adv, cfg)
 
-    pg_loss = aggregate(terms.loss, kept, cfg.agg, cfg.norm_length)
+    pg_loss = aggregate(terms.loss, kept, cfg.agg, cfg.norm_length, totals)
     loss = pg_loss
     metrics: dict[str, Tensor] = {}
     if cfg.kl_coef > 0:
         if ref_logprobs is None:
             raise ValueError("loss.kl_coef > 0 needs ref_logprobs (log-probs of the frozen reference policy)")
         kl = kl_penalty(logprobs, torch.where(mask, ref_logprobs, logprobs.detach()), cfg.kl_estimator)
-        loss = loss + cfg.kl_coef * aggregate(kl, mask, cfg.agg, cfg.norm_length)
+        loss = loss + cfg.kl_coef * aggregate(kl, mask, cfg.agg, cfg.norm_length, totals)
         metrics["kl"] = masked_mean(kl.detach(), mask)
     if entropy is not None:
         if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * aggregate(entropy, mask, cfg.agg, cfg.norm_length)
+            loss = loss - cfg.entropy_coef * aggregate(entropy, mask, cfg.agg, cfg.norm_length, totals)
         metrics["entropy"] = masked_mean(entropy.detach(), mask)
 
     with torch.no_grad():

@@ -51,14 +51,17 @@ def _scores(prm, rollouts: Rollouts) -> Tensor:
 def with_outcome(scores: Tensor, rollouts: Rollouts, weight: float) -> Tensor:
     """Step rewards (B, S): the PRM scores, with w·R_i added on each response's last step.
 
-    A last step the PRM left unscored (NaN) gets w·R_i alone.
+    A last step the PRM left unscored (NaN) gets w·R_i alone.  A response without steps gets
+    nothing: it has no step to carry w·R_i, and an invented one would enter its group's step mean
+    and std.
     """
     if weight == 0 or scores.shape[1] == 0:  # no steps anywhere in the batch: nothing to add w·R to
         return scores
-    last = (rollouts.num_steps - 1).clamp(0, scores.shape[1] - 1)
-    rows = torch.arange(scores.shape[0])
+    rows = torch.nonzero(rollouts.num_steps > 0).squeeze(1)
+    last = (rollouts.num_steps[rows] - 1).clamp(max=scores.shape[1] - 1)
     out = scores.clone()
-    out[rows, last] = torch.nan_to_num(scores[rows, last], nan=0.0) + weight * rollouts.rewards.float()
+    outcome = weight * rollouts.rewards[rows].float()
+    out[rows, last] = torch.nan_to_num(scores[rows, last], nan=0.0) + outcome
     return out
 
 
