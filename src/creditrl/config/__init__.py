@@ -31,6 +31,7 @@ from creditrl.config.sections import (
                                    RolloutConfig,
                                    SamplingConfig,
                                    TrainConfig,
+                                   ValueModelConfig,
 )
 from creditrl.config.tasks import (
                                    DatasetSection,
@@ -51,7 +52,7 @@ __all__ = [
     "VERIFY_PHRASES", "Aggregation", "ConfigError", "CriticConfig", "DatasetSection", "EvalConfig", "GSM8KSection",
     "HubSection", "JsonlSection", "LabSection", "LabTaskConfig", "LoRAConfig", "LossConfig", "MATH500Section",
     "MethodSpec", "ModelConfig", "OutputConfig", "PRMConfig", "RewardConfig", "RolloutConfig", "RunConfig",
-    "SamplingConfig", "TaskConfig", "TrainConfig", "deep_merge", "describe_errors", "known_tasks",
+    "SamplingConfig", "TaskConfig", "TrainConfig", "ValueModelConfig", "deep_merge", "describe_errors", "known_tasks",
     "parse_overrides", "read_config_file", "register_task_section", "save_config", "set_dotted", "task_config",
     "task_section_model", "validated",
 ]

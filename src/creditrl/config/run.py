@@ -18,6 +18,7 @@ from creditrl.config.sections import (
     RolloutConfig,
     SamplingConfig,
     TrainConfig,
+    ValueModelConfig,
 )
 from creditrl.config.tasks import LabSection, TaskConfig, task_config
 
@@ -60,6 +61,7 @@ class RunConfig(BaseModel):
     output: OutputConfig = Field(default_factory=OutputConfig)
     critic: CriticConfig = Field(default_factory=CriticConfig)
     prm: PRMConfig = Field(default_factory=PRMConfig)
+    value_model: ValueModelConfig = Field(default_factory=ValueModelConfig)
 
     @field_validator("task", mode="before")
     @classmethod
