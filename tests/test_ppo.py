@@ -161,6 +161,7 @@ def test_ppo_trains_on_the_lab_model_and_the_policy_waits_for_the_value_warm_up(
     trainer.train()
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["updates"] for m in lines] == [0.0, 1.0] and [m["value_updates"] for m in lines] == [1.0, 1.0]
+    assert lines[-1]["resource_forwards"] == 2 * lines[-1]["responses"]  # values, then one update pass
     for key in ("value_loss", "value_forwards", "value_params", "value_memory_mb", "value_explained_var"):
         assert key in lines[-1]
     assert lines[-1]["value_params"] == sum(p.numel() for p in trainer.policy.model.parameters()) + 32 + 1

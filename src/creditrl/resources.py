@@ -51,7 +51,8 @@ class TrainedResource(Protocol):
         """True while the policy should wait for it (its own warm-up steps)."""
 
     def update(self, rollouts: Rollouts) -> dict[str, float]:
-        """Train on the batch; returns the update's metrics."""
+        """Train on the batch; returns the update's metrics, with `resource_forwards`: the sequences put
+        through its models' forwards this step (scoring and update), counted by `creditrl compare`."""
 
     def state_dict(self) -> dict: ...
 

@@ -151,7 +151,8 @@ class ValueModel:
         self.targets = None
         mask = rollouts.response_mask.bool()
         return {**{k: v / max(n, 1) for k, v in sums.items()}, "value_updates": float(n),
-                "value_update_forwards": float(forwards), "value_mean": old_values[mask].mean().item(),
+                "value_update_forwards": float(forwards), "resource_forwards": float(self.forwards + forwards),
+                "value_mean": old_values[mask].mean().item(),
                 "value_explained_var": _explained_variance(old_values[mask], returns[mask])}
 
     def state_dict(self) -> dict:
