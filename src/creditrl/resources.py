@@ -7,6 +7,7 @@ An advantage registers the resources it needs by name (`register_advantage(..., 
     prm               step scores of a process reward model                  (prm_grpo, PURE)
     hidden_states     the policy's hidden states, whole groups at a time     (DenseR)
     value_model       a learned value V(s_t) of each response token's state  (PPO)
+    implicit_prm      β·log π_φ/π_ref per token, π_φ trained on outcomes     (PRIME)
 
 A resource that is trained alongside the policy (`TrainedResource`) has its own optimizer: the
 trainer calls its `update(rollouts)` once per rollout batch, after the advantage, holds the
@@ -24,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 from creditrl.config import MethodSpec, RunConfig
 from creditrl.critics import build_step_critic
 from creditrl.hidden_states import PolicyHiddenStates
+from creditrl.implicit_prm import ImplicitPRM
 from creditrl.methods import Method, resolve_method
 from creditrl.prm import build_prm
 from creditrl.rollouts import Rollouts
@@ -39,6 +41,7 @@ BUILDERS: dict[str, Callable[[RunConfig, Any, Any], object]] = {
                                                                   cfg.train.logprob_batch_size,
                                                                   cfg.train.length_buckets),
     "value_model": lambda cfg, policy, task: ValueModel(policy, cfg.value_model, cfg.train),
+    "implicit_prm": lambda cfg, policy, task: ImplicitPRM(policy, cfg.implicit_prm, cfg.train),
 }
 
 

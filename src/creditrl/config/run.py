@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validat
 from creditrl.config.sections import (
     CriticConfig,
     EvalConfig,
+    ImplicitPRMConfig,
     LossConfig,
     ModelConfig,
     OutputConfig,
@@ -62,6 +63,7 @@ class RunConfig(BaseModel):
     critic: CriticConfig = Field(default_factory=CriticConfig)
     prm: PRMConfig = Field(default_factory=PRMConfig)
     value_model: ValueModelConfig = Field(default_factory=ValueModelConfig)
+    implicit_prm: ImplicitPRMConfig = Field(default_factory=ImplicitPRMConfig)
 
     @field_validator("task", mode="before")
     @classmethod

@@ -1,7 +1,7 @@
 """Credit-assignment methods: the registry (`registry.py`), the shared loss (`loss.py`) and one module
 per method, each registering its pieces and named methods when imported (below)."""
 
-from creditrl.methods import capo, denser, fipo, grpo, grpo_lambda, ppo, prm, vineppo  # noqa: F401  (registers them)
+from creditrl.methods import capo, denser, fipo, grpo, grpo_lambda, ppo, prime, prm, vineppo  # noqa: F401  (registers them)
 from creditrl.methods.registry import (
                                        ADVANTAGES,
                                        ENTRY_POINT_GROUP,
