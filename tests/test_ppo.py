@@ -200,3 +200,12 @@ def test_a_killed_and_resumed_ppo_run_matches_an_unbroken_one(tiny_lab_model_dir
     for part in ("trunk", "head"):
         assert all(torch.equal(clean_value[part][k], resumed_value[part][k]) for k in clean_value[part])
     assert clean_value["updates"] == resumed_value["updates"] == 6
+
+
+def test_compare_trains_the_value_model_at_ten_times_the_lab_policys_lr(tmp_path):
+    from creditrl.compare import GridSpec
+
+    spec = GridSpec(["ppo"], out=tmp_path)
+    assert spec.run_config("ppo", 0).value_model.lr == 10 * spec.run_config("ppo", 0).train.lr
+    grid_says = GridSpec(["ppo"], overrides=["value_model.lr=3e-4"], out=tmp_path)
+    assert grid_says.run_config("ppo", 0).value_model.lr == 3e-4

@@ -169,3 +169,10 @@ def test_prime_trains_on_the_lab_model_and_resumes_to_the_same_weights(tiny_lab_
               for run in (tmp_path / "clean", tmp_path / "resumed")]
     assert all(torch.equal(states[0]["model"][k], states[1]["model"][k]) for k in states[0]["model"])
     assert states[0]["updates"] == states[1]["updates"] == 4
+
+
+def test_compare_trains_the_implicit_prm_at_twice_the_lab_policys_lr(tmp_path):
+    from creditrl.compare import GridSpec
+
+    cfg = GridSpec(["prime"], out=tmp_path).run_config("prime", 0)
+    assert cfg.implicit_prm.lr == 2 * cfg.train.lr and cfg.loss.entropy_coef == 0.001

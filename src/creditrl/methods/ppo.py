@@ -84,6 +84,8 @@ register_method(
         name="ppo",
         advantage="ppo",
         defaults={"loss.agg": "token-mean"},
+        # verl trains its critic at 10× the actor's lr (1e-5 vs 1e-6); the lab's policy lr is 1e-4
+        compare_overrides=("value_model.lr=1e-3",),
         summary=(
             "PPO with GAE (arXiv 1707.06347, 1506.02438): a value model trained alongside the policy (a copy of it "
             "with a value head; value_model.* sets its lr, clipping and warm-up) turns the outcome reward into "

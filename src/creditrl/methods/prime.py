@@ -87,6 +87,8 @@ register_method(
         name="prime",
         advantage="prime",
         defaults={"loss.agg": "token-mean", "loss.entropy_coef": 0.001},
+        # the recipe trains its PRM at 2× the actor's lr (1e-6 vs 5e-7); the lab's policy lr is 1e-4
+        compare_overrides=("implicit_prm.lr=2e-4",),
         summary=(
             "PRIME (arXiv 2502.01456): an implicit PRM, a copy of the policy trained online by cross-entropy on "
             "outcome labels, gives each token β·log π_φ/π_ref (β = 0.05); process and outcome rewards get "
