@@ -249,6 +249,8 @@ def test_capo_logs_the_advantages_it_uses(tiny_lab_model_dir, tmp_path, monkeypa
 @pytest.mark.parametrize(("method", "resources", "reason"), [
     ("denser", None, "hidden states"),
     ("vineppo", None, "continuations"),
+    ("ppo", None, "value model trains alongside the policy"),
+    ("prime", None, "implicit PRM trains alongside the policy"),
     ("capo", None, "resources={'critic': ...}"),
 ])
 def test_unsupported_methods_say_why(method, resources, reason):
