@@ -209,3 +209,14 @@ def test_compare_trains_the_value_model_at_ten_times_the_lab_policys_lr(tmp_path
     assert spec.run_config("ppo", 0).value_model.lr == 10 * spec.run_config("ppo", 0).train.lr
     grid_says = GridSpec(["ppo"], overrides=["value_model.lr=3e-4"], out=tmp_path)
     assert grid_says.run_config("ppo", 0).value_model.lr == 3e-4
+
+
+def test_a_checkpoint_without_the_value_models_state_names_its_file(tmp_path):
+    from creditrl.checkpoint import load_resource_states
+
+    assert load_resource_states(tmp_path, []) == {}
+    with pytest.raises(ValueError, match=r"resources\.pt: no saved state for the trained resource\(s\) value_model"):
+        load_resource_states(tmp_path, ["value_model"])
+    torch.save({"implicit_prm": {}}, tmp_path / "resources.pt")
+    with pytest.raises(ValueError, match="value_model"):
+        load_resource_states(tmp_path, ["value_model", "implicit_prm"])
