@@ -220,3 +220,15 @@ def test_a_checkpoint_without_the_value_models_state_names_its_file(tmp_path):
     torch.save({"implicit_prm": {}}, tmp_path / "resources.pt")
     with pytest.raises(ValueError, match="value_model"):
         load_resource_states(tmp_path, ["value_model", "implicit_prm"])
+
+
+def test_a_shared_value_head_trains_only_the_head(tiny_policy):
+    cfg = load_config(None, ["value_model.shared=true", "value_model.lr=1e-2"])
+    model = ValueModel(tiny_policy, cfg.value_model, cfg.train)
+    policy_before = {k: v.clone() for k, v in tiny_policy.model.state_dict().items()}
+    rollouts = _policy_batch(tiny_policy)
+    compute_advantages("ppo", rollouts, value_model=model)
+    metrics = model.update(rollouts)
+    assert model.trunk is None and metrics["value_updates"] == 1 and model.head.weight.abs().sum() > 0
+    assert model.metrics()["value_params"] == tiny_policy.model.config.hidden_size + 1
+    assert all(torch.equal(policy_before[k], v) for k, v in tiny_policy.model.state_dict().items())
