@@ -125,13 +125,13 @@ def test_a_grid_folder_with_longer_runs_or_another_eval_schedule_is_refused(grid
     assert [f.stat().st_mtime_ns for f in files] == before  # nothing was retrained or rewritten
 
 
-def test_extra_forward_passes_are_the_runs_logged_scoring_forwards_and_generate_calls():
+def test_extra_forward_passes_are_the_runs_logged_scoring_forwards_generate_calls_and_resource_forwards():
     from creditrl.compare import run_compute
 
-    steps = [{"scoring_forwards": 12.0, "extra_generate_calls": 3.0, "time_step": 1.0},
-             {"scoring_forwards": 0.0, "extra_generate_calls": 1.0, "time_step": 2.0}]
+    steps = [{"scoring_forwards": 12.0, "extra_generate_calls": 3.0, "resource_forwards": 8.0, "time_step": 1.0},
+             {"scoring_forwards": 0.0, "extra_generate_calls": 1.0, "resource_forwards": 4.0, "time_step": 2.0}]
     compute = run_compute(steps)
-    assert compute["extra_forward_passes"] == (12 + 3 + 0 + 1) / 2 and compute["seconds_per_step"] == 1.5
+    assert compute["extra_forward_passes"] == (12 + 3 + 8 + 0 + 1 + 4) / 2 and compute["seconds_per_step"] == 1.5
 
 
 @pytest.mark.slow

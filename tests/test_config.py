@@ -64,8 +64,8 @@ def test_bad_value_is_named():
 
 
 def test_unknown_method_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"unknown method 'ppo'.*dapo.*grpo"):
-        load_config(None, ["method=ppo"])
+    with pytest.raises(ConfigError, match=r"unknown method 'trpo'.*dapo.*grpo"):
+        load_config(None, ["method=trpo"])
 
 
 def test_bad_method_param_is_named():

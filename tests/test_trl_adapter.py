@@ -307,6 +307,8 @@ def test_ktae_uses_the_key_token_advantages_of_trls_completions(tiny_lab_model_d
     ("denser", None, "hidden states"),
     ("vineppo", None, "continuations"),
     ("spo", None, "continuations"),
+    ("ppo", None, "value model trains alongside the policy"),
+    ("prime", None, "implicit PRM trains alongside the policy"),
     ("capo", None, "resources={'critic': ...}"),
 ])
 def test_unsupported_methods_say_why(method, resources, reason):

@@ -388,7 +388,7 @@ def test_reward_manager_needs_the_colocated_reward_model_path(reward_model):
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "verl"
 
 
-@pytest.mark.parametrize("recipe", ["grpo", "fipo", "grpo_lambda", "capo", "prm"])
+@pytest.mark.parametrize("recipe", ["grpo", "fipo", "grpo_lambda", "capo", "prm", "ppo"])
 def test_recipes_name_registered_pieces(recipe):
     folder = RECIPES / recipe
     config = yaml.safe_load((folder / "config.yaml").read_text())
@@ -436,3 +436,22 @@ def test_recipes_compose_and_pass_verls_own_config_checks(recipe, monkeypatch):
     validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     algorithm = omega_conf_to_dataclass(config.algorithm)
     assert core_algos.get_adv_estimator_fn(algorithm.adv_estimator)
+
+
+@pytest.mark.slow
+def test_the_ppo_recipe_composes_from_verls_own_keys(monkeypatch):
+    """The PPO recipe composes as `run.sh` launches it, with keys that all exist in verl's config.  (verl's
+    `validate_config` is left out: with a critic it reads the critic model's config from the hub.)"""
+    hydra = pytest.importorskip("hydra")
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("HOME", "/home/someone")
+    folder = RECIPES / "ppo"
+    with hydra.initialize_config_dir(config_dir=str(folder), version_base=None):
+        config = OmegaConf.to_container(hydra.compose(config_name="config"), resolve=True)
+    with hydra.initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        verl_keys = _leaf_keys(OmegaConf.to_container(hydra.compose(config_name="ppo_trainer")))
+    recipe_keys = _leaf_keys(yaml.safe_load((folder / "config.yaml").read_text())) - {"hydra.searchpath", "defaults"}
+    assert recipe_keys <= verl_keys, f"not in verl's ppo_trainer: {sorted(recipe_keys - verl_keys)}"
+    assert config["algorithm"]["adv_estimator"] == "gae" and config["algorithm"]["lam"] == 0.95
+    assert config["critic"]["cliprange_value"] == 0.5 and config["critic"]["optim"]["lr"] == 1e-5

@@ -4,8 +4,9 @@ A checkpoint is written into `step-NNNNNN.tmp/` and renamed to `step-NNNNNN/` as
 so a run killed mid-write leaves at most a `.tmp` folder that is never loaded.  Weights are
 safetensors (a normal transformers model folder, usable by `creditrl eval --model`; under LoRA
 the adapters alone, which transformers loads over the base model's recorded path), beside
-them the float32 master weights of a bf16 model (`master_weights.safetensors`); optimizer and
-scheduler states load with `weights_only=True`, so nothing is ever unpickled.
+them the float32 master weights of a bf16 model (`master_weights.safetensors`) and the states of
+the resources trained alongside the policy, such as a value model (`resources.pt`); optimizer,
+scheduler and resource states load with `weights_only=True`, so nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from safetensors.torch import load_file, save_file
 _NAME = re.compile(r"^step-(\d{6,})$")  # six digits, more past step 999,999
 STATE_FILE = "trainer_state.json"
 MASTER_WEIGHTS_FILE = "master_weights.safetensors"
+RESOURCES_FILE = "resources.pt"
 
 
 def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int,
-                    master_weights: dict[str, torch.Tensor] | None = None) -> Path:
+                    master_weights: dict[str, torch.Tensor] | None = None,
+                    resource_states: dict[str, dict] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
     tmp = folder / f"{final.name}.tmp"
@@ -35,6 +38,8 @@ def save_checkpoint(folder: Path, step: int, model, tokenizer, optimizer, schedu
     if master_weights:
         save_file({name: t.contiguous() for name, t in master_weights.items()}, tmp / MASTER_WEIGHTS_FILE)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    if resource_states:
+        torch.save(resource_states, tmp / RESOURCES_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
     _fsync_tree(tmp)
     if final.exists():
@@ -67,6 +72,17 @@ def load_master_weights(path: Path) -> dict[str, torch.Tensor]:
     """The float32 master weights saved with a bf16 model's checkpoint (none for a float32 model)."""
     file = path / MASTER_WEIGHTS_FILE
     return load_file(file) if file.exists() else {}
+
+
+def load_resource_states(path: Path, names: list[str]) -> dict[str, dict]:
+    """The saved states of the trained resources `names` (an error names the file when one is missing)."""
+    if not names:
+        return {}
+    file = path / RESOURCES_FILE
+    states = torch.load(file, weights_only=True) if file.exists() else {}
+    if missing := [name for name in names if name not in states]:
+        raise ValueError(f"{file}: no saved state for the trained resource(s) {', '.join(missing)}")
+    return states
 
 
 def load_optimizer_state(path: Path, optimizer, scheduler) -> None:

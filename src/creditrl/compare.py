@@ -37,7 +37,8 @@ What is reported per entry besides (statistics over seeds):
   Extra forward passes = sequences put through a no-grad forward besides sampling and the
   update (the trainer's `scoring_forwards`: the old-log-prob forward when the sampler's
   log-probs cannot stand in, the KL reference forward when kl_coef > 0) plus value-estimation
-  generate calls.
+  generate calls plus the sequences through the forwards of a model trained alongside the policy
+  (`resource_forwards`: a value model's or implicit PRM's scoring and update forwards).
   A step skipped for lack of reward spread logs no times, so its sampling is not counted; the
   number of skipped steps is reported beside.
   The peak RSS is `ru_maxrss`, the process's peak so far: with `jobs` > 1 each run has its own
@@ -300,7 +301,8 @@ def run_compute(steps: list[dict]) -> dict:
     return {"train_seconds": sum(m.get("time_step", 0.0) for m in steps), "seconds_per_step": per_step("time_step"),
             "cpu_seconds_per_step": per_step("cpu_step") if cpu_logged else None,
             "extra_generated_tokens": per_step("extra_generated_tokens"),
-            "extra_forward_passes": per_step("scoring_forwards") + per_step("extra_generate_calls"),
+            "extra_forward_passes": per_step("scoring_forwards") + per_step("extra_generate_calls")
+                                    + per_step("resource_forwards"),
             "critic_calls": per_step("critic_calls"), "gen_rounds": per_step("gen_rounds"),
             "skipped_steps": sum(m.get("skipped", 0.0) for m in steps),
             "peak_rss_mb": max((m.get("peak_rss_mb", 0.0) for m in steps), default=0.0)}

@@ -4,6 +4,7 @@
         rollouts   = collect(P prompts × G samples)            # + more rounds under dynamic sampling
         A          = method.advantage(rollouts, **resources)     # (B, T), the one place advantages are made
         old logp   = OldLogprobs: REUSE (1 epoch × 1 minibatch), SAMPLED (the sampler's), or RECOMPUTE
+        resource.update(rollouts) for trained resources        # a value model; the policy waits while one warms up
         for epoch in ppo_epochs, minibatch in n_minibatches:
             loss   = policy_loss(logp, old logp, A, hooks)      # the method's ratio transform, weight, surrogate
             AdamW step (clipped gradients), lr schedule
@@ -42,6 +43,7 @@ from creditrl.checkpoint import (
     latest_checkpoint,
     load_master_weights,
     load_optimizer_state,
+    load_resource_states,
     load_trainer_state,
     save_checkpoint,
 )
@@ -58,7 +60,7 @@ from creditrl.microbatch import MinibatchTotals, combine_metrics, micro_batches,
 from creditrl.policy.loading import load_configured_policy
 from creditrl.policy.lora import apply_lora, is_lora, load_adapter_state, merged
 from creditrl.policy.transformers_backend import evaluation_mode
-from creditrl.resources import build_resources
+from creditrl.resources import TrainedResource, build_resources
 from creditrl.rollouts import Rollouts, concat, pad_cols, trimmed
 from creditrl.sinks import Sink, build_sinks
 from creditrl.tasks import build_task
@@ -122,6 +124,8 @@ class Trainer:
         # Resources an advantage may need from the trainer, built only when it needs them; each has
         # reset(seed), called every step, and metrics(), its cost counters for the step's log.
         self.resources = build_resources([self.method], cfg, self.policy, self.task)
+        # those with parameters of their own (a value model): updated every batch, saved with every checkpoint
+        self.trained = {n: r for n, r in self.resources.items() if isinstance(r, TrainedResource)}
         self.train_problems = self.task.train_problems()
         self.eval_problems = self.task.eval_problems()
         self.position = 0  # problems consumed so far from the seeded stream
@@ -163,6 +167,11 @@ class Trainer:
             self._load_weights(ckpt)
         self.masters.load_state_dict(load_master_weights(ckpt), source=str(ckpt))
         load_optimizer_state(ckpt, self.optimizer, self.scheduler)
+        try:
+            for name, state in load_resource_states(ckpt, list(self.trained)).items():
+                self.trained[name].load_state_dict(state)
+        except ValueError as err:
+            raise TrainingStopped(str(err)) from None
         trainer_state = load_trainer_state(ckpt)
         self.step, self.position = trainer_state["step"], trainer_state["position"]
         self.skipped_updates = trainer_state.get("skipped_updates", 0)
@@ -260,7 +269,12 @@ class Trainer:
         if not torch.isfinite(advantages[mask]).all():
             return StepOutcome(metrics, bad="non-finite advantages")
         t3 = time.perf_counter()
-        bad = self._update(rollouts, advantages, metrics, source)
+        policy_waits = any(r.warming_up for r in self.trained.values())
+        for resource_ in self.trained.values():
+            metrics.update(resource_.update(rollouts))
+        if policy_waits:
+            metrics["updates"] = 0.0
+        bad = None if policy_waits else self._update(rollouts, advantages, metrics, source)
         t_update = time.perf_counter() - t3
         elapsed = time.perf_counter() - t0
         metrics.update(time_sample=t_sample, time_score=t_score, time_advantage=t_adv, time_update=t_update,
@@ -485,7 +499,8 @@ class Trainer:
                             {"position": self.position, "skipped_updates": self.skipped_updates,
                              "bad_in_a_row": self.bad_in_a_row,
                              "wall_seconds": self.earlier_seconds + time.time() - self.started},
-                            keep=self.cfg.output.keep_checkpoints, master_weights=self.masters.state_dict())
+                            keep=self.cfg.output.keep_checkpoints, master_weights=self.masters.state_dict(),
+                            resource_states={name: r.state_dict() for name, r in self.trained.items()})
         except (OSError, SafetensorError) as err:  # safetensors reports its own failed writes as SafetensorError
             shutil.rmtree(folder / f"step-{self.step:06d}.tmp", ignore_errors=True)
             last = latest_checkpoint(folder)

@@ -22,6 +22,7 @@ from creditrl.config.sections import (
                                    Aggregation,
                                    CriticConfig,
                                    EvalConfig,
+                                   ImplicitPRMConfig,
                                    LoRAConfig,
                                    LossConfig,
                                    ModelConfig,
@@ -31,6 +32,7 @@ from creditrl.config.sections import (
                                    RolloutConfig,
                                    SamplingConfig,
                                    TrainConfig,
+                                   ValueModelConfig,
 )
 from creditrl.config.tasks import (
                                    DatasetSection,
@@ -49,9 +51,10 @@ from creditrl.config.tasks import (
 
 __all__ = [
     "VERIFY_PHRASES", "Aggregation", "ConfigError", "CriticConfig", "DatasetSection", "EvalConfig", "GSM8KSection",
-    "HubSection", "JsonlSection", "LabSection", "LabTaskConfig", "LoRAConfig", "LossConfig", "MATH500Section",
-    "MethodSpec", "ModelConfig", "OutputConfig", "PRMConfig", "RewardConfig", "RolloutConfig", "RunConfig",
-    "SamplingConfig", "TaskConfig", "TrainConfig", "deep_merge", "describe_errors", "known_tasks",
+    "HubSection", "ImplicitPRMConfig", "JsonlSection", "LabSection", "LabTaskConfig", "LoRAConfig", "LossConfig",
+    "MATH500Section", "MethodSpec", "ModelConfig", "OutputConfig", "PRMConfig", "RewardConfig", "RolloutConfig",
+    "RunConfig",
+    "SamplingConfig", "TaskConfig", "TrainConfig", "ValueModelConfig", "deep_merge", "describe_errors", "known_tasks",
     "parse_overrides", "read_config_file", "register_task_section", "save_config", "set_dotted", "task_config",
     "task_section_model", "validated",
 ]

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validat
 from creditrl.config.sections import (
     CriticConfig,
     EvalConfig,
+    ImplicitPRMConfig,
     LossConfig,
     ModelConfig,
     OutputConfig,
@@ -18,6 +19,7 @@ from creditrl.config.sections import (
     RolloutConfig,
     SamplingConfig,
     TrainConfig,
+    ValueModelConfig,
 )
 from creditrl.config.tasks import LabSection, TaskConfig, task_config
 
@@ -63,6 +65,8 @@ class RunConfig(BaseModel):
     output: OutputConfig = Field(default_factory=OutputConfig)
     critic: CriticConfig = Field(default_factory=CriticConfig)
     prm: PRMConfig = Field(default_factory=PRMConfig)
+    value_model: ValueModelConfig = Field(default_factory=ValueModelConfig)
+    implicit_prm: ImplicitPRMConfig = Field(default_factory=ImplicitPRMConfig)
 
     @field_validator("task", mode="before")
     @classmethod

@@ -244,3 +244,35 @@ class PRMConfig(BaseModel):
         if self.kind != "oracle" and self.path is None:
             raise ValueError(f"prm.kind={self.kind} needs prm.path (a model folder)")
         return self
+
+
+class ValueModelConfig(Section):
+    """Config section `value_model`: the learned value model V(s_t) of methods that need one (PPO with GAE),
+    trained alongside the policy with its own optimizer.  Defaults are verl 0.9.1's critic settings."""
+
+    shared: bool = Field(False, description="false: a separate copy of the policy with a value head; true: a value "
+                                            "head on the policy's own last hidden states (only the head is trained "
+                                            "by the value loss)")
+    lr: float = Field(1e-5, gt=0, description="the value model's AdamW learning rate (verl critic.optim.lr)")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0, description="verl critic.optim.weight_decay")
+    grad_clip: float | None = Field(1.0, gt=0, description="verl critic.grad_clip")
+    cliprange_value: float = Field(0.5, gt=0, description="V_new is clipped to V_old ± this in the value loss "
+                                                          "(verl critic.cliprange_value)")
+    warmup_steps: int = Field(0, ge=0, description="the first steps train only the value model, not the policy "
+                                                   "(verl trainer.critic_warmup)")
+
+
+class ImplicitPRMConfig(Section):
+    """Config section `implicit_prm`: the implicit process reward model of PRIME (Cui et al. 2025, arXiv
+    2502.01456), a copy of the policy trained online from outcome labels.  Defaults are the PRIME recipe's for
+    verl (`recipe/prime/config/prime_trainer.yaml`)."""
+
+    beta_train: float = Field(0.05, gt=0, description="β in the token reward β·log π_φ/π_ref and in the CE loss")
+    lr: float = Field(1e-6, gt=0, description="the PRM's AdamW learning rate (reward_model.model.optim.lr)")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(10.0, gt=0)
+    update: Literal["before", "after"] = Field(
+        "before", description="before: train the PRM on the batch, then score it with the trained PRM (two "
+                              "forwards); after: score with the PRM as it was, then train it")

@@ -75,6 +75,12 @@ UNAVAILABLE = {
                         "generation only samples whole completions of dataset prompts"),
     "hidden_states": ("it reads the policy's hidden states (B, T, D) from the old-log-prob forward; TRL's "
                       "GRPOTrainer computes only log-probs there"),
+    "value_model": ("the value model trains alongside the policy (its update after every rollout batch, its "
+                    "state in every checkpoint) and TRL's training loop and checkpoints know nothing of it: it "
+                    "would never learn, and a resumed run would lose it"),
+    "implicit_prm": ("the implicit PRM trains alongside the policy (its update on every rollout batch, its "
+                     "state in every checkpoint) and TRL's training loop and checkpoints know nothing of it: it "
+                     "would never learn, and a resumed run would lose it"),
 }
 
 

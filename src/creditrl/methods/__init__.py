@@ -11,6 +11,8 @@ from creditrl.methods import (  # noqa: F401  (registers them)
     gspo,
     high_entropy,
     ktae,
+    ppo,
+    prime,
     prm,
     sapo,
     spo,
