@@ -48,4 +48,15 @@ def test_run_sh_names_what_is_missing_before_starting():
     done = subprocess.run(["bash", str(RECIPES / "grpo" / "run.sh")], env=env, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode != 0
-    assert "vllm" in done.stderr and "rollout engine" in done.stderr
+    assert "missing vllm" in done.stderr and "rollout engine" in done.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed: run.sh would train")
+def test_run_sh_refuses_a_trl_that_verls_model_patch_cannot_import():
+    """verl 0.9.1's `apply_monkey_patch` imports `AutoModelForCausalLMWithValueHead` from TRL whenever TRL is
+    installed; TRL 1.16 (creditrl's `trl` extra) has none, so the actor would fail to build on the GPU."""
+    trl = pytest.importorskip("trl")
+    if hasattr(trl, "AutoModelForCausalLMWithValueHead"):
+        pytest.skip("this TRL still has AutoModelForCausalLMWithValueHead")
+    done = subprocess.run(["bash", str(RECIPES / "fipo" / "run.sh")], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "AutoModelForCausalLMWithValueHead" in done.stderr
