@@ -4,12 +4,15 @@ that cannot run verl (no GPU, no vLLM) before Ray starts."""
 import importlib.util
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 RECIPES = Path(__file__).parents[1] / "recipes" / "verl"
 METHODS = sorted(p.name for p in RECIPES.iterdir() if (p / "config.yaml").exists())
+# run.sh calls `python`: this interpreter's, as in an activated environment
+ENV = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
 
 
 def prepare_gsm8k():
@@ -44,8 +47,7 @@ def test_every_recipe_launches_through_the_shared_checks(method):
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed: run.sh would train")
 def test_run_sh_names_what_is_missing_before_starting():
-    env = {**os.environ, "REWARD_FN": __file__}
-    done = subprocess.run(["bash", str(RECIPES / "grpo" / "run.sh")], env=env, capture_output=True, text=True,
+    done = subprocess.run(["bash", str(RECIPES / "grpo" / "run.sh")], env=ENV, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode != 0
     assert "missing vllm" in done.stderr and "rollout engine" in done.stderr
@@ -58,5 +60,6 @@ def test_run_sh_refuses_a_trl_that_verls_model_patch_cannot_import():
     trl = pytest.importorskip("trl")
     if hasattr(trl, "AutoModelForCausalLMWithValueHead"):
         pytest.skip("this TRL still has AutoModelForCausalLMWithValueHead")
-    done = subprocess.run(["bash", str(RECIPES / "fipo" / "run.sh")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(["bash", str(RECIPES / "fipo" / "run.sh")], env=ENV, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode != 0 and "AutoModelForCausalLMWithValueHead" in done.stderr
