@@ -109,7 +109,8 @@ def test_a_response_fipo_drops_leaves_its_neighbours_gradient_as_trls_global_tok
                            args=SimpleNamespace(steps_per_generation=1),
                            loss_config=LossConfig(eps_high=0.28, dual_clip=10.0), ratio_transform=ratio_transform,
                            token_weight=token_weight, surrogate=None, model=SimpleNamespace(training=True),
-                           _log_loss_metrics=lambda mode, metrics: None)
+                           _log_loss_metrics=lambda *logged: None,
+                           accelerator=SimpleNamespace(num_processes=1))
     fake._loss_scale = lambda *a: CreditGRPOTrainer._loss_scale(fake, *a)
     grads = []
     for second_row in ([big, big, 0.0, 0.0], [0.0] * 4):  # two exploded negative tokens drop it, or not

@@ -5,6 +5,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 : "${REWARD_FN:?set REWARD_FN to the file holding your compute_score (see README.md)}"
 REWARD_FN="$(realpath "$REWARD_FN")"  # Ray workers may run in another directory
+source "$HERE/../common.sh" "$@"
 VERL_USE_EXTERNAL_MODULES=creditrl.integrations.verl python -m verl.trainer.main_ppo \
   --config-path="$HERE" --config-name=config \
   reward.custom_reward_function.path="$REWARD_FN" "$@"

@@ -20,8 +20,16 @@ TRL's 5.0 is `epsilon=1.0, epsilon_high=4.0` here), `loss_type="sapo"` is `metho
 `loss_type="grpo"` (temperatures in `method_params`), and `top_entropy_quantile=ρ` is
 `method="high_entropy"` with `method_params={"rho": ρ}`; each also composes with any other advantage.
 
-Shapes: B completions in the local batch (prompt-major: the `num_generations` completions of a
-prompt are contiguous), T padded completion length.  Single process, text-only, no tools.
+Under accelerate with several processes (DDP, DeepSpeed) each process generates its slice of the
+generation batch, and a group may straddle two processes.  The adapter gathers the whole batch
+(every process's rows, in process order, as TRL gathers the rewards), computes the advantages
+on it on every process, and keeps its own rows; the loss is normalised so that the gradients,
+averaged across processes, are those of the whole batch; the loss metrics are reduced across
+processes as TRL reduces its own.
+
+Shapes: B completions in the local batch, N = B × processes in the whole one (prompt-major: the
+`num_generations` completions of a prompt are contiguous), T padded completion length.
+Text-only, no tools.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 import torch
+from accelerate.utils import gather_object
 from pydantic import BaseModel
 from torch import Tensor
 from trl import GRPOTrainer
@@ -162,7 +171,6 @@ class CreditGRPOTrainer(GRPOTrainer):
             f"delta < 1 + epsilon_high (TRL's delta then also caps positive-advantage ratios; creditrl's dual clip "
             f"bounds negative-advantage terms only): delta={args.delta}":
                 args.delta is not None and args.delta < 1 + self.epsilon_high,
-            "several processes": self.accelerator.num_processes > 1,
         }
         refused = [name for name, on in unsupported.items() if on]
         if refused:
@@ -179,19 +187,36 @@ class CreditGRPOTrainer(GRPOTrainer):
         return self._rewards_per_func
 
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict[str, Any]:
-        """TRL's batch with `advantages` (B, T) from the method; the logged advantages are these."""
+        """TRL's batch with `advantages` (B, T) from the method, computed on the whole generation batch
+        (N rows) and sliced to this process's rows; the logged advantages are the N rows'."""
         batch = super()._generate_and_score_completions(inputs)
-        rollouts = self.build_rollouts(inputs, batch)
+        all_inputs, all_batch = self._gather_generation_batch(inputs, batch)
+        rollouts = self.build_rollouts(all_inputs, all_batch)
         advantages = compute_advantages(self.method, rollouts, self.method_params, **self.resources)
         unscorable = torch.isnan(self._rewards_per_func).all(dim=1)  # every reward function returned None
         advantages = advantages.masked_fill(unscorable[:, None].to(advantages.device), 0.0)  # as TRL: no signal
-        batch["advantages"] = advantages
         self._log_token_advantages(advantages, rollouts.response_mask)
+        first = self.accelerator.process_index * len(inputs)
+        batch["advantages"] = advantages[first:first + len(inputs), :batch["completion_ids"].shape[1]]
         return batch
 
+    def _gather_generation_batch(self, inputs: list[dict], batch: Mapping[str, Any]
+                                 ) -> tuple[list[dict], dict[str, Tensor]]:
+        """The dataset rows and the token tensors of every process, concatenated in process order (the
+        order of TRL's gathered rewards): prompts padded on the left to the longest prompt (N, Tp'),
+        completions on the right to the longest completion (N, T')."""
+        if self.accelerator.num_processes == 1:
+            return inputs, dict(batch)
+        pad_id = self._tokenizer.pad_token_id
+        pads = {"prompt_ids": pad_id, "prompt_mask": 0, "completion_ids": pad_id, "completion_mask": 0}
+        gathered = {name: self.accelerator.gather(self.accelerator.pad_across_processes(
+            batch[name], dim=1, pad_index=pad, pad_first=name.startswith("prompt"))) for name, pad in pads.items()}
+        return gather_object(inputs), gathered
+
     def build_rollouts(self, inputs: list[dict], batch: Mapping[str, Any]) -> Rollouts:
-        """The creditrl batch of TRL's local batch: ids and masks (B, Tp) / (B, T), weighted rewards (B,),
-        group ids (B,) from `num_generations`, step ids (B, T) and, with a task, verdicts and step labels (B, S)."""
+        """The creditrl batch of the whole generation batch (`_gather_generation_batch`): ids and masks
+        (N, Tp) / (N, T), weighted rewards (N,), group ids (N,) from `num_generations`, step ids (N, T) and,
+        with a task, verdicts and step labels (N, S)."""
         mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         mask = batch["completion_mask"].bool()
@@ -270,7 +295,7 @@ class CreditGRPOTrainer(GRPOTrainer):
             ref_logprobs=inputs.get("ref_per_token_logps"), entropy=entropies, ratio_transform=self.ratio_transform,
             token_weight=None if self.token_weight is None else weight_keeping_track, surrogate=self.surrogate)
         mode = "train" if self.model.training else "eval"
-        self._log_loss_metrics(mode, metrics)
+        self._log_loss_metrics(mode, metrics, mask, kept["mask"])
         return loss * self._loss_scale(inputs, kept["mask"], mode)
 
     def _loss_scale(self, inputs: dict[str, Any], mask: Tensor, mode: str) -> Tensor | float:
@@ -282,18 +307,38 @@ class CreditGRPOTrainer(GRPOTrainer):
         if self.loss_type == "grpo":
             rows_with_tokens = mask.any(dim=1).sum() / mask.shape[0]
             return rows_with_tokens / (self.current_gradient_accumulation_steps if mode == "train" else 1)
-        if self.loss_type == "dapo":
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0)
+        if self.loss_type == "dapo":  # per process: DDP then averages the gradients over the processes
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
             return mask.sum().clamp(min=1) / normalizer
         return 1.0 / self.current_gradient_accumulation_steps if mode == "train" else 1.0
 
-    def _log_loss_metrics(self, mode: str, metrics: Mapping[str, Tensor]) -> None:
-        """Under TRL's names where they mean the same (`entropy`, `kl`, `clip_ratio/region_mean`), else `creditrl/*`."""
+    def _log_loss_metrics(self, mode: str, metrics: Mapping[str, Tensor], mask: Tensor, kept: Tensor) -> None:
+        """Log the loss metrics of the batch across processes, under TRL's names where they mean the same
+        (`entropy`, `kl`, `clip_ratio/region_mean`), else `creditrl/*`.  Each process's value is weighted by
+        what it averages over: its response tokens `mask` (B, T) for the token means, and for `pg_loss` its
+        aggregation's denominator over the surrogate's tokens `kept` (B, T); the weighted sums are summed
+        over the processes, so the value is the one of all processes' rows in one batch."""
         names = {"entropy": "entropy", "kl": "kl", "clip_frac": "clip_ratio/region_mean"}
-        for key, value in metrics.items():
-            self._metrics[mode][names.get(key, f"creditrl/{key}")].append(value.item())
+        keys = sorted(metrics)
+        weights = {key: mask.sum() for key in keys} | {"pg_loss": aggregation_size(kept, self.loss_config.agg)}
+        local = torch.stack([torch.stack([metrics[key].float() * weights[key], weights[key].float()])
+                             for key in keys])
+        totals = self.accelerator.reduce(local, reduction="sum").tolist()
+        for key, (total, count) in zip(keys, totals):
+            self._metrics[mode][names.get(key, f"creditrl/{key}")].append(total / max(count, 1.0))
+
+
+def aggregation_size(mask: Tensor, agg: str) -> Tensor:
+    """What `creditrl.methods.loss.aggregate` divides the summed losses by, short of constants: the tokens
+    of `mask` (B, T) for token-mean, its rows with a token for seq-mean-token-mean, every row for
+    seq-mean-token-sum-norm."""
+    if agg == "token-mean":
+        return mask.sum()
+    if agg == "seq-mean-token-mean":
+        return mask.any(dim=1).sum()
+    return torch.tensor(mask.shape[0], device=mask.device)
 
 
 def _check_method(method: Method, resources: Mapping[str, object]) -> None:
