@@ -8,11 +8,13 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
+from creditrl.config import RunConfig
 from creditrl.configure import load_config
-from creditrl.trainer import Trainer, TrainingStopped
+from creditrl.trainer import Trainer, TrainingStopped, check_same_run
 
 
 def _cfg(model_dir, run_dir, *extra):
@@ -231,6 +233,18 @@ def test_resume_refuses_a_different_configuration(tiny_lab_model_dir, tmp_path):
     with pytest.raises(TrainingStopped, match=r"train\.lr \(0\.001 -> 0\.002\)"):
         Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=4", "train.lr=2e-3"), show_progress=False).train(resume=True)
     Trainer(_cfg(tiny_lab_model_dir, run, "train.steps=3", "eval.k=1"), show_progress=False).train(resume=True)
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_while_it_holds_its_default(tmp_path):
+    saved = tmp_path / "config.yaml"
+    cfg = RunConfig()
+    older = cfg.model_dump(mode="json")
+    del older["value_model"], older["train"]["max_tokens_per_microbatch"]  # settings the saved run predates
+    saved.write_text(yaml.safe_dump(older))
+    check_same_run(saved, cfg)
+    cfg.train.max_tokens_per_microbatch = 512
+    with pytest.raises(TrainingStopped, match=r"train\.max_tokens_per_microbatch \(None -> 512\)"):
+        check_same_run(saved, cfg)
 
 
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.01])

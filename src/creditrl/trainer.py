@@ -525,11 +525,19 @@ def check_same_run(saved: Path, cfg: RunConfig) -> None:
     if not saved.exists():
         return
     before, now = _flatten(yaml.safe_load(saved.read_text())), _flatten(cfg.model_dump(mode="json"))
+    # a setting added to creditrl after the run was saved is unchanged while it holds its default
+    before = {**{k: v for k, v in _defaults().items() if k not in before}, **before}
     changed = sorted(k for k in before.keys() | now.keys()
                      if not _same_value(before.get(k), now.get(k)) and not k.startswith(RESUMABLE_CHANGES))
     if changed:
         raise TrainingStopped(f"cannot resume: the configuration differs from {saved} in "
                               + ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed))
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
+    """Every setting's default, flattened to dotted keys."""
+    return _flatten(RunConfig().model_dump(mode="json"))
 
 
 def _same_value(a: Any, b: Any) -> bool:
