@@ -33,7 +33,9 @@ from creditrl.config.sections import (
                                    TrainConfig,
 )
 from creditrl.config.tasks import (
+                                   CountdownSection,
                                    DatasetSection,
+                                   GeneratedSection,
                                    GSM8KSection,
                                    HubSection,
                                    JsonlSection,
@@ -50,10 +52,11 @@ from creditrl.config.tasks import (
 )
 
 __all__ = [
-    "VERIFY_PHRASES", "Aggregation", "ConfigError", "CriticConfig", "DatasetSection", "EvalConfig", "GSM8KSection",
-    "HubSection", "JsonlSection", "LabSection", "LabTaskConfig", "LoRAConfig", "LossConfig", "MATH500Section",
-    "MethodSpec", "ModelConfig", "OutputConfig", "PRMConfig", "RewardConfig", "RolloutConfig", "RunConfig",
-    "SamplingConfig", "TaskConfig", "TrainConfig", "bundled_model_names", "deep_merge", "describe_errors",
-    "known_tasks", "parse_overrides", "read_config_file", "register_task_section", "save_config", "set_dotted",
-    "task_bundled_model", "task_config", "task_section_model", "validated",
+    "VERIFY_PHRASES", "Aggregation", "ConfigError", "CountdownSection", "CriticConfig", "DatasetSection",
+    "EvalConfig", "GSM8KSection", "GeneratedSection", "HubSection", "JsonlSection", "LabSection", "LabTaskConfig",
+    "LoRAConfig", "LossConfig", "MATH500Section", "MethodSpec", "ModelConfig", "OutputConfig", "PRMConfig",
+    "RewardConfig", "RolloutConfig", "RunConfig", "SamplingConfig", "TaskConfig", "TrainConfig",
+    "bundled_model_names", "deep_merge", "describe_errors", "known_tasks", "parse_overrides", "read_config_file",
+    "register_task_section", "save_config", "set_dotted", "task_bundled_model", "task_config", "task_section_model",
+    "validated",
 ]

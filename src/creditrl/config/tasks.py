@@ -66,6 +66,30 @@ class LabSection(TaskConfig):
     lab: LabTaskConfig = Field(default_factory=LabTaskConfig)
 
 
+class GeneratedSection(TaskConfig):
+    """What every task drawn from a seeded generator shares: its seed and split sizes."""
+
+    seed: int = Field(0, description="the seed of the train and held-out splits (held-out problems never train)")
+    train_size: int = Field(10_000, ge=1)
+    eval_size: int = Field(200, ge=1)
+
+
+class CountdownSection(GeneratedSection):
+    """Countdown: reach a target from a few numbers with + - * / (TinyZero's task); difficulty = how many numbers."""
+
+    name: Literal["countdown"] = "countdown"
+    min_numbers: int = Field(3, ge=2, le=6)
+    max_numbers: int = Field(4, ge=2, le=6)
+    number_max: int = Field(20, ge=2, description="the given numbers are drawn from 1..number_max")
+    target_max: int = Field(100, ge=2, description="targets are drawn from 2..target_max")
+
+    @model_validator(mode="after")
+    def _check(self) -> CountdownSection:
+        if self.min_numbers > self.max_numbers:
+            raise ValueError(f"min_numbers ({self.min_numbers}) must not exceed max_numbers ({self.max_numbers})")
+        return self
+
+
 class DatasetSection(TaskConfig):
     """What every task read from question/answer rows shares."""
 
@@ -129,6 +153,7 @@ def register_task_section(model: type[TaskConfig], bundled_model: str | None = N
 
 
 register_task_section(LabSection, bundled_model="lab")
+register_task_section(CountdownSection, bundled_model="countdown")
 for _model in (GSM8KSection, MATH500Section, JsonlSection, HubSection):
     register_task_section(_model)
 

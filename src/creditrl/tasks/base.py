@@ -27,13 +27,16 @@ class Verdict:
     """The verifier's judgement of one response.
 
     `step_correct[j]` is the exact correctness of step j (steps as the task's splitter cuts
-    them); it is None when the task cannot judge steps (GSM8K, MATH).
+    them); it is None when the task cannot judge steps (GSM8K, MATH).  A task that judges steps in
+    more than one sense reports each in `step_labels` (name -> one label per step), `step_correct`
+    being the primary one.
     """
 
     correct: bool
     step_correct: tuple[bool, ...] | None = None
     format_ok: bool = True
     answer: str | None = None  # the extracted final answer (for majority voting)
+    step_labels: dict[str, tuple[bool, ...]] | None = None
 
     @property
     def first_wrong_step(self) -> int | None:
