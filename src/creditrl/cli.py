@@ -211,7 +211,7 @@ def credit(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
     def run():
         from creditrl.collect import collect_rollouts
         from creditrl.credit import compute_credit, credit_table, load_rollouts, save_rollouts
-        from creditrl.credit_metrics import credit_accuracy
+        from creditrl.credit_metrics import credit_accuracy, credit_accuracy_by_label
         from creditrl.methods import get_method, known_methods
         from creditrl.policy.loading import load_configured_policy
         from creditrl.report import write_heatmap
@@ -239,19 +239,28 @@ def credit(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         maps = compute_credit(batch, texts, policy, names,
                               resources=build_resources(names or known_methods(), cfg, policy, task))
         accuracy = {name: credit_accuracy(c, batch) for name, c in maps.credit.items()}
+        by_label: dict[str, dict] = {}
+        for name, c in maps.credit.items():
+            for label, a in credit_accuracy_by_label(c, batch).items():
+                by_label.setdefault(label, {})[name] = a
         context = (f"model {model_name} · {len(set(batch.group_ids.tolist()))} prompts, {batch.batch_size} responses "
                    f"({batch.correct.float().mean().item():.0%} correct) · {source}")
         write_heatmap(out, maps, accuracy, title=f"creditrl credit: {model_name}", context=context)
         if json_out:
-            metrics = {name: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in a.as_dict().items()}
-                       for name, a in accuracy.items()}
-            json_out.write_text(json.dumps({"model": model_name, "source": source, "metrics": metrics,
+            def plain(table: dict) -> dict:
+                return {name: {k: None if isinstance(v, float) and math.isnan(v) else v
+                               for k, v in a.as_dict().items()} for name, a in table.items()}
+
+            json_out.write_text(json.dumps({"model": model_name, "source": source, "metrics": plain(accuracy),
+                                            "metrics_by_label": {label: plain(t) for label, t in by_label.items()},
                                             "notes": maps.notes, "skipped": maps.skipped,
                                             "credit": credit_table(maps)}))
-        return context, accuracy, maps.skipped, batch.step_labels is not None
+        return context, accuracy, by_label, maps.skipped, batch.step_labels is not None
 
-    context, accuracy, skipped, labelled = _guarded(run)
+    context, accuracy, by_label, skipped, labelled = _guarded(run)
     _print_credit_accuracy(context, accuracy, skipped, labelled)
+    for label, table in by_label.items():
+        _print_credit_accuracy(f"against the step label '{label}'", table, {}, True)
     console.print(f"heat map: {out.resolve()}")
     if json_out:
         console.print(f"metrics and credit table: {json_out.resolve()}")
