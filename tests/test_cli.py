@@ -70,7 +70,7 @@ def test_train_then_eval_a_tiny_model(tiny_lab_model_dir, tmp_path):
     code, out = _invoke("eval", "task.lab.eval_size=4", "sampling.max_new_tokens=16", "--model", str(run / "final"),
                         "--k", "2", "--json", str(tmp_path / "eval.json"))
     assert code == 0, out
-    assert "avg@2" in out and "pass@2" in out and "greedy" in out
+    assert "avg@2" in out and "pass@2" in out and "greedy" in out and "by steps" in out
     metrics = json.loads((tmp_path / "eval.json").read_text())
     assert metrics["problems"] == 4 and 0.0 <= metrics["avg@k"] <= 1.0 and metrics["k"] == 2
     code, out = _invoke("eval", "--model", str(run / "final"), "--json", str(tmp_path / "no-such-folder" / "e.json"))

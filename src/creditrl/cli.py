@@ -177,10 +177,28 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         if key in metrics:
             table.add_row(key.replace("@k", f"@{k}"), _format_metric(key, metrics[key]))
     console.print(table)
+    _print_difficulty_breakdown(metrics, k)
     if json_out:
         json_out.write_text(json.dumps({"model": name, "problems": n, "seed": seed, **metrics}, indent=2))
     else:
         console.print("the headline metrics; --json FILE writes all of them (behaviour, by difficulty)")
+
+
+def _print_difficulty_breakdown(metrics: dict, k: int) -> None:
+    """avg@k, pass@k and maj@k per difficulty value, when the task's problems carry one."""
+    from creditrl.evaluate import difficulty_breakdown
+
+    breakdown = difficulty_breakdown(metrics)
+    if breakdown is None:
+        return
+    key, rows = breakdown
+    table = Table(title=f"by {key}")
+    table.add_column(key, justify="right")
+    for column in ("avg@k", "pass@k", "maj@k"):
+        table.add_column(column.replace("@k", f"@{k}"), justify="right")
+    for value, row in rows.items():
+        table.add_row(value, *(f"{row[c]:.1%}" for c in ("avg@k", "pass@k", "maj@k")))
+    console.print(table)
 
 
 def _format_metric(key: str, value: float) -> str:

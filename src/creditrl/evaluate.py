@@ -3,12 +3,13 @@
 pass@k uses the unbiased estimator of Chen et al. 2021 (Codex): with n samples of which c are
 correct, pass@k = 1 − C(n−c, k) / C(n, k).  avg@k is the mean correctness over all samples at the
 sampling temperature, the number RL papers report as accuracy.  The same three are broken down by
-difficulty (the lab's step count, MATH's level), and the behaviour metrics of `creditrl.behaviour`
-are computed from the same samples.
+difficulty (the lab's step count, a generated task's difficulty, MATH's level), and the behaviour
+metrics of `creditrl.behaviour` are computed from the same samples.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +22,8 @@ from creditrl.behaviour import VERIFY_PHRASES, behaviour_metrics
 from creditrl.policy.transformers_backend import SamplingConfig, TransformersPolicy
 from creditrl.tasks.base import Problem, Task, Verdict
 
-DIFFICULTY_KEYS = ("steps", "level")  # Problem.meta keys read as difficulty, first found wins
+DIFFICULTY_KEYS = ("steps", "difficulty", "level")  # Problem.meta keys read as difficulty, first found wins
+_BY_DIFFICULTY = re.compile(r"^(avg@k|pass@k|maj@k)_(\w+)=(.+)$")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -62,6 +64,18 @@ def by_difficulty(problems: Sequence[Problem], per_problem: Sequence[Sequence[Ve
             groups.setdefault(problem.meta[key], []).append(vs)
     return {f"{name}_{key}={value}": x for value in sorted(groups, key=lambda v: (type(v).__name__, v))
             for name, x in sampled_accuracy(groups[value]).items()}
+
+
+def difficulty_breakdown(metrics: dict[str, float]) -> tuple[str, dict[str, dict[str, float]]] | None:
+    """The `by_difficulty` entries of a metrics dict as (difficulty key, value -> {avg@k, pass@k, maj@k}), values in
+    the order they appear; None when there are none."""
+    key, rows = None, {}
+    for name, x in metrics.items():
+        m = _BY_DIFFICULTY.match(name)
+        if m:
+            key = m[2]
+            rows.setdefault(m[3], {})[m[1]] = x
+    return None if key is None else (key, rows)
 
 
 def evaluation_seed(train_seed: int) -> int:
