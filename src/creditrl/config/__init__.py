@@ -39,6 +39,7 @@ from creditrl.config.tasks import (
                                    GSM8KSection,
                                    HubSection,
                                    JsonlSection,
+                                   KnightsKnavesSection,
                                    LabSection,
                                    LabTaskConfig,
                                    MATH500Section,
@@ -53,10 +54,10 @@ from creditrl.config.tasks import (
 
 __all__ = [
     "VERIFY_PHRASES", "Aggregation", "ConfigError", "CountdownSection", "CriticConfig", "DatasetSection",
-    "EvalConfig", "GSM8KSection", "GeneratedSection", "HubSection", "JsonlSection", "LabSection", "LabTaskConfig",
-    "LoRAConfig", "LossConfig", "MATH500Section", "MethodSpec", "ModelConfig", "OutputConfig", "PRMConfig",
-    "RewardConfig", "RolloutConfig", "RunConfig", "SamplingConfig", "TaskConfig", "TrainConfig",
-    "bundled_model_names", "deep_merge", "describe_errors", "known_tasks", "parse_overrides", "read_config_file",
-    "register_task_section", "save_config", "set_dotted", "task_bundled_model", "task_config", "task_section_model",
-    "validated",
+    "EvalConfig", "GSM8KSection", "GeneratedSection", "HubSection", "JsonlSection", "KnightsKnavesSection",
+    "LabSection", "LabTaskConfig", "LoRAConfig", "LossConfig", "MATH500Section", "MethodSpec", "ModelConfig",
+    "OutputConfig", "PRMConfig", "RewardConfig", "RolloutConfig", "RunConfig", "SamplingConfig", "TaskConfig",
+    "TrainConfig", "bundled_model_names", "deep_merge", "describe_errors", "known_tasks", "parse_overrides",
+    "read_config_file", "register_task_section", "save_config", "set_dotted", "task_bundled_model", "task_config",
+    "task_section_model", "validated",
 ]

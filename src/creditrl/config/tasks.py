@@ -90,6 +90,21 @@ class CountdownSection(GeneratedSection):
         return self
 
 
+class KnightsKnavesSection(GeneratedSection):
+    """Knights and knaves: who always tells the truth, who always lies; difficulty = how many islanders."""
+
+    name: Literal["knights_knaves"] = "knights_knaves"
+    min_islanders: int = Field(2, ge=2, le=4)
+    max_islanders: int = Field(3, ge=2, le=4)
+
+    @model_validator(mode="after")
+    def _check(self) -> KnightsKnavesSection:
+        if self.min_islanders > self.max_islanders:
+            raise ValueError(f"min_islanders ({self.min_islanders}) must not exceed max_islanders "
+                             f"({self.max_islanders})")
+        return self
+
+
 class DatasetSection(TaskConfig):
     """What every task read from question/answer rows shares."""
 
@@ -154,6 +169,7 @@ def register_task_section(model: type[TaskConfig], bundled_model: str | None = N
 
 register_task_section(LabSection, bundled_model="lab")
 register_task_section(CountdownSection, bundled_model="countdown")
+register_task_section(KnightsKnavesSection)
 for _model in (GSM8KSection, MATH500Section, JsonlSection, HubSection):
     register_task_section(_model)
 
