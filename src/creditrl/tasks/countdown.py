@@ -40,11 +40,11 @@ from functools import lru_cache
 from creditrl.config import CountdownSection
 from creditrl.steps import split_steps
 from creditrl.tasks.base import Problem, Verdict
+from creditrl.tasks.lab import ALPHABET  # the lab's, so that a countdown model can start from the lab model
 from creditrl.tasks.registry import register_task
 from creditrl.tasks.splits import held_out_and_train
 
 OPERATIONS = "+-*/"
-ALPHABET = "0123456789+-*/=:. \nNumbersTargetAnswer"
 _QUESTION = re.compile(r"^Numbers: (\d+(?: \d+)*)\. Target: (\d+)\.$")
 _LINE = re.compile(r"^(\d+)([+\-*/])(\d+)=(-?\d+)$")
 _ANSWER = re.compile(r"^Answer: (-?\d+)$")
