@@ -187,3 +187,20 @@ def test_bad_settings_and_another_tasks_key_name_the_key():
     with pytest.raises(ConfigError, match="task.lab"):
         load_config(None, ["task.name=countdown", "task.lab.min_steps=3"])
     assert load_config(None, ["task.name=countdown"]).model.name == "countdown"
+
+
+@pytest.mark.slow
+def test_a_process_reward_method_trains_on_countdowns_step_labels(tiny_lab_model_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from creditrl.cli import app
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--quiet", "task.name=countdown", "task.train_size=8",
+                                      "task.eval_size=2", f"model.name={tiny_lab_model_dir}", "method=process_grpo",
+                                      f"output.dir={run}", "train.steps=1", "rollout.prompts_per_step=2",
+                                      "rollout.group_size=2", "eval.k=1", "sampling.max_new_tokens=12"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "summary.json").read_text())["steps"] == 1
