@@ -98,3 +98,13 @@ def test_pretraining_a_task_that_is_not_generated_names_the_field(tmp_path):
     (tmp_path / "test.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n')
     with pytest.raises(ValueError, match="task.name: 'jsonl' is not a generated task"):
         pretrain(PretrainConfig(task={"name": "jsonl", "eval_path": str(tmp_path / "test.jsonl")}), tmp_path)
+
+
+def test_continuing_from_a_model_of_another_alphabet_names_init_from(tmp_path):
+    from creditrl.lab.pretrain import pretrain
+    from creditrl.tasks.knights_knaves import ALPHABET
+
+    assert len(build_char_tokenizer(ALPHABET)) != len(build_char_tokenizer())
+    with pytest.raises(ValueError, match="init_from: .* has a vocabulary of 99 tokens, the knights_knaves task's"):
+        pretrain(PretrainConfig(init_from=bundled_model_dir("lab"),
+                                task={"name": "knights_knaves", "train_size": 2, "eval_size": 2}), tmp_path)

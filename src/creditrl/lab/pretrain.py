@@ -79,6 +79,9 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, show_progress: bool = True) -> 
     tok = build_char_tokenizer(task.alphabet)
     model = LlamaForCausalLM.from_pretrained(cfg.init_from) if cfg.init_from else \
         new_lab_model(seed=cfg.seed, vocab_size=len(tok))
+    if model.config.vocab_size != len(tok):
+        raise ValueError(f"init_from: {cfg.init_from} has a vocabulary of {model.config.vocab_size} tokens, the "
+                         f"{task.name} task's alphabet gives {len(tok)}: start from a model of the same alphabet")
     rng = random.Random(cfg.seed)
     draw = problem_stream(task)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
