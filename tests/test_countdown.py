@@ -172,7 +172,7 @@ def test_puzzles_are_solvable_seeded_and_split_disjointly():
 def test_noisy_solutions_are_right_without_errors_and_wrong_with_only_errors():
     rng, cfg = random.Random(0), CountdownSection()
     for _ in range(40):
-        puzzle, _ = sample_puzzle(rng, cfg)
+        puzzle = sample_puzzle(rng, cfg)
         assert judge(puzzle, noisy_solution(puzzle, rng, 0.0)).correct
         wrong = judge(puzzle, noisy_solution(puzzle, rng, 1.0))
         assert not wrong.correct and wrong.step_correct[0] is False

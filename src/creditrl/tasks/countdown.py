@@ -99,19 +99,18 @@ def solvable(values: tuple[int, ...], target: int) -> bool:
                for a, op, b, r in moves(values) if not (op in "*/" and b == 1))
 
 
-def sample_puzzle(rng: random.Random, cfg: CountdownSection) -> tuple[Puzzle, list[tuple[int, str, int, int]]]:
-    """A puzzle and the solution it was built from: random numbers combined by random legal moves (using them
-    all) into a target in 2..target_max that is not itself a given number."""
+def sample_puzzle(rng: random.Random, cfg: CountdownSection) -> Puzzle:
+    """Random numbers combined by random legal moves (using them all) into a target in 2..target_max that is
+    not itself a given number."""
     n = rng.randint(cfg.min_numbers, cfg.max_numbers)
     while True:
         numbers = tuple(rng.randint(1, cfg.number_max) for _ in range(n))
-        values, plan = tuple(sorted(numbers)), []
+        values = tuple(sorted(numbers))
         while len(values) > 1:
-            a, op, b, r = rng.choice(moves(values))
-            plan.append((a, op, b, r))
+            a, _, b, r = rng.choice(moves(values))
             values = after_move(values, a, b, r)
         if 2 <= values[0] <= cfg.target_max and values[0] not in numbers:
-            return Puzzle(numbers, values[0]), plan
+            return Puzzle(numbers, values[0])
 
 
 def parse_question(question: str) -> Puzzle:
@@ -190,7 +189,7 @@ class CountdownTask:
         self.held_out = {p.prompt for p in self._eval}
 
     def _generate(self, rng: random.Random) -> Problem:
-        puzzle, _ = sample_puzzle(rng, self.cfg)
+        puzzle = sample_puzzle(rng, self.cfg)
         return Problem(id="countdown", prompt=puzzle.question(), answer=str(puzzle.target),
                        meta={"difficulty": len(puzzle.numbers)})
 
