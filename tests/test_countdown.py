@@ -182,7 +182,7 @@ def test_noisy_solutions_are_right_without_errors_and_wrong_with_only_errors():
 def test_bad_settings_and_another_tasks_key_name_the_key():
     with pytest.raises(ConfigError, match="task.min_numbers"):
         load_config(None, ["task.name=countdown", "task.min_numbers=7"])
-    with pytest.raises(ConfigError, match=r"min_numbers \(5\) must not exceed max_numbers \(4\)"):
+    with pytest.raises(ConfigError, match=r"min_numbers \(5\) must not exceed max_numbers \(3\)"):
         load_config(None, ["task.name=countdown", "task.min_numbers=5"])
     with pytest.raises(ConfigError, match="task.lab"):
         load_config(None, ["task.name=countdown", "task.lab.min_steps=3"])

@@ -108,3 +108,15 @@ def test_continuing_from_a_model_of_another_alphabet_names_init_from(tmp_path):
     with pytest.raises(ValueError, match="init_from: .* has a vocabulary of 99 tokens, the knights_knaves task's"):
         pretrain(PretrainConfig(init_from=bundled_model_dir("lab"),
                                 task={"name": "knights_knaves", "train_size": 2, "eval_size": 2}), tmp_path)
+
+
+def test_the_bundled_countdown_model_was_pretrained_on_the_tasks_default_distribution():
+    from creditrl.config import CountdownSection
+    from creditrl.policy.loading import load_model_and_tokenizer
+    from creditrl.tasks.countdown import CountdownTask
+
+    model, tokenizer = load_model_and_tokenizer("countdown")
+    assert tokenizer.get_vocab() == build_char_tokenizer(CountdownTask.alphabet).get_vocab()
+    assert model.config.vocab_size == len(tokenizer)
+    pretrained_on = json.loads((bundled_model_dir("countdown") / "pretrain.json").read_text())["config"]["task"]
+    assert pretrained_on == CountdownSection().model_dump()  # so its held-out set is the default one

@@ -75,11 +75,12 @@ class GeneratedSection(TaskConfig):
 
 
 class CountdownSection(GeneratedSection):
-    """Countdown: reach a target from a few numbers with + - * / (TinyZero's task); difficulty = how many numbers."""
+    """Countdown: reach a target from a few numbers with + - * / (TinyZero's task); difficulty = how many numbers.
+    The defaults are the bundled model's training distribution (the game proper uses 3 to 6 numbers)."""
 
     name: Literal["countdown"] = "countdown"
-    min_numbers: int = Field(3, ge=2, le=6)
-    max_numbers: int = Field(4, ge=2, le=6)
+    min_numbers: int = Field(2, ge=2, le=6)
+    max_numbers: int = Field(3, ge=2, le=6)
     number_max: int = Field(20, ge=2, description="the given numbers are drawn from 1..number_max")
     target_max: int = Field(100, ge=2, description="targets are drawn from 2..target_max")
 
