@@ -11,7 +11,7 @@ from creditrl.behaviour import (
 )
 from creditrl.cli import _format_metric
 from creditrl.configure import load_config
-from creditrl.evaluate import by_difficulty, evaluate, majority_correct, pass_at_k
+from creditrl.evaluate import by_difficulty, difficulty_breakdown, evaluate, majority_correct, pass_at_k
 from creditrl.policy.transformers_backend import SamplingConfig
 from creditrl.tasks.base import Problem, Verdict
 from creditrl.tasks.lab import LabTask, LabTaskConfig
@@ -89,6 +89,15 @@ def test_by_difficulty_reads_math_level_and_skips_problems_without_one():
     problems = [Problem("a", "q", "3", {"level": 5}), Problem("b", "q", "3", {})]
     assert set(by_difficulty(problems, _verdicts("3+", "3+"))) == {"avg@k_level=5", "pass@k_level=5", "maj@k_level=5"}
     assert by_difficulty([Problem("c", "q", "3")], _verdicts("3+")) == {}
+
+
+def test_a_generated_tasks_difficulty_is_broken_down_into_rows():
+    problems = [Problem(str(i), "q", "3", {"difficulty": d}) for i, d in enumerate([4, 3, 4])]
+    metrics = {"avg@k": 0.5, **by_difficulty(problems, _verdicts("3+3-", "3-3-", "3+3+"))}
+    # difficulty 3: no right sample; difficulty 4: 3 of 4 right, both problems solved, both majorities right
+    assert difficulty_breakdown(metrics) == ("difficulty", {"3": {"avg@k": 0.0, "pass@k": 0.0, "maj@k": 0.0},
+                                                            "4": {"avg@k": 0.75, "pass@k": 1.0, "maj@k": 1.0}})
+    assert difficulty_breakdown({"avg@k": 0.5, "greedy": 0.25}) is None
 
 
 @pytest.mark.slow

@@ -76,7 +76,7 @@ def test_train_then_eval_a_tiny_model(tiny_lab_model_dir, tmp_path):
     code, out = _invoke("eval", "task.lab.eval_size=4", "sampling.max_new_tokens=16", "--model", str(run / "final"),
                         "--k", "2", "--json", str(tmp_path / "eval.json"))
     assert code == 0, out
-    assert "avg@2" in out and "pass@2" in out and "greedy" in out
+    assert "avg@2" in out and "pass@2" in out and "greedy" in out and "by steps" in out
     metrics = json.loads((tmp_path / "eval.json").read_text())
     assert metrics["problems"] == 4 and 0.0 <= metrics["avg@k"] <= 1.0 and metrics["k"] == 2
     code, out = _invoke("eval", "--model", str(run / "final"), "--json", str(tmp_path / "no-such-folder" / "e.json"))
@@ -116,7 +116,7 @@ def test_eval_of_a_runs_final_model_with_its_config_reproduces_the_runs_final_ta
 def test_lab_pretrain_on_a_tiny_budget(tmp_path):
     out_dir = tmp_path / "lab"
     code, out = _invoke("lab", "pretrain", "--out", str(out_dir), "--quiet", "steps=3", "batch_size=4",
-                        "eval_samples=4", "task.eval_size=4")
+                        "eval_samples=4", "task.lab.eval_size=4")
     assert code == 0, out
     for name in ("model.safetensors", "config.json", "tokenizer.json", "pretrain.json"):
         assert (out_dir / name).exists()

@@ -169,3 +169,18 @@ def test_credit_command(tiny_lab_model_dir, tmp_path):
     assert json.loads(data.read_text())["credit"] == first["credit"]
     result = runner.invoke(app, ["credit", *common, "--methods", "grpo,magic", "--out", str(page)])
     assert result.exit_code == 2 and "unknown method 'magic'" in " ".join(result.output.split())
+
+
+def test_credit_command_reports_each_step_label_of_a_two_label_task(tiny_lab_model_dir, tmp_path):
+    common = ["task.name=countdown", "task.train_size=4", "task.eval_size=2", "sampling.max_new_tokens=12",
+              "--model", str(tiny_lab_model_dir), "--prompts", "2", "--group-size", "2", "--methods", "grpo,vineppo"]
+    data, saved = tmp_path / "credit.json", tmp_path / "rollouts.pt"
+    result = CliRunner().invoke(app, ["credit", *common, "--out", str(tmp_path / "c.html"), "--json", str(data),
+                                      "--save-rollouts", str(saved)])
+    assert result.exit_code == 0, result.output
+    assert "against the step label 'valid'" in " ".join(result.output.split())
+    report = json.loads(data.read_text())
+    assert set(report["metrics_by_label"]) == {"valid", "solvable"}
+    assert report["metrics_by_label"]["solvable"] == report["metrics"]  # solvable is the primary label
+    batch, _ = load_rollouts(saved)
+    assert [set(row) for row in batch.named_step_labels] == [{"valid", "solvable"}] * 4

@@ -133,3 +133,28 @@ def test_processbench_f1_hand_worked():
     acc = credit_accuracy(credit, rollouts)
     assert acc.correct_accuracy == 0.0 and acc.f1 == 0.0
     assert math.isnan(credit_accuracy(credit, _batch(step_labels=False)[0]).f1)
+
+
+def test_credit_accuracy_by_label_finds_each_labels_first_wrong_step():
+    """One wrong Countdown-like response of three one-token steps, credit (-1, 0, 1/2) per step: the lowest credit
+    sits on step 0.  Under `solvable` (0, 0, 0) step 0 is the first wrong step: a hit.  Under `valid` (1, 1, 0)
+    it is step 2: a miss.  A correct response (labels all 1) adds right steps only."""
+    from dataclasses import replace
+
+    from factories import make_rollouts
+
+    from creditrl.credit_metrics import credit_accuracy_by_label
+
+    batch = make_rollouts([0.0, 1.0], [0, 0], [3, 3], step_ids=[[0, 1, 2], [0, 1, 2]])
+    batch = replace(batch, named_step_labels=[{"valid": (True, True, False), "solvable": (False, False, False)},
+                                              {"valid": (True, True, True), "solvable": (True, True, True)}])
+    credit = torch.tensor([[-1.0, 0.0, 0.5], [0.25, 0.25, 0.25]])
+    by_label = credit_accuracy_by_label(credit, batch)
+    assert set(by_label) == {"valid", "solvable"}
+    assert (by_label["solvable"].hit_rate, by_label["valid"].hit_rate) == (1.0, 0.0)
+    assert by_label["valid"].auc_within == 0.0  # −½ (wrong) below 1 and 0 (right)
+    assert math.isnan(by_label["solvable"].auc_within)  # no right step in the wrong response
+    # pooled: wrong {0, 1, 2} of row 0 (−credit 1, 0, −½) vs right row 1 (−¼ ×3): 1 and 0 beat −¼, −½ does not
+    assert by_label["solvable"].auc == pytest.approx(2 / 3)
+    assert by_label["valid"].before == pytest.approx(-0.5) and by_label["valid"].after == 0.5
+    assert credit_accuracy_by_label(credit, replace(batch, named_step_labels=None)) == {}

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-lab_app = typer.Typer(no_args_is_help=True, help="Build the lab model (the bundled checkpoint).")
+lab_app = typer.Typer(no_args_is_help=True, help="Build a generated task's tiny model (the bundled checkpoints).")
 app.add_typer(lab_app, name="lab")
 prm_app = typer.Typer(no_args_is_help=True, help="Process reward models on the lab task: train one, score with one.")
 app.add_typer(prm_app, name="prm")
@@ -177,10 +177,28 @@ def eval_(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         if key in metrics:
             table.add_row(key.replace("@k", f"@{k}"), _format_metric(key, metrics[key]))
     console.print(table)
+    _print_difficulty_breakdown(metrics, k)
     if json_out:
         json_out.write_text(json.dumps({"model": name, "problems": n, "seed": seed, **metrics}, indent=2))
     else:
         console.print("the headline metrics; --json FILE writes all of them (behaviour, by difficulty)")
+
+
+def _print_difficulty_breakdown(metrics: dict, k: int) -> None:
+    """avg@k, pass@k and maj@k per difficulty value, when the task's problems carry one."""
+    from creditrl.evaluate import difficulty_breakdown
+
+    breakdown = difficulty_breakdown(metrics)
+    if breakdown is None:
+        return
+    key, rows = breakdown
+    table = Table(title=f"by {key}")
+    table.add_column(key, justify="right")
+    for column in ("avg@k", "pass@k", "maj@k"):
+        table.add_column(column.replace("@k", f"@{k}"), justify="right")
+    for value, row in rows.items():
+        table.add_row(value, *(f"{row[c]:.1%}" for c in ("avg@k", "pass@k", "maj@k")))
+    console.print(table)
 
 
 def _format_metric(key: str, value: float) -> str:
@@ -211,7 +229,7 @@ def credit(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
     def run():
         from creditrl.collect import collect_rollouts
         from creditrl.credit import compute_credit, credit_table, load_rollouts, save_rollouts
-        from creditrl.credit_metrics import credit_accuracy
+        from creditrl.credit_metrics import credit_accuracy, credit_accuracy_by_label
         from creditrl.methods import get_method, known_methods
         from creditrl.policy.loading import load_configured_policy
         from creditrl.report import write_heatmap
@@ -239,19 +257,28 @@ def credit(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
         maps = compute_credit(batch, texts, policy, names,
                               resources=build_resources(names or known_methods(), cfg, policy, task))
         accuracy = {name: credit_accuracy(c, batch) for name, c in maps.credit.items()}
+        by_label: dict[str, dict] = {}
+        for name, c in maps.credit.items():
+            for label, a in credit_accuracy_by_label(c, batch).items():
+                by_label.setdefault(label, {})[name] = a
         context = (f"model {model_name} · {len(set(batch.group_ids.tolist()))} prompts, {batch.batch_size} responses "
                    f"({batch.correct.float().mean().item():.0%} correct) · {source}")
         write_heatmap(out, maps, accuracy, title=f"creditrl credit: {model_name}", context=context)
         if json_out:
-            metrics = {name: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in a.as_dict().items()}
-                       for name, a in accuracy.items()}
-            json_out.write_text(json.dumps({"model": model_name, "source": source, "metrics": metrics,
+            def plain(table: dict) -> dict:
+                return {name: {k: None if isinstance(v, float) and math.isnan(v) else v
+                               for k, v in a.as_dict().items()} for name, a in table.items()}
+
+            json_out.write_text(json.dumps({"model": model_name, "source": source, "metrics": plain(accuracy),
+                                            "metrics_by_label": {label: plain(t) for label, t in by_label.items()},
                                             "notes": maps.notes, "skipped": maps.skipped,
                                             "credit": credit_table(maps)}))
-        return context, accuracy, maps.skipped, batch.step_labels is not None
+        return context, accuracy, by_label, maps.skipped, batch.step_labels is not None
 
-    context, accuracy, skipped, labelled = _guarded(run)
+    context, accuracy, by_label, skipped, labelled = _guarded(run)
     _print_credit_accuracy(context, accuracy, skipped, labelled)
+    for label, table in by_label.items():
+        _print_credit_accuracy(f"against the step label '{label}'", table, {}, True)
     console.print(f"heat map: {out.resolve()}")
     if json_out:
         console.print(f"metrics and credit table: {json_out.resolve()}")
@@ -416,10 +443,11 @@ def methods() -> None:
 @lab_app.command("pretrain")
 def lab_pretrain(out: Path = typer.Option(..., help="folder to write the model, tokenizer and pretrain.json"),
                  overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides of PretrainConfig, "
-                                                                            "e.g. steps=200"),
+                                                                            "e.g. task.name=countdown steps=200"),
                  threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
                  quiet: bool = typer.Option(False, "--quiet")) -> None:
-    """Pretrain the lab model on traces with injected step errors (how the bundled checkpoint was made)."""
+    """Pretrain a generated task's model (default: the lab's) on traces with injected step errors (how the bundled
+    checkpoints were made)."""
 
     def run():
         import torch
@@ -431,7 +459,7 @@ def lab_pretrain(out: Path = typer.Option(..., help="folder to write the model, 
         return pretrain(_parsed(PretrainConfig, overrides), out, show_progress=not quiet)
 
     summary = _guarded(run)
-    console.print(f"lab model written to {out}: {summary['parameters']:,} parameters; "
+    console.print(f"{summary['config']['task']['name']} model written to {out}: {summary['parameters']:,} parameters; "
                   f"last evaluation {summary['history'][-1]}")
 
 

@@ -13,7 +13,7 @@ import torch
 
 from creditrl.policy.transformers_backend import Generation, SamplingConfig, TransformersPolicy, left_pad, right_pad
 from creditrl.rewards import RewardConfig, outcome_rewards
-from creditrl.rollouts import Rollouts, pad_right
+from creditrl.rollouts import Rollouts, aligned_step_labels, pad_right
 from creditrl.steps import split_steps, token_end_offsets, token_step_ids
 from creditrl.tasks.base import Problem, Task, Verdict
 
@@ -70,14 +70,9 @@ def build_rollouts(policy: TransformersPolicy, gen: Generation, verdicts: list[V
         response_mask=response_mask, group_ids=torch.tensor(problem_index) + first_group_id, step_ids=step_ids,
         rewards=rewards, correct=correct, truncated=torch.tensor(gen.truncated),
         step_labels=step_labels,
+        named_step_labels=[v.step_labels for v in verdicts] if all(v.step_labels for v in verdicts) else None,
         step_rewards=None if step_labels is None else torch.where(step_labels >= 0, step_labels.float(), torch.nan),
         old_logprobs=per_token(gen.logprobs), old_entropy=per_token(gen.entropies),
         response_texts=texts, problem_index=problem_index,
         problems=None if problems is None else [problems[i] for i in problem_index],
     )
-
-
-def aligned_step_labels(step_correct: tuple[bool, ...], n_steps: int) -> torch.Tensor:
-    """Verifier step labels aligned to the splitter's steps (−1 where the two disagree in count)."""
-    labels = [int(ok) for ok in step_correct[:n_steps]]
-    return torch.tensor(labels + [-1] * (n_steps - len(labels)) if n_steps else [-1], dtype=torch.long)

@@ -155,7 +155,7 @@ def save_rollouts(path: Path, rollouts: Rollouts, prompts: Sequence[str]) -> Non
     """Write a batch and its problem texts for a later `load_rollouts`: the tensors, the response texts,
     the problem indices and the row-aligned problems (as plain dicts, so that loading needs no unpickling
     of objects)."""
-    kept = {"response_texts", "problem_index"}
+    kept = {"response_texts", "problem_index", "named_step_labels"}
     data = {f.name: getattr(rollouts, f.name) for f in fields(Rollouts)
             if isinstance(getattr(rollouts, f.name), Tensor) or f.name in kept}
     if rollouts.problems is not None:

@@ -28,17 +28,20 @@ credit that rescales the outcome advantage by positive token weights (FIPO's): F
 (DenseR's weight 0 unflags a step), hit@1 and AUC within a response see the rescaling.
 
 Undefined numbers (no wrong response, no labelled step of a class) are NaN.  All in float64.
+
+A task that labels steps in several senses (Countdown: valid, solvable) gets the same numbers against
+each label (`credit_accuracy_by_label`), each with its own first wrong step.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
 
-from creditrl.rollouts import Rollouts
+from creditrl.rollouts import Rollouts, aligned_step_labels, pad_right
 
 NAN = float("nan")
 
@@ -183,6 +186,17 @@ def credit_accuracy(credit: Tensor, rollouts: Rollouts) -> CreditAccuracy:
         n_wrong=len(hits), n_correct=len(entropies), error_accuracy=_mean(found), correct_accuracy=_mean(unflagged),
         f1=processbench_f1(_mean(found), _mean(unflagged)),
     )
+
+
+def credit_accuracy_by_label(credit: Tensor, rollouts: Rollouts) -> dict[str, CreditAccuracy]:
+    """`credit_accuracy` against each named step label of the verifier (label name -> metrics); empty when the
+    batch has none.  Each label is aligned to the splitter's steps as the primary one is."""
+    if rollouts.named_step_labels is None:
+        return {}
+    n_steps = rollouts.num_steps.tolist()
+    return {name: credit_accuracy(credit, replace(rollouts, step_labels=pad_right(
+        [aligned_step_labels(row[name], n) for row, n in zip(rollouts.named_step_labels, n_steps)], -1)))
+        for name in rollouts.named_step_labels[0]}
 
 
 def _mean(values: list[float]) -> float:

@@ -5,12 +5,13 @@ correct, pass@k = 1 − C(n−c, k) / C(n, k).  avg@k is the mean correctness ov
 sampling temperature, the number RL papers report as accuracy; its standard error over problems,
 avg@k_se = sqrt(Σ_i (p_i − p̄)² / (n·(n − 1))) with p_i = c_i / k the i-th problem's share of correct
 samples, counts both the draw of the n problems and the k samples' noise (it needs n ≥ 2).  The
-accuracies are broken down by difficulty (the lab's step count, MATH's level), and the behaviour
-metrics of `creditrl.behaviour` are computed from the same samples.
+accuracies are broken down by difficulty (the lab's step count, a generated task's difficulty, MATH's
+level), and the behaviour metrics of `creditrl.behaviour` are computed from the same samples.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,8 @@ from creditrl.behaviour import VERIFY_PHRASES, behaviour_metrics
 from creditrl.policy.transformers_backend import SamplingConfig, TransformersPolicy
 from creditrl.tasks.base import Problem, Task, Verdict
 
-DIFFICULTY_KEYS = ("steps", "level")  # Problem.meta keys read as difficulty, first found wins
+DIFFICULTY_KEYS = ("steps", "difficulty", "level")  # Problem.meta keys read as difficulty, first found wins
+_BY_DIFFICULTY = re.compile(r"^(avg@k|pass@k|maj@k)_(\w+)=(.+)$")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -71,6 +73,18 @@ def standard_error(values: Sequence[float]) -> float:
     n = len(values)
     mean = sum(values) / n
     return (sum((x - mean) ** 2 for x in values) / (n * (n - 1))) ** 0.5
+
+
+def difficulty_breakdown(metrics: dict[str, float]) -> tuple[str, dict[str, dict[str, float]]] | None:
+    """The `by_difficulty` entries of a metrics dict as (difficulty key, value -> {avg@k, pass@k, maj@k}), values in
+    the order they appear; None when there are none."""
+    key, rows = None, {}
+    for name, x in metrics.items():
+        m = _BY_DIFFICULTY.match(name)
+        if m:
+            key = m[2]
+            rows.setdefault(m[3], {})[m[1]] = x
+    return None if key is None else (key, rows)
 
 
 def evaluation_seed(train_seed: int) -> int:

@@ -29,6 +29,7 @@ class Rollouts:
     correct: Tensor  # (B,) bool, the verifier's verdict
     truncated: Tensor  # (B,) bool, hit the token limit before finishing
     step_labels: Tensor | None = None  # (B, S) long: 1 right, 0 wrong, -1 unknown/absent
+    named_step_labels: list[dict[str, tuple[bool, ...]]] | None = None  # row -> the verifier's labels by name
     step_rewards: Tensor | None = None  # (B, S) float, NaN where a response has no step j
     old_logprobs: Tensor | None = None  # (B, T) float, log π_old of each response token
     old_entropy: Tensor | None = None  # (B, T) float, entropy of π_old where each response token was drawn
@@ -68,6 +69,12 @@ class Rollouts:
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
                  if isinstance(getattr(self, f.name), Tensor)}
         return replace(self, **moved)
+
+
+def aligned_step_labels(step_correct: tuple[bool, ...], n_steps: int) -> Tensor:
+    """Verifier step labels aligned to the splitter's steps (−1 where the two disagree in count)."""
+    labels = [int(ok) for ok in step_correct[:n_steps]]
+    return torch.tensor(labels + [-1] * (n_steps - len(labels)) if n_steps else [-1], dtype=torch.long)
 
 
 def pad_right(rows: list[Tensor], value: float | int, width: int | None = None) -> Tensor:

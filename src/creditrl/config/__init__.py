@@ -35,26 +35,32 @@ from creditrl.config.sections import (
                                    ValueModelConfig,
 )
 from creditrl.config.tasks import (
+                                   CountdownSection,
                                    DatasetSection,
+                                   GeneratedSection,
                                    GSM8KSection,
                                    HubSection,
                                    JsonlSection,
+                                   KnightsKnavesSection,
                                    LabSection,
                                    LabTaskConfig,
                                    MATH500Section,
                                    TaskConfig,
+                                   bundled_model_names,
                                    known_tasks,
                                    register_task_section,
+                                   task_bundled_model,
                                    task_config,
                                    task_section_model,
 )
 
 __all__ = [
-    "VERIFY_PHRASES", "Aggregation", "ConfigError", "CriticConfig", "DatasetSection", "EvalConfig", "GSM8KSection",
-    "HubSection", "ImplicitPRMConfig", "JsonlSection", "LabSection", "LabTaskConfig", "LoRAConfig", "LossConfig",
-    "MATH500Section", "MethodSpec", "ModelConfig", "OutputConfig", "PRMConfig", "RewardConfig", "RolloutConfig",
-    "RunConfig",
-    "SamplingConfig", "TaskConfig", "TrainConfig", "ValueModelConfig", "deep_merge", "describe_errors", "known_tasks",
-    "parse_overrides", "read_config_file", "register_task_section", "save_config", "set_dotted", "task_config",
+    "VERIFY_PHRASES", "Aggregation", "ConfigError", "CountdownSection", "CriticConfig", "DatasetSection",
+    "EvalConfig", "GSM8KSection", "GeneratedSection", "HubSection", "ImplicitPRMConfig", "JsonlSection",
+    "KnightsKnavesSection", "LabSection", "LabTaskConfig", "LoRAConfig", "LossConfig", "MATH500Section", "MethodSpec",
+    "ModelConfig", "OutputConfig", "PRMConfig", "RewardConfig", "RolloutConfig", "RunConfig", "SamplingConfig",
+    "TaskConfig", "TrainConfig", "ValueModelConfig", "bundled_model_names", "deep_merge", "describe_errors",
+    "known_tasks", "parse_overrides", "read_config_file", "register_task_section", "save_config", "set_dotted",
+    "task_bundled_model", "task_config",
     "task_section_model", "validated",
 ]

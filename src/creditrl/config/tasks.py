@@ -66,6 +66,46 @@ class LabSection(TaskConfig):
     lab: LabTaskConfig = Field(default_factory=LabTaskConfig)
 
 
+class GeneratedSection(TaskConfig):
+    """What every task drawn from a seeded generator shares: its seed and split sizes."""
+
+    seed: int = Field(0, description="the seed of the train and held-out splits (held-out problems never train)")
+    train_size: int = Field(10_000, ge=1)
+    eval_size: int = Field(200, ge=1)
+
+
+class CountdownSection(GeneratedSection):
+    """Countdown: reach a target from a few numbers with + - * / (TinyZero's task); difficulty = how many numbers.
+    The defaults are the bundled model's training distribution (the game proper uses 3 to 6 numbers)."""
+
+    name: Literal["countdown"] = "countdown"
+    min_numbers: int = Field(2, ge=2, le=6)
+    max_numbers: int = Field(3, ge=2, le=6)
+    number_max: int = Field(20, ge=2, description="the given numbers are drawn from 1..number_max")
+    target_max: int = Field(100, ge=2, description="targets are drawn from 2..target_max")
+
+    @model_validator(mode="after")
+    def _check(self) -> CountdownSection:
+        if self.min_numbers > self.max_numbers:
+            raise ValueError(f"min_numbers ({self.min_numbers}) must not exceed max_numbers ({self.max_numbers})")
+        return self
+
+
+class KnightsKnavesSection(GeneratedSection):
+    """Knights and knaves: who always tells the truth, who always lies; difficulty = how many islanders."""
+
+    name: Literal["knights_knaves"] = "knights_knaves"
+    min_islanders: int = Field(2, ge=2, le=4)
+    max_islanders: int = Field(3, ge=2, le=4)
+
+    @model_validator(mode="after")
+    def _check(self) -> KnightsKnavesSection:
+        if self.min_islanders > self.max_islanders:
+            raise ValueError(f"min_islanders ({self.min_islanders}) must not exceed max_islanders "
+                             f"({self.max_islanders})")
+        return self
+
+
 class DatasetSection(TaskConfig):
     """What every task read from question/answer rows shares."""
 
@@ -111,26 +151,44 @@ class HubSection(RowFields):
 
 
 TASK_SECTIONS: dict[str, type[TaskConfig]] = {}
+BUNDLED_MODELS: dict[str, str] = {}  # task name -> the model bundled for it (a folder under creditrl/assets)
 
 
-def register_task_section(model: type[TaskConfig]) -> type[TaskConfig]:
-    """Add a task's section model; its name is the default of its `name` field."""
+def register_task_section(model: type[TaskConfig], bundled_model: str | None = None) -> type[TaskConfig]:
+    """Add a task's section model; its name is the default of its `name` field.  `bundled_model` names the
+    checkpoint shipped in creditrl/assets that `model.name` defaults to for this task."""
     name = model.model_fields["name"].default
     if not isinstance(name, str):
         raise TypeError(f"{model.__name__}: the field `name` needs the task's name as its default")
     if TASK_SECTIONS.get(name, model) is not model:
         raise ValueError(f"task {name!r} is already registered")
     TASK_SECTIONS[name] = model
+    if bundled_model is not None:
+        BUNDLED_MODELS[name] = bundled_model
     return model
 
 
-for _model in (LabSection, GSM8KSection, MATH500Section, JsonlSection, HubSection):
+register_task_section(LabSection, bundled_model="lab")
+register_task_section(CountdownSection, bundled_model="countdown")
+register_task_section(KnightsKnavesSection)
+for _model in (GSM8KSection, MATH500Section, JsonlSection, HubSection):
     register_task_section(_model)
 
 def known_tasks() -> list[str]:
     """Names of every task (built-in and plugins), sorted."""
     load_plugins(ENTRY_POINT_GROUP, "task")
     return sorted(TASK_SECTIONS)
+
+
+def task_bundled_model(name: str) -> str | None:
+    """The bundled model a task trains by default (None: the task names none)."""
+    return BUNDLED_MODELS.get(name)
+
+
+def bundled_model_names() -> set[str]:
+    """Every name that means a checkpoint shipped with creditrl (a folder under creditrl/assets)."""
+    load_plugins(ENTRY_POINT_GROUP, "task")
+    return set(BUNDLED_MODELS.values())
 
 
 def task_section_model(name: str) -> type[TaskConfig]:

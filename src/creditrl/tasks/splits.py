@@ -1,0 +1,39 @@
+"""Seeded train and held-out splits of a generated task, drawn from its problem generator."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+
+from creditrl.tasks.base import Problem
+
+Generator = Callable[[random.Random], Problem]  # draws one problem (its id is set here)
+
+
+def draw_problems(generate: Generator, n: int, seed: int, exclude: set[str], distinct: bool,
+                  name: str) -> list[Problem]:
+    """n problems of the task `name` from the stream random.Random(seed), skipping prompts in `exclude` and,
+    when `distinct`, prompts already drawn."""
+    rng, out, seen = random.Random(seed), [], set(exclude)
+    for draws in itertools.count(1):
+        if len(out) == n:
+            return out
+        if draws > 100 * n:
+            raise ValueError(f"task ({name}): {len(out)} problems outside the held-out set after {draws - 1} draws, "
+                             f"{n} wanted: these settings allow too few; widen them or lower task.train_size / "
+                             "task.eval_size")
+        problem = generate(rng)
+        if problem.prompt not in seen:
+            if distinct:
+                seen.add(problem.prompt)
+            out.append(Problem(f"{name}-{seed}-{len(out)}", problem.prompt, problem.answer, problem.meta))
+
+
+def held_out_and_train(generate: Generator, seed: int, eval_size: int, train_size: int,
+                       name: str) -> tuple[list[Problem], list[Problem]]:
+    """(held-out, train): distinct held-out problems from stream seed·2+2, train problems from stream seed·2+1
+    outside the held-out set (repeats allowed)."""
+    held_out = draw_problems(generate, eval_size, seed * 2 + 2, set(), True, name)
+    train = draw_problems(generate, train_size, seed * 2 + 1, {p.prompt for p in held_out}, False, name)
+    return held_out, train
