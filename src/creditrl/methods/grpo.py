@@ -97,6 +97,19 @@ def process_grpo(rollouts: Rollouts, params: ProcessGRPOParams) -> Tensor:
     return torch.where(rollouts.response_mask.bool(), adv, 0.0)
 
 
+# DAPO's recipe (arXiv 2503.14476), the base of the methods built on it; overlong shaping is switched on beside it
+DAPO_DEFAULTS = {
+    "reward.correct": 1.0,
+    "reward.wrong": -1.0,
+    "loss.eps_low": 0.2,
+    "loss.eps_high": 0.28,
+    "loss.agg": "token-mean",
+    "rollout.dynamic_sampling": True,
+    "rollout.max_num_gen_batches": 10,
+}
+DAPO_COMPARE_OVERRIDES = ("reward.overlong_max=96", "reward.overlong_buffer=16")  # shaping within a grid's 96 tokens
+
+
 register_method(
     Method(
         name="grpo",
@@ -120,17 +133,9 @@ register_method(
     Method(
         name="dapo",
         advantage="grpo",
-        defaults={
-            "reward.correct": 1.0,
-            "reward.wrong": -1.0,
-            "loss.eps_low": 0.2,
-            "loss.eps_high": 0.28,
-            "loss.agg": "token-mean",
-            "rollout.dynamic_sampling": True,
-            "rollout.max_num_gen_batches": 10,
-        },
+        defaults=dict(DAPO_DEFAULTS),
         overlong_shaping=True,
-        compare_overrides=("reward.overlong_max=96", "reward.overlong_buffer=16"),
+        compare_overrides=DAPO_COMPARE_OVERRIDES,
         summary=(
             "DAPO (arXiv 2503.14476): ±1 rewards, clip-higher, token-mean loss, dynamic sampling, overlong "
             "shaping (paper: L_max 20480, L_cache 4096; here by default L_max = sampling.max_new_tokens and a "

@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from creditrl.methods.grpo import DAPO_COMPARE_OVERRIDES, DAPO_DEFAULTS
 from creditrl.methods.registry import Method, register_method, register_token_weight
 
 
@@ -42,17 +43,9 @@ register_method(
         name="high_entropy",
         advantage="grpo",
         token_weight="high_entropy",
-        defaults={  # DAPO's, the paper's base recipe
-            "reward.correct": 1.0,
-            "reward.wrong": -1.0,
-            "loss.eps_low": 0.2,
-            "loss.eps_high": 0.28,
-            "loss.agg": "token-mean",
-            "rollout.dynamic_sampling": True,
-            "rollout.max_num_gen_batches": 10,
-        },
+        defaults=dict(DAPO_DEFAULTS),  # DAPO's, the paper's base recipe
         overlong_shaping=True,
-        compare_overrides=("reward.overlong_max=96", "reward.overlong_buffer=16"),
+        compare_overrides=DAPO_COMPARE_OVERRIDES,
         summary=(
             "The 80/20 rule (arXiv 2506.01939): DAPO whose gradient reaches only the top 20% of each batch's "
             "tokens by the policy's entropy (method_params.rho); the token weight combines with any advantage."

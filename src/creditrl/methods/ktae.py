@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from creditrl.methods.groups import group_index
-from creditrl.methods.grpo import GRPOParams, grpo
+from creditrl.methods.grpo import DAPO_COMPARE_OVERRIDES, DAPO_DEFAULTS, GRPOParams, grpo
 from creditrl.methods.registry import Method, register_advantage, register_method
 from creditrl.rollouts import Rollouts
 
@@ -177,17 +177,9 @@ register_method(
     Method(
         name="dapo_ktae",
         advantage="ktae",
-        defaults={
-            "reward.correct": 1.0,
-            "reward.wrong": -1.0,
-            "loss.eps_low": 0.2,
-            "loss.eps_high": 0.28,
-            "loss.agg": "token-mean",
-            "rollout.dynamic_sampling": True,
-            "rollout.max_num_gen_batches": 10,
-        },
+        defaults=dict(DAPO_DEFAULTS),
         overlong_shaping=True,
-        compare_overrides=("reward.overlong_max=96", "reward.overlong_buffer=16"),
+        compare_overrides=DAPO_COMPARE_OVERRIDES,
         summary="DAPO+KTAE (arXiv 2505.16826): DAPO's recipe with KTAE's token-level advantage.",
     )
 )
