@@ -110,7 +110,7 @@ def test_eval_of_a_runs_final_model_with_its_config_reproduces_the_runs_final_ta
 def test_lab_pretrain_on_a_tiny_budget(tmp_path):
     out_dir = tmp_path / "lab"
     code, out = _invoke("lab", "pretrain", "--out", str(out_dir), "--quiet", "steps=3", "batch_size=4",
-                        "eval_samples=4", "task.eval_size=4")
+                        "eval_samples=4", "task.lab.eval_size=4")
     assert code == 0, out
     for name in ("model.safetensors", "config.json", "tokenizer.json", "pretrain.json"):
         assert (out_dir / name).exists()

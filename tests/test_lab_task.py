@@ -2,9 +2,8 @@ import random
 
 import pytest
 
-from creditrl.lab.pretrain import noisy_solution
 from creditrl.lab.tokenizer import build_char_tokenizer
-from creditrl.tasks.lab import Chain, LabTask, LabTaskConfig, judge, parse_question, sample_chain
+from creditrl.tasks.lab import Chain, LabTask, LabTaskConfig, judge, noisy_chain_solution, parse_question, sample_chain
 
 CHAIN = Chain(start=7, ops=(("+", 5), ("*", 3), ("-", 4)))
 
@@ -95,7 +94,7 @@ def test_injected_error_rate_matches_setting():
     wrong = total = 0
     for _ in range(2000):
         chain = sample_chain(rng, cfg)
-        verdict = judge(chain, noisy_solution(chain, rng, error_rate=0.2))
+        verdict = judge(chain, noisy_chain_solution(chain, rng, error_rate=0.2))
         wrong += verdict.step_correct[:-1].count(False)
         total += len(chain.ops)
     assert abs(wrong / total - 0.2) < 0.02  # an injected error is caught as exactly one wrong line

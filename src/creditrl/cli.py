@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-lab_app = typer.Typer(no_args_is_help=True, help="Build the lab model (the bundled checkpoint).")
+lab_app = typer.Typer(no_args_is_help=True, help="Build a generated task's tiny model (the bundled checkpoints).")
 app.add_typer(lab_app, name="lab")
 prm_app = typer.Typer(no_args_is_help=True, help="Process reward models on the lab task: train one, score with one.")
 app.add_typer(prm_app, name="prm")
@@ -361,10 +361,11 @@ def methods() -> None:
 @lab_app.command("pretrain")
 def lab_pretrain(out: Path = typer.Option(..., help="folder to write the model, tokenizer and pretrain.json"),
                  overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides of PretrainConfig, "
-                                                                            "e.g. steps=200"),
+                                                                            "e.g. task.name=countdown steps=200"),
                  threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
                  quiet: bool = typer.Option(False, "--quiet")) -> None:
-    """Pretrain the lab model on traces with injected step errors (how the bundled checkpoint was made)."""
+    """Pretrain a generated task's model (default: the lab's) on traces with injected step errors (how the bundled
+    checkpoints were made)."""
 
     def run():
         import torch
@@ -376,7 +377,7 @@ def lab_pretrain(out: Path = typer.Option(..., help="folder to write the model, 
         return pretrain(_parsed(PretrainConfig, overrides), out, show_progress=not quiet)
 
     summary = _guarded(run)
-    console.print(f"lab model written to {out}: {summary['parameters']:,} parameters; "
+    console.print(f"{summary['config']['task']['name']} model written to {out}: {summary['parameters']:,} parameters; "
                   f"last evaluation {summary['history'][-1]}")
 
 

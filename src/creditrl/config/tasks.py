@@ -111,26 +111,42 @@ class HubSection(RowFields):
 
 
 TASK_SECTIONS: dict[str, type[TaskConfig]] = {}
+BUNDLED_MODELS: dict[str, str] = {}  # task name -> the model bundled for it (a folder under creditrl/assets)
 
 
-def register_task_section(model: type[TaskConfig]) -> type[TaskConfig]:
-    """Add a task's section model; its name is the default of its `name` field."""
+def register_task_section(model: type[TaskConfig], bundled_model: str | None = None) -> type[TaskConfig]:
+    """Add a task's section model; its name is the default of its `name` field.  `bundled_model` names the
+    checkpoint shipped in creditrl/assets that `model.name` defaults to for this task."""
     name = model.model_fields["name"].default
     if not isinstance(name, str):
         raise TypeError(f"{model.__name__}: the field `name` needs the task's name as its default")
     if TASK_SECTIONS.get(name, model) is not model:
         raise ValueError(f"task {name!r} is already registered")
     TASK_SECTIONS[name] = model
+    if bundled_model is not None:
+        BUNDLED_MODELS[name] = bundled_model
     return model
 
 
-for _model in (LabSection, GSM8KSection, MATH500Section, JsonlSection, HubSection):
+register_task_section(LabSection, bundled_model="lab")
+for _model in (GSM8KSection, MATH500Section, JsonlSection, HubSection):
     register_task_section(_model)
 
 def known_tasks() -> list[str]:
     """Names of every task (built-in and plugins), sorted."""
     load_plugins(ENTRY_POINT_GROUP, "task")
     return sorted(TASK_SECTIONS)
+
+
+def task_bundled_model(name: str) -> str | None:
+    """The bundled model a task trains by default (None: the task names none)."""
+    return BUNDLED_MODELS.get(name)
+
+
+def bundled_model_names() -> set[str]:
+    """Every name that means a checkpoint shipped with creditrl (a folder under creditrl/assets)."""
+    load_plugins(ENTRY_POINT_GROUP, "task")
+    return set(BUNDLED_MODELS.values())
 
 
 def task_section_model(name: str) -> type[TaskConfig]:

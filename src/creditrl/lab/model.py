@@ -1,7 +1,8 @@
 """The lab model: a tiny Llama (~0.8M parameters) in a standard transformers architecture.
 
-The pretrained checkpoint ships inside the package (`creditrl/assets/lab/`); `creditrl lab
-pretrain` rebuilds it.  Loading it is an ordinary `from_pretrained` on that folder.
+The pretrained checkpoints ship inside the package, one folder per bundled model
+(`creditrl/assets/lab/`, `creditrl/assets/countdown/`, ...); `creditrl lab pretrain task.name=X`
+rebuilds task X's.  Loading one is an ordinary `from_pretrained` on its folder.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from creditrl.lab.tokenizer import build_char_tokenizer
 
-BUNDLED_NAME = "lab"  # the model name that means "the checkpoint shipped with creditrl"
+BUNDLED_NAME = "lab"  # the bundled model of the lab task, the model section's default
 
 
-def bundled_lab_dir() -> Path:
-    return Path(str(resources.files("creditrl") / "assets" / "lab"))
+def bundled_model_dir(name: str) -> Path:
+    """The folder of the bundled model `name` (one of `creditrl.config.bundled_model_names()`)."""
+    return Path(str(resources.files("creditrl") / "assets" / name))
 
 
 def lab_model_config(vocab_size: int, hidden: int = 128, layers: int = 3, heads: int = 4, ffn: int = 512,
@@ -32,9 +34,9 @@ def lab_model_config(vocab_size: int, hidden: int = 128, layers: int = 3, heads:
     )
 
 
-def new_lab_model(seed: int = 0, **sizes) -> LlamaForCausalLM:
+def new_lab_model(seed: int = 0, vocab_size: int | None = None, **sizes) -> LlamaForCausalLM:
+    """A fresh model (seeded initialisation); `vocab_size` defaults to the lab tokenizer's."""
     import torch
 
     torch.manual_seed(seed)
-    tok = build_char_tokenizer()
-    return LlamaForCausalLM(lab_model_config(len(tok), **sizes))
+    return LlamaForCausalLM(lab_model_config(vocab_size or len(build_char_tokenizer()), **sizes))

