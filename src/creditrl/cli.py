@@ -285,7 +285,7 @@ def compare(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " 
             steps: Optional[int] = typer.Option(None, min=1, help="policy-update steps per run (default 15)"),
             eval_every: Optional[int] = typer.Option(None, min=0, help="evaluate every N steps (default 5)"),
             eval_size: Optional[int] = typer.Option(None, min=1,
-                                                    help="held-out lab problems per evaluation (default 50)"),
+                                                    help="held-out problems per evaluation (default 50)"),
             quick: bool = typer.Option(False, "--quick",
                                        help="a smoke grid: grpo and grpo_lambda, seeds 0 1, 10 steps"),
             jobs: int = typer.Option(2, min=1, help="runs trained at once, each in its own process with "

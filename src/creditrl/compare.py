@@ -86,10 +86,11 @@ class GridSpec:
         """The base config with this run's method, seed, budget and folder."""
         threads = [f"train.threads={max(1, (os.cpu_count() or 1) // self.jobs)}"] if self.jobs > 1 else []
         # the method's own grid overrides come first, so the grid's (`method_params.k=9`) win
-        return load_config(self.config, [*threads, *get_method(method).compare_overrides, *self.overrides,
-                                         f"method={method}",
+        overrides = [*threads, *get_method(method).compare_overrides, *self.overrides, f"method={method}"]
+        eval_size_key = type(load_config(self.config, overrides).task).eval_size_key
+        return load_config(self.config, [*overrides,
                                          f"train.seed={seed}", f"train.steps={self.steps}",
-                                         f"eval.every={self.eval_every}", f"task.lab.eval_size={self.eval_size}",
+                                         f"eval.every={self.eval_every}", f"task.{eval_size_key}={self.eval_size}",
                                          f"output.dir={self.run_dir(method, seed)}",
                                          f"output.checkpoint_every={self.eval_every or self.steps}"])
 

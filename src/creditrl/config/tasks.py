@@ -10,7 +10,7 @@ the group `creditrl.tasks` are imported the first time a name is not found, so t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -22,8 +22,10 @@ LAB_OPERATIONS = "+-*"
 
 
 class TaskConfig(Section):
-    """The fields every task section has; a task's own model subclasses it with `name: Literal[...]`."""
+    """The fields every task section has; a task's own model subclasses it with `name: Literal[...]`.
+    `eval_size_key` is the dotted key, under `task`, of its number of held-out problems (`compare` sets it)."""
 
+    eval_size_key: ClassVar[str] = "eval_size"
     name: str
 
 
@@ -62,6 +64,7 @@ class LabSection(TaskConfig):
     """The synthetic arithmetic task with exact step labels; its knobs sit under `task.lab` (the same model
     configures `creditrl lab pretrain` and `creditrl prm train`)."""
 
+    eval_size_key: ClassVar[str] = "lab.eval_size"
     name: Literal["lab"] = "lab"
     lab: LabTaskConfig = Field(default_factory=LabTaskConfig)
 
