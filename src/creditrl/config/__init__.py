@@ -41,6 +41,7 @@ from creditrl.config.tasks import (
                                    LabTaskConfig,
                                    MATH500Section,
                                    TaskConfig,
+                                   TraceSection,
                                    bundled_model_names,
                                    known_tasks,
                                    register_task_section,
@@ -53,7 +54,7 @@ __all__ = [
     "VERIFY_PHRASES", "Aggregation", "ConfigError", "CriticConfig", "DatasetSection", "EvalConfig", "GSM8KSection",
     "HubSection", "JsonlSection", "LabSection", "LabTaskConfig", "LoRAConfig", "LossConfig", "MATH500Section",
     "MethodSpec", "ModelConfig", "OutputConfig", "PRMConfig", "RewardConfig", "RolloutConfig", "RunConfig",
-    "SamplingConfig", "TaskConfig", "TrainConfig", "bundled_model_names", "deep_merge", "describe_errors",
-    "known_tasks", "parse_overrides", "read_config_file", "register_task_section", "save_config", "set_dotted",
-    "task_bundled_model", "task_config", "task_section_model", "validated",
+    "SamplingConfig", "TaskConfig", "TraceSection", "TrainConfig", "bundled_model_names", "deep_merge",
+    "describe_errors", "known_tasks", "parse_overrides", "read_config_file", "register_task_section", "save_config",
+    "set_dotted", "task_bundled_model", "task_config", "task_section_model", "validated",
 ]

@@ -113,6 +113,27 @@ class HubSection(RowFields):
     eval_split: str = Field("test", description="the split to evaluate on")
 
 
+class TraceSection(TaskConfig):
+    """Short generated Python programs traced statement by statement; difficulty = executed state changes."""
+
+    name: Literal["trace"] = "trace"
+    min_statements: int = Field(2, ge=1, description="fewest top-level statements before the final print")
+    max_statements: int = Field(5, ge=1, description="most top-level statements before the final print")
+    body_max: int = Field(2, ge=1, description="most statements in the body of a loop or a branch")
+    loop_max: int = Field(3, ge=1, description="most iterations of a loop (range bounds and list lengths)")
+    value_max: int = Field(9, ge=1, description="constants are drawn from 0..value_max")
+    seed: int = Field(0, description="the seed of the train and held-out splits (held-out programs never train)")
+    train_size: int = Field(50_000, ge=1)
+    eval_size: int = Field(400, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> TraceSection:
+        if self.min_statements > self.max_statements:
+            raise ValueError(f"min_statements ({self.min_statements}) must not exceed max_statements "
+                             f"({self.max_statements})")
+        return self
+
+
 TASK_SECTIONS: dict[str, type[TaskConfig]] = {}
 BUNDLED_MODELS: dict[str, str] = {}  # task name -> the model bundled for it (a folder under creditrl/assets)
 
@@ -132,7 +153,7 @@ def register_task_section(model: type[TaskConfig], bundled_model: str | None = N
 
 
 register_task_section(LabSection, bundled_model="lab")
-for _model in (GSM8KSection, MATH500Section, JsonlSection, HubSection):
+for _model in (GSM8KSection, MATH500Section, JsonlSection, HubSection, TraceSection):
     register_task_section(_model)
 
 def known_tasks() -> list[str]:
