@@ -41,6 +41,7 @@ from creditrl.config.tasks import (
                                    LabSection,
                                    LabTaskConfig,
                                    MATH500Section,
+                                   ReasoningGymSection,
                                    TaskConfig,
                                    TraceSection,
                                    bundled_model_names,
@@ -54,8 +55,8 @@ from creditrl.config.tasks import (
 __all__ = [
     "VERIFY_PHRASES", "Aggregation", "CodeSection", "ConfigError", "CriticConfig", "DatasetSection", "EvalConfig",
     "GSM8KSection", "HubSection", "JsonlSection", "LabSection", "LabTaskConfig", "LoRAConfig", "LossConfig",
-    "MATH500Section", "MethodSpec", "ModelConfig", "OutputConfig", "PRMConfig", "RewardConfig", "RolloutConfig",
-    "RunConfig", "SamplingConfig", "TaskConfig", "TraceSection", "TrainConfig", "bundled_model_names", "deep_merge",
-    "describe_errors", "known_tasks", "parse_overrides", "read_config_file", "register_task_section", "save_config",
-    "set_dotted", "task_bundled_model", "task_config", "task_section_model", "validated",
+    "MATH500Section", "MethodSpec", "ModelConfig", "OutputConfig", "PRMConfig", "RewardConfig", "ReasoningGymSection",
+    "RolloutConfig", "RunConfig", "SamplingConfig", "TaskConfig", "TraceSection", "TrainConfig", "bundled_model_names",
+    "deep_merge", "describe_errors", "known_tasks", "parse_overrides", "read_config_file", "register_task_section",
+    "save_config", "set_dotted", "task_bundled_model", "task_config", "task_section_model", "validated",
 ]

@@ -153,6 +153,27 @@ class CodeSection(TaskConfig):
     processes: int = Field(64, ge=1, description="process limit of the sandbox user (threads count)")
 
 
+class ReasoningGymConfig(BaseModel):
+    """Which reasoning-gym dataset, and the settings of its own config class."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str | None = Field(None, description="a reasoning-gym dataset name, e.g. basic_arithmetic")
+    config: dict[str, Any] = Field(default_factory=dict, description="the dataset's settings, e.g. {max_terms: 3}")
+
+
+class ReasoningGymSection(TaskConfig):
+    """Any reasoning-gym procedural dataset, scored by its own `score_answer` (pip install 'creditrl[rg]')."""
+
+    name: Literal["reasoning_gym"] = "reasoning_gym"
+    rg: ReasoningGymConfig = Field(default_factory=ReasoningGymConfig)
+    instruction: str = Field("default", description="reasoning-gym's system prompt of this name (default, simple, "
+                                                    "direct, DeepSeekZero, chain_of_draft), appended to the question")
+    seed: int = Field(0, description="the seed of the train and held-out splits")
+    train_size: int = Field(10_000, ge=1)
+    eval_size: int = Field(200, ge=1)
+
+
 TASK_SECTIONS: dict[str, type[TaskConfig]] = {}
 BUNDLED_MODELS: dict[str, str] = {}  # task name -> the model bundled for it (a folder under creditrl/assets)
 
@@ -172,7 +193,8 @@ def register_task_section(model: type[TaskConfig], bundled_model: str | None = N
 
 
 register_task_section(LabSection, bundled_model="lab")
-for _model in (GSM8KSection, MATH500Section, JsonlSection, HubSection, TraceSection, CodeSection):
+for _model in (GSM8KSection, MATH500Section, JsonlSection, HubSection, TraceSection, CodeSection,
+               ReasoningGymSection):
     register_task_section(_model)
 
 def known_tasks() -> list[str]:

@@ -1,7 +1,7 @@
 """Tasks: the lab (synthetic, exact step labels), GSM8K, MATH-500, generic jsonl files and hub datasets,
 each registered by name (`registry.py`)."""
 
-from creditrl.tasks import code, lab, math, trace  # noqa: F401  (registers the built-in tasks)
+from creditrl.tasks import code, lab, math, rg, trace  # noqa: F401  (registers the built-in tasks)
 from creditrl.tasks.base import Problem, Task, Verdict
 from creditrl.tasks.lab import LabTask
 from creditrl.tasks.registry import TASK_BUILDERS, build_task, register_task
