@@ -228,6 +228,9 @@ def test_splits_difficulty_and_alphabet():
         assert set(p.prompt + text + noisy) <= set(ALPHABET)
     assert set(ALPHABET) <= set(LAB_ALPHABET)  # the lab model's character tokenizer reads every character
     assert len(task.train_problems()) == 300 and task.train_problems()[-1] is task.train_problems()[299]
+    drawn = [task.draw_problem(rng) for _ in range(200)]  # what pretraining draws: never a held-out program
+    assert not held_out & {p.prompt for p in drawn}
+    assert all(p.meta["difficulty"] == len(solution(p.prompt).splitlines()) - 1 for p in drawn)
 
 
 def test_registered_with_its_own_section():

@@ -1,5 +1,5 @@
-"""Tasks: the lab (synthetic, exact step labels), GSM8K, MATH-500, generic jsonl files and hub datasets,
-each registered by name (`registry.py`)."""
+"""Tasks: the lab and trace (generated, exact step labels), code (unit tests in a sandbox), GSM8K, MATH-500,
+generic jsonl files, hub datasets and reasoning-gym's datasets, each registered by name (`registry.py`)."""
 
 from creditrl.tasks import code, lab, math, rg, trace  # noqa: F401  (registers the built-in tasks)
 from creditrl.tasks.base import Problem, Task, Verdict

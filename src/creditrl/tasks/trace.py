@@ -421,6 +421,13 @@ class TraceTask:
                                  "eval_size")
         return [traced_problem(source, f"trace-{seed}-{k}") for k, source in enumerate(sources)]
 
+    def draw_problem(self, rng: random.Random) -> Problem:
+        """A fresh training program from `rng`, never a held-out one (what pretraining draws)."""
+        while True:
+            source = sample_program(rng, self.cfg)
+            if source not in self._train.excluded:
+                return traced_problem(source, "trace-drawn")
+
     def train_problems(self) -> list[Problem]:
         return self._train
 
