@@ -28,6 +28,18 @@ def test_a_question_its_answer_and_the_score_worked_by_hand(arithmetic):
     assert last.correct
 
 
+def test_untagged_answers_score_their_last_number_when_asked(arithmetic):
+    problem = arithmetic.eval_problems()[0]  # Calculate 2 - -1. = 3
+    assert arithmetic.verify(problem, "2 - -1 = 3").score == 0.0  # reasoning-gym's way: no tags, no answer
+    lenient = build_task(task_config(name="reasoning_gym", rg={"dataset": "basic_arithmetic",
+                                                              "config": {"max_terms": 2, "max_digits": 1}},
+                                     train_size=4, eval_size=8, untagged="last_number"))
+    verdict = lenient.verify(problem, "2 - -1 = 3")
+    assert verdict.correct and verdict.answer == "3" and not verdict.format_ok  # right, but not in the tags
+    assert lenient.verify(problem, "2 - -1 = 3 <answer>1</answer>").score == 0.0  # tags, when present, decide
+    assert lenient.verify(problem, "no number").failure == "no_answer"
+
+
 def test_partial_credit_is_the_datasets_own():
     # leg_counting keeps reasoning-gym's default score_answer: an answer that contains the oracle answer gets
     # len(oracle) / len(answer); e.g. oracle "6" inside "6 legs" scores 1/6

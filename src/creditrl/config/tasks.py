@@ -169,6 +169,9 @@ class ReasoningGymSection(TaskConfig):
     rg: ReasoningGymConfig = Field(default_factory=ReasoningGymConfig)
     instruction: str = Field("default", description="reasoning-gym's system prompt of this name (default, simple, "
                                                     "direct, DeepSeekZero, chain_of_draft), appended to the question")
+    untagged: Literal["zero", "last_number"] = Field(
+        "zero", description="a response without <answer> tags: zero scores it 0 (reasoning-gym's way); last_number "
+                            "scores its last number (for small models that never write the tags)")
     seed: int = Field(0, description="the seed of the train and held-out splits")
     train_size: int = Field(10_000, ge=1)
     eval_size: int = Field(200, ge=1)

@@ -5,13 +5,16 @@ train and a held-out split from the dataset (seeded; a training question that is
 redrawn).  The prompt is the question followed by one of reasoning-gym's instructions, which ask
 for the final answer in `<answer>...</answer>` tags; the answer is what the last such pair holds
 (reasoning-gym's `extract_answer`) and the score is `score_answer(answer, entry)` in [0, 1]
-(some datasets give partial credit).  A response is correct when it scores 1.  Needs
+(some datasets give partial credit).  A response is correct when it scores 1.  With
+`untagged: last_number`, a response without the tags is scored on its last number instead of 0
+(SmolLM2-135M-Instruct, for one, answers `1 + 5 = 6` and never writes the tags).  Needs
 `pip install 'creditrl[rg]'`.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +22,8 @@ from creditrl.config import ReasoningGymSection
 from creditrl.tasks.base import Problem
 from creditrl.tasks.registry import register_task
 from creditrl.tasks.verdicts import ScoredVerdict
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def _reasoning_gym():
@@ -72,6 +77,11 @@ class HeldOutExcluded(Sequence[Problem]):
         return self._made[index]
 
 
+def _last_number(text: str) -> str | None:
+    found = _NUMBER.findall(text)
+    return found[-1] if found else None
+
+
 def problem(entry: dict, problem_id: str, instruction: str) -> Problem:
     return Problem(id=problem_id, prompt=f"{entry['question']}\n\n{instruction}", answer=str(entry["answer"]),
                    meta={"entry": entry})
@@ -90,6 +100,7 @@ class ReasoningGymTask:
                              f"{', '.join(rg.utils.SYSTEM_PROMPTS)}")
         self.instruction = rg.utils.SYSTEM_PROMPTS[cfg.instruction].strip()
         self._extract = rg.utils.extract_answer
+        self.last_number = cfg.untagged == "last_number"
         held_out = create(cfg.rg.dataset, cfg.rg.config, cfg.eval_size, cfg.seed * 2 + 2)
         self.dataset = held_out
         self._eval = [problem(held_out[i], f"eval-{i}", self.instruction) for i in range(len(held_out))]
@@ -104,12 +115,13 @@ class ReasoningGymTask:
         return self._eval
 
     def verify(self, problem: Problem, response: str) -> ScoredVerdict:
-        answer = self._extract(response)
+        tagged = self._extract(response)
+        answer = tagged if tagged is not None or not self.last_number else _last_number(response)
         try:
             score = float(self.dataset.score_answer(answer, problem.meta["entry"]))
         except Exception:  # a dataset's scorer that cannot read this answer scores it 0
             score = 0.0
-        return ScoredVerdict(correct=score >= 1.0, step_correct=None, format_ok=answer is not None, answer=answer,
+        return ScoredVerdict(correct=score >= 1.0, step_correct=None, format_ok=tagged is not None, answer=answer,
                              score=score, failure=None if score >= 1.0 else
                              "no_answer" if answer is None else "wrong_answer")
 
