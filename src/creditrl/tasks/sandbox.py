@@ -163,9 +163,10 @@ def report(**fields):
     out.write(json.dumps(fields))
     out.flush()
 
-for limit, value in ((resource.RLIMIT_CPU, spec["cpu_s"]), (resource.RLIMIT_AS, spec["memory"]),
-                     (resource.RLIMIT_FSIZE, spec["file"]), (resource.RLIMIT_NOFILE, 64),
-                     (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, spec["processes"])):
+resource.setrlimit(resource.RLIMIT_CPU, (spec["cpu_s"], spec["cpu_s"] + 1))  # SIGXCPU at the soft limit
+for limit, value in ((resource.RLIMIT_AS, spec["memory"]), (resource.RLIMIT_FSIZE, spec["file"]),
+                     (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0),
+                     (resource.RLIMIT_NPROC, spec["processes"])):
     resource.setrlimit(limit, (value, value))
 import subprocess, socket
 for module in spec["preload"]:  # imported while the standard library is surely readable
