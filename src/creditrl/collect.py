@@ -16,6 +16,7 @@ from creditrl.rewards import RewardConfig, outcome_rewards
 from creditrl.rollouts import Rollouts, aligned_step_labels, pad_right
 from creditrl.steps import split_steps, token_end_offsets, token_step_ids
 from creditrl.tasks.base import Problem, Task, Verdict
+from creditrl.tasks.verdicts import failure_of, score_of, verify_all
 
 
 def collect_rollouts(policy: TransformersPolicy, task: Task, problems: Sequence[Problem], group_size: int,
@@ -24,12 +25,12 @@ def collect_rollouts(policy: TransformersPolicy, task: Task, problems: Sequence[
     prompts = [policy.encode_prompt(p.prompt) for p in problems]
     gen = policy.sample(prompts, group_size, sampling, seed=seed)
     problem_index = [i // group_size for i in range(len(gen.response_ids))]
-    texts, verdicts, step_rows = [], [], []
-    for row, ids in enumerate(gen.response_ids):
+    texts, step_rows = [], []
+    for ids in gen.response_ids:
         text, steps = response_steps(policy, ids, task.step_splitter)
         texts.append(text)
         step_rows.append(steps)
-        verdicts.append(task.verify(problems[problem_index[row]], text))
+    verdicts = verify_all(task, [problems[i] for i in problem_index], texts)
     return build_rollouts(policy, gen, verdicts, texts, step_rows, problem_index, reward, first_group_id, problems)
 
 
@@ -52,7 +53,8 @@ def build_rollouts(policy: TransformersPolicy, gen: Generation, verdicts: list[V
     step_ids = pad_right([torch.tensor(s, dtype=torch.long) for s in step_rows], -1, width=response_ids.shape[1])
     correct = torch.tensor([v.correct for v in verdicts])
     format_ok = torch.tensor([v.format_ok for v in verdicts])
-    rewards = outcome_rewards(correct, response_mask.sum(1), format_ok, reward)
+    scores = torch.tensor([score_of(v) for v in verdicts], dtype=torch.float32)
+    rewards = outcome_rewards(correct, response_mask.sum(1), format_ok, reward, scores)
     step_labels = None
     if all(v.step_correct is not None for v in verdicts):
         n_steps = [max(s) + 1 if s else 0 for s in step_rows]
@@ -73,6 +75,6 @@ def build_rollouts(policy: TransformersPolicy, gen: Generation, verdicts: list[V
         named_step_labels=[v.step_labels for v in verdicts] if all(v.step_labels for v in verdicts) else None,
         step_rewards=None if step_labels is None else torch.where(step_labels >= 0, step_labels.float(), torch.nan),
         old_logprobs=per_token(gen.logprobs), old_entropy=per_token(gen.entropies),
-        response_texts=texts, problem_index=problem_index,
+        response_texts=texts, problem_index=problem_index, failures=[failure_of(v) for v in verdicts],
         problems=None if problems is None else [problems[i] for i in problem_index],
     )

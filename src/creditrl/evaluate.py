@@ -23,6 +23,7 @@ from rich.progress import Progress
 from creditrl.behaviour import VERIFY_PHRASES, behaviour_metrics
 from creditrl.policy.transformers_backend import SamplingConfig, TransformersPolicy
 from creditrl.tasks.base import Problem, Task, Verdict
+from creditrl.tasks.verdicts import verify_all
 
 DIFFICULTY_KEYS = ("steps", "difficulty", "level")  # Problem.meta keys read as difficulty, first found wins
 _BY_DIFFICULTY = re.compile(r"^(avg@k|pass@k|maj@k)_(\w+)=(.+)$")
@@ -130,7 +131,7 @@ def _evaluate(policy: TransformersPolicy, task: Task, problems: Sequence[Problem
     if k > 0:
         gen = policy.sample(prompts, k, sampling, seed=seed)
         texts = [policy.decode(r) for r in gen.response_ids]
-        verdicts = [task.verify(problems[i // k], text) for i, text in enumerate(texts)]
+        verdicts = verify_all(task, [problems[i // k] for i in range(len(texts))], texts)
         per_problem = [verdicts[i * k:(i + 1) * k] for i in range(len(problems))]
         counts = [sum(v.correct for v in vs) for vs in per_problem]
         metrics["avg@k"] = sum(counts) / (k * len(problems))
@@ -149,8 +150,8 @@ def _evaluate(policy: TransformersPolicy, task: Task, problems: Sequence[Problem
                                              [i // k for i in range(len(texts))], lengths, verify_phrases))
     if greedy:
         gen = policy.sample(prompts, 1, sampling.model_copy(update={"temperature": 0.0}), seed=seed)
-        metrics["greedy"] = sum(task.verify(p, policy.decode(r)).correct
-                                for p, r in zip(problems, gen.response_ids)) / len(problems)
+        greedy_verdicts = verify_all(task, problems, [policy.decode(r) for r in gen.response_ids])
+        metrics["greedy"] = sum(v.correct for v in greedy_verdicts) / len(problems)
     return metrics
 
 

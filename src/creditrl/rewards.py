@@ -1,6 +1,6 @@
 """Outcome reward shaping: the verifier's verdict, format, and DAPO's soft overlong punishment.
 
-R_i = (correct if the verdict is right else wrong)
+R_i = (correct if the verdict is right else wrong), or wrong + (correct − wrong)·score for a graded verdict
       − format_weight · 1[format not ok]            (only when format_weight > 0; see RewardConfig)
       + overlong_penalty · overlong(|o_i|)           (only when overlong_max is set)
 """
@@ -27,12 +27,16 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:
     return torch.where(lengths > max_len, torch.full_like(lengths, -1.0), penalty)
 
 
-def outcome_rewards(correct: Tensor, lengths: Tensor, format_ok: Tensor, cfg: RewardConfig) -> Tensor:
-    """Scalar reward per response (B,) from the verdict (B,) bool, response lengths (B,) and format (B,) bool."""
+def outcome_rewards(correct: Tensor, lengths: Tensor, format_ok: Tensor, cfg: RewardConfig,
+                    scores: Tensor | None = None) -> Tensor:
+    """Scalar reward per response (B,) from the verdict (B,) bool, response lengths (B,) and format (B,) bool;
+    with graded `scores` (B,) in [0, 1] (a share of unit tests passed), wrong + (correct − wrong)·score."""
     correct = correct.bool()
+    if scores is None:
+        scores = correct.float()
     if cfg.format_weight > 0:
-        correct = correct & format_ok.bool()
-    rewards = torch.where(correct, cfg.correct, cfg.wrong).to(torch.float32)
+        scores = torch.where(format_ok.bool(), scores, 0.0)
+    rewards = (cfg.wrong + (cfg.correct - cfg.wrong) * scores).to(torch.float32)
     if cfg.format_weight > 0:
         rewards = rewards - cfg.format_weight * (~format_ok.bool()).float()
     if cfg.overlong_max is not None:

