@@ -242,6 +242,10 @@ def test_a_run_saved_before_a_setting_existed_resumes_while_it_holds_its_default
     del older["value_model"], older["train"]["max_tokens_per_microbatch"]  # settings the saved run predates
     saved.write_text(yaml.safe_dump(older))
     check_same_run(saved, cfg)
+    countdown = RunConfig(task={"name": "countdown"})  # another task's section holds none of the lab's defaults
+    saved.write_text(yaml.safe_dump(countdown.model_dump(mode="json")))
+    check_same_run(saved, countdown)
+    saved.write_text(yaml.safe_dump(older))
     cfg.train.max_tokens_per_microbatch = 512
     with pytest.raises(TrainingStopped, match=r"train\.max_tokens_per_microbatch \(None -> 512\)"):
         check_same_run(saved, cfg)

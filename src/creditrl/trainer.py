@@ -526,8 +526,11 @@ def check_same_run(saved: Path, cfg: RunConfig) -> None:
     if not saved.exists():
         return
     before, now = _flatten(yaml.safe_load(saved.read_text())), _flatten(cfg.model_dump(mode="json"))
-    # a setting added to creditrl after the run was saved is unchanged while it holds its default
-    before = {**{k: v for k, v in _defaults().items() if k not in before}, **before}
+    # a setting added to creditrl after the run was saved is unchanged while it holds its default (the task's
+    # and the method's sections depend on which task and method, so they are compared as saved)
+    saved_sections = {k[:i] for k in before for i, c in enumerate(k) if c == "."}  # an empty default dict is one
+    before = {**{k: v for k, v in _defaults().items() if k not in before and k not in saved_sections
+                 and not k.startswith(("task.", "method_params", "method."))}, **before}
     changed = sorted(k for k in before.keys() | now.keys()
                      if not _same_value(before.get(k), now.get(k)) and not k.startswith(RESUMABLE_CHANGES))
     if changed:
