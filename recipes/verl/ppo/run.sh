@@ -3,5 +3,6 @@
 # Extra arguments are Hydra overrides, e.g. trainer.n_gpus_per_node=8 actor_rollout_ref.model.path=...
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
+source "$HERE/../common.sh" "$@"
 VERL_USE_EXTERNAL_MODULES=creditrl.integrations.verl python -m verl.trainer.main_ppo \
   --config-path="$HERE" --config-name=config "$@"
