@@ -42,7 +42,7 @@ from creditrl.steps import split_steps
 from creditrl.tasks.base import Problem, Verdict
 from creditrl.tasks.lab import ALPHABET  # the lab's, so that a countdown model can start from the lab model
 from creditrl.tasks.registry import register_task
-from creditrl.tasks.splits import held_out_and_train
+from creditrl.tasks.splits import GeneratedSplits
 
 OPERATIONS = "+-*/"
 _QUESTION = re.compile(r"^Numbers: (\d+(?: \d+)*)\. Target: (\d+)\.$")
@@ -175,7 +175,7 @@ def noisy_solution(puzzle: Puzzle, rng: random.Random, error_rate: float) -> str
     return "\n".join(lines + [f"Answer: {last}"])
 
 
-class CountdownTask:
+class CountdownTask(GeneratedSplits):
     """Seeded train and held-out splits of Countdown puzzles with an exact two-label step verifier."""
 
     name = "countdown"
@@ -183,28 +183,12 @@ class CountdownTask:
     alphabet = ALPHABET
 
     def __init__(self, cfg: CountdownSection | None = None):
-        self.cfg = cfg or CountdownSection()
-        self._eval, self._train = held_out_and_train(self._generate, self.cfg.seed, self.cfg.eval_size,
-                                                     self.cfg.train_size, self.name)
-        self.held_out = {p.prompt for p in self._eval}
+        super().__init__(cfg or CountdownSection())
 
     def _generate(self, rng: random.Random) -> Problem:
         puzzle = sample_puzzle(rng, self.cfg)
         return Problem(id="countdown", prompt=puzzle.question(), answer=str(puzzle.target),
                        meta={"difficulty": len(puzzle.numbers)})
-
-    def draw_problem(self, rng: random.Random) -> Problem:
-        """A fresh puzzle outside the held-out set (pretraining's stream)."""
-        problem = self._generate(rng)
-        while problem.prompt in self.held_out:
-            problem = self._generate(rng)
-        return problem
-
-    def train_problems(self) -> list[Problem]:
-        return self._train
-
-    def eval_problems(self) -> list[Problem]:
-        return self._eval
 
     def verify(self, problem: Problem, response: str) -> Verdict:
         return judge(parse_question(problem.prompt), response)

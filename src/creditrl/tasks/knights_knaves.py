@@ -45,7 +45,7 @@ from creditrl.config import KnightsKnavesSection
 from creditrl.steps import split_steps
 from creditrl.tasks.base import Problem, Verdict
 from creditrl.tasks.registry import register_task
-from creditrl.tasks.splits import held_out_and_train
+from creditrl.tasks.splits import GeneratedSplits
 
 NAMES = "ABCD"
 PHRASES = "Islanders: A B C D. says: is a knight knave not and or if then\nSuppose Then Contradiction, so Answer:"
@@ -214,7 +214,7 @@ def noisy_solution(statements: dict[str, Statement], rng: random.Random, error_r
     return "\n".join(lines + [answer_text({x: known.get(x, True) for x in statements})])
 
 
-class KnightsKnavesTask:
+class KnightsKnavesTask(GeneratedSplits):
     """Seeded train and held-out splits of knights-and-knaves puzzles with an exact step verifier."""
 
     name = "knights_knaves"
@@ -222,29 +222,13 @@ class KnightsKnavesTask:
     alphabet = ALPHABET
 
     def __init__(self, cfg: KnightsKnavesSection | None = None):
-        self.cfg = cfg or KnightsKnavesSection()
-        self._eval, self._train = held_out_and_train(self._generate, self.cfg.seed, self.cfg.eval_size,
-                                                     self.cfg.train_size, self.name)
-        self.held_out = {p.prompt for p in self._eval}
+        super().__init__(cfg or KnightsKnavesSection())
 
     def _generate(self, rng: random.Random) -> Problem:
         statements, solution = sample_puzzle(rng, self.cfg)
         return Problem(id=self.name, prompt=question(statements),
                        answer=answer_text(solution).removeprefix("Answer: "),
                        meta={"difficulty": len(statements), "statements": statements})
-
-    def draw_problem(self, rng: random.Random) -> Problem:
-        """A fresh puzzle outside the held-out set (pretraining's stream)."""
-        problem = self._generate(rng)
-        while problem.prompt in self.held_out:
-            problem = self._generate(rng)
-        return problem
-
-    def train_problems(self) -> list[Problem]:
-        return self._train
-
-    def eval_problems(self) -> list[Problem]:
-        return self._eval
 
     def verify(self, problem: Problem, response: str) -> Verdict:
         statements = problem.meta["statements"]

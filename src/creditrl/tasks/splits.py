@@ -37,3 +37,32 @@ def held_out_and_train(generate: Generator, seed: int, eval_size: int, train_siz
     held_out = draw_problems(generate, eval_size, seed * 2 + 2, set(), True, name)
     train = draw_problems(generate, train_size, seed * 2 + 1, {p.prompt for p in held_out}, False, name)
     return held_out, train
+
+
+class GeneratedSplits:
+    """The splits of a generated task whose subclass draws one problem with `_generate(rng)`: `cfg` needs
+    `seed`, `eval_size` and `train_size`; pretraining draws fresh problems outside the held-out set."""
+
+    name: str
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self._eval, self._train = held_out_and_train(self._generate, cfg.seed, cfg.eval_size, cfg.train_size,
+                                                     self.name)
+        self.held_out = {p.prompt for p in self._eval}
+
+    def _generate(self, rng: random.Random) -> Problem:
+        raise NotImplementedError
+
+    def draw_problem(self, rng: random.Random) -> Problem:
+        """A fresh problem outside the held-out set (pretraining's stream)."""
+        problem = self._generate(rng)
+        while problem.prompt in self.held_out:
+            problem = self._generate(rng)
+        return problem
+
+    def train_problems(self) -> list[Problem]:
+        return self._train
+
+    def eval_problems(self) -> list[Problem]:
+        return self._eval
