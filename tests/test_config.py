@@ -166,3 +166,9 @@ def test_yaml_that_would_lose_settings_silently_is_refused(tmp_path):
         load_config(tmp_path / "latin1.yaml")
     with pytest.raises(ConfigError, match=r"train.betas.0: Input should be less than 1"):
         load_config(None, ["train.betas=[2, 0.99]"])
+
+
+def test_a_token_budget_is_refused_for_a_weight_that_ranks_the_minibatch():
+    with pytest.raises(ConfigError, match=r"train\.max_tokens_per_microbatch: method 'high_entropy' ranks"):
+        load_config(None, ["method=high_entropy", "train.max_tokens_per_microbatch=512"])
+    assert load_config(None, ["method=grpo", "train.max_tokens_per_microbatch=512"]).train.max_tokens_per_microbatch

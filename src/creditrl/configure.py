@@ -56,6 +56,10 @@ def check_config(cfg: RunConfig, where: Path | str | None = None) -> RunConfig:
     if cfg.model.lora is not None and not engine.takes_lora:
         raise ConfigError(f"{_at(where)}sampling.engine={engine.name} does not take LoRA adapters (model.lora): "
                           "their parameter names are not the base model's; use sampling.engine=kv-cache")
+    if method.needs_entropy and cfg.train.max_tokens_per_microbatch is not None:
+        raise ConfigError(f"{_at(where)}train.max_tokens_per_microbatch: method {method.name!r} ranks the tokens of "
+                          "a whole minibatch by entropy, so splitting it into micro-batches would change which "
+                          "tokens it keeps; leave it unset, and bound memory with more train.n_minibatches")
     sinks = known_sinks()
     unknown = [name for name in cfg.output.report_to if name not in sinks]
     if unknown:
