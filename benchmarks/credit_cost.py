@@ -190,12 +190,12 @@ def _coin_verdict(task):
 
 def bench_credit_overhead(args, console) -> dict:
     from creditrl.configure import load_config
-    from creditrl.lab.model import bundled_lab_dir
+    from creditrl.lab.model import bundled_model_dir
     from creditrl.trainer import Trainer
 
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     steps = args.steps if args.steps is not None else (2 if args.quick else 5)
-    bundled = (bundled_lab_dir() / "model.safetensors").exists()
+    bundled = (bundled_model_dir("lab") / "model.safetensors").exists()
     workdir = tempfile.TemporaryDirectory(prefix="credit_cost_")
     root = Path(workdir.name)
     if bundled:

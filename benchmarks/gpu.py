@@ -139,9 +139,10 @@ def build_model_folder(folder: Path, shape: dict) -> ModelFlops:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from creditrl.lab.tokenizer import CHARACTERS, SPECIAL_TOKENS
+    from creditrl.lab.tokenizer import SPECIAL_TOKENS
+    from creditrl.tasks.lab import ALPHABET
 
-    tokens = SPECIAL_TOKENS + list(CHARACTERS)
+    tokens = SPECIAL_TOKENS + list(ALPHABET)
     tokens += [f"<x{i}>" for i in range(shape["vocab_size"] - len(tokens))]
     core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
