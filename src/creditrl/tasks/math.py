@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-import random
 import re
 import threading
 from decimal import Decimal
@@ -27,6 +26,7 @@ from creditrl.steps import SPLITTERS
 from creditrl.tasks.base import Problem, Verdict
 from creditrl.tasks.errors import DatasetError
 from creditrl.tasks.registry import register_task
+from creditrl.tasks.splits import file_splits
 
 logger = logging.getLogger(__name__)
 
@@ -260,18 +260,8 @@ class JsonlTask:
         self.skipped_rows: list[tuple[int, str]] = []  # (line, message naming file and line)
 
         evals = self._read(Path(eval_path))
-        if train_path is not None:
-            trains = self._read(Path(train_path))
-        else:
-            order = list(range(len(evals)))
-            random.Random(f"{seed}:split").shuffle(order)
-            n_eval = max(1, round(eval_fraction * len(evals)))
-            trains = [evals[i] for i in sorted(order[n_eval:])]
-            evals = [evals[i] for i in sorted(order[:n_eval])]
-        if eval_size is not None and eval_size < len(evals):
-            keep = random.Random(f"{seed}:eval_size").sample(range(len(evals)), eval_size)
-            evals = [evals[i] for i in sorted(keep)]
-        self._train, self._eval = tuple(trains), tuple(evals)
+        trains = self._read(Path(train_path)) if train_path is not None else None
+        self._train, self._eval = file_splits(evals, trains, seed, eval_size, eval_fraction)
 
     def train_problems(self) -> tuple[Problem, ...]:
         return self._train

@@ -30,6 +30,23 @@ def draw_problems(generate: Generator, n: int, seed: int, exclude: set[str], dis
             out.append(Problem(f"{name}-{seed}-{len(out)}", problem.prompt, problem.answer, problem.meta))
 
 
+def file_splits(evals: list, trains: list | None, seed: int, eval_size: int | None,
+                eval_fraction: float) -> tuple[tuple, tuple]:
+    """(train, held-out) rows of a task read from files: without a train file, a seeded shuffle holds out
+    `eval_fraction` of the eval file (at least one row) and trains on the rest; then a seeded sample of
+    `eval_size` held-out rows when that is fewer.  Rows keep their file order."""
+    if trains is None:
+        order = list(range(len(evals)))
+        random.Random(f"{seed}:split").shuffle(order)
+        n_eval = max(1, round(eval_fraction * len(evals)))
+        trains = [evals[i] for i in sorted(order[n_eval:])]
+        evals = [evals[i] for i in sorted(order[:n_eval])]
+    if eval_size is not None and eval_size < len(evals):
+        keep = random.Random(f"{seed}:eval_size").sample(range(len(evals)), eval_size)
+        evals = [evals[i] for i in sorted(keep)]
+    return tuple(trains), tuple(evals)
+
+
 def held_out_and_train(generate: Generator, seed: int, eval_size: int, train_size: int,
                        name: str) -> tuple[list[Problem], list[Problem]]:
     """(held-out, train): distinct held-out problems from stream seed·2+2, train problems from stream seed·2+1
